@@ -1,0 +1,41 @@
+# Two entry points: `make demo` (set up + run the demo job) and `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP_RUN  := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: demo test setup setup-test lint bench clean browser
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[test]'
+	touch $(STAMP_RUN) $@
+
+setup: $(STAMP_RUN)
+setup-test: $(STAMP_TEST) browser
+
+# Debian's chromium for the HTML report test (skipped when apt is unavailable and no chromium exists).
+browser:
+	@command -v chromium >/dev/null 2>&1 || scripts/install-chromium.sh
+
+demo: setup
+	$(VENV)/bin/salmap run
+
+test: setup-test
+	$(VENV)/bin/ruff check pipeline workers tests bench
+	$(PY) -m pytest -q tests
+
+bench: setup-test
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

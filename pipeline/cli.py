@@ -1,0 +1,180 @@
+"""``salmap run | read | report | shards | sanity``.
+
+Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
+2 config error (bad key, type, name, missing shards); 3 some shard or unit could not be
+completed (one line per failure is printed, and listed in manifest.json); 4 the run is locked
+by another driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
+
+
+def _default_config() -> str:
+    """configs/demo.yaml from the working directory, else from the source checkout."""
+    here = Path("configs/demo.yaml")
+    if here.is_file():
+        return str(here)
+    repo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    if repo.is_file():
+        return str(repo)
+    raise ConfigError("no config given and configs/demo.yaml not found; pass a config file")
+
+
+def _print_units(result, out=print) -> None:
+    rows = []
+    for uid, u in result.units.items():
+        rate = u.get("images_per_s")
+        rows.append((uid, str(u["rows"]), str(u["errors"]), f"{rate:.2f}" if rate else "-",
+                     f"{result.output}/{u['data']}"))
+    header = ("unit", "rows", "errors", "images/s", "parquet")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for r in [header, *rows]:
+        out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .commit import LockHeld
+    from .run import run_job
+
+    config = args.config
+    overrides = list(args.overrides)
+    if config and "=" in config and not os.path.exists(config):
+        overrides.insert(0, config)
+        config = None
+    cfg = load_config(config or _default_config(), overrides)
+    try:
+        result = run_job(cfg)
+    except LockHeld as err:
+        print(f"salmap: {err}", file=sys.stderr)
+        return EXIT_LOCKED
+    _print_units(result)
+    try:
+        from .summary import print_summaries
+
+        print_summaries(result.units)
+    except ImportError:
+        pass
+    if cfg.run.report and result.did_work:
+        try:
+            from .report import write_report
+
+            result.report = write_report(result.output, storage=cfg.storage)
+            print(f"report: {result.report}")
+        except ImportError:
+            pass
+        except Exception as err:  # noqa: BLE001 - the report never fails a run
+            print(f"salmap: report not written: {type(err).__name__}: {err}", file=sys.stderr)
+    print(f"\nread it:  import pyarrow.dataset as ds, pandas as pd\n"
+          f"          from pipeline.read import read_run\n"
+          f"          df = read_run({result.output!r}).to_table().to_pandas()\n"
+          f"   or:    salmap read {result.output}")
+    for f in result.failures:
+        print(f"salmap: FAILED {f}", file=sys.stderr)
+    return EXIT_INCOMPLETE if result.failures else EXIT_OK
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from .read import read_run
+
+    ds = read_run(args.run, unit=args.unit, endpoint=args.endpoint)
+    table = ds.to_table(columns=[c for c in ds.schema.names if c not in ("saliency", "saliency_png",
+                                                                           "pseudo_mask_png")])
+    print(f"{table.num_rows} committed rows")
+    print(table.to_pandas().head(args.head).to_string())
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run, storage={"endpoint": args.endpoint} if args.endpoint else None)
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from .shards import write_shards
+
+    paths = write_shards(args.images, args.output, per_shard=args.per_shard, labels=args.labels,
+                         prefix=args.prefix, endpoint=args.endpoint)
+    print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}" if paths else "no images found")
+    return EXIT_OK if paths else EXIT_CONFIG
+
+
+def cmd_sanity(args: argparse.Namespace) -> int:
+    from .sanity import run_sanity
+
+    cfg = load_config(args.config or _default_config(), list(args.overrides))
+    out = run_sanity(cfg, samples=args.samples)
+    print(f"sanity check written: {out}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="salmap", description="Saliency maps for whole image datasets, on Ray.")
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run (or resume) a job; no config: the embedded demo")
+    r.add_argument("config", nargs="?", help="config YAML (local path or s3:// URL)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. resources.batch_size=8")
+    r.set_defaults(func=cmd_run)
+    rd = sub.add_parser("read", help="show a run's committed rows")
+    rd.add_argument("run", help="<run.output>/<run.id>")
+    rd.add_argument("--unit", help="<model>__<method>")
+    rd.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
+    rd.add_argument("--head", type=int, default=10)
+    rd.set_defaults(func=cmd_read)
+    rp = sub.add_parser("report", help="write the HTML report of a run")
+    rp.add_argument("run")
+    rp.add_argument("--endpoint")
+    rp.set_defaults(func=cmd_report)
+    sh = sub.add_parser("shards", help="turn an image folder into WebDataset shards")
+    sh.add_argument("images", help="folder: class sub-folders, or flat with --labels")
+    sh.add_argument("output", help="output folder or s3:// prefix")
+    sh.add_argument("--per-shard", type=int, default=1000)
+    sh.add_argument("--labels", help="CSV or JSON of labels (and boxes) for a flat folder")
+    sh.add_argument("--prefix", default="shard")
+    sh.add_argument("--endpoint")
+    sh.set_defaults(func=cmd_shards)
+    sa = sub.add_parser("sanity", help="model-parameter randomization check")
+    sa.add_argument("config", nargs="?")
+    sa.add_argument("overrides", nargs="*")
+    sa.add_argument("--samples", type=int, default=8)
+    sa.set_defaults(func=cmd_sanity)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["run"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"salmap: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("salmap: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except Exception as err:  # noqa: BLE001
+        if os.environ.get("SALMAP_DEBUG"):
+            raise
+        print(f"salmap: error: {type(err).__name__}: {err} (set SALMAP_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

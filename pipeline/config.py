@@ -1,0 +1,367 @@
+"""The structured job config: dataclasses checked by OmegaConf, plus salmap's own validation.
+
+Every error is a :class:`ConfigError` that names the key and, where it can, the closest valid
+name. Nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+DEFAULT_IMAGE_KEYS = ["jpg", "jpeg", "png", "webp"]
+TARGET_MODES = ("predicted", "label", "all_labels")
+# the column a metric fills is accepted as its config name too
+LIST_KEYS = ("input.shards", "input.image_keys")
+METRIC_ALIASES = {"pointing_hit": "pointing_game", "pseudo_mask_png": "pseudo_mask"}
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class RunSection:
+    id: str | None = None  # None: "demo" for the demo, else a timestamp
+    output: str = "runs"
+    extend: bool = False  # allow new units / new shards under an existing run id
+    report: bool = True  # write the HTML report at the end
+    shards_per_wave: int = 8  # shards committed together (one Ray Data execution per wave)
+    lock_lease_s: float = 120.0  # a lock older than this without a heartbeat is stale
+
+
+@dataclass
+class RaySection:
+    address: str | None = None  # None: start a local instance; "auto": join the cluster
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    object_store_memory_mb: int | None = None
+    progress: str = "auto"  # auto | bars | lines | off
+
+
+@dataclass
+class InputSection:
+    shards: list[str] = field(default_factory=list)
+    image_keys: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_KEYS))
+    label_key: str = "cls"
+    boxes_key: str = "json"
+    max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    limit: int | None = None  # process at most this many samples per shard (demos, smoke runs)
+
+
+@dataclass
+class StorageSection:
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / moto; None: AWS
+    region: str | None = None
+    retries: int = 5
+
+
+@dataclass
+class ModelSection:
+    name: str = MISSING
+    source: str = MISSING
+    weights: str | None = "DEFAULT"
+    target_layer: str | None = None
+    input_size: int | None = None
+    arch: str | None = None  # torchvision architecture for source file:<path>
+
+
+@dataclass
+class MethodSection:
+    name: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None  # overrides resources.batch_size for this method
+
+
+@dataclass
+class ResourcesSection:
+    batch_size: int = 16
+    actors_per_unit: int = 1
+    gpus_per_actor: Any = "auto"  # auto | a number
+    cpus_per_actor: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of forward passes)
+    decode_batch_size: int = 32
+    max_tasks_in_flight_per_actor: int = 2
+    compile: bool = False
+    channels_last: bool = True
+    units_in_parallel: int = 1
+
+
+@dataclass
+class SalmapConfig:
+    run: RunSection = field(default_factory=RunSection)
+    ray: RaySection = field(default_factory=RaySection)
+    input: InputSection = field(default_factory=InputSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    models: list[ModelSection] = field(default_factory=list)
+    methods: list[MethodSection] = field(default_factory=list)
+    targets: str = "predicted"
+    metrics: list[Any] = field(default_factory=list)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+
+
+def _schema_keys(node: Any) -> list[str]:
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _explain_omegaconf(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        bad = key.split(".")[-1] if key else ""
+        parent = ".".join(key.split(".")[:-1])
+        parent = re.sub(r"\[\d+\]$", "", parent)
+        node = OmegaConf.structured(SalmapConfig)
+        options: list[str] = _schema_keys(node)
+        if parent:
+            head = parent.split(".")[0].split("[")[0]
+            sub = {
+                "models": OmegaConf.structured(ModelSection),
+                "methods": OmegaConf.structured(MethodSection),
+            }.get(head)
+            options = _schema_keys(sub) if sub is not None else _schema_keys(node.get(head))
+        return ConfigError(
+            f"unknown config key {key!r}{_nearest(bad, options)}; valid keys here: {', '.join(options)}"
+        )
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"config key {key!r} is required but missing")
+    if isinstance(err, (ValidationError, ConfigTypeError)):
+        return ConfigError(f"config key {key!r} has the wrong type: {msg}")
+    return ConfigError(f"config error at {key!r}: {msg}" if key else f"config error: {msg}")
+
+
+def read_text(path: str, storage: dict | None = None) -> str:
+    """Read a config from a local path or an ``s3://`` URL."""
+    if path.startswith("s3://"):
+        from .storage import open_filesystem
+
+        fs, inner = open_filesystem(path, storage or {})
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode("utf-8")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return p.read_text()
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> SalmapConfig:
+    """Merge schema defaults, the YAML file and ``key=value`` overrides; validate."""
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. resources.batch_size=8)")
+    schema = OmegaConf.structured(SalmapConfig)
+    try:
+        parsed = [(k, _parse_value(k, v)) for k, v in (item.split("=", 1) for item in overrides)]
+        storage_hint = {k.split(".", 1)[1]: v for k, v in parsed if k.startswith("storage.")}
+        merged = schema
+        if path:
+            try:
+                loaded = OmegaConf.create(read_text(path, storage_hint))
+            except (OmegaConfBaseException, ConfigError):
+                raise
+            except Exception as err:  # noqa: BLE001 - YAML syntax errors and the like
+                raise ConfigError(f"cannot parse {path}: {err}") from err
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path} must hold a mapping of config keys")
+            for key in LIST_KEYS:  # a single string where a list is expected
+                if isinstance(OmegaConf.select(loaded, key), str):
+                    OmegaConf.update(loaded, key, [OmegaConf.select(loaded, key)])
+            merged = OmegaConf.merge(schema, loaded)
+        for key, value in parsed:
+            OmegaConf.update(merged, key, value, merge=True)
+        OmegaConf.resolve(merged)
+        cfg: SalmapConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _explain_omegaconf(err) from None
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """A dotlist value parsed as OmegaConf does (numbers, booleans, null, [lists])."""
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception as err:  # noqa: BLE001 - YAML parser errors
+        raise ConfigError(
+            f"override {key}={text!r} cannot be parsed ({str(err).splitlines()[0]}); "
+            "quote list items that contain braces, e.g. 'input.shards=[\"a-{000..009}.tar\"]'"
+        ) from None
+    if key in LIST_KEYS and isinstance(value, str):
+        value = [value]
+    return value
+
+
+def parse_targets(spec: str) -> tuple[str, int]:
+    """``predicted`` | ``label`` | ``all_labels`` | ``topk:K`` -> (mode, k)."""
+    if spec in TARGET_MODES:
+        return spec, 1
+    m = re.fullmatch(r"topk:(\d+)", spec)
+    if m and int(m.group(1)) >= 1:
+        return "topk", int(m.group(1))
+    raise ConfigError(
+        f"targets: {spec!r} is not valid; use predicted, label, all_labels or topk:K (K >= 1)"
+        + _nearest(spec, [*TARGET_MODES, "topk:5"])
+    )
+
+
+def metric_specs(cfg: SalmapConfig) -> dict[str, dict]:
+    """``metrics:`` entries (``name`` or ``{name: {params}}``) as name -> params."""
+    out: dict[str, dict] = {}
+    for i, item in enumerate(cfg.metrics):
+        if isinstance(item, str):
+            out[METRIC_ALIASES.get(item, item)] = {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, params = next(iter(item.items()))
+            if params is not None and not isinstance(params, dict):
+                raise ConfigError(f"metrics[{i}].{name} must map to a dict of parameters")
+            out[METRIC_ALIASES.get(str(name), str(name))] = dict(params or {})
+        else:
+            raise ConfigError(f"metrics[{i}] must be a metric name or {{name: {{params}}}}, got {item!r}")
+    return out
+
+
+def validate(cfg: SalmapConfig) -> None:
+    """Checks OmegaConf cannot express: names, ranges, combinations."""
+    from workers import methods as method_registry
+
+    if not cfg.models:
+        raise ConfigError("models: at least one model is required (e.g. source: efficientnet_lite0)")
+    if not cfg.methods:
+        raise ConfigError("methods: at least one method is required (e.g. name: gradcam)")
+    if not cfg.input.shards:
+        raise ConfigError("input.shards: give at least one shard path, glob, brace pattern or s3:// URL")
+    seen = set()
+    for i, m in enumerate(cfg.models):
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", m.name):
+            raise ConfigError(f"models[{i}].name {m.name!r}: use letters, digits, '_', '-', '.'")
+        if m.name in seen:
+            raise ConfigError(f"models[{i}].name {m.name!r} appears twice")
+        seen.add(m.name)
+        _check_model_source(i, m)
+    seen = set()
+    for i, meth in enumerate(cfg.methods):
+        if meth.name not in method_registry.REGISTRY:
+            raise ConfigError(f"methods[{i}].name: {method_registry.unknown_name_message(meth.name)}")
+        if meth.name in seen:
+            raise ConfigError(f"methods[{i}].name {meth.name!r} appears twice")
+        seen.add(meth.name)
+        try:
+            method_registry.check_params(meth.name, dict(meth.params))
+        except ValueError as err:
+            raise ConfigError(f"methods[{i}].params: {err}") from None
+    parse_targets(cfg.targets)
+    _check_metrics(cfg)
+    r = cfg.resources
+    if r.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"resources.precision: {r.precision!r} is not fp32, bf16 or fp16")
+    if not (r.gpus_per_actor == "auto" or isinstance(r.gpus_per_actor, (int, float))):
+        raise ConfigError(f"resources.gpus_per_actor: {r.gpus_per_actor!r} is not 'auto' or a number")
+    for key in ("batch_size", "actors_per_unit", "decode_batch_size", "max_tasks_in_flight_per_actor",
+                "units_in_parallel"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
+    if cfg.run.shards_per_wave < 1:
+        raise ConfigError("run.shards_per_wave must be >= 1")
+    if cfg.run.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", cfg.run.id):
+        raise ConfigError(f"run.id {cfg.run.id!r}: use letters, digits, '_', '-', '.' (max 128)")
+    if cfg.input.max_pixels < 1:
+        raise ConfigError("input.max_pixels must be >= 1")
+    if cfg.ray.progress not in ("auto", "bars", "lines", "off"):
+        raise ConfigError(f"ray.progress: {cfg.ray.progress!r} is not auto, bars, lines or off")
+
+
+def _check_model_source(i: int, m: ModelSection) -> None:
+    src = m.source
+    if src.startswith("torchvision:"):
+        from workers.models import torchvision_names
+
+        arch = src.split(":", 1)[1]
+        known = torchvision_names()
+        if arch not in known:
+            raise ConfigError(f"models[{i}].source: unknown torchvision model {arch!r}{_nearest(arch, known)}")
+    elif src.startswith("file:"):
+        if not m.arch:
+            raise ConfigError(f"models[{i}].arch: source file:<path> needs the torchvision architecture name")
+    elif src in ("efficientnet_lite0", "efficientnet-lite0"):
+        pass
+    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", src):
+        pass
+    else:
+        raise ConfigError(
+            f"models[{i}].source: {src!r} is not torchvision:<name>, file:<path>, efficientnet_lite0 "
+            "or package.module:callable" + _nearest(src, ["efficientnet_lite0", "torchvision:resnet50"])
+        )
+
+
+def _check_metrics(cfg: SalmapConfig) -> None:
+    try:
+        from workers.metrics import METRICS
+    except ImportError:  # the metrics library is optional at this stage
+        METRICS = {}
+    specs = metric_specs(cfg)
+    for name in specs:
+        if METRICS and name not in METRICS:
+            raise ConfigError(f"metrics: unknown metric {name!r}{_nearest(name, list(METRICS))}; "
+                              f"known: {', '.join(METRICS)}")
+    if METRICS:
+        from workers.metrics import check_params
+
+        try:
+            check_params(specs)
+        except ValueError as err:
+            raise ConfigError(f"metrics: {err}") from None
+
+
+def to_container(cfg: SalmapConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: SalmapConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> str:
+    """What makes a unit's rows what they are (not batch sizes, actor counts or paths)."""
+    c = to_container(cfg)
+    return stable_hash({
+        "model": {k: v for k, v in to_container_section(model).items()},
+        "method": {"name": method.name, "params": dict(method.params)},
+        "targets": cfg.targets,
+        "metrics": c["metrics"],
+        "precision": cfg.resources.precision,
+        "input": {k: c["input"][k] for k in ("image_keys", "label_key", "boxes_key", "max_pixels", "limit")},
+    })
+
+
+def to_container_section(section: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)  # type: ignore[return-value]
+
+
+def is_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple, ListConfig))

@@ -1,0 +1,249 @@
+"""Raw WebDataset bytes -> model-ready uint8 crops, plus the transform back to original pixels.
+
+Runs as CPU tasks before the model actors. A sample that cannot be decoded becomes an error
+row with a reason a user can act on; it never fails the batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DECODE_COLUMNS = (
+    "sample_id", "shard", "key", "image", "orig_height", "orig_width", "resized_h", "resized_w",
+    "crop_top", "crop_left", "crop_h", "crop_w", "label", "label_error", "boxes_json",
+    "boxes_error", "status", "error",
+)
+
+
+class DecodeError(ValueError):
+    """A sample's image or annotations cannot be used (the message is shown to the user)."""
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the decode stage needs to know: keys to look for and the model's geometry."""
+
+    image_keys: tuple[str, ...]
+    label_key: str
+    boxes_key: str
+    crop: int
+    resize: int
+    max_pixels: int
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name without its ``.tar`` suffix: the first part of a sample id."""
+    base = os.path.basename(str(url).rstrip("/"))
+    return base[:-4] if base.lower().endswith(".tar") else base
+
+
+def _suffix_value(row: dict[str, Any], wanted: str) -> Any:
+    for col, value in row.items():
+        if col.startswith("__"):
+            continue
+        if col.lower() == wanted.lower() and value is not None and not _is_nan(value):
+            return value
+    return None
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float images rescaled, alpha composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 65535.0 * 255.0 if arr.max(initial=0) > 255 else arr
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        if img.mode == "F" and hi > lo:
+            arr = (arr - lo) / (hi - lo) * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes to RGB with EXIF orientation applied; refuse bombs and corrupt data."""
+    if not data:
+        raise DecodeError("image file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise DecodeError(f"image refused as a decompression bomb: {err}") from None
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+            raise DecodeError(
+                f"not a readable image ({len(data)} bytes, {type(err).__name__}); "
+                "check the file is a JPEG, PNG or WebP"
+            ) from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DecodeError(
+                f"image is {w}x{h} = {w * h} pixels, above input.max_pixels={max_pixels} "
+                "(decompression-bomb guard); raise input.max_pixels if the image is genuine"
+            )
+        if w < 1 or h < 1:
+            raise DecodeError(f"image has an empty size {w}x{h}")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise DecodeError(f"image refused as a decompression bomb: {err}") from None
+        except Exception as err:  # noqa: BLE001
+            raise DecodeError(
+                f"image data is truncated or corrupt ({type(err).__name__}: {err}); "
+                "re-export the file"
+            ) from None
+    return _to_rgb(img)
+
+
+def crop_geometry(orig_h: int, orig_w: int, resize: int, crop: int) -> dict[str, int]:
+    """Resize the short side to ``resize``, center-crop ``crop`` x ``crop`` (torchvision style)."""
+    scale = resize / min(orig_h, orig_w)
+    resized_h = max(crop, int(round(orig_h * scale)))
+    resized_w = max(crop, int(round(orig_w * scale)))
+    return {
+        "resized_h": resized_h, "resized_w": resized_w,
+        "crop_top": (resized_h - crop) // 2, "crop_left": (resized_w - crop) // 2,
+        "crop_h": crop, "crop_w": crop,
+    }
+
+
+def preprocess(img: Image.Image, resize: int, crop: int) -> tuple[np.ndarray, dict[str, int]]:
+    """The model's crop as uint8 HWC, resampled straight from the original (one resample)."""
+    w, h = img.size
+    geo = crop_geometry(h, w, resize, crop)
+    sx, sy = geo["resized_w"] / w, geo["resized_h"] / h
+    box = (
+        geo["crop_left"] / sx, geo["crop_top"] / sy,
+        (geo["crop_left"] + crop) / sx, (geo["crop_top"] + crop) / sy,
+    )
+    out = img.resize((crop, crop), Image.BILINEAR, box=box, reducing_gap=None)
+    return np.asarray(out, dtype=np.uint8), geo
+
+
+def parse_label(raw: Any) -> int:
+    if isinstance(raw, (int, np.integer)):
+        return int(raw)
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise DecodeError(f"label (.cls) is not an integer: {text[:40]!r}") from None
+
+
+def parse_boxes(raw: Any) -> dict:
+    """``{"boxes": [[x0,y0,x1,y1], ...], "labels": [c, ...]}`` validated and normalised."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DecodeError(f"annotation (.json) is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("annotation (.json) must be an object with 'boxes' and 'labels'")
+    boxes = obj.get("boxes", [])
+    labels = obj.get("labels", [])
+    if not isinstance(boxes, list) or not isinstance(labels, list):
+        raise DecodeError("annotation (.json): 'boxes' and 'labels' must be lists")
+    clean = []
+    for b in boxes:
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
+            raise DecodeError(f"annotation (.json): box {b!r} is not [x0, y0, x1, y1]")
+        clean.append([float(v) for v in b])
+    if labels and len(labels) != len(clean):
+        raise DecodeError(f"annotation (.json): {len(clean)} boxes but {len(labels)} labels")
+    try:
+        labels = [int(v) for v in labels]
+    except (TypeError, ValueError):
+        raise DecodeError("annotation (.json): labels must be integers") from None
+    return {"boxes": clean, "labels": labels}
+
+
+def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
+    """One WebDataset sample (raw bytes per suffix) -> one decoded row (ok or error)."""
+    shard = shard_name(row.get("__url__", ""))
+    key = str(row.get("__key__", ""))
+    out: dict[str, Any] = {
+        "sample_id": f"{shard}/{key}", "shard": shard, "key": key,
+        "image": None, "orig_height": -1, "orig_width": -1,
+        "resized_h": 0, "resized_w": 0, "crop_top": 0, "crop_left": 0, "crop_h": 0, "crop_w": 0,
+        "label": -1, "label_error": "", "boxes_json": "", "boxes_error": "",
+        "status": "ok", "error": "",
+    }
+    raw_label = _suffix_value(row, spec.label_key) if spec.label_key else None
+    if raw_label is not None:
+        try:
+            out["label"] = parse_label(raw_label)
+        except DecodeError as err:
+            out["label_error"] = str(err)
+    raw_boxes = _suffix_value(row, spec.boxes_key) if spec.boxes_key else None
+    if raw_boxes is not None:
+        try:
+            out["boxes_json"] = json.dumps(parse_boxes(raw_boxes))
+        except DecodeError as err:
+            out["boxes_error"] = str(err)
+    data = None
+    for k in spec.image_keys:
+        data = _suffix_value(row, k)
+        if data is not None:
+            break
+    try:
+        if data is None:
+            present = sorted(c for c in row if not c.startswith("__") and row[c] is not None
+                             and not _is_nan(row[c]))
+            raise DecodeError(
+                "sample has no image: looked for ." + ", .".join(spec.image_keys)
+                + "; found: " + (", ".join("." + p for p in present) or "nothing")
+                + " (set input.image_keys if the images use another suffix)"
+            )
+        if not isinstance(data, (bytes, bytearray)):
+            raise DecodeError(f"image member is not raw bytes ({type(data).__name__})")
+        img = open_image(bytes(data), spec.max_pixels)
+        out["orig_width"], out["orig_height"] = img.size
+        arr, geo = preprocess(img, spec.resize, spec.crop)
+        out["image"] = arr
+        out.update(geo)
+    except DecodeError as err:
+        out["status"], out["error"] = "error", str(err)
+    except Exception as err:  # noqa: BLE001 - never fail the batch on one sample
+        out["status"], out["error"] = "error", f"could not decode image: {type(err).__name__}: {err}"
+    return out
+
+
+def decode_batch(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.ndarray]:
+    """Decode rows into a column batch; error rows carry a zero image of the same shape."""
+    decoded = [decode_row(r, spec) for r in rows]
+    blank = np.zeros((spec.crop, spec.crop, 3), dtype=np.uint8)
+    batch: dict[str, np.ndarray] = {}
+    batch["image"] = np.stack([d["image"] if d["image"] is not None else blank for d in decoded]) \
+        if decoded else np.zeros((0, spec.crop, spec.crop, 3), np.uint8)
+    for col in DECODE_COLUMNS:
+        if col == "image":
+            continue
+        values = [d[col] for d in decoded]
+        if col in ("sample_id", "shard", "key", "label_error", "boxes_json", "boxes_error",
+                   "status", "error"):
+            batch[col] = np.array(values, dtype=object)
+        else:
+            batch[col] = np.array(values, dtype=np.int64)
+    return batch

@@ -1,0 +1,139 @@
+"""Planning on the driver: shard listing, units, waves, and what is already committed."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import braceexpand
+import pyarrow.fs as pafs
+
+from .config import ConfigError, MethodSection, ModelSection, SalmapConfig, unit_hash
+from .decode import shard_name
+from .storage import open_filesystem
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (model, method) pair: its own actor pool and its own Ray Data execution per wave."""
+
+    model: ModelSection
+    method: MethodSection
+    config_hash: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.model.name}__{self.method.name}"
+
+    @property
+    def data_prefix(self) -> str:
+        return f"data/model={self.model.name}/method={self.method.name}"
+
+
+@dataclass
+class Wave:
+    """A group of shards committed together; its id is a function of its shards only."""
+
+    shards: list[str]
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = "\n".join(sorted(shard_name(s) for s in self.shards))
+        first = shard_name(sorted(self.shards)[0])
+        self.id = f"{first}-{len(self.shards)}-{hashlib.sha1(names.encode()).hexdigest()[:8]}"
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def expand_shards(patterns: list[str], storage: object = None, missing: list[str] | None = None
+                  ) -> list[str]:
+    """Brace patterns, globs, directories, files and ``s3://`` URLs -> a sorted list of shards.
+
+    A pattern that matches nothing is an error naming it. With ``missing`` given, a named
+    shard file that does not exist is appended there instead (the run reports it as failed and
+    does the rest), as long as some shard exists.
+    """
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("demo://"):
+            from .demo_data import ensure_demo_shards
+
+            out.extend(os.path.abspath(p) for p in ensure_demo_shards())
+            continue
+        for item in braceexpand.braceexpand(pattern):
+            found = _expand_one(item, storage)
+            if not found and missing is not None and not _has_glob(item) and item.endswith(".tar"):
+                missing.append(item)
+                continue
+            if not found:
+                raise ConfigError(f"input.shards: {item!r} matches no shard (no such file or no .tar inside)")
+            out.extend(found)
+    if not out and missing:
+        raise ConfigError(f"input.shards: none of the shards exist (e.g. {missing[0]!r})")
+    seen: dict[str, str] = {}
+    unique = []
+    for s in out:
+        name = shard_name(s)
+        if name in seen and seen[name] != s:
+            raise ConfigError(
+                f"input.shards: two shards share the name {name!r} ({seen[name]} and {s}); "
+                "sample ids are <shard name>/<key>, so shard file names must be unique"
+            )
+        if name not in seen:
+            seen[name] = s
+            unique.append(s)
+    return sorted(unique, key=shard_name)
+
+
+def _expand_one(item: str, storage: object) -> list[str]:
+    fs, path = open_filesystem(item, storage)
+    prefix = "s3://" if item.startswith("s3://") else ""
+    if _has_glob(path):
+        base = path
+        while _has_glob(base):
+            base = os.path.dirname(base)
+        sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        return [prefix + i.path for i in fs.get_file_info(sel)
+                if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [prefix + path]
+    if info.type == pafs.FileType.Directory:
+        sel = pafs.FileSelector(path, recursive=False)
+        return sorted(prefix + i.path for i in fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File and i.path.lower().endswith(".tar"))
+    return []
+
+
+def units_of(cfg: SalmapConfig) -> list[Unit]:
+    return [Unit(model=m, method=meth, config_hash=unit_hash(cfg, m, meth))
+            for m in cfg.models for meth in cfg.methods]
+
+
+def waves_of(shards: list[str], per_wave: int) -> list[Wave]:
+    ordered = sorted(shards, key=shard_name)
+    return [Wave(ordered[i:i + per_wave]) for i in range(0, len(ordered), per_wave)]
+
+
+def load_shard_index(shards: list[str], storage: object = None) -> dict[str, int]:
+    """Sample counts per shard from ``shards.json`` files beside the shards (written by
+    ``salmap shards`` and the demo), for reconciliation and progress; {} where absent."""
+    import json
+
+    counts: dict[str, int] = {}
+    folders = sorted({s.rsplit("/", 1)[0] for s in shards})
+    for folder in folders:
+        fs, path = open_filesystem(f"{folder}/shards.json", storage)
+        try:
+            with fs.open_input_stream(path) as f:
+                index = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            continue
+        samples = index.get("samples", {}) if isinstance(index, dict) else {}
+        counts.update({str(k): int(v) for k, v in samples.items()})
+    wanted = {shard_name(s) for s in shards}
+    return {k: v for k, v in counts.items() if k in wanted}

@@ -1,0 +1,279 @@
+"""The report's HTML: plain HTML and CSS in one file, pictures embedded as data URIs.
+
+``?check=1`` in the page URL makes a small script write, once the page has loaded, a JSON
+summary (images loaded, rows per table) into ``<pre id="check">`` and the title; the
+headless-browser test reads it back. Without the flag the script does nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from html import escape
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .data import DIRECTION, RunData, fmt
+from .gallery import ModelGallery
+
+MAX_ERROR_ROWS = 1000
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
+ color:#1d232a;background:#f6f7f9}
+header{background:#1f2a37;color:#fff;padding:14px 28px}
+header h1{margin:0 0 4px;font-size:22px} header p{margin:2px 0;color:#cfd8e3}
+nav a{color:#9cc9ff;margin-right:14px;text-decoration:none} nav a:hover{text-decoration:underline}
+main{padding:6px 28px 40px} section{margin-top:22px}
+h2{font-size:18px;border-bottom:2px solid #d5dbe3;padding-bottom:4px} h3{font-size:15px;margin:16px 0 6px}
+table{border-collapse:collapse;background:#fff;margin:6px 0 12px}
+th,td{border:1px solid #d5dbe3;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#eef1f5;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.best{font-weight:700;background:#eaf7ea} .ci{color:#66707c;font-size:11px;white-space:nowrap}
+.note{color:#5a6470;font-size:13px} .warn{color:#9a3b00}
+pre{background:#fff;border:1px solid #d5dbe3;padding:10px;overflow:auto;font-size:12px}
+table.gallery td{padding:4px;text-align:center;font-size:11px;color:#3a444f;max-width:240px}
+table.gallery img{display:block;margin:0 auto 3px;border-radius:2px}
+table.gallery td.photo{background:#fafbfc} .sid{font-weight:600;color:#1d232a;word-break:break-all}
+.err{color:#b00020;font-size:12px;max-width:220px;white-space:normal}
+.legend span{display:inline-block;margin-right:16px;vertical-align:middle}
+.swatch{display:inline-block;width:18px;height:10px;border:2px solid;margin-right:4px;vertical-align:middle}
+img.chart{max-width:100%;background:#fff;border:1px solid #d5dbe3}
+.scroll{overflow-x:auto} #summary-table{font-size:13px} #summary-table th{font-size:12px}
+#summary-table td,#summary-table th{padding:3px 6px}
+td.msg{max-width:760px;white-space:pre-wrap;word-break:break-word}
+"""
+
+CHECK_SCRIPT = """
+(function () {
+  if (!new URLSearchParams(location.search).has('check')) return;
+  window.addEventListener('load', function () {
+    var imgs = Array.prototype.slice.call(document.images);
+    var tables = {};
+    document.querySelectorAll('table[id]').forEach(function (t) {
+      tables[t.id] = t.querySelectorAll('tbody tr').length;
+    });
+    var r = {images: imgs.length,
+             loaded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+             tables: tables,
+             sections: Array.prototype.map.call(document.querySelectorAll('section[id]'),
+                                                function (s) { return s.id; })};
+    r.all_loaded = r.images > 0 && r.loaded === r.images;
+    var pre = document.createElement('pre');
+    pre.id = 'check';
+    pre.textContent = JSON.stringify(r);
+    document.body.appendChild(pre);
+    document.title = 'check ' + JSON.stringify(r);
+  });
+})();
+"""
+
+
+def _when(ts: Any) -> str:
+    try:
+        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "–"
+
+
+def _arrow(metric: str) -> str:
+    d = DIRECTION.get(metric, 0)
+    return " ↑" if d > 0 else (" ↓" if d < 0 else "")
+
+
+def header(data: RunData, generated_s: float | None = None) -> str:
+    m = data.manifest
+    rows = sum(len(u.rows) for u in data.units)
+    errors = sum(int((u.rows["status"] != "ok").sum()) for u in data.units if len(u.rows))
+    status = m.get("status", "unknown (no manifest)")
+    return (
+        f"<header><h1>salmap report · {escape(str(m.get('run_id', data.uri)))}</h1>"
+        f"<p>{escape(data.uri)} · status <b>{escape(str(status))}</b> · "
+        f"{len(data.units)} unit(s) · {rows} committed row(s) · {errors} error row(s) · "
+        f"{len(m.get('shards') or [])} shard(s)</p>"
+        f"<p>started {_when(m.get('started'))} · finished {_when(m.get('finished'))}</p>"
+        "<nav><a href='#summary'>Summary</a><a href='#gallery'>Gallery</a><a href='#curves'>Curves</a>"
+        "<a href='#distributions'>Distributions</a><a href='#errors'>Errors</a>"
+        "<a href='#config'>Config</a></nav></header>"
+    )
+
+
+def summary_section(data: RunData) -> str:
+    metrics = data.metrics
+    head = "".join(f"<th>{escape(m).replace('_', '_<wbr>')}{_arrow(m)}</th>" for m in metrics)
+    best: dict[tuple[str, str], set[str]] = {}
+    for model in data.models():
+        units = [u for u in data.units if u.model == model]
+        for m in metrics:
+            d = DIRECTION.get(m, 0)
+            means = {u.id: (u.summary.get(m) or {}).get("mean") for u in units}
+            means = {k: float(v) for k, v in means.items() if v is not None and np.isfinite(float(v))}
+            if d and len(means) > 1:
+                top = max(means.values()) if d > 0 else min(means.values())
+                best[(model, m)] = {k for k, v in means.items() if v == top}
+    body = []
+    for u in data.units:
+        info = u.info
+        rate = info.get("images_per_s")
+        cells = [f"<td>{escape(u.model)}</td><td>{escape(u.method)}</td>",
+                 f"<td class=num>{len(u.rows)}</td>",
+                 f"<td class=num>{int((u.rows['status'] != 'ok').sum()) if len(u.rows) else 0}</td>",
+                 f"<td class=num>{fmt(rate, 2)}</td><td class=num>{fmt(info.get('elapsed_s'), 1)}</td>"]
+        for m in metrics:
+            s = u.summary.get(m) or {}
+            scale, unit, digits = (100.0, "%", 1) if m == "pointing_hit" else (1.0, "", 3)
+            mean = s.get("mean")
+            cls = "num best" if u.id in best.get((u.model, m), ()) else "num"
+            if mean is None or not np.isfinite(float(mean)):
+                cells.append(f"<td class='{cls}'>–</td>")
+                continue
+            lo, hi = s.get("ci_low"), s.get("ci_high")
+            ci = (f"<br><span class=ci>[{fmt(_mul(lo, scale), digits)}, "
+                  f"{fmt(_mul(hi, scale), digits)}]</span>"
+                  if lo is not None and hi is not None else "")
+            where = "manifest" if s.get("from_manifest") else "rows"
+            cells.append(f"<td class='{cls}' title='n={escape(str(s.get('n', '?')))}, from the {where}'>"
+                         f"{fmt(float(mean) * scale, digits)}{unit}{ci}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    missing = [u for u in data.units if u.read_error]
+    notes = "".join(f"<p class='note warn'>{escape(u.id)}: {escape(u.read_error)}</p>" for u in missing)
+    not_computed = [c for c in DIRECTION if c not in metrics]
+    return (
+        "<section id=summary><h2>Summary per unit</h2>"
+        "<p class=note>Mean and 95% interval [low, high] of each metric over the rows with a value: "
+        "the run's manifest summary where it has one, else computed here from the Parquet rows "
+        "(percentile bootstrap of the mean); ↑ higher is better, ↓ lower is better; "
+        "the best mean per model is highlighted. pointing_hit is the hit rate in %.</p>"
+        "<div class=scroll><table id=summary-table><thead><tr><th>model</th><th>method</th><th>rows</th><th>errors</th>"
+        f"<th>images/s</th><th>elapsed s</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+        + (f"<p class=note>Not computed in this run: {escape(', '.join(not_computed))}.</p>"
+           if not_computed else "") + notes + "</section>"
+    )
+
+
+def _mul(v: Any, k: float) -> float | None:
+    return None if v is None else float(v) * k
+
+
+def gallery_section(galleries: list[ModelGallery], rank_label: str, legend_uri: str, cmap: str,
+                    photo_problems: list[str]) -> str:
+    out = ["<section id=gallery><h2>Gallery</h2>"]
+    if not galleries:
+        out.append("<p class=note>No rows to show.</p></section>")
+        return "".join(out)
+    out.append(
+        f"<p class=note>Samples ranked by <b>{escape(rank_label or 'nothing (no metric values)')}</b>"
+        " (higher is better; an item's score is the mean over the model's methods). Each map is "
+        "min-max scaled on its own.</p><p class='note legend'>"
+        f"<span><img src='{legend_uri}' alt='{escape(cmap)} colour bar' width=160 height=10> "
+        f"low → high ({escape(cmap)})</span>"
+        "<span><i class=swatch style='border-color:#fff;background:#333'></i>pseudo box</span>"
+        "<span><i class=swatch style='border-color:#00e63c'></i>ground-truth box of the target</span>"
+        "<span><i class=swatch style='border-color:#c8c8c8;border-style:dashed'></i>model input crop</span>"
+        "</p>")
+    if photo_problems:
+        shown = photo_problems[:5]
+        more = f" (and {len(photo_problems) - 5} more)" if len(photo_problems) > 5 else ""
+        out.append("<p class='note warn'>Some photos could not be read, so their maps are shown "
+                   f"without them: {escape('; '.join(shown))}{more}</p>")
+    for g in galleries:
+        out.append(f"<h3>{escape(g.model)}</h3>")
+        if g.note:
+            out.append(f"<p class=note>{escape(g.note)}</p>")
+        head = "<th>photo</th>" + "".join(f"<th>{escape(m)}</th>" for m in g.methods)
+        for title, items in g.sections:
+            out.append(f"<p class=note><b>{escape(title)}</b></p>")
+            rows = []
+            for it in items:
+                photo = (f"<img src='{it.photo_uri}' alt='{escape(it.sample_id)}'>" if it.photo_uri
+                         else "<div class=note>(photo unavailable)</div>")
+                cells = [f"<td class=photo>{photo}<span class=sid>{escape(it.sample_id)}</span>"
+                         f"<br>{escape(it.title.split(' · ', 1)[-1])}</td>"]
+                for m in g.methods:
+                    c = it.cells.get(m)
+                    if c is None or not c.uri:
+                        cells.append(f"<td><div class=err>{escape(c.error if c else 'no row')}</div></td>")
+                    else:
+                        cells.append(f"<td><img src='{c.uri}' alt='{escape(m)} map of "
+                                     f"{escape(it.sample_id)}'>{escape(c.caption)}</td>")
+                rows.append(f"<tr>{''.join(cells)}</tr>")
+            out.append(f"<table class=gallery><thead><tr>{head}</tr></thead>"
+                       f"<tbody>{''.join(rows)}</tbody></table>")
+    out.append("</section>")
+    return "".join(out)
+
+
+def curves_section(charts: list[tuple[str, str]], stored: bool) -> str:
+    if not stored:
+        return ("<section id=curves><h2>Deletion and insertion curves</h2><p class=note>This run did "
+                "not store curves (no deletion_curve / insertion_curve values); list the metric as "
+                "<code>{deletion_auc: {curves: true}}</code> (or insertion_auc) in the config's "
+                "<code>metrics</code> to keep them.</p></section>")
+    imgs = "".join(f"<img class=chart src='{uri}' alt='curves of {escape(model)}'>"
+                   for model, uri in charts)
+    return ("<section id=curves><h2>Deletion and insertion curves</h2><p class=note>Mean target "
+            f"score per step with a 95% band, over the rows that stored a curve.</p>{imgs}</section>")
+
+
+def distributions_section(charts: list[tuple[str, str]]) -> str:
+    imgs = "".join(f"<h3>{escape(model)}</h3><img class=chart src='{uri}' "
+                   f"alt='metric distributions of {escape(model)}'>" for model, uri in charts)
+    return ("<section id=distributions><h2>Metric distributions per method</h2>"
+            + (imgs or "<p class=note>No metric values.</p>") + "</section>")
+
+
+def errors_section(data: RunData) -> str:
+    rows = data.rows
+    failures = list(data.manifest.get("failures") or [])
+    out = ["<section id=errors><h2>Errors</h2>"]
+    if failures:
+        items = "".join(f"<li>{escape(str(f))}</li>" for f in failures)
+        out.append(f"<p class='note warn'>Shards or units that could not be completed:</p><ul>{items}</ul>")
+    if rows.empty:
+        bad = rows
+    else:
+        has_error = rows["error"].fillna("").astype(str).str.len() > 0
+        bad = rows[(rows["status"] != "ok") | has_error]
+    shown = bad.head(MAX_ERROR_ROWS)
+    body = "".join(
+        f"<tr><td>{escape(str(r.unit))}</td><td>{escape(str(r.sample_id))}</td>"
+        f"<td class=num>{fmt(r.target, 0)}</td><td>{escape(str(r.status))}</td>"
+        f"<td class=msg>{escape('' if pd.isna(r.error) else str(r.error))}</td></tr>"
+        for r in shown.itertuples())
+    out.append(f"<p class=note>{len(bad)} row(s) with an error or a warning"
+               + (f"; the first {MAX_ERROR_ROWS} are listed" if len(bad) > MAX_ERROR_ROWS else "")
+               + ".</p>")
+    out.append("<table id=errors-table><thead><tr><th>unit</th><th>sample</th><th>target</th>"
+               f"<th>status</th><th>reason</th></tr></thead><tbody>{body}</tbody></table></section>")
+    return "".join(out)
+
+
+def config_section(data: RunData) -> str:
+    import yaml
+
+    m = data.manifest
+    versions = m.get("versions") or {}
+    vrows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>"
+                    for k, v in sorted(versions.items()))
+    config = m.get("config")
+    text = (yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False,
+                           default_flow_style=False) if config else "(no config in the manifest)")
+    return (
+        "<section id=config><h2>Config and versions</h2>"
+        f"<p class=note>config hash {escape(str(m.get('config_hash', '–')))} · format "
+        f"{escape(str(m.get('salmap_format', '–')))}</p>"
+        f"<table id=versions-table><thead><tr><th>package</th><th>version</th></tr></thead>"
+        f"<tbody>{vrows}</tbody></table><pre>{escape(text)}</pre></section>"
+    )
+
+
+def page(title: str, parts: list[str], footer: str) -> str:
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+        f"{parts[0]}<main>{''.join(parts[1:])}<p class=note>{escape(footer)}</p></main>"
+        f"<script>{CHECK_SCRIPT}</script></body></html>"
+    )

@@ -1,0 +1,269 @@
+"""DMBP: the masked-backprop framework properties of specs/methods/dmbp.md §5 (hold for any loss),
+the [R1] loss doing what it is meant to, batch independence, determinism, model hygiene."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from workers.methods import MethodError, build
+from workers.methods.dmbp import DMBP, display_map
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded torch: these are tiny ops, and the CPU is shared (2 threads on a busy
+    2-core machine ran these tests up to 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    score = model(x).gather(1, targets.view(-1, 1)).sum()
+    return torch.autograd.grad(score, x)[0]
+
+
+def random_masks(d: DMBP, b: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(b, c, generator=g) for n, c in d.mask_shapes.items()}
+
+
+@pytest.mark.parametrize("arch", ["tiny_model", "resnet18", "mobilenet_v2", "vgg16_small"])
+def test_all_ones_masks_give_the_gradient(arch, request):
+    """§5.1: masks of 1 (or no mask) reproduce dS_t/dx; VGG has in-place ReLUs right after convs."""
+    model = request.getfixturevalue(arch)
+    x, t = images(2), torch.tensor([1, 3])
+    d = DMBP(model)
+    ones = {n: torch.ones(2, c) for n, c in d.mask_shapes.items()}
+    w_none, w_ones = d.mappings(x, t, [None, ones])
+    expected = gradient(model, x, t)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(w_none, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w_ones, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch,stem,branch", [
+    ("resnet18", "conv1", "layer1.0.conv1"),
+    ("tiny_model", "stem.0", "conv1"),
+])
+def test_zero_mask_on_a_cut_layer_gives_zero(arch, stem, branch, request):
+    """§5.2: zeroing every filter of a layer all paths cross kills the mapping; a conv inside a
+    residual branch does not (the skip path carries no mask), so masks act per layer."""
+    model = request.getfixturevalue(arch)
+    d = DMBP(model)
+    x, t = images(2), torch.tensor([0, 2])
+    base = random_masks(d, 2, seed=1)
+    cut = {**base, stem: torch.zeros_like(base[stem])}
+    skip = {**base, branch: torch.zeros_like(base[branch])}
+    w_base, w_cut, w_skip = d.mappings(x, t, [base, cut, skip])
+    assert w_base.abs().max() > 0
+    assert torch.count_nonzero(w_cut) == 0
+    assert w_skip.abs().max() > 0.01 * w_base.abs().max()
+    assert not torch.allclose(w_skip, w_base)
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "conv1"), ("mobilenet_v2", "features.0.0")])
+def test_mapping_is_linear_in_one_layers_masks(arch, layer, request):
+    """§5.3: W_m is linear in a layer's mask vector: W(c*a) = c*W(a), W(a+b) = W(a)+W(b)."""
+    model = request.getfixturevalue(arch)
+    d = DMBP(model)
+    x, t = images(2, seed=2), torch.tensor([4, 7])
+    m = random_masks(d, 2, seed=3)
+    a, b = m[layer], random_masks(d, 2, seed=4)[layer]
+    w_a, w_b, w_scaled, w_sum = d.mappings(
+        x, t, [m, {**m, layer: b}, {**m, layer: 0.37 * a}, {**m, layer: a + b}]
+    )
+    scale = w_a.abs().max()
+    torch.testing.assert_close(w_scaled, 0.37 * w_a, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(w_sum, w_a + w_b, rtol=0, atol=1e-5 * scale)
+
+
+def masked_surrogate(net: nn.Module, x: torch.Tensor, masks: dict[str, torch.Tensor]):
+    """TinyNet as a gated-linear network: ReLU gates from the plain forward, each conv's output
+    multiplied per channel by its mask in the FORWARD pass (test-side, written independently)."""
+
+    def m(name: str, y: torch.Tensor) -> torch.Tensor:
+        return y * masks[name][:, :, None, None]
+
+    z0 = net.stem[1](net.stem[0](x))
+    h0 = F.relu(z0)
+    z1 = net.bn1(net.conv1(h0))
+    z2 = net.conv2(h0 + F.relu(z1))
+    z4 = net.layer4[0](F.relu(z2))
+    u0 = net.stem[1](m("stem.0", net.stem[0](x))) * (z0 > 0)
+    u1 = net.bn1(m("conv1", net.conv1(u0))) * (z1 > 0)
+    u2 = m("conv2", net.conv2(u0 + u1)) * (z2 > 0)
+    u4 = m("layer4.0", net.layer4[0](u2)) * (z4 > 0)
+    return net.fc(net.pool(u4).flatten(1))
+
+
+def test_bias_free_surrogate_matches_the_attribution_sum(tiny_model):
+    """§5.4: without biases, sum(x * W_m) equals the gated-linear masked surrogate's output."""
+    net = tiny_model
+    with torch.no_grad():
+        for mod in net.modules():
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.zero_()
+    d = DMBP(net)
+    x, t = images(3, seed=5), torch.tensor([0, 4, 2])
+    masks = random_masks(d, 3, seed=6)
+    (w,) = d.mappings(x, t, [masks])
+    with torch.no_grad():
+        g = masked_surrogate(net, x, masks).gather(1, t.view(-1, 1))[:, 0]
+        plain = net(x).gather(1, t.view(-1, 1))[:, 0]
+    attribution_sum = (x * w).flatten(1).sum(1)
+    torch.testing.assert_close(attribution_sum, g, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(g, plain, rtol=1e-2)  # the masks really changed the mapping
+
+
+def test_outputs_shapes_and_display(tiny_model):
+    """§5.5: input-shaped attributions; the returned maps are channel means; display in [-1, 1]."""
+    x, t = images(2, seed=7), torch.tensor([1, 2])
+    res = DMBP(tiny_model, steps=2).explain(x, t)
+    for a in (res.pos_attribution, res.neg_attribution, res.pos_mapping, res.neg_mapping):
+        assert a.shape == x.shape and torch.isfinite(a).all()
+    torch.testing.assert_close(res.pos_attribution, x * res.pos_mapping)
+    net = build("dmbp", tiny_model, steps=2)(x, t)
+    pos = build("dmbp", tiny_model, steps=2, output="positive")(x, t)
+    neg = build("dmbp", tiny_model, steps=2, output="negative")(x, t)
+    assert net.shape == (2, 32, 32) and net.dtype == torch.float32
+    torch.testing.assert_close(pos, res.pos_attribution.mean(1))
+    torch.testing.assert_close(net, pos + neg)
+    shown = display_map(res.pos_attribution, res.neg_attribution)
+    assert shown.shape == (2, 32, 32)
+    assert shown.min() >= -1 and shown.max() <= 1
+    torch.testing.assert_close(shown.abs().flatten(1).amax(1), torch.ones(2))
+
+
+def test_r1_loss_separates_signs_and_keeps_the_total(tiny_model):
+    """[R1]: optimising drives A+ >= 0 and A- <= 0 while sum A+ + sum A- stays near sum A."""
+    x, t = images(2, seed=8), torch.tensor([0, 3])
+    res = DMBP(tiny_model, steps=40, lr=0.1).explain(x, t)
+    a = res.gradient_x_input
+    scale = a.abs().flatten(1).sum(1)
+    wrong_sign = (torch.relu(-res.pos_attribution) + torch.relu(res.neg_attribution))
+    wrong = wrong_sign.flatten(1).sum(1) / scale
+    # at the start A+ = A- = 0.98 A, so the wrong-sign share is 0.98
+    assert (wrong < 0.1).all(), wrong
+    split = (res.pos_attribution + res.neg_attribution).flatten(1).sum(1)
+    assert ((split - a.flatten(1).sum(1)).abs() / scale < 0.35).all()
+    assert res.losses[-1] < 0.25 * res.losses[0]
+    masks = torch.cat([*res.pos_masks.values(), *res.neg_masks.values()], 1)
+    assert masks.min() >= 0 and masks.max() <= 1 and masks.mean() < 0.9
+
+
+def test_batch_equals_one_by_one_and_chunks(tiny_model):
+    """Per-image masks and a summed loss: batch, one-by-one and chunked runs agree."""
+    x, t = images(3, seed=9), torch.tensor([4, 0, 2])
+    d = build("dmbp", tiny_model, steps=6, lr=0.1, init_noise=0.3)
+    batch = d(x, t)
+    single = torch.cat([d(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+    chunked = build("dmbp", tiny_model, steps=6, lr=0.1, init_noise=0.3, inner_batch_size=2)(x, t)
+    scale = batch.abs().max()
+    torch.testing.assert_close(single, batch, rtol=0, atol=1e-4 * scale)
+    torch.testing.assert_close(chunked, batch, rtol=0, atol=1e-4 * scale)
+    other = d(x, torch.tensor([1, 0, 2]))  # the target matters
+    assert not torch.allclose(other[0], batch[0])
+
+
+def test_deterministic_for_a_seed(tiny_model):
+    x, t = images(2, seed=10), torch.tensor([1, 1])
+    run = lambda seed: build("dmbp", tiny_model, steps=3, init_noise=0.5, seed=seed)(x, t)  # noqa: E731
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert not torch.allclose(first, run(1))
+    # without init noise the start is all-equal masks and the seed has no effect
+    plain = lambda seed: build("dmbp", tiny_model, steps=3, seed=seed)(x, t)  # noqa: E731
+    assert torch.equal(plain(0), plain(1))
+
+
+def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
+    """Everything a method must leave as found (outputs measured on an eval-mode copy)."""
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        out = probe(x)
+    digest = hashlib.sha1()
+    for v in model.state_dict().values():
+        digest.update(v.detach().contiguous().numpy().tobytes())
+    return {
+        "training": model.training,
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad_is_none": all(p.grad is None for p in model.parameters()),
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                     + len(m._backward_pre_hooks) for m in model.modules()),
+        "state": digest.hexdigest(),
+        "out": out.numpy().tobytes(),
+    }
+
+
+def mixed_state(model: nn.Module) -> nn.Module:
+    """A private copy in train mode with a third of the parameters frozen."""
+    model = copy.deepcopy(model).train()
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_model_left_as_found_also_after_an_error(arch, request):
+    model = mixed_state(request.getfixturevalue(arch))
+    x = images(2)
+    before = snapshot(model, x)
+    maps = build("dmbp", model, steps=2)(x, torch.tensor([1, 9]))
+    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
+    assert snapshot(model, x) == before
+    with pytest.raises((IndexError, RuntimeError)):  # class 99: fails with the hooks in place
+        build("dmbp", model, steps=2)(x, torch.tensor([1, 99]))
+    assert snapshot(model, x) == before
+
+
+class FoldedBatch(nn.Module):
+    """Runs its conv on the colour planes as separate samples: batch 3B inside the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.planes = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.planes(x.reshape(b * c, 1, h, w)).mean((2, 3))
+        return self.fc(y.reshape(b, c * 4))
+
+
+def test_clear_errors(tiny_model):
+    with pytest.raises(MethodError, match="layer 'planes'.*per-filter masks need"):
+        DMBP(FoldedBatch(), steps=1)(images(2), [0, 1])
+    with pytest.raises(MethodError, match="'fc' is a Linear"):
+        DMBP(tiny_model, masked_layers=["fc"])
+    with pytest.raises(MethodError, match="no nn.Conv2d"):
+        DMBP(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+    with pytest.raises(MethodError, match="output"):
+        DMBP(tiny_model, output="max")
+
+
+def test_pretrained_lite0_photos(lite0, photo_batch):
+    """EfficientNet-Lite0 (one shared ReLU6 module, SAME-padding convs): finite, non-constant."""
+    model, x = lite0.model, photo_batch[:2]
+    d = DMBP(model, steps=2)
+    (w,) = d.mappings(x, [281, 967], [None])
+    torch.testing.assert_close(w, gradient(model, x, torch.tensor([281, 967])), rtol=1e-4,
+                               atol=1e-6)
+    maps = d(x, [281, 967])
+    assert maps.shape == (2, 224, 224) and torch.isfinite(maps).all()
+    assert (maps.flatten(1).std(1) > 0).all()

@@ -1,0 +1,277 @@
+"""HDM: the properties of specs/methods/hdm.md §5 (init loss, ranges, synthetic localisation,
+hierarchy, batch independence, deletion), determinism, the options, model hygiene."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+from workers.methods import MethodError, build
+from workers.methods.hdm import HDM
+
+H = 32
+BOX_A = (slice(4, 14), slice(4, 14))  # 100 px of 1024
+BOX_B = (slice(20, 28), slice(18, 28))  # 80 px
+FAST = dict(benchmark_sizes=(2, 4), auxiliary_sizes=(8,), steps=3, stages=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded torch: these are tiny ops, and the CPU is shared (2 threads on a busy
+    2-core machine ran these tests up to 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def box_weight(box: tuple[slice, slice]) -> torch.Tensor:
+    w = torch.zeros(1, 1, H, H)
+    w[(..., *box)] = 1.0
+    return w / w.sum()
+
+
+class BoxModel(nn.Module):
+    """Logit 0 = 10 x mean of the input inside BOX_A; logit 1 = 0: only the box matters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 10 * (x.mean(1, keepdim=True) * box_weight(BOX_A)).flatten(1).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+class TwoBoxModel(nn.Module):
+    """Logit 0 = smooth max(2 * evidence in A, evidence in B): B only matters once A is gone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.mean(1, keepdim=True)
+        ea = (g * box_weight(BOX_A)).flatten(1).sum(1)
+        eb = (g * box_weight(BOX_B)).flatten(1).sum(1)
+        s = torch.logsumexp(10 * torch.stack([2 * ea, eb], 1), 1) / 10
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def images(n: int, size: int = H, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def box_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Positive images, bright inside both boxes."""
+    x = 0.2 * torch.rand(n, 3, H, H, generator=torch.Generator().manual_seed(seed))
+    x[(..., *BOX_A)] = 1.0
+    x[(..., *BOX_B)] = 1.0
+    return x
+
+
+def share(s: torch.Tensor, box: tuple[slice, slice]) -> torch.Tensor:
+    """Fraction of each map's mass inside ``box``."""
+    return s[(..., *box)].sum((-1, -2)) / s.sum((-1, -2))
+
+
+def test_init_loss_is_lambda_and_zero_masks_cost_more(tiny_model):
+    """§5.1: with all-ones masks the masked image is the image: consistency exactly 0, loss = λ."""
+    x, t = images(2), torch.tensor([0, 1])
+    ones = [torch.ones(2, 1, s, s) for s in (2, 4, 7)]
+    for consistency in ("logits", "target"):
+        h = HDM(tiny_model, area_weight=0.7, consistency=consistency)
+        loss = h.benchmark_losses(x, t, ones)
+        assert torch.equal(loss, torch.full((2, 3), 0.7))
+        zeros = h.benchmark_losses(x, t, [torch.zeros(2, 1, 4, 4)])
+        assert (zeros > 0).all() and (zeros != 0.7).all()
+
+
+def test_ranges_and_shapes(tiny_model):
+    """§5.2: stage maps in [0, 1] with max 1, the fused map is [B,H,W] within [0, sum w_t] and
+    is the weighted sum of the stage maps outside the removed top ~20 %."""
+    x, t = images(2, seed=1), torch.tensor([2, 3])
+    res = HDM(tiny_model, **dict(FAST, lr=0.3, stage_weights=(1.0, 0.5))).explain(x, t)
+    for stage in res.masks:
+        for m in stage["benchmark"] + stage["auxiliary"]:
+            assert m.min() >= 0 and m.max() <= 1
+        assert stage["samples"].tolist() == [0, 1]
+    assert res.stage_maps.shape == (2, 2, H, H)
+    assert res.stage_maps.min() >= 0
+    torch.testing.assert_close(res.stage_maps.flatten(2).amax(2), torch.ones(2, 2))
+    assert res.saliency.shape == (2, H, H) and res.saliency.dtype == torch.float32
+    assert res.saliency.min() >= 0 and res.saliency.max() <= 1.5
+    assert not res.removed[:, 0].any()
+    assert 0.1 < res.removed[:, 1].float().mean() <= 0.3
+    expected = res.stage_maps[:, 0] + 0.5 * res.stage_maps[:, 1] * (~res.removed[:, 1])
+    torch.testing.assert_close(res.saliency, expected)
+
+
+def test_masks_are_clamped(tiny_model):
+    """Large steps push every mask below 0: they are clamped to [0, 1] after each step, and a
+    DM map that ends up constant (all masks 0) is 0, not NaN."""
+    x, t = images(2, seed=1), torch.tensor([2, 3])
+    res = HDM(tiny_model, **dict(FAST, lr=0.8)).explain(x, t)
+    masks = torch.cat([m.flatten() for m in res.masks[0]["benchmark"] + res.masks[0]["auxiliary"]])
+    assert masks.min() == 0 and masks.max() <= 1
+    assert torch.isfinite(res.saliency).all() and res.saliency.min() >= 0
+
+
+@pytest.mark.parametrize("consistency", ["logits", "target"])
+def test_synthetic_box_is_localised(consistency):
+    """§5.3: when only a box drives the logit, the saliency mass concentrates in it."""
+    x = box_images(2)
+    h = HDM(BoxModel(), benchmark_sizes=(4, 8), auxiliary_sizes=(16,), steps=30, stages=1,
+            consistency=consistency)
+    s = h(x, [0, 0])
+    area = 100 / H**2
+    assert (share(s, BOX_A) > 3 * area).all()
+    outside = (s.sum((-1, -2)) - s[(..., *BOX_A)].sum((-1, -2))) / (H * H - 100)
+    assert (s[(..., *BOX_A)].mean((-1, -2)) > 3 * outside).all()
+    assert s[:, 24:, 24:].max() < 0.05  # far from the box (beyond the coarsest mask cell)
+
+
+def test_hierarchy_finds_the_second_box():
+    """§5.4: stage 1 finds the dominant box A only; with A removed, stage 2 finds B; the fused
+    map covers both, while a single DM (stages=1) misses B."""
+    x = box_images(2, seed=1)
+    kw = dict(benchmark_sizes=(4, 8), auxiliary_sizes=(16,), steps=30)
+    res = HDM(TwoBoxModel(), stages=2, **kw).explain(x, [0, 0])
+    s1, s2 = res.stage_maps[:, 0], res.stage_maps[:, 1]
+    assert (share(s1, BOX_A) > 0.3).all() and (share(s1, BOX_B) < 0.02).all()
+    assert res.removed[:, 1][(..., *BOX_A)].all() and not res.removed[:, 1][(..., *BOX_B)].any()
+    assert (share(s2, BOX_B) > 0.3).all() and (share(s2, BOX_A) < 0.02).all()
+    assert (share(res.saliency, BOX_A) > 0.15).all() and (share(res.saliency, BOX_B) > 0.15).all()
+    single = HDM(TwoBoxModel(), stages=1, **kw)(x, [0, 0])
+    torch.testing.assert_close(single, s1)
+    assert (share(single, BOX_B) < 0.02).all()
+
+
+def test_deletion_drops_faster_than_random():
+    """§5.6: deleting pixels by decreasing saliency lowers the logit faster than a random order."""
+    x = box_images(1, seed=2)
+    model = BoxModel()
+    s = HDM(model, benchmark_sizes=(4, 8), auxiliary_sizes=(16,), steps=20, stages=1)(x, [0])
+
+    def area_under_deletion(order: torch.Tensor) -> float:
+        scores = []
+        for k in range(0, H * H + 1, 64):
+            keep = torch.ones(H * H)
+            keep[order[:k]] = 0
+            scores.append(float(model(x * keep.view(1, 1, H, H))[0, 0]))
+        return sum(scores) / len(scores)
+
+    # ties (e.g. many exact zeros) are broken at random, so the comparison is fair
+    jitter = 1e-6 * torch.rand(H * H, generator=torch.Generator().manual_seed(3))
+    by_saliency = torch.argsort(s[0].flatten() + jitter, descending=True)
+    random = torch.randperm(H * H, generator=torch.Generator().manual_seed(4))
+    assert area_under_deletion(by_saliency) < 0.6 * area_under_deletion(random)
+
+
+@pytest.mark.parametrize("consistency", ["logits", "target"])
+def test_batch_equals_one_by_one_and_chunks(tiny_model, consistency):
+    """§5.5: disjoint per-image masks and summed losses: batch == one by one == chunked."""
+    x, t = images(3, seed=3), torch.tensor([4, 0, 2])
+    kw = dict(FAST, consistency=consistency, init_noise=0.2)
+    h = build("hdm", tiny_model, **kw)
+    batch = h(x, t)
+    single = torch.cat([h(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+    chunked = build("hdm", tiny_model, inner_batch_size=2, **kw)(x, t)
+    torch.testing.assert_close(single, batch, rtol=0, atol=1e-4)
+    torch.testing.assert_close(chunked, batch, rtol=0, atol=1e-4)
+    other = h(x, torch.tensor([1, 0, 2]))
+    if consistency == "target":
+        assert not torch.allclose(other[0], batch[0], atol=1e-3)
+    else:  # the full-logit consistency does not look at the target ([family] HSPI)
+        torch.testing.assert_close(other, batch, rtol=0, atol=1e-4)
+
+
+def test_deterministic_for_a_seed(tiny_model):
+    x, t = images(2, seed=4), torch.tensor([1, 1])
+    run = lambda seed: build("hdm", tiny_model, **FAST, init_noise=0.5, seed=seed)(x, t)  # noqa: E731
+    first = run(0)
+    assert torch.equal(first, run(0))
+    assert not torch.allclose(first, run(1))
+    # without init noise the start is all-equal masks and the seed has no effect
+    plain = lambda seed: build("hdm", tiny_model, **FAST, seed=seed)(x, t)  # noqa: E731
+    assert torch.equal(plain(0), plain(1))
+
+
+@pytest.mark.parametrize("options", [
+    dict(guidance="loss"), dict(guidance="init"), dict(fill="blur", blur_sigma=2.0),
+    dict(norm="l2_squared", optimizer="sgd", lr=0.05),
+])
+def test_options_give_valid_maps(tiny_model, options):
+    x, t = images(2, seed=5), torch.tensor([0, 1])
+    s = build("hdm", tiny_model, **{**FAST, **options})(x, t)
+    default = build("hdm", tiny_model, **FAST)(x, t)
+    assert s.shape == (2, H, H) and torch.isfinite(s).all() and s.min() >= 0
+    assert not torch.allclose(s, default)
+
+
+def test_stop_fraction(tiny_model):
+    """A sample stops when removing the found region costs too much of its target probability."""
+    x, t = images(2, seed=6), torch.tensor([0, 1])
+    never = HDM(tiny_model, **FAST, stop_fraction=0.0).explain(x, t)
+    always = HDM(tiny_model, **FAST, stop_fraction=1e9).explain(x, t)
+    plain = HDM(tiny_model, **FAST).explain(x, t)
+    torch.testing.assert_close(never.saliency, plain.saliency)
+    assert always.masks[1]["samples"].numel() == 0
+    assert always.stage_maps[:, 1].abs().max() == 0
+    torch.testing.assert_close(always.saliency, plain.stage_maps[:, 0])
+
+
+def test_bad_parameters(tiny_model):
+    with pytest.raises(MethodError, match="guidance"):
+        HDM(tiny_model, guidance="add")
+    with pytest.raises(MethodError, match="stage_weights"):
+        HDM(tiny_model, stages=2, stage_weights=(1.0,))
+    with pytest.raises(MethodError, match="benchmark size"):
+        HDM(tiny_model, benchmark_sizes=())
+
+
+# -- the contract -----------------------------------------------------------------------------
+def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        out = probe(x)
+    digest = hashlib.sha1()
+    for v in model.state_dict().values():
+        digest.update(v.detach().contiguous().numpy().tobytes())
+    return {
+        "training": model.training,
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad_is_none": all(p.grad is None for p in model.parameters()),
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                     + len(m._backward_pre_hooks) for m in model.modules()),
+        "state": digest.hexdigest(),
+        "out": out.numpy().tobytes(),
+    }
+
+
+def mixed_state(model: nn.Module) -> nn.Module:
+    """A private copy in train mode with a third of the parameters frozen."""
+    model = copy.deepcopy(model).train()
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_model_left_as_found_also_after_an_error(arch, request):
+    model = mixed_state(request.getfixturevalue(arch))
+    x = images(2)
+    before = snapshot(model, x)
+    kw = dict(benchmark_sizes=(2,), auxiliary_sizes=(4,), steps=2, stages=2)
+    maps = build("hdm", model, **kw)(x, [1, 9])
+    assert maps.shape == (2, H, H) and torch.isfinite(maps).all()
+    assert snapshot(model, x) == before
+    with pytest.raises((IndexError, RuntimeError)):  # class 99 fails inside the first phase
+        build("hdm", model, consistency="target", **kw)(x, [1, 99])
+    assert snapshot(model, x) == before
+
+
+def test_pretrained_lite0_photos(lite0, photo_batch):
+    """EfficientNet-Lite0 on real photos, few steps: finite, non-constant maps."""
+    x = photo_batch[:2]
+    h = HDM(lite0.model, benchmark_sizes=(4,), auxiliary_sizes=(14,), steps=2, stages=2)
+    maps = h(x, [281, 967])
+    assert maps.shape == (2, 224, 224) and torch.isfinite(maps).all()
+    assert (maps.flatten(1).std(1) > 0).all()

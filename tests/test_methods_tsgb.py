@@ -1,0 +1,367 @@
+"""TSGB: the properties of tsgb.md section 5 and the method contract.
+
+Zero-sum at the classifier and layer-wise relevance conservation, the TSGB-FC closed form,
+the conv rule against independent formulations of the reference's "full" and "slim" code,
+channel-agnostic input gradients, BN transparency via BN folding, the avg-pool rule,
+refusals naming the layer, batch equals one-by-one and the model left exactly as found.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.methods import MethodError, build
+from workers.methods.tsgb import TSGBConv
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def count_hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(m._backward_pre_hooks) + len(m._forward_hooks_with_kwargs)
+        for m in model.modules()
+    )
+
+
+def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(training)
+    return {
+        "training": training,
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "hooks": count_hooks(model),
+        "out": out,
+    }
+
+
+def assert_restored(model: nn.Module, before: dict, x: torch.Tensor) -> None:
+    after = snapshot(model, x)
+    for key in ("training", "modules", "inplace", "requires_grad", "hooks"):
+        assert after[key] == before[key], key
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+    assert torch.equal(after["out"], before["out"])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def mixed_state(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model).train()
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    return model
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A copy with every BatchNorm folded into the conv before it (``convK``/``bnK`` or
+    ``seq[i-1]``/``seq[i]``) and replaced by ``nn.Identity``."""
+    model = copy.deepcopy(model)
+    for name, bn in list(model.named_modules()):
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if attr.isdigit():
+            conv = parent[int(attr) - 1]
+        else:
+            conv = getattr(parent, "conv" + attr.removeprefix("bn"))
+        assert isinstance(conv, nn.Conv2d), name
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
+        with torch.no_grad():
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        if attr.isdigit():
+            parent[int(attr)] = nn.Identity()
+        else:
+            setattr(parent, attr, nn.Identity())
+    return model
+
+
+def relevance_at(model, names, method, x, targets) -> dict[str, torch.Tensor]:
+    """Per-sample sum of gradient x activation at the outputs of ``names`` and at the input
+    of ``fc`` (key ``"fc_in"``, with ``"fc_h"`` the features), captured during the method."""
+    store, handles = {}, []
+
+    def at_output(name):
+        def hook(_m, _args, out):
+            a = out.detach().clone()
+            out.register_hook(lambda g: store.__setitem__(name, (g * a).flatten(1).sum(1)))
+        return hook
+
+    def at_fc(_m, args):
+        h = args[0].detach().clone()
+        store["fc_h"] = h
+        args[0].register_hook(lambda g: store.__setitem__("fc_in", (g * h).sum(1)))
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(at_output(n)) for n in names]
+    handles.append(model.fc.register_forward_pre_hook(at_fc))
+    try:
+        store["map"] = method(x, targets).flatten(1).sum(1)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
+# -- TSGB-FC -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
+def test_fc_rule_closed_form_and_zero_sum(gamma):
+    """s = W h (h >= 0): M = h (W+_t + gamma beta_t W-_t), sum M = (1 - gamma) h.W+_t."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()
+    h = torch.rand(3, 3, 4, 4)
+    targets = torch.tensor([4, 0, 2])
+    got = build("tsgb", model, gamma=gamma).attribute_channels(h, targets)
+    w = model[1].weight.detach()[targets]
+    w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+    hf = h.flatten(1)
+    beta = (hf * w_pos).sum(1, keepdim=True) / (hf * w_neg).sum(1, keepdim=True).abs()
+    want = hf * (w_pos + gamma * beta * w_neg)
+    torch.testing.assert_close(got.flatten(1), want)
+    total = (hf * w_pos).sum(1)
+    torch.testing.assert_close(got.flatten(1).sum(1), (1 - gamma) * total,
+                               rtol=1e-5, atol=1e-5 * float(total.max()))
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_relevance_is_conserved_layer_by_layer(gamma, resnet18):
+    """ResNet (one linear layer): sum(g * a) is (1 - gamma) P_t at every block boundary."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    targets = torch.tensor([3, 8])
+    names = ["relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+    rel = relevance_at(resnet18, names, build("tsgb", resnet18, gamma=gamma), x, targets)
+    w = resnet18.fc.weight.detach()[targets]
+    p_t = (rel["fc_h"] * w.clamp(min=0)).sum(1)
+    want = (1 - gamma) * p_t
+    for key in ["fc_in", *names, "map"]:
+        torch.testing.assert_close(rel[key], want, rtol=1e-4, atol=2e-5 * float(p_t.max()),
+                                   msg=key)
+
+
+def test_zero_sum_map_with_gamma_one(resnet18, tiny_model):
+    torch.manual_seed(2)
+    for model, px in ((resnet18, 48), (tiny_model, 32)):
+        x = torch.randn(2, 3, px, px)
+        maps = build("tsgb", model)(x, [1, 4])
+        assert (maps.flatten(1).sum(1).abs() < 1e-4 * maps.flatten(1).abs().sum(1)).all()
+        assert (maps > 0).any() and (maps < 0).any()
+
+
+# -- TSGB-Conv ---------------------------------------------------------------------------------
+def full_rule(a, w, b, g, stride, padding, dilation, groups, eps=1e-10):
+    """The reference's commented-out "full" conv rule: all-ones kernels of the weight's shape."""
+    ones = torch.ones_like(w)
+    z = F.conv2d(a, w, b, stride, padding, dilation, groups)
+    m = F.conv2d(a.abs(), ones, None, stride, padding, dilation, groups)
+    v = torch.nn.grad.conv2d_input(a.shape, ones, g * z / (m + eps), stride, padding, dilation,
+                                   groups)
+    return v * a.sign()
+
+
+def slim_rule(a, w, b, g, stride, padding, dilation, groups, eps=1e-10):
+    """The reference's shipped "slim" rule: channel sums, groups ignored."""
+    ones = torch.ones(1, a.shape[1], *w.shape[-2:])
+    z = F.conv2d(a, w, b, stride, padding, dilation, groups)
+    m = F.conv2d(a.abs(), ones, None, stride, padding, dilation)
+    r = (g * z).sum(1, keepdim=True)
+    return torch.nn.grad.conv2d_input(a.shape, ones, r / (m + eps), stride, padding,
+                                      dilation) * a.sign()
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (2, 0, 2)])
+def test_conv_rule_matches_the_reference_formulations(groups, stride, padding, dilation):
+    torch.manual_seed(3)
+    a = torch.randn(2, 6, 9, 9).relu()
+    w, b = torch.randn(12, 6 // groups, 3, 3), torch.randn(12)
+    conf = ((stride,) * 2, (padding,) * 2, (dilation,) * 2, groups)
+    g = torch.randn_like(F.conv2d(a, w, b, *conf))
+
+    def ours(rule_groups, a=a):
+        leaf = a.clone().requires_grad_(True)
+        out = TSGBConv.apply(leaf, w, b, *conf, rule_groups, 1e-10)
+        return torch.autograd.grad(out, leaf, g)[0]
+
+    torch.testing.assert_close(ours(groups), full_rule(a, w, b, g, stride, padding, dilation,
+                                                       groups))
+    torch.testing.assert_close(ours(1), slim_rule(a, w, b, g, stride, padding, dilation, groups))
+    # relevance is conserved in total, and per group with the group rule (signed input with
+    # no all-zero receptive field, whose relevance the rule drops by design)
+    a = torch.randn_like(a)
+    r_out = (g * F.conv2d(a, w, b, *conf)).unflatten(1, (groups, -1)).sum((2, 3, 4))
+    r_in = (ours(groups, a) * a).unflatten(1, (groups, -1)).sum((2, 3, 4))
+    torch.testing.assert_close(r_in, r_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((ours(1, a) * a).sum((1, 2, 3)), r_out.sum(1), rtol=1e-4,
+                               atol=1e-4)
+    if groups > 1:
+        assert not torch.allclose(ours(1, a), ours(groups, a))
+
+
+def test_slim_and_group_rules_on_models(resnet18, mobilenet_v2):
+    x = torch.randn(2, 3, 32, 32)
+    same = [build("tsgb", resnet18, grouped_rule=r)(x, [0, 1]) for r in ("group", "slim")]
+    torch.testing.assert_close(same[0], same[1])  # no grouped conv in a ResNet-18
+    torch.manual_seed(8)
+    depthwise = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()
+    diff = [build("tsgb", depthwise, grouped_rule=r)(x, [0, 1]) for r in ("group", "slim")]
+    assert (diff[0] - diff[1]).abs().max() > 1e-3 * diff[0].abs().max()
+    # MobileNetV2: the rule reaches every conv and BN (depthwise ones included) and the head
+    method = build("tsgb", mobilenet_v2)
+    method(x, [0, 1])
+    touched = method.last_trace.touched
+    assert sum(touched.values()) == 52 + 52 + 1 and touched["classifier.1"] == 1
+    with pytest.raises(MethodError, match="grouped_rule"):
+        build("tsgb", resnet18, grouped_rule="full")
+
+
+def test_input_gradient_is_the_same_for_every_channel(resnet18):
+    """TSGB-Conv sends |g_in,c(q)| = v(q) to every channel with a_c(q) != 0 (conv weights unused)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 32, 32)
+    grad = build("tsgb", resnet18).attribute_channels(x, [2, 7]) / x
+    spread = grad.abs().amax(1) - grad.abs().amin(1)
+    assert grad.abs().max() > 0
+    assert (spread <= 1e-4 * grad.abs().amax(1)).all()
+
+
+def test_bn_folding_leaves_the_map_unchanged(resnet18, tiny_model):
+    torch.manual_seed(5)
+    for model, px in ((resnet18, 48), (tiny_model, 32)):
+        folded = fold_bn(model)
+        x = torch.randn(2, 3, px, px)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        want = build("tsgb", model, gamma=0.5)(x, [1, 3])
+        got = build("tsgb", folded, gamma=0.5)(x, [1, 3])
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+
+
+def test_avg_pool_spreads_window_relevance_uniformly():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    store = {}
+
+    def pool_hook(_m, args, out):
+        a, o = args[0].detach().clone(), out.detach().clone()
+        args[0].register_hook(lambda g: store.__setitem__("in", g * a))
+        out.register_hook(lambda g: store.__setitem__("out", g * o))
+
+    handle = model[2].register_forward_hook(pool_hook)
+    try:
+        build("tsgb", model, gamma=0.5)(torch.randn(2, 3, 8, 8), [0, 2])
+    finally:
+        handle.remove()
+    r_in, r_out = store["in"], store["out"]
+    live = F.max_pool2d((r_in != 0).float(), 2) == 1  # windows with a non-zero input
+    even = F.avg_pool2d((r_in != 0).float(), 2) == 1  # windows with every input non-zero
+    assert even.any()
+    per_unit = torch.repeat_interleave(torch.repeat_interleave(r_out / 4, 2, 2), 2, 3)
+    mask = torch.repeat_interleave(torch.repeat_interleave(even, 2, 2), 2, 3)
+    torch.testing.assert_close(r_in[mask], per_unit[mask], rtol=1e-4, atol=1e-7)
+    assert live.any()
+
+
+# -- refusals ----------------------------------------------------------------------------------
+def test_refusals_name_the_layer():
+    x = torch.randn(2, 3, 8, 8)
+    gn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(),
+                       nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    with pytest.raises(MethodError, match=r"group_norm.*'1'"):
+        build("tsgb", gn)(x, [0, 1])
+    no_fc = nn.Sequential(nn.Conv2d(3, 2, 8), nn.Flatten()).eval()
+    with pytest.raises(MethodError, match="nn.Linear"):
+        build("tsgb", no_fc)(x, [0, 1])
+    signed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    with pytest.raises(MethodError, match=r"non-negative.*'2'"):
+        build("tsgb", signed)(x, [0, 1])
+
+    class LateHead(nn.Module):  # the last-registered Linear is not the last one called
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 8)
+            self.out = nn.Linear(4, 2)
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.out(self.proj(self.conv(x).relu().flatten(1)).relu())
+
+    with pytest.raises(MethodError, match="'proj'"):
+        build("tsgb", LateHead().eval())(x, [0, 1])
+
+
+def test_vgg_fc_rule_only_on_the_last_linear(vgg16_small):
+    method = build("tsgb", vgg16_small)
+    x = torch.randn(1, 3, 32, 32)
+    before = snapshot(vgg16_small, x)
+    maps = method(x, [3])
+    touched = method.last_trace.touched
+    assert touched["classifier.6"] == 1 and "classifier.0" not in touched
+    assert sum(v for k, v in touched.items() if k.startswith("features")) == 13  # every conv
+    assert torch.isfinite(maps).all() and maps.abs().max() > 0
+    assert_restored(vgg16_small, before, x)
+
+
+# -- the contract ------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["tiny_model", "resnet18"])
+def test_batch_equals_one_by_one_and_model_is_restored(arch, request):
+    model = mixed_state(request.getfixturevalue(arch))
+    torch.manual_seed(7)
+    x = torch.randn(3, 3, 32, 32)
+    before = snapshot(model, x)
+    targets = torch.tensor([0, 3, 1])
+    method = build("tsgb", model)
+    maps = method(x, targets)
+    assert maps.shape == (3, 32, 32) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all() and (maps.flatten(1).abs().amax(1) > 0).all()
+    singles = torch.cat([method(x[i:i + 1], targets[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(maps, singles, rtol=1e-4, atol=1e-5 * float(maps.abs().max()))
+    other = method(x[:1], [2])
+    assert (other - maps[:1]).abs().max() > 1e-3 * maps[:1].abs().max()  # the target matters
+    assert_restored(model, before, x)
+
+
+def test_model_restored_when_tsgb_raises(tiny_model, resnet18):
+    x = torch.randn(2, 3, 16, 16)
+    model = mixed_state(tiny_model)
+    before = snapshot(model, x)
+    with pytest.raises((RuntimeError, IndexError)):
+        build("tsgb", model)(x, [0, 99])  # after the forward: class 99 does not exist
+    assert_restored(model, before, x)
+    model = mixed_state(resnet18)
+    model.layer2[1].relu = nn.GELU()
+    before = snapshot(model, x)
+    with pytest.raises(MethodError, match=r"gelu.*'layer2\.1\.relu'"):  # inside the forward
+        build("tsgb", model)(x, [0, 1])
+    assert_restored(model, before, x)
+
+
+def test_pretrained_lite0_on_photos(lite0, photo_batch):
+    with torch.no_grad():
+        targets = lite0.model(photo_batch).argmax(1)
+    method = build("tsgb", lite0.model)
+    maps = method(photo_batch, targets)
+    assert maps.shape == (4, 224, 224)
+    assert torch.isfinite(maps).all()
+    assert (maps.flatten(1).std(1) > 0).all()
+    touched = method.last_trace.touched
+    convs = sum(1 for m in lite0.model.modules() if isinstance(m, nn.Conv2d))
+    bns = sum(1 for m in lite0.model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert sum(touched.values()) == convs + bns + 1 and touched["_fc"] == 1

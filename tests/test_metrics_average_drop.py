@@ -1,0 +1,107 @@
+"""Average Drop % / Increase in Confidence %: fixed points, spaces, monotonicity, ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workers.metrics import compute_model_metrics
+from workers.metrics.average_drop import explanation_images, scale_map
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NAMES = ["average_drop", "confidence_increase"]
+
+
+def run(model, x, maps, t, mean=MEAN, std=STD, **params):
+    return compute_model_metrics(NAMES, model, x, maps, t, params, mean, std, max_batch=3)
+
+
+def probs(model, x, t):
+    with torch.no_grad():
+        return torch.softmax(model(x), 1)[torch.arange(len(t)), t]
+
+
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_map_of_ones_keeps_the_image(tiny_model, space):
+    x = torch.randn(4, 3, 16, 16)
+    t = torch.tensor([0, 1, 2, 3])
+    out = run(tiny_model, x, torch.ones(4, 4, 4), t, mult_normalize="none", mult_space=space)
+    assert torch.equal(out["average_drop"], torch.zeros(4))
+    assert torch.equal(out["confidence_increase"], torch.zeros(4))
+    torch.testing.assert_close(out["confidence_masked"], probs(tiny_model, x, t))
+
+
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_map_of_zeros_gives_the_baseline_image(tiny_model, space):
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([4, 1, 2])
+    baseline = torch.zeros_like(x) if space == "normalized" else (
+        (0 - torch.tensor(MEAN)) / torch.tensor(STD)).view(1, 3, 1, 1).expand_as(x)
+    y, o = probs(tiny_model, x, t), probs(tiny_model, baseline, t)
+    for normalize, maps in (("none", torch.zeros(3, 4, 4)), ("minmax", torch.full((3, 4, 4), 2.0))):
+        out = run(tiny_model, x, maps, t, mult_normalize=normalize, mult_space=space)
+        torch.testing.assert_close(out["confidence_masked"], o, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["average_drop"], 100 * (y - o).clamp_min(0) / y,
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["confidence_increase"], 100.0 * (o > y).float())
+
+
+def test_pixel_space_product_is_normalize_of_map_times_pixels():
+    x = torch.randn(2, 3, 5, 5)
+    scale = torch.rand(2, 5, 5)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    expected = ((x * std + mean) * scale[:, None] - mean) / std
+    torch.testing.assert_close(explanation_images(x, scale, "pixel", mean, std), expected)
+    torch.testing.assert_close(explanation_images(x, scale, "normalized", mean, std),
+                               x * scale[:, None])
+
+
+def test_minmax_scaling_per_image():
+    maps = torch.stack([torch.linspace(-1, 3, 16).view(4, 4), torch.linspace(2, 4, 16).view(4, 4)])
+    s = scale_map(maps, "relu", "minmax")
+    assert s[0].min() == 0 and s[1].min() == 0
+    assert s[0].max() == pytest.approx(1, abs=1e-6) and s[1].max() == pytest.approx(1, abs=1e-6)
+    assert scale_map(-maps, "abs", "max").max() <= 1
+
+
+class PositiveLinear(nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        z = (x * self.w).flatten(1).sum(1) - 3.0
+        return torch.stack([z, torch.zeros_like(z)], 1)
+
+
+def test_drop_never_grows_when_the_map_grows_on_a_positive_linear_model():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(1, 3, 8, 8, generator=g) * 0.1
+    model = PositiveLinear(w)
+    x = torch.rand(6, 3, 8, 8, generator=g)  # non-negative pixels (mean 0, std 1)
+    small = torch.rand(6, 8, 8, generator=g)
+    big = small + torch.rand(6, 8, 8, generator=g) * (1 - small)
+    t = torch.zeros(6, dtype=torch.long)
+    kw = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "mult_normalize": "none"}
+    d_small = run(model, x, small, t, **kw)["average_drop"]
+    d_big = run(model, x, big, t, **kw)["average_drop"]
+    d_one = run(model, x, torch.ones(6, 8, 8), t, **kw)["average_drop"]
+    assert bool((d_big <= d_small + 1e-5).all()) and bool((d_big > d_one).all())
+    assert bool((d_small > d_big).any())
+
+
+def test_ranges_and_consistency(resnet18):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32)
+    maps = torch.randn(6, 4, 4)
+    t = torch.arange(6)
+    out = run(resnet18, x, maps, t)
+    drop, inc = out["average_drop"].numpy(), out["confidence_increase"].numpy()
+    assert ((drop >= 0) & (drop <= 100)).all()
+    assert set(np.unique(inc)) <= {0.0, 100.0}
+    assert (drop[inc == 100] == 0).all()
+    y, o = out["confidence_clean"], out["confidence_masked"]
+    torch.testing.assert_close(y, probs(resnet18, x, t), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["average_drop"], 100 * (y - o).clamp_min(0) / y)

@@ -1,0 +1,1 @@
+"""What runs inside an actor: models, saliency methods, metrics. Usable without Ray."""

@@ -1,0 +1,275 @@
+"""The model actor: one model, one method, the model-side metrics. Usable without Ray.
+
+Ray Data instantiates :class:`Explainer` once per actor (the model loads once) and calls it
+on batches of decoded samples. Each call returns one row per (sample, target); a sample that
+cannot be explained becomes an error row instead of failing the batch. Out-of-memory splits
+the batch in half and retries, down to one sample.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import methods as method_registry
+from .models import LoadedModel, load_model
+
+PASS_THROUGH = (
+    "sample_id", "shard", "key", "orig_height", "orig_width", "resized_h", "resized_w",
+    "crop_top", "crop_left", "crop_h", "crop_w", "label", "boxes_json",
+)
+MODEL_METRICS = ("deletion_auc", "insertion_auc", "average_drop", "confidence_increase", "road")
+
+
+@dataclass
+class ActorSpec:
+    """Everything an actor needs, as plain data (it is pickled to every actor)."""
+
+    model: dict[str, Any]  # name, source, weights, target_layer, input_size, arch
+    method: str
+    method_params: dict[str, Any] = field(default_factory=dict)
+    targets: str = "predicted"  # predicted | label | all_labels | topk
+    topk: int = 1
+    metrics: dict[str, dict] = field(default_factory=dict)  # model-side metric name -> params
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+    )
+
+
+class Explainer:
+    """Callable class for ``map_batches``: decoded batch in, explained rows out."""
+
+    def __init__(self, spec: ActorSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        m = spec.model
+        self.loaded: LoadedModel = load_model(
+            m["source"], m.get("weights"), m.get("target_layer"), m.get("input_size"), m.get("arch")
+        )
+        self.model = self.loaded.model.to(self.device)
+        if spec.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        params = dict(spec.method_params)
+        params.setdefault("precision", spec.precision)
+        cls = method_registry.get_class(spec.method)
+        if cls.uses_target_layer:
+            params.setdefault("target_layer", self.loaded.target_layer)
+        self.method = method_registry.build(spec.method, self.model, **params)
+        p = self.loaded.preprocess
+        self.mean = torch.tensor(p.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1)
+        self.forward_fn = self._make_forward()
+        self.map_shape = self._probe_map_shape()
+
+    # -- setup -------------------------------------------------------------------------
+    def _make_forward(self):
+        model = self.model
+        if self.spec.compile:
+            try:
+                model = torch.compile(model)
+            except Exception:  # noqa: BLE001 - eager fallback
+                model = self.model
+        dtype = method_registry.PRECISIONS.get(self.spec.precision)
+
+        def forward(x: Tensor) -> Tensor:
+            if dtype is None:
+                return model(x).float()
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                return model(x).float()
+
+        return forward
+
+    def _probe_map_shape(self) -> tuple[int, int]:
+        crop = self.loaded.preprocess.crop
+        if not self.method.uses_target_layer:
+            return (crop, crop)
+        from .methods.layers import capture_output, resolve_layer
+
+        _, layer = resolve_layer(self.model, getattr(self.method, "target_layer_name", None)
+                                 or self.spec.method_params.get("target_layer")
+                                 or self.loaded.target_layer)
+        x = torch.zeros(1, 3, crop, crop, device=self.device)
+        with torch.no_grad(), capture_output(layer) as cap:
+            self.model(x)
+        return tuple(cap.activation.shape[-2:])  # type: ignore[union-attr]
+
+    # -- per batch ---------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["sample_id"])
+        rows: list[dict[str, Any]] = []
+        ok_idx = [i for i in range(n) if batch["status"][i] == "ok"]
+        for i in range(n):
+            if batch["status"][i] != "ok":
+                rows.append(self._error_row(batch, i, str(batch["error"][i]), target=None))
+        if ok_idx:
+            rows.extend(self._explain_indices(batch, ok_idx))
+        return self._to_columns(rows)
+
+    def _to_tensor(self, images: np.ndarray) -> Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        if self.spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _explain_indices(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
+        try:
+            return self._explain(batch, idx)
+        except Exception as err:  # noqa: BLE001
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                reason = ("out of memory even for a single sample; lower resources.batch_size or "
+                          "inner_batch_size, or use a bigger device" if is_oom(err)
+                          else f"{self.spec.method} failed: {type(err).__name__}: {err}")
+                return [self._error_row(batch, idx[0], reason, target=None)]
+            half = len(idx) // 2
+            return self._explain_indices(batch, idx[:half]) + self._explain_indices(batch, idx[half:])
+
+    def _targets_for(self, batch: dict[str, np.ndarray], i: int, logits: Tensor
+                     ) -> tuple[list[int], str, str]:
+        """(targets, target_source, error) for sample i."""
+        mode = self.spec.targets
+        if mode == "predicted":
+            return [int(logits.argmax())], "predicted", ""
+        if mode == "topk":
+            k = min(self.spec.topk, logits.numel())
+            return [int(t) for t in logits.topk(k).indices], "topk", ""
+        if mode == "label":
+            label = int(batch["label"][i])
+            if label < 0:
+                return [], "label", "targets: label needs an integer .cls label; this sample has none or an invalid one"
+            if label >= logits.numel():
+                return [], "label", f"label {label} is out of range for a model with {logits.numel()} classes"
+            return [label], "label", ""
+        # all_labels
+        raw = batch["boxes_json"][i]
+        labels = sorted(set(json.loads(raw)["labels"])) if raw else []
+        labels = [c for c in labels if 0 <= c < logits.numel()]
+        if not labels:
+            return [], "all_labels", "targets: all_labels needs a .json annotation with class labels; this sample has none"
+        return labels, "all_labels", ""
+
+    def _explain(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
+        t0 = time.perf_counter()
+        x = self._to_tensor(batch["image"][idx])
+        with torch.no_grad():
+            logits = self.forward_fn(x)
+        probs = logits.softmax(1)
+        pred_prob, pred = probs.max(1)
+        # expand to one row per (sample, target)
+        expanded: list[tuple[int, int, str]] = []  # (position in idx, target, source)
+        errors: list[dict] = []
+        for pos, i in enumerate(idx):
+            targets, source, err = self._targets_for(batch, i, logits[pos])
+            if err:
+                errors.append(self._error_row(batch, i, err, target=None, source=source))
+            expanded.extend((pos, t, source) for t in targets)
+        if not expanded:
+            return errors
+        pos_t = torch.tensor([e[0] for e in expanded], device=self.device)
+        tgt_t = torch.tensor([e[1] for e in expanded], device=self.device)
+        xx = x[pos_t]
+        maps = self.method(xx, tgt_t)
+        metric_values = self._model_metrics(xx, maps, tgt_t)
+        maps_cpu = maps.float().cpu().numpy()
+        if maps_cpu.shape[1:] != tuple(self.map_shape):
+            raise RuntimeError(f"method returned maps of shape {maps_cpu.shape[1:]}, expected {self.map_shape}")
+        lg = logits[pos_t].gather(1, tgt_t.view(-1, 1)).squeeze(1).cpu().numpy()
+        tp = probs[pos_t].gather(1, tgt_t.view(-1, 1)).squeeze(1).cpu().numpy()
+        pred_np, pred_prob_np = pred.cpu().numpy(), pred_prob.cpu().numpy()
+        elapsed = (time.perf_counter() - t0) * 1000.0 / len(expanded)
+        rows = []
+        for r, (pos, t, source) in enumerate(expanded):
+            i = idx[pos]
+            row = {c: batch[c][i] for c in PASS_THROUGH}
+            row.update(
+                target=t, target_source=source, pred=int(pred_np[pos]),
+                pred_prob=float(pred_prob_np[pos]), target_logit=float(lg[r]),
+                target_prob=float(tp[r]), saliency=maps_cpu[r].astype(np.float16),
+                status="ok", error="", elapsed_ms=elapsed,
+            )
+            for name in MODEL_METRICS:
+                row[name] = metric_values.get(name, [np.nan] * len(expanded))[r]
+            for name in ("deletion_curve", "insertion_curve"):
+                if name in metric_values:
+                    row[name] = json.dumps([float(v) for v in metric_values[name][r]])
+            if "_metric_error" in metric_values:
+                row["error"] = metric_values["_metric_error"]
+            rows.append(row)
+        return errors + rows
+
+    def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor) -> dict[str, Any]:
+        names = [m for m in self.spec.metrics if m in MODEL_METRICS]
+        if not names:
+            return {}
+        from .metrics import compute_model_metrics
+
+        params: dict[str, Any] = {}
+        for name in names:
+            params.update(self.spec.metrics.get(name) or {})
+        try:
+            values = compute_model_metrics(
+                names, self.forward_fn, x, maps, targets, params,
+                mean=tuple(self.loaded.preprocess.mean), std=tuple(self.loaded.preprocess.std),
+            )
+        except Exception as err:  # noqa: BLE001
+            if is_oom(err):
+                raise
+            return {"_metric_error": f"model metrics failed: {type(err).__name__}: {err}"}
+        out: dict[str, Any] = {}
+        for k, v in values.items():
+            out[k] = v.detach().float().cpu().numpy().tolist() if isinstance(v, Tensor) else v
+        return out
+
+    def _error_row(self, batch: dict[str, np.ndarray], i: int, reason: str, target: int | None,
+                   source: str | None = None) -> dict[str, Any]:
+        row = {c: batch[c][i] for c in PASS_THROUGH}
+        row.update(
+            target=-1 if target is None else target, target_source=source or self.spec.targets,
+            pred=-1, pred_prob=np.nan, target_logit=np.nan, target_prob=np.nan,
+            saliency=np.zeros(self.map_shape, dtype=np.float16), status="error", error=reason,
+            elapsed_ms=0.0,
+        )
+        for name in MODEL_METRICS:
+            row[name] = np.nan
+        return row
+
+    def _to_columns(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        h, w = self.map_shape
+        cols: dict[str, np.ndarray] = {}
+        names = list(PASS_THROUGH) + [
+            "target", "target_source", "pred", "pred_prob", "target_logit", "target_prob",
+            "status", "error", "elapsed_ms", *MODEL_METRICS, "deletion_curve", "insertion_curve",
+        ]
+        for name in names:
+            values = [r.get(name, "" if name.endswith("_curve") else None) for r in rows]
+            if name in ("sample_id", "shard", "key", "boxes_json", "target_source", "status", "error",
+                        "deletion_curve", "insertion_curve"):
+                cols[name] = np.array(["" if v is None else v for v in values], dtype=object)
+            elif name in ("orig_height", "orig_width", "resized_h", "resized_w", "crop_top",
+                          "crop_left", "crop_h", "crop_w", "label", "target", "pred"):
+                cols[name] = np.array(values, dtype=np.int64)
+            else:
+                cols[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+        cols["saliency"] = (np.stack([r["saliency"] for r in rows]) if rows
+                            else np.zeros((0, h, w), np.float16))
+        cols["model"] = np.array([self.spec.model["name"]] * len(rows), dtype=object)
+        cols["method"] = np.array([self.spec.method] * len(rows), dtype=object)
+        return cols

@@ -1,0 +1,140 @@
+"""The contract every saliency method follows, and the guards that keep a model untouched."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MethodError(ValueError):
+    """A method cannot run on this model or with these parameters (the message says why)."""
+
+
+class Method(abc.ABC):
+    """A saliency method bound to one model.
+
+    Call it as ``method(images[B,3,H,W], targets[B]) -> maps[B,h,w]``: float32 raw values on
+    the images' device, one map per sample for that sample's own target class. Subclasses
+    implement :meth:`attribute`; the base class puts the model in eval mode with frozen
+    parameters for the duration of the call and restores it afterwards, even on error.
+
+    Common options every method accepts (set by :func:`workers.methods.build`):
+    ``precision`` (fp32 | bf16 | fp16, autocast of the forward passes only) and
+    ``inner_batch_size`` (the most images an iterative method puts through one forward).
+    """
+
+    name: ClassVar[str] = ""
+    #: forward/backward passes per image, for the docs and the benchmarks
+    cost: ClassVar[str] = ""
+    #: True for methods that read a target layer (CAM family)
+    uses_target_layer: ClassVar[bool] = False
+    #: where each default comes from, for the docs
+    defaults_source: ClassVar[str] = ""
+
+    precision: str = "fp32"
+    inner_batch_size: int = 64
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, images: Tensor, targets: Tensor | list[int]) -> Tensor:
+        images, targets = check_inputs(images, targets)
+        with model_guard(self.model), torch.enable_grad():
+            maps = self.attribute(images, targets)
+        if maps.shape[0] != images.shape[0] or maps.dim() != 3:
+            raise MethodError(
+                f"{self.name}: produced maps of shape {tuple(maps.shape)}, expected [B, h, w]"
+            )
+        return maps.detach().float()
+
+    @abc.abstractmethod
+    def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Return maps[B,h,w] for ``images`` (already on device) and ``targets`` (int64)."""
+
+    # -- helpers for subclasses ---------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the model on ``x`` under the configured autocast; logits come back float32."""
+        dtype = PRECISIONS.get(self.precision)
+        if dtype is None:
+            return self.model(x).float()
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self.model(x)
+        return out.float()
+
+    def chunks(self, n: int) -> Iterator[slice]:
+        """Slices of ``range(n)`` no longer than ``inner_batch_size``."""
+        step = max(1, int(self.inner_batch_size))
+        for start in range(0, n, step):
+            yield slice(start, min(n, start + step))
+
+
+def check_inputs(images: Tensor, targets: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+    """Validate shapes; return targets as int64 on the images' device."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise MethodError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+    targets = torch.as_tensor(targets, device=images.device).long().reshape(-1)
+    if targets.shape[0] != images.shape[0]:
+        raise MethodError(
+            f"got {images.shape[0]} images but {targets.shape[0]} targets: one target per image"
+        )
+    return images, targets
+
+
+def target_scores(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each sample's logit for its own target class, shape [B]."""
+    return logits.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+@dataclass
+class _ModelState:
+    training: bool
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    hooks: int
+
+
+def _count_hooks(model: nn.Module) -> int:
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        n += len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+    return n
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters inside; the exact previous state restored on exit."""
+    state = _ModelState(
+        training=model.training,
+        requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+        hooks=_count_hooks(model),
+    )
+    model.eval()
+    for p, _ in state.requires_grad:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in state.requires_grad:
+            p.requires_grad_(flag)
+        model.train(state.training)
+    leftover = _count_hooks(model) - state.hooks
+    if leftover:
+        raise RuntimeError(f"internal error: {leftover} hook(s) left on the model after a method")
+
+
+def describe(method: Method | type[Method]) -> dict[str, Any]:
+    """Name, cost and defaults source, for docs and manifests."""
+    return {
+        "name": method.name,
+        "cost": method.cost,
+        "uses_target_layer": method.uses_target_layer,
+        "defaults_source": method.defaults_source,
+    }

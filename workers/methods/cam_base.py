@@ -1,0 +1,99 @@
+"""Shared machinery of the CAM family: capture the target layer, backpropagate to it, combine.
+
+The CAM methods differ only in how they weigh the target layer's channels, so each of them
+subclasses :class:`CAMMethod` and implements :meth:`CAMMethod.weights`. Maps come back at the
+target layer's native resolution ``[B, u, v]``, raw (no upsampling, no min-max scaling): the
+pipeline upsamples and scales them afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Method, MethodError, target_scores
+from .layers import capture_output, resolve_layer
+
+
+class CAMMethod(Method):
+    """A map ``ReLU(sum_k w_k * A_k)`` from the target layer's activations ``A[B,K,u,v]``.
+
+    ``w`` is ``[B, K]`` (one weight per channel) or ``[B, K, u, v]`` (one per position).
+    Gradients flow only from the target logit down to the target layer (the capture cuts the
+    graph there), so the input never requires grad and nothing below the layer is touched.
+    """
+
+    uses_target_layer = True
+
+    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None) -> None:
+        super().__init__(model)
+        self.target_layer_name, self.target_layer = resolve_layer(model, target_layer)
+
+    # -- what each method supplies ------------------------------------------------------
+    def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        """Channel weights ``[B,K]`` or element-wise weights ``[B,K,u,v]`` (float32)."""
+        raise NotImplementedError
+
+    # -- shared steps -------------------------------------------------------------------
+    def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        acts, grads = self.activations_and_gradients(images, targets)
+        return combine(self.weights(acts, grads), acts)
+
+    def layer_forward(self, x: Tensor, *, cut_graph: bool) -> tuple[Tensor, Tensor]:
+        """Forward ``x``; return ``(logits, activation of the target layer's last call)``.
+
+        The rest of the network runs on a copy of the captured output, so an in-place
+        operation right after the layer (``ReLU(inplace=True)`` after a conv, ``+=``) cannot
+        alter the captured activation or break the cut graph. Raises :class:`MethodError`
+        naming the layer when it is never called or does not give a ``[B,K,u,v]`` tensor.
+        """
+
+        def shield(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor | None:
+            return out.clone() if isinstance(out, Tensor) else None
+
+        with capture_output(self.target_layer, cut_graph=cut_graph) as cap:
+            # registered after the capture's hook, so it copies the captured tensor
+            handle = self.target_layer.register_forward_hook(shield)
+            try:
+                logits = self.forward(x)
+            finally:
+                handle.remove()
+        act = cap.activation
+        if act is None:
+            raise MethodError(
+                f"{self.name}: target layer {self.target_layer_name!r} was not called in the "
+                "forward pass"
+            )
+        if act.dim() != 4 or act.shape[0] != x.shape[0]:
+            raise MethodError(
+                f"{self.name}: target layer {self.target_layer_name!r} outputs shape "
+                f"{tuple(act.shape)}; CAM methods need a [B, K, u, v] feature map"
+            )
+        return logits, act
+
+    def activations_and_gradients(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``A`` and ``dS_t/dA`` at the target layer, both float32 ``[B,K,u,v]``, detached.
+
+        The backward is seeded with the sum of each sample's own target logit, so the
+        samples of a batch stay independent (eval mode).
+        """
+        logits, act = self.layer_forward(images.detach(), cut_graph=True)
+        score = target_scores(logits, targets).sum()
+        if not score.requires_grad:
+            raise MethodError(
+                f"{self.name}: the logits do not depend on target layer {self.target_layer_name!r}"
+            )
+        (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+        if grad is None:
+            raise MethodError(
+                f"{self.name}: the logits do not depend on the last call of target layer "
+                f"{self.target_layer_name!r}"
+            )
+        return act.detach().float(), grad.detach().float()
+
+
+def combine(weights: Tensor, acts: Tensor) -> Tensor:
+    """``ReLU(sum_k w_k A_k)`` for channel weights ``[B,K]`` or element weights ``[B,K,u,v]``."""
+    if weights.dim() == 2:
+        weights = weights[:, :, None, None]
+    return torch.relu((weights * acts).sum(dim=1))

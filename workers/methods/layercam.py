@@ -1,0 +1,27 @@
+"""LayerCAM (Jiang et al. 2021): each activation weighted by its own positive gradient."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cam_base import CAMMethod
+
+
+class LayerCAM(CAMMethod):
+    """``ReLU(sum_k ReLU(dS_t/dA_k) * A_k)``, element-wise weights, at ``[B,u,v]``.
+
+    Works at any layer, shallow ones included (the official demo uses the five VGG16
+    max-pool outputs); the paper's multi-layer ``tanh`` fusion is not part of the official
+    single-layer code and is left out. Raw map: no upsampling, no min-max scaling.
+    """
+
+    name = "layercam"
+    cost = "1 forward + 1 backward to the target layer"
+    defaults_source = (
+        "element-wise ReLU(gradient) weights as PengtaoJiang/LayerCAM-jittor convert.py and "
+        "jacobgil LayerCAM; target layer: the architecture's default CAM layer"
+    )
+
+    def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        return torch.relu(grads)

@@ -1,0 +1,95 @@
+"""Target layers: finding them by name, sensible defaults per architecture, capturing them."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from .base import MethodError
+
+
+def default_target_layer_name(model: nn.Module) -> str:
+    """The CAM target layer used when the config names none.
+
+    The last convolutional block's activated output, at the resolution the papers use:
+    ResNet ``layer4``; VGG ``features.29`` (ReLU after conv5_3, 14x14 at 224 px, as in the
+    Grad-CAM and Grad-CAM++ papers); MobileNetV2/V3 and torchvision EfficientNet the last
+    ``features`` block; EfficientNet-Lite (efficientnet-lite-pytorch) ``_swish``, whose
+    last call is the head activation (the module is re-used, and a capture keeps the last
+    call). Otherwise the last ``nn.Conv2d``.
+    """
+    cls = type(model).__name__
+    names = dict(model.named_modules())
+    if cls == "ResNet" and "layer4" in names:
+        return "layer4"
+    if cls == "VGG" and "features" in names:
+        feats = names["features"]
+        convs = [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
+        last = convs[-1]
+        if last + 1 < len(feats) and isinstance(feats[last + 1], nn.ReLU):
+            last += 1
+        return f"features.{last}"
+    if cls in {"MobileNetV2", "MobileNetV3", "EfficientNet"} and "features" in names:
+        feats = names["features"]
+        if isinstance(feats, nn.Sequential):
+            return f"features.{len(feats) - 1}"
+    if "_conv_head" in names and "_swish" in names:
+        return "_swish"
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise MethodError(f"{cls} has no Conv2d layer: name a target_layer for CAM methods")
+    return convs[-1]
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module]:
+    """Return ``(name, module)`` for a layer given by name, by module, or None (the default)."""
+    if isinstance(layer, nn.Module):
+        for name, m in model.named_modules():
+            if m is layer:
+                return name, m
+        raise MethodError("target_layer module is not part of the model")
+    name = layer or default_target_layer_name(model)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, list(modules), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise MethodError(f"target_layer {name!r} is not a module of {type(model).__name__}{hint}")
+    return name, modules[name]
+
+
+class Capture:
+    """The output of a layer's last call during a forward pass."""
+
+    activation: Tensor | None = None
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def capture_output(layer: nn.Module, *, cut_graph: bool = False) -> Iterator[Capture]:
+    """Record ``layer``'s output (its last call) while inside; the hook is always removed.
+
+    With ``cut_graph=True`` the output is replaced by a detached copy that requires grad,
+    so a backward from the logits stops at this layer (CAM methods never backpropagate
+    below their target layer, and need no input gradient).
+    """
+    cap = Capture()
+
+    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor):
+            raise MethodError(f"target layer {type(_module).__name__} does not output a tensor")
+        cap.calls += 1
+        if cut_graph:
+            output = output.detach().requires_grad_(True)
+            cap.activation = output
+            return output
+        cap.activation = output
+        return None
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield cap
+    finally:
+        handle.remove()

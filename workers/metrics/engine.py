@@ -1,0 +1,105 @@
+"""Model metrics entry point: every requested metric of a batch in shared, chunked forwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import average_drop, faithfulness, road
+from .jobs import Context, Plan, run_groups
+from .registry import MetricError, get_spec, resolve_params
+
+PLANNERS: dict[str, Callable[[Context, dict[str, Any]], Plan]] = {
+    "deletion_auc": faithfulness.plan_deletion,
+    "insertion_auc": faithfulness.plan_insertion,
+    "average_drop": average_drop.plan_average_drop,
+    "confidence_increase": average_drop.plan_confidence_increase,
+    "road": road.plan_road,
+}
+
+
+def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[B, h, w]`` -> ``[B, H, W]`` float32, bilinear, align_corners=False."""
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def compute_model_metrics(
+    names: Sequence[str],
+    forward: Callable[[Tensor], Tensor],
+    images: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    params: dict[str, Any] | None = None,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    max_batch: int = 64,
+) -> dict[str, Any]:
+    """Compute the model metrics ``names`` for one batch.
+
+    Args:
+        names: model metrics (``deletion_auc``, ``insertion_auc``, ``average_drop``,
+            ``confidence_increase``, ``road``); see :data:`workers.metrics.METRICS`.
+        forward: model-input batch -> float32 logits ``[N, classes]`` (eval mode; called
+            under ``torch.inference_mode``).
+        images: ``[B, 3, H, W]`` model-normalised input, on the model's device.
+        maps: ``[B, h, w]`` raw saliency at native resolution; upsampled here (bilinear,
+            align_corners=False) to ``H x W``.
+        targets: ``[B]`` int64, the explained class of each sample.
+        params: flat options and/or per-metric dicts (``{"deletion_auc": {...}}``), see
+            :func:`workers.metrics.registry.resolve_params`.
+        mean, std: the model's input normalisation (for pixel-space substrates/products).
+        max_batch: the most images per forward (memory budget); jobs of all samples, steps
+            and metrics share chunks.
+
+    Returns:
+        column -> per-sample float32 CPU tensor ``[B]`` (``deletion_auc``, ``insertion_auc``,
+        ``average_drop``, ``confidence_clean``, ``confidence_masked``,
+        ``confidence_increase``, ``road``), plus ``deletion_curve`` / ``insertion_curve``
+        (list of per-sample lists of ``steps + 1`` floats) when ``curves`` is true.
+        Samples whose map has a non-finite value get NaN (curves: None).
+    """
+    names = list(dict.fromkeys(names))
+    for name in names:
+        get_spec(name, "model")
+    if images.dim() != 4 or maps.dim() != 3 or maps.shape[0] != images.shape[0]:
+        raise MetricError(
+            f"expected images [B,3,H,W] and maps [B,h,w] with the same B, got "
+            f"{tuple(images.shape)} and {tuple(maps.shape)}"
+        )
+    device = images.device
+    targets = torch.as_tensor(targets, device=device).long().reshape(-1)
+    if targets.numel() != images.shape[0]:
+        raise MetricError(f"got {images.shape[0]} images but {targets.numel()} targets")
+    if not names:
+        return {}
+    maps = maps.to(device)
+    bad = ~torch.isfinite(maps).flatten(1).all(1)
+    saliency = upsample_maps(maps.nan_to_num(0.0, 0.0, 0.0), tuple(images.shape[-2:]))
+    shape = (1, -1, 1, 1)
+    ctx = Context(
+        images=images,
+        saliency=saliency,
+        targets=targets,
+        mean=torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+        std=torch.tensor(std, dtype=torch.float32, device=device).view(shape),
+    )
+    plans = [PLANNERS[name](ctx, resolve_params(name, params)) for name in names]
+    scores = run_groups([g for p in plans for g in p.groups], forward, targets, max_batch)
+    out: dict[str, Any] = {}
+    for plan in plans:
+        out.update(plan.finish(scores))
+    if bool(bad.any()):
+        bad_list = bad.cpu().tolist()
+        for key, value in out.items():
+            if isinstance(value, Tensor):
+                value[bad.cpu()] = float("nan")
+            else:
+                out[key] = [None if flag else v for v, flag in zip(value, bad_list)]
+    return out
