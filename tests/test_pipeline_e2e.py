@@ -142,7 +142,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("resources.batch_size=many", "resources.batch_size"),
     ("methods.0.name=gradcan", "did you mean 'gradcam'"),
     ("models.0.source=torchvision:resnet5", "did you mean 'resnet50'"),
-    ("input.shards=/nonexistent/shard-{000..003}.tar", "matches no shard"),
+    ("input.shards=/nonexistent/shard-{000..003}.tar", "none of the shards exist"),
+    ("input.shards=/nonexistent/*.tar", "matches no shard"),
     ("input.shards=[/nonexistent/shard-{000..003}.tar]", "quote list items"),
 ])
 def test_config_errors_are_clear(tmp_path, make_shards, override, expected, capsys):
