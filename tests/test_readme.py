@@ -1,0 +1,159 @@
+"""The README stays true: its config files load, its reference tables name every config key,
+output column, method and metric the code has, and the Python snippets under "Reading results"
+run against the output of a real (small) run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import jpeg_bytes, small_config, write_shard
+
+from pipeline import config as config_module
+from pipeline.config import load_config
+from pipeline.schema import output_schema
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+TOP_LEVEL = ("run", "ray", "input", "storage", "models", "methods", "targets", "metrics", "resources")
+SECTIONS = {
+    "run": config_module.RunSection, "ray": config_module.RaySection,
+    "input": config_module.InputSection, "storage": config_module.StorageSection,
+    "resources": config_module.ResourcesSection,
+}
+LISTS = {"models": config_module.ModelSection, "methods": config_module.MethodSection}
+# what the README's snippets name, and what the test run substitutes for them
+README_RUN = 'RUN = "runs/demo"'
+README_UNIT = 'UNIT = "efficientnet_lite0__gradcam"'
+
+
+def _section(title: str) -> str:
+    """The README text from the '## <title>' heading to the next '## ' heading."""
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end != -1 else None]
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = README.splitlines()
+    assert lines[2] == "```bash"
+    assert lines[3].startswith("make demo") and lines[4].startswith("make test")
+
+
+@pytest.mark.parametrize("name", ["configs/example.yaml", "configs/demo.yaml"])
+def test_config_files_load(name):
+    cfg = load_config(str(REPO / name))
+    assert cfg.models and cfg.methods and cfg.input.shards
+
+
+def test_example_config_uses_every_key():
+    raw = yaml.safe_load((REPO / "configs" / "example.yaml").read_text())
+    assert tuple(raw) == TOP_LEVEL
+    assert [f.name for f in dataclasses.fields(config_module.SalmapConfig)] == list(TOP_LEVEL)
+    for section, cls in SECTIONS.items():
+        assert list(raw[section]) == _fields(cls), section
+    for section, cls in LISTS.items():
+        assert set(raw[section][0]) == set(_fields(cls)), section
+
+
+def test_example_config_states_the_defaults():
+    """Section keys in example.yaml carry the code's defaults, except the ones it says it sets."""
+    raw = yaml.safe_load((REPO / "configs" / "example.yaml").read_text())
+    changed = {("input", "shards")}
+    for section, cls in SECTIONS.items():
+        default = dataclasses.asdict(cls())
+        for key, value in raw[section].items():
+            if (section, key) not in changed:
+                assert value == default[key], f"{section}.{key}: {value!r} vs default {default[key]!r}"
+
+
+def test_reference_tables_name_everything_the_code_has():
+    ref = _section("Configuration reference")
+    for section, cls in SECTIONS.items():
+        for key in _fields(cls):
+            assert f"`{section}.{key}`" in ref, f"{section}.{key} missing from the config reference"
+    for section, cls in LISTS.items():
+        part = ref[ref.index(f"### `{section}`"):]
+        for key in _fields(cls):
+            assert f"| `{key}` |" in part, f"{section}[].{key} missing from the config reference"
+    columns = _section("Output")
+    for field in output_schema(2, 2, curves=True):
+        assert f"`{field.name}`" in columns, f"column {field.name} missing from the output schema"
+    from workers.methods import REGISTRY
+
+    methods = _section("Methods")
+    for name in REGISTRY:
+        assert f"| `{name}` |" in methods, f"method {name} missing from the methods table"
+    from workers.metrics import METRICS
+
+    metrics = _section("Metrics")
+    for name, spec in METRICS.items():
+        assert f"| `{name}` |" in metrics, f"metric {name} missing from the metrics table"
+        for key in spec.defaults:
+            assert f"`{key}" in metrics, f"parameter {key} of {name} missing from the metrics table"
+
+
+def _snippets() -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", _section("Reading results"), flags=re.S)
+    assert len(blocks) >= 4, "expected the pyarrow, pandas, polars and DuckDB snippets"
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, ray_cluster):
+    """One real run: 3 photos-sized random JPEGs and one corrupt image, ResNet-18 at 64 px,
+    gradient + gradcam, a few cheap metrics."""
+    from pipeline.run import EXIT_OK, run_job
+
+    root = tmp_path_factory.mktemp("readme")
+    samples = [{"__key__": f"img{i}", "jpg": jpeg_bytes(i), "cls": str(i).encode(),
+                "json": json.dumps({"boxes": [[4, 4, 30, 30]], "labels": [i]}).encode()}
+               for i in range(3)]
+    samples.append({"__key__": "broken", "jpg": b"not a jpeg", "cls": b"1"})
+    (root / "shards").mkdir()
+    write_shard(root / "shards" / "readme-000000.tar", samples)
+    job = root / "job.yaml"
+    job.write_text(small_config(
+        [str(root / "shards" / "readme-000000.tar")], str(root / "runs"), run_id="readme",
+        metrics=["gini", "pseudo_box", {"deletion_auc": {"steps": 4}}, "insertion_auc"]))
+    result = run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
+    assert result.exit_code == EXIT_OK
+    return root / "runs" / "readme"
+
+
+@pytest.mark.slow
+def test_reading_results_snippets_run(small_run, capsys):
+    blocks = _snippets()
+    checked = set()
+    for i, code in enumerate(blocks):
+        assert README_RUN in code, f"snippet {i} does not set {README_RUN}"
+        code = code.replace(README_RUN, f"RUN = {str(small_run)!r}")
+        code = code.replace(README_UNIT, 'UNIT = "r18__gradcam"')
+        ns: dict = {"__name__": f"readme_snippet_{i}"}
+        exec(compile(code, f"README.md (Reading results, snippet {i})", "exec"), ns)
+        out = capsys.readouterr().out
+        assert out.strip(), f"snippet {i} printed nothing"
+        if "maps" in ns:  # gradcam on ResNet-18 at 64 px: a 2x2 grid, 3 decodable samples
+            assert ns["maps"].shape == (3, 2, 2)
+            assert ns["full"].shape == (40, 48)  # the original image size (conftest jpeg_bytes)
+            checked.add("maps")
+        if "summary" in ns:  # polars
+            assert sorted(ns["summary"]["rows"].to_list()) == [3, 3]
+            checked.add("polars")
+        if "df" in ns and "error" in ns["df"].columns:  # pandas: 4 samples x 2 units
+            df = ns["df"]
+            assert len(df) == 8 and (df.status == "error").sum() == 2
+            assert "broken" in out
+            checked.add("pandas")
+        if "duckdb" in ns:
+            assert "r18" in out and "gradcam" in out
+            checked.add("duckdb")
+    assert checked == {"maps", "polars", "pandas", "duckdb"}
