@@ -1,9 +1,9 @@
 """``salmap run | read | report | shards | sanity``.
 
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
-2 config error (bad key, type, name, missing shards); 3 some shard or unit could not be
-completed (one line per failure is printed, and listed in manifest.json); 4 the run is locked
-by another driver.
+2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
+could not be completed, a missing shard among existing ones included (one line per failure is
+printed, and listed in manifest.json); 4 the run is locked by another driver.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from omegaconf.errors import (
 
 DEFAULT_IMAGE_KEYS = ["jpg", "jpeg", "png", "webp"]
 TARGET_MODES = ("predicted", "label", "all_labels")
-# the column a metric fills is accepted as its config name too
 LIST_KEYS = ("input.shards", "input.image_keys")
+# the column a metric fills is accepted as its config name too
 METRIC_ALIASES = {"pointing_hit": "pointing_game", "pseudo_mask_png": "pseudo_mask"}
 
 
@@ -62,7 +62,6 @@ class InputSection:
     label_key: str = "cls"
     boxes_key: str = "json"
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
-    limit: int | None = None  # process at most this many samples per shard (demos, smoke runs)
 
 
 @dataclass
@@ -301,6 +300,7 @@ def _check_model_source(i: int, m: ModelSection) -> None:
         known = torchvision_names()
         if arch not in known:
             raise ConfigError(f"models[{i}].source: unknown torchvision model {arch!r}{_nearest(arch, known)}")
+        _check_torchvision_weights(i, arch, m.weights)
     elif src.startswith("file:"):
         if not m.arch:
             raise ConfigError(f"models[{i}].arch: source file:<path> needs the torchvision architecture name")
@@ -346,6 +346,21 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _check_torchvision_weights(i: int, arch: str, weights: str | None) -> None:
+    if weights in (None, "", "none", "None", "DEFAULT"):
+        return
+    import torchvision.models as tvm
+
+    try:
+        members = list(tvm.get_model_weights(arch).__members__)
+    except (ValueError, KeyError):  # an architecture without published weights
+        members = []
+    if weights not in members:
+        options = list(dict.fromkeys(["DEFAULT", *members, "none"]))
+        raise ConfigError(f"models[{i}].weights: {weights!r} is not a weights name of {arch}; "
+                          f"use one of {', '.join(options)}{_nearest(weights, options)}")
+
+
 def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> str:
     """What makes a unit's rows what they are (not batch sizes, actor counts or paths)."""
     c = to_container(cfg)
@@ -355,7 +370,7 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
         "targets": cfg.targets,
         "metrics": c["metrics"],
         "precision": cfg.resources.precision,
-        "input": {k: c["input"][k] for k in ("image_keys", "label_key", "boxes_key", "max_pixels", "limit")},
+        "input": {k: c["input"][k] for k in ("image_keys", "label_key", "boxes_key", "max_pixels")},
     })
 
 

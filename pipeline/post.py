@@ -12,6 +12,7 @@ import pyarrow as pa
 from PIL import Image
 
 from workers.metrics.geometry import map_to_original
+from workers.metrics.registry import per_metric_params
 
 from .schema import output_schema
 
@@ -77,9 +78,7 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
         schema = schema.with_metadata({k.encode(): v.encode() for k, v in file_metadata.items()})
     cols: dict[str, list] = {f.name: [] for f in schema}
     names = list(post_metrics)
-    params: dict[str, Any] = {}
-    for p in post_metrics.values():
-        params.update(p or {})
+    params = per_metric_params(dict(post_metrics))
     for i in range(n):
         ok = batch["status"][i] == "ok"
         t = transform_of(batch, i)
@@ -94,7 +93,8 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
             cols[c].append(_nan_to_none(float(batch[c][i])))
         cols["orig_height"].append(t["orig_h"] if t["orig_h"] > 0 else None)
         cols["orig_width"].append(t["orig_w"] if t["orig_w"] > 0 else None)
-        for c in ("deletion_auc", "insertion_auc", "average_drop", "confidence_increase", "road"):
+        for c in ("deletion_auc", "insertion_auc", "average_drop", "confidence_clean",
+                  "confidence_masked", "confidence_increase", "road"):
             cols[c].append(_nan_to_none(float(batch[c][i])) if c in batch else None)
         if run_curves:
             for c in ("deletion_curve", "insertion_curve"):

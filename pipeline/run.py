@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,18 +157,14 @@ class _Post:
         return table
 
 
-class _FixedNames:
-    """Deterministic file names: a retried wave overwrites its own files."""
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:  # noqa: ARG002
-        return f"part-{task_index:06d}.parquet"
-
-
 def _filename_provider():
+    """Deterministic file names (``part-<task>.parquet``): a retried wave overwrites its own
+    files instead of adding new ones next to them."""
     from ray.data.datasource import FilenameProvider
 
-    class FixedNames(FilenameProvider, _FixedNames):
-        pass
+    class FixedNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:  # noqa: ARG002
+            return f"part-{task_index:06d}.parquet"
 
     return FixedNames()
 
@@ -409,28 +407,47 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
 
         out(f"salmap: run {run_id} -> {store.uri} ({len(shards)} shard(s), {len(units)} unit(s), "
             f"{total_waves} wave(s) to do)")
-        done_waves = 0
         index = load_shard_index(shards, cfg.storage)
-        for unit, waves in plan:
+        done_waves = 0
+        commit_lock = threading.Lock()  # commit records, manifest and counters across unit threads
+
+        def run_unit(unit: Unit, waves: list[Wave]) -> None:
+            nonlocal done_waves
             pre = load_model(unit.model.source, unit.model.weights, unit.model.target_layer,
                              unit.model.input_size, unit.model.arch).preprocess
             pending = [s for w in waves for s in w.shards]
             total = sum(index.get(shard_name(s), 0) for s in pending) \
                 if all(shard_name(s) in index for s in pending) else None
             reporter = ProgressReporter(unit.id, total, cfg, out)
-            for wave in waves:
-                records = _run_wave_isolating(cfg, unit, wave, store, pre, failures, out, index,
-                                              reporter.counter)
-                for rec in records:
-                    write_commit(store, unit.id, rec["wave"], rec)
-                    store.write_json(MANIFEST_KEY, build_manifest(
-                        store, run_id, cfg, units, shards, started, failures, "running", previous))
-                done_waves += 1
-                rate = sum(r["samples"] for r in records) / max(1e-9, sum(r["elapsed_s"] for r in records)) \
-                    if records else 0.0
-                out(f"salmap: [{done_waves}/{total_waves}] {unit.id} wave {wave.id}: "
-                    f"{sum(r['rows'] for r in records)} rows, {rate:.2f} images/s")
-            reporter.stop()
+            try:
+                for wave in waves:
+                    records = _run_wave_isolating(cfg, unit, wave, store, pre, failures, out, index,
+                                                  reporter.counter)
+                    with commit_lock:
+                        for rec in records:
+                            write_commit(store, unit.id, rec["wave"], rec)
+                            store.write_json(MANIFEST_KEY, build_manifest(
+                                store, run_id, cfg, units, shards, started, failures, "running",
+                                previous))
+                        done_waves += 1
+                        rate = sum(r["samples"] for r in records) / max(
+                            1e-9, sum(r["elapsed_s"] for r in records)) if records else 0.0
+                        out(f"salmap: [{done_waves}/{total_waves}] {unit.id} wave {wave.id}: "
+                            f"{sum(r['rows'] for r in records)} rows, {rate:.2f} images/s")
+            finally:
+                reporter.stop()
+
+        todo = [(u, w) for u, w in plan if w]
+        parallel = max(1, min(cfg.resources.units_in_parallel, len(todo)))
+        if parallel == 1:
+            for unit, waves in todo:
+                run_unit(unit, waves)
+        else:
+            # each unit is its own Ray Data execution with its own actor pool; running several at
+            # once keeps several devices busy when the cluster has them
+            with ThreadPoolExecutor(parallel, thread_name_prefix="salmap-unit") as pool:
+                for fut in [pool.submit(run_unit, u, w) for u, w in todo]:
+                    fut.result()
         status = "complete" if not failures else "incomplete"
         manifest = build_manifest(store, run_id, cfg, units, shards, started, failures, status, previous)
         manifest["units"] = add_summaries(store, manifest["units"])

@@ -18,6 +18,12 @@ METRIC_COLUMNS: dict[str, pa.DataType] = {
     "box_iou": pa.float32(),
 }
 
+# average_drop's ingredients: p_c of the image (Y) and of the map-masked image (O)
+CONFIDENCE_COLUMNS: dict[str, pa.DataType] = {
+    "confidence_clean": pa.float32(),
+    "confidence_masked": pa.float32(),
+}
+
 
 def saliency_type(h: int, w: int) -> pa.DataType:
     """Canonical ``arrow.fixed_shape_tensor`` float16 [h, w] (read by pyarrow, polars, DuckDB)."""
@@ -48,6 +54,7 @@ def output_schema(h: int, w: int, curves: bool = False) -> pa.Schema:
         ("pseudo_box", BOX),
         ("pseudo_mask_png", pa.binary()),
         *METRIC_COLUMNS.items(),
+        *CONFIDENCE_COLUMNS.items(),
     ]
     if curves:
         fields += [("deletion_curve", pa.list_(pa.float32())), ("insertion_curve", pa.list_(pa.float32()))]

@@ -55,6 +55,19 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_in_method_tests(request):
+    """One torch thread in the saliency-method tests: their ops are small, and on a shared
+    2-core machine two OpenMP threads made them 5-10x slower (measured), not faster."""
+    if not request.module.__name__.startswith(("test_methods_", "test_parity_")):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)

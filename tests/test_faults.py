@@ -95,6 +95,8 @@ def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_clust
             assert np.isfinite(rows.loc[key, "saliency"]).all()
         else:
             assert status == "error" and expected in error, (key, error)
+    assert "not valid JSON" in rows.loc["bad_json", "error"]  # an ok row says what it ignored
+    assert "'cat'" in rows.loc["bad_cls", "error"]
     assert (df[df.shard == "good-000000"].status == "ok").sum() == 2
     manifest = json.loads((tmp_path / "out" / "t" / "manifest.json").read_text())
     failed = " ".join(manifest["failures"])

@@ -221,3 +221,13 @@ def test_compute_post_metrics_fills_exactly_the_registered_columns():
         compute_post_metrics(["deletion_auc"], m, None, {})
     with pytest.raises(MetricError, match="pointing_tolerance"):
         compute_post_metrics(["pointing_game"], m, None, {"pointing_game": {"tolerance": 3}})
+
+
+def test_config_params_stay_with_their_metric_except_the_pseudo_label_group():
+    from workers.metrics.registry import per_metric_params, resolve_params
+
+    nested = per_metric_params({"deletion_auc": {"steps": 56}, "insertion_auc": None,
+                                "pseudo_box": {"pseudo_threshold": 0.5}, "box_iou": {}})
+    assert resolve_params("deletion_auc", nested)["steps"] == 56
+    assert resolve_params("insertion_auc", nested)["steps"] == 28
+    assert resolve_params("box_iou", nested)["pseudo_threshold"] == 0.5

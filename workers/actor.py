@@ -25,6 +25,24 @@ PASS_THROUGH = (
     "crop_top", "crop_left", "crop_h", "crop_w", "label", "boxes_json",
 )
 MODEL_METRICS = ("deletion_auc", "insertion_auc", "average_drop", "confidence_increase", "road")
+# the float columns the model metrics fill (average_drop also reports its Y and O)
+MODEL_METRIC_COLUMNS = (*MODEL_METRICS, "confidence_clean", "confidence_masked")
+
+
+def _text(batch: dict[str, np.ndarray], column: str, i: int) -> str:
+    """A string column's value for sample i, or "" where the batch lacks the column."""
+    return str(batch[column][i]) if column in batch else ""
+
+
+def _annotation_note(batch: dict[str, np.ndarray], i: int, targets: str) -> str:
+    """For an ok row: what was wrong with the sample's .cls or .json, which the row had to do
+    without (boxes metrics are null when the .json was unreadable)."""
+    notes = []
+    if _text(batch, "boxes_error", i):
+        notes.append(f".json ignored: {_text(batch, 'boxes_error', i)}")
+    if targets != "label" and _text(batch, "label_error", i):
+        notes.append(f".cls ignored: {_text(batch, 'label_error', i)}")
+    return "; ".join(notes)
 
 
 @dataclass
@@ -154,7 +172,8 @@ class Explainer:
         if mode == "label":
             label = int(batch["label"][i])
             if label < 0:
-                return [], "label", "targets: label needs an integer .cls label; this sample has none or an invalid one"
+                why = _text(batch, "label_error", i) or "it has no .cls"
+                return [], "label", f"targets: label needs an integer .cls label; {why}"
             if label >= logits.numel():
                 return [], "label", f"label {label} is out of range for a model with {logits.numel()} classes"
             return [label], "label", ""
@@ -163,7 +182,8 @@ class Explainer:
         labels = sorted(set(json.loads(raw)["labels"])) if raw else []
         labels = [c for c in labels if 0 <= c < logits.numel()]
         if not labels:
-            return [], "all_labels", "targets: all_labels needs a .json annotation with class labels; this sample has none"
+            why = _text(batch, "boxes_error", i) or "this sample has none"
+            return [], "all_labels", f"targets: all_labels needs a .json annotation with class labels; {why}"
         return labels, "all_labels", ""
 
     def _explain(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
@@ -205,13 +225,14 @@ class Explainer:
                 target_prob=float(tp[r]), saliency=maps_cpu[r].astype(np.float16),
                 status="ok", error="", elapsed_ms=elapsed,
             )
-            for name in MODEL_METRICS:
+            for name in MODEL_METRIC_COLUMNS:
                 row[name] = metric_values.get(name, [np.nan] * len(expanded))[r]
             for name in ("deletion_curve", "insertion_curve"):
                 if name in metric_values:
                     row[name] = json.dumps([float(v) for v in metric_values[name][r]])
-            if "_metric_error" in metric_values:
-                row["error"] = metric_values["_metric_error"]
+            notes = [n for n in (_annotation_note(batch, i, self.spec.targets),
+                                 metric_values.get("_metric_error", "")) if n]
+            row["error"] = "; ".join(notes)
             rows.append(row)
         return errors + rows
 
@@ -220,10 +241,9 @@ class Explainer:
         if not names:
             return {}
         from .metrics import compute_model_metrics
+        from .metrics.registry import per_metric_params
 
-        params: dict[str, Any] = {}
-        for name in names:
-            params.update(self.spec.metrics.get(name) or {})
+        params = per_metric_params({n: self.spec.metrics.get(n) for n in names})
         try:
             values = compute_model_metrics(
                 names, self.forward_fn, x, maps, targets, params,
@@ -247,7 +267,7 @@ class Explainer:
             saliency=np.zeros(self.map_shape, dtype=np.float16), status="error", error=reason,
             elapsed_ms=0.0,
         )
-        for name in MODEL_METRICS:
+        for name in MODEL_METRIC_COLUMNS:
             row[name] = np.nan
         return row
 
@@ -256,7 +276,7 @@ class Explainer:
         cols: dict[str, np.ndarray] = {}
         names = list(PASS_THROUGH) + [
             "target", "target_source", "pred", "pred_prob", "target_logit", "target_prob",
-            "status", "error", "elapsed_ms", *MODEL_METRICS, "deletion_curve", "insertion_curve",
+            "status", "error", "elapsed_ms", *MODEL_METRIC_COLUMNS, "deletion_curve", "insertion_curve",
         ]
         for name in names:
             values = [r.get(name, "" if name.endswith("_curve") else None) for r in rows]

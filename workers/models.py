@@ -112,8 +112,8 @@ def load_model(
 
     ``source``: ``torchvision:<name>`` (``weights``: a weights enum name, ``DEFAULT`` or
     ``none``), ``file:<path>`` (state dict for torchvision architecture ``arch``),
-    ``efficientnet_lite0``, or ``package.module:callable`` (``weights``: optional state-dict
-    file).
+    ``efficientnet_lite0``, or ``package.module:callable`` (``weights``: a state-dict file, or ``DEFAULT``/``none``
+    for the model as the factory returns it).
     """
     from .methods.layers import resolve_layer
 
@@ -137,7 +137,7 @@ def load_model(
         model = factory()
         if not isinstance(model, nn.Module):
             raise ModelError(f"{source} returned {type(model).__name__}, not a torch.nn.Module")
-        if weights and weights not in ("none", "None"):
+        if weights and weights not in ("none", "None", "DEFAULT"):  # DEFAULT: as the factory built it
             model.load_state_dict(load_state_dict_file(weights))
     else:
         raise ModelError(

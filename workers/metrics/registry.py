@@ -175,6 +175,27 @@ def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+# One pseudo-label, three views of it: a parameter set on any of these applies to all three, so
+# that box_iou always scores the box written in pseudo_box.
+PSEUDO_LABEL_GROUP = ("pseudo_box", "pseudo_mask", "box_iou")
+
+
+def per_metric_params(specs: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """A config's ``{metric: params}`` in the nested form :func:`resolve_params` reads, each
+    metric keeping its own parameters (``deletion_auc: {steps: 56}`` leaves insertion alone),
+    except that the pseudo-label group shares its parameters."""
+    shared: dict[str, Any] = {}
+    for name in PSEUDO_LABEL_GROUP:
+        shared.update(specs.get(name) or {})
+    out: dict[str, dict[str, Any]] = {}
+    for name, params in specs.items():
+        own = dict(params or {})
+        if name in PSEUDO_LABEL_GROUP:
+            own = {**shared, **own}
+        out[name] = own
+    return out
+
+
 def check_params(specs: dict[str, dict[str, Any]]) -> None:
     """Validate a config's ``{metric name: params}``; raise :class:`MetricError` naming the key."""
     for name, params in specs.items():
