@@ -2,7 +2,7 @@
 
 Layout under ``<run.output>/<run.id>/``::
 
-    data/model=<m>/method=<g>/wave=<wave id>/part-000000.parquet   written by Ray, fixed names
+    data/model=<m>/method=<g>/wave=<wave id>/part-000000-0.parquet written by Ray, fixed names
     _commits/<unit id>/<wave id>.json                              the commit record, written LAST
     manifest.json                                                  roll-up, rewritten after each commit
     _lock.json                                                     one driver at a time (lease)

@@ -49,7 +49,7 @@ def test_local_job_rows_maps_and_same_rows_as_in_process(tmp_path, make_shards, 
         assert maps.shape == (6, *shape) and np.isfinite(maps).all()
         assert len(pd.read_parquet(unit_dir)) == 6
         names = {f.name for f in unit_dir.rglob("*.parquet")}
-        assert names and all(re.fullmatch(r"part-\d{6}\.parquet", n) for n in names), names
+        assert names and all(re.fullmatch(r"part-\d{6}(-\d+)?\.parquet", n) for n in names), names
         meta = pq.read_metadata(next(unit_dir.rglob("*.parquet"))).metadata
         assert b"salmap.config" in meta and b"salmap.versions" in meta
     # the multi-node run gives the rows an in-process loop gives
