@@ -125,7 +125,9 @@ def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     upload(s3_server, "data", shards, "wds")
     job = _job(tmp_path, ["s3://data/wds/shard-{000000..000001}.tar"], "s3://data/runs",
                storage={"endpoint": s3_server, "region": "us-east-1"})
-    cfg = load_config(str(job), [f"ray.address={ray_cluster}"])
+    # the config itself from an s3:// URL, as a cluster entrypoint reads it
+    (config_url,) = upload(s3_server, "data", [str(job)], "configs")
+    cfg = load_config(config_url, [f"storage.endpoint={s3_server}", f"ray.address={ray_cluster}"])
     result = run_job(cfg, out=lambda *a: None)
     assert result.exit_code == EXIT_OK
     df = read_run("s3://data/runs/t", storage={"endpoint": s3_server}).to_table().to_pandas()
