@@ -233,6 +233,48 @@ def test_rectgrad_tau0_is_guided_backprop_times_input(resnet18):
         torch.testing.assert_close(nobias.attribute_channels(x, targets), gbp, rtol=0, atol=0)
 
 
+def test_rectgrad_q0_is_not_guided_backprop_tau0_is():
+    """The GBP identity is for the constant threshold tau = 0 (rectgrad.md 5.2), not q = 0.
+
+    q = 0 puts tau at each layer's minimum score; where that is negative (an active unit with
+    a negative gradient), inactive units (a = 0, score 0 > tau) let the gradient through.
+    """
+    model = bias_free_relu_net()
+    torch.manual_seed(12)
+    x = torch.randn(2, 3, 16, 16)
+    gbp = build("guided_backprop", model).attribute_channels(x, [0, 1])
+    tau0 = build("nobias_rectgrad", model, tau=0.0, padding_trick="none")
+    q0 = build("nobias_rectgrad", model, q=0.0, padding_trick="none")
+    torch.testing.assert_close(tau0.attribute_channels(x, [0, 1]), gbp, rtol=0, atol=0)
+    assert not torch.allclose(q0.attribute_channels(x, [0, 1]), gbp)
+
+
+def test_nobias_is_invariant_to_an_input_shift_moved_into_the_first_bias():
+    """nobias_rectgrad.md 5.6: f'(y) = f(y - x0) with b1' = b1 - W1 x0 (dense first layer).
+
+    At y = x + x0 every activation, score and threshold is that of f at x, so
+    NoBias_f'(x + x0) = NoBias_f(x), while RectGrad_f'(x + x0) = NoBias_f(x) * (x + x0).
+    """
+    torch.manual_seed(13)
+    f = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                      nn.Linear(16, 4)).eval()
+    x, x0 = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    g = copy.deepcopy(f)
+    with torch.no_grad():
+        g[1].bias.sub_(g[1].weight @ x0.flatten())
+    y = x + x0
+    with torch.no_grad():
+        torch.testing.assert_close(g(y), f(x), rtol=1e-5, atol=1e-5)
+    nb_f = build("nobias_rectgrad", f, q=80).attribute_channels(x, [0, 2])
+    nb_g = build("nobias_rectgrad", g, q=80).attribute_channels(y, [0, 2])
+    rect_f = build("rectgrad", f, q=80).attribute_channels(x, [0, 2])
+    rect_g = build("rectgrad", g, q=80).attribute_channels(y, [0, 2])
+    assert nb_f.abs().max() > 0
+    torch.testing.assert_close(nb_g, nb_f, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rect_g, nb_f * y, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(rect_g, rect_f, atol=1e-3)
+
+
 @pytest.mark.parametrize("trick", ["padded", "none"])
 def test_nobias_times_input_is_rectgrad(trick, resnet18):
     torch.manual_seed(7)
@@ -257,6 +299,9 @@ def test_rectgrad_passes_at_most_the_top_percent_per_sample_and_layer(q, resnet1
         passed = (g != 0).flatten(1).sum(1)
         assert (passed <= n - k).all(), (passed, n, k)  # strict > the k-th value, per sample
     assert sum(int((g != 0).sum()) for g in grads) > 0
+    # rectgrad.md 5.3: with tau >= 0 (here, as in practice, the 90th/98th percentile is > 0)
+    # every passed signal is positive: a * g > tau >= 0 with a >= 0 needs g > 0
+    assert all((g >= 0).all() for g in grads)
     # only the top of a*g passes, so a higher q passes fewer units overall
     fewer = activation_input_grads(model, build("rectgrad", model, q=99.5, padding_trick="none"),
                                    x, [1, 6])

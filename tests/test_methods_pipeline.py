@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.demo_data import write_demo_shards
 from pipeline.read import read_run
 from pipeline.run import EXIT_OK, run_job
-from workers.methods import names
+from workers.methods import get_class, names
 
 pytestmark = pytest.mark.slow
 
@@ -42,20 +42,25 @@ def test_all_fourteen_methods_in_one_job(tmp_path, ray_session, ray_cluster):
         "targets": "predicted",
         "metrics": [],
         "resources": {"batch_size": 2, "actors_per_unit": 1, "cpus_per_actor": 1,
-                      "units_in_parallel": 2},
+                      "units_in_parallel": 4},
     }
     job = tmp_path / "job.yaml"
     job.write_text(json.dumps(cfg))
     result = run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
     assert result.exit_code == EXIT_OK
 
-    df = read_run(str(out / "all14")).to_table().to_pandas()
+    run = str(out / "all14")
+    df = read_run(run).to_table().to_pandas()  # the units' map shapes differ: no saliency here
     assert len(df) == 2 * 14
     assert sorted(set(df.method)) == sorted(names())
     assert df.groupby("method").size().eq(2).all()
     bad = df[df.status != "ok"]
     assert bad.empty, bad[["method", "key", "error"]].to_string()
-    for _, row in df.iterrows():
-        m = np.asarray(row.saliency, dtype=np.float64)
-        assert np.isfinite(m).all(), row.method
-        assert m.std() > 0, f"{row.method}: constant map for {row.key}"
+    for name in names():
+        table = read_run(run, unit=f"lite0__{name}").to_table(columns=["key", "saliency"])
+        maps = table.column("saliency").combine_chunks().to_numpy_ndarray().astype(np.float64)
+        assert maps.shape[0] == 2, name
+        want = (PX, PX) if not get_class(name).uses_target_layer else (3, 3)
+        assert maps.shape[1:] == want, (name, maps.shape)
+        assert np.isfinite(maps).all(), name
+        assert (maps.reshape(2, -1).std(1) > 0).all(), f"{name}: a constant map"

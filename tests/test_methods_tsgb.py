@@ -210,6 +210,52 @@ def test_conv_rule_matches_the_reference_formulations(groups, stride, padding, d
         assert not torch.allclose(ours(1, a), ours(groups, a))
 
 
+def test_conv_backward_ignores_the_weights():
+    """tsgb.md 5.3: the rule sees only r = sum_k g_k z_k and |a|, never the weights.
+
+    Two convs with different weights (and output channels) whose output gradients give the
+    same r(p) send the same gradient to the input; the plain conv gradients differ.
+    """
+    torch.manual_seed(9)
+    a = torch.randn(2, 4, 7, 7)
+    conf = ((1, 1), (1, 1), (1, 1), 1)
+    w1, b1 = torch.randn(6, 4, 3, 3), torch.randn(6)
+    w2, b2 = torch.randn(5, 4, 3, 3), torch.randn(5)
+    z1, z2 = F.conv2d(a, w1, b1, *conf), F.conv2d(a, w2, b2, *conf)
+    g1 = torch.randn_like(z1)
+    r = (g1 * z1).sum(1, keepdim=True)
+    g2 = r / (5 * z2)  # sum_k g2_k z2_k = r at every position
+
+    def rule(w, b, g):
+        leaf = a.clone().requires_grad_(True)
+        return torch.autograd.grad(TSGBConv.apply(leaf, w, b, *conf, 1, 1e-10), leaf, g)[0]
+
+    def plain(w, b, g):
+        leaf = a.clone().requires_grad_(True)
+        return torch.autograd.grad(F.conv2d(leaf, w, b, *conf), leaf, g)[0]
+
+    torch.testing.assert_close(rule(w2, b2, g2), rule(w1, b1, g1), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain(w2, b2, g2), plain(w1, b1, g1), atol=1e-2)
+
+
+def test_bn_passes_relevance_element_wise(tiny_model):
+    """tsgb.md 5.9: R = g * tensor just below a BN equals R just above it, element-wise."""
+    store = {}
+
+    def hook(_m, args, out):
+        a, o = args[0].detach().clone(), out.detach().clone()
+        args[0].register_hook(lambda g: store.__setitem__("below", g * a))
+        out.register_hook(lambda g: store.__setitem__("above", g * o))
+
+    handle = tiny_model.bn1.register_forward_hook(hook)
+    try:
+        build("tsgb", tiny_model, gamma=0.5)(torch.randn(2, 3, 16, 16), [0, 3])
+    finally:
+        handle.remove()
+    assert store["above"].abs().max() > 0
+    torch.testing.assert_close(store["below"], store["above"], rtol=1e-5, atol=1e-7)
+
+
 def test_slim_and_group_rules_on_models(resnet18, mobilenet_v2):
     x = torch.randn(2, 3, 32, 32)
     same = [build("tsgb", resnet18, grouped_rule=r)(x, [0, 1]) for r in ("group", "slim")]
