@@ -2,7 +2,8 @@
 the bare model (forward-only, forward + input-gradient backward)?
 
 Same model object, same batch, same targets, same device, same target layer, measured
-round-robin in one process (:func:`bench.common.interleaved`). Outputs are what each library
+round-robin in one process (:func:`bench.timing.measure`: on a CPU the CPU seconds of this
+process with one torch thread, on CUDA wall time). Outputs are what each library
 returns, no conversion: salmap gives raw ``[B,h,w]`` tensors (CAM maps at the target layer's
 resolution); pytorch-grad-cam gives min-max normalised maps upsampled to the input size as a
 numpy array (its upsampling, scaling and device->host copy are part of its time); Captum
@@ -44,13 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import base_parser, header, inputs, interleaved, load_bench_model, table  # noqa: E402
+from bench.common import base_parser, header, inputs, load_bench_model, table  # noqa: E402
+from bench.timing import add_timer_args, measure, setup_timer  # noqa: E402
 
 CAM = ("gradcam", "gradcam_pp", "layercam")
 GRADIENT = ("gradient", "guided_backprop")
 ITERATIVE = ("integrated_gradients", "smoothgrad")
 ALL = (*CAM, "scorecam", *GRADIENT, *ITERATIVE)
-SCORECAM_LAYER = {"resnet50": "layer1", "lite0": "_blocks.10", "resnet18": "layer1"}
+SCORECAM_LAYER = {"resnet50": "relu", "lite0": "_blocks.3", "resnet18": "relu"}
 
 
 def load_avg() -> str:
@@ -188,7 +190,7 @@ def bench_model(model_name: str, args, device: torch.device) -> list[dict[str, o
         for m in single:
             fns[f"salmap {m}"] = salmap_fn(m, model, layer, x, t, args)
             fns[f"peer {m}"] = peer_fn(m, model, layer, x, t, args)
-        times = interleaved(fns, device, repeats=args.repeats, warmup=1)
+        times = measure(fns, device, args.timer, repeats=args.repeats, warmup=1)
         for m in single:
             cam = m in CAM
             rows.append(row(model_name, m, args.batch, times, "floor fwd" if cam else "floor fwd+bwd",
@@ -207,7 +209,7 @@ def bench_model(model_name: str, args, device: torch.device) -> list[dict[str, o
             warm[f"peer {m}"] = peer_fn(m, model, layer, x[:2], t[:2], args)
         for fn in warm.values():
             fn()
-        times = interleaved(fns, device, repeats=args.iter_repeats, warmup=0)
+        times = measure(fns, device, args.timer, repeats=args.iter_repeats, warmup=0)
         for m in iterative:
             n = args.steps if m == "integrated_gradients" else args.samples
             rows.append(row(model_name, m, args.batch, times, "floor fwd+bwd", n,
@@ -229,7 +231,7 @@ def bench_model(model_name: str, args, device: torch.device) -> list[dict[str, o
             "salmap scorecam": salmap_fn("scorecam", model, sc_layer, xs, ts, args),
             "peer scorecam": peer_fn("scorecam", model, sc_layer, xs, ts, args),
         }
-        times = interleaved(fns, device, repeats=args.scorecam_repeats, warmup=0)
+        times = measure(fns, device, args.timer, repeats=args.scorecam_repeats, warmup=0)
         r = row(model_name, "scorecam", args.scorecam_batch, times, "floor fwd", 1 + k,
                 f"1 + {k} fwd ({sc_layer})")
         r["floor img/s"] = args.batch / times["floor fwd"]
@@ -240,11 +242,11 @@ def bench_model(model_name: str, args, device: torch.device) -> list[dict[str, o
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.set_defaults(repeats=3)
+    parser.set_defaults(repeats=2)
     parser.add_argument("--models", default="resnet50,lite0")
     parser.add_argument("--methods", default=",".join(ALL))
-    parser.add_argument("--steps", type=int, default=8, help="IG n_steps (Captum default: 50)")
-    parser.add_argument("--samples", type=int, default=8, help="SmoothGrad samples (PAIR: 25)")
+    parser.add_argument("--steps", type=int, default=4, help="IG n_steps (Captum default: 50)")
+    parser.add_argument("--samples", type=int, default=4, help="SmoothGrad samples (PAIR: 25)")
     parser.add_argument("--sigma", type=float, default=0.5, help="SmoothGrad absolute stdev")
     parser.add_argument("--inner-batch", type=int, default=16,
                         help="images per forward for IG / SmoothGrad / Score-CAM (both libraries)")
@@ -254,8 +256,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                         help="'default' = the CAM layer; unset = a layer with fewer channels")
     parser.add_argument("--scorecam-repeats", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true")
+    add_timer_args(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    timer_line = setup_timer(args, device)
     header("Methods vs peers (pytorch-grad-cam, Captum) and vs the bare model", device)
     from importlib.metadata import version
 
@@ -263,11 +267,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
           f"batch {args.batch}, {args.size} px, IG steps {args.steps}, SmoothGrad samples "
           f"{args.samples}, inner batch {args.inner_batch}, repeats {args.repeats} "
           f"(iterative {args.iter_repeats}, Score-CAM {args.scorecam_repeats}), "
-          f"channels_last {args.channels_last}; {load_avg()}\n")
+          f"channels_last {args.channels_last}; {timer_line}; {load_avg()}\n")
     rows: list[dict[str, object]] = []
     for name in args.models.split(","):
-        rows.extend(bench_model(name, args, device))
-    table(rows)
+        model_rows = bench_model(name, args, device)
+        table(model_rows)  # one table per model, printed as soon as it is measured
+        sys.stdout.flush()
+        rows.extend(model_rows)
     print(f"after: {load_avg()}\n")
     return rows
 

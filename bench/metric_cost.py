@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import base_parser, header, inputs, interleaved, load_bench_model, table  # noqa: E402
+from bench.common import base_parser, header, inputs, load_bench_model, table  # noqa: E402
+from bench.timing import add_timer_args, measure, setup_timer  # noqa: E402
 
 NORM = {"lite0": ((127 / 255,) * 3, (128 / 255,) * 3)}
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -72,11 +73,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--max-batch", type=int, default=64, help="engine chunk size (default 64)")
     parser.add_argument("--no-naive", action="store_true", help="skip the slow naive loop")
+    add_timer_args(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    timer_line = setup_timer(args, device)
     header("Deletion + insertion cost: batched engine vs naive loop vs plain forwards", device)
     print(f"model {args.model}, batch {args.batch}, {args.size} px, steps {args.steps}, "
-          f"max_batch {args.max_batch}, repeats {args.repeats}; {load_avg()}\n")
+          f"max_batch {args.max_batch}, repeats {args.repeats}; {timer_line}; {load_avg()}\n")
 
     from workers.methods import build
     from workers.metrics import compute_model_metrics
@@ -116,14 +119,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     with torch.inference_mode():  # warm the chunk shapes once, cheaply
         model(chunk)
         model(x[:1])
-    times = interleaved(fns, device, repeats=args.repeats, warmup=0)
+    times = measure(fns, device, args.timer, repeats=args.repeats, warmup=0)
     check = ""
-    if not args.no_naive:
-        got = batched()
-        ref = naive_deletion_insertion(model, x, maps, t, args.steps)
+    if not args.no_naive:  # same AUCs? (first image only: the naive loop is slow)
+        got = compute_model_metrics(["deletion_auc", "insertion_auc"], forward, x[:1], maps[:1],
+                                    t[:1], {"steps": args.steps}, mean=mean, std=std,
+                                    max_batch=args.max_batch)
+        ref = naive_deletion_insertion(model, x[:1], maps[:1], t[:1], args.steps)
         diff = max(float((got["deletion_auc"] - ref[:, 0]).abs().max()),
                    float((got["insertion_auc"] - ref[:, 1]).abs().max()))
-        check = f"max |AUC batched - AUC naive| = {diff:.2e}"
+        check = f"max |AUC batched - AUC naive| = {diff:.2e} (image 0)"
     fwd_ms = 1000 * times["floor"] / n_floor
     rows = []
     for key in fns:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import base_parser, header, inputs, interleaved, load_bench_model, table  # noqa: E402
+from bench.common import base_parser, header, inputs, load_bench_model, table  # noqa: E402
+from bench.timing import add_timer_args, measure, setup_timer  # noqa: E402
 
 
 def load_avg() -> str:
@@ -48,10 +49,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--models", default="resnet50,lite0")
     parser.add_argument("--methods", default="gradcam,gradcam_pp,gradient")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
+    add_timer_args(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    timer_line = setup_timer(args, device)
     header("Precision (autocast) and channels_last: speed and map agreement", device)
-    print(f"batch {args.batch}, {args.size} px, repeats {args.repeats}; {load_avg()}\n")
+    print(f"batch {args.batch}, {args.size} px, repeats {args.repeats}; {timer_line}; {load_avg()}\n")
     from workers.methods import build
 
     rows = []
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                         unsupported[key] = f"{type(err).__name__}: {str(err)[:80]}"
                         continue
                     fns[key] = (lambda m=m, xi=xi, t=t: m(xi, t))
-        times = interleaved({str(k): f for k, f in fns.items()}, device, repeats=args.repeats,
-                            warmup=1)
+        times = measure({str(k): f for k, f in fns.items()}, device, args.timer,
+                        repeats=args.repeats, warmup=1)
         maps = {k: f() for k, f in fns.items()}
         for key in [*fns, *unsupported]:
             method, prec, cl = key

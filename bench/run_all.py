@@ -1,4 +1,4 @@
-"""Run every benchmark with small, CPU-friendly defaults and print their Markdown tables.
+"""Run every benchmark (with small, CPU-friendly sizes on a CPU) and print their Markdown tables.
 
     make bench                                   # = .venv/bin/python bench/run_all.py
     .venv/bin/python bench/run_all.py --only methods_vs_peers,precision --device cuda
@@ -21,6 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("methods_vs_peers", "pipeline_efficiency", "metric_cost", "scaling", "memory",
            "precision")
+# small sizes that keep the whole run around half an hour on a 2-core CPU (none on CUDA)
+CPU_DEFAULTS = {
+    "pipeline_efficiency": ["--images", "32", "--metric-images", "8"],
+    "metric_cost": ["--batch", "2"],
+    "scaling": ["--images", "32"],
+    "precision": ["--models", "resnet50", "--batch", "4", "--repeats", "1"],
+}
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py")]
             if args.device:
                 cmd += ["--device", args.device]
+            if (args.device or "cpu") == "cpu" and not torch_cuda():
+                cmd += CPU_DEFAULTS.get(name, [])
             cmd += extra.get(name, [])
             print(f"<!-- {' '.join(cmd[1:])} -->", flush=True)
             t0 = time.perf_counter()

@@ -233,9 +233,13 @@ class GuidedClamp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        # = where(active(out, upper) & (g > 0), g, 0) in two fused passes instead of six
+        # (bench/methods_vs_peers.py: the rule was ~25% of Guided Backprop's time on Lite0)
         (out,) = ctx.saved_tensors
-        keep = active(out, ctx.upper) & (g > 0)
-        return torch.where(keep, g, torch.zeros_like(g)), None
+        positive = g.clamp(min=0)
+        if ctx.upper is None:
+            return torch.ops.aten.threshold_backward(positive, out, 0), None
+        return torch.ops.aten.hardtanh_backward(positive, out, 0.0, float(ctx.upper)), None
 
 
 def percentile_threshold(scores: Tensor, q: float) -> Tensor:
