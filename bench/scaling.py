@@ -58,7 +58,7 @@ def measure(label: str, work: Path, sets: dict[str, list[str]], args, actors: in
             n: int) -> dict[str, object]:
     args.actors = actors
     tag = label.replace(" ", "_").replace(",", "")
-    args.images_of = {f"{tag}-warm": n, f"{tag}-n": n, f"{tag}-2n": 2 * n}
+    args.images_of = {f"{tag}-warm": 2 * args.batch, f"{tag}-n": n, f"{tag}-2n": 2 * n}
     run_pipeline(sets["w"], work, f"{tag}-warm", args, [])  # starts workers, loads the model
     t1 = run_pipeline(sets["a"], work, f"{tag}-n", args, [])
     t2 = run_pipeline(sets["b"], work, f"{tag}-2n", args, [])
