@@ -42,7 +42,7 @@ def test_all_fourteen_methods_in_one_job(tmp_path, ray_session, ray_cluster):
         "targets": "predicted",
         "metrics": [],
         "resources": {"batch_size": 2, "actors_per_unit": 1, "cpus_per_actor": 1,
-                      "units_in_parallel": 4},
+                      "units_in_parallel": 2},
     }
     job = tmp_path / "job.yaml"
     job.write_text(json.dumps(cfg))
