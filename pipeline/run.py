@@ -128,6 +128,30 @@ def gpus_per_actor(cfg: SalmapConfig) -> float:
     return float(value)
 
 
+def units_that_fit(cfg: SalmapConfig, wanted: int) -> int:
+    """How many units may execute at once: each holds ``actors_per_unit`` actors for its whole
+    execution, and one CPU must stay free for the read, decode and write tasks, or every
+    execution waits on the others (a hang, not an error)."""
+    import ray
+
+    res = dict(ray.cluster_resources())
+    try:  # an autoscaling cluster may grow to its configured maximum
+        from ray._private.state import state
+
+        for k, v in (state.get_max_resources_from_cluster_config() or {}).items():
+            res[k] = max(res.get(k, 0), v)
+    except Exception:  # noqa: BLE001 - private API; absent on local instances
+        pass
+    r = cfg.resources
+    fit = wanted
+    if r.cpus_per_actor > 0:
+        fit = min(fit, int((res.get("CPU", 1) - 1) // (r.actors_per_unit * r.cpus_per_actor)))
+    gpus = gpus_per_actor(cfg)
+    if gpus > 0:
+        fit = min(fit, int(res.get("GPU", 0) // (r.actors_per_unit * gpus)))
+    return max(1, min(wanted, fit))
+
+
 # -- one wave of one unit ---------------------------------------------------------------
 class _Decode:
     """Decode stage callable (a plain function object, so it runs as stateless CPU tasks)."""
@@ -438,7 +462,11 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
                 reporter.stop()
 
         todo = [(u, w) for u, w in plan if w]
-        parallel = max(1, min(cfg.resources.units_in_parallel, len(todo)))
+        wanted = max(1, min(cfg.resources.units_in_parallel, len(todo)))
+        parallel = units_that_fit(cfg, wanted) if wanted > 1 else 1
+        if parallel < wanted:
+            out(f"salmap: running {parallel} unit(s) at once, not {wanted}: the cluster's CPUs/GPUs "
+                "hold no more actor pools with a CPU left for reading")
         if parallel == 1:
             for unit, waves in todo:
                 run_unit(unit, waves)

@@ -137,6 +137,14 @@ def photo_batch(photos, lite0) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One two-node local Ray cluster for the whole test session (proves nothing assumes one node).
@@ -149,6 +157,7 @@ def ray_cluster():
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                        "dashboard_port": _free_port(),
                         "object_store_memory": 256 * 1024 * 1024},
     )
     cluster.add_node(num_cpus=2, object_store_memory=256 * 1024 * 1024)

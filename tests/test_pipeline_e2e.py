@@ -200,3 +200,13 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
     assert table.layer.iloc[0] == "original" and len(table) > 2
     assert table.spearman_mean.iloc[-1] < 0.9  # randomizing the whole net changes gradient maps
     assert (tmp_path / "runs" / "demo" / "sanity" / "efficientnet_lite0__gradient.png").stat().st_size > 0
+
+
+def test_units_in_parallel_is_capped_to_what_the_cluster_holds(ray_session):
+    from pipeline.config import load_config
+    from pipeline.run import units_that_fit
+
+    cfg = load_config("configs/demo.yaml", ["resources.units_in_parallel=8", "resources.gpus_per_actor=0"])
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    assert units_that_fit(cfg, 8) == cpus - 1  # one actor CPU per unit, one CPU left for reads
+    assert units_that_fit(cfg, 2) == min(2, cpus - 1)
