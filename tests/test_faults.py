@@ -250,3 +250,25 @@ def test_out_of_memory_splits_the_batch_down_to_one_sample(monkeypatch):
     errors = dict(zip(out["sample_id"], out["error"]))
     assert [k for k, v in status.items() if v != "ok"] == ["s/k3"]
     assert "out of memory even for a single sample" in errors["s/k3"]
+
+
+def test_a_failing_torch_compile_falls_back_to_eager(monkeypatch):
+    """torch.compile fails lazily, at the first call; the actor then runs eager, same rows."""
+    from pipeline.decode import DecodeSpec, decode_batch
+    from workers.actor import ActorSpec, Explainer
+
+    def broken_compile(model, **kw):
+        def compiled(x):
+            raise RuntimeError("backend compiler failed (simulated)")
+        return compiled
+
+    rows = [{"__key__": f"k{i}", "__url__": "s.tar", "jpg": jpeg_bytes(i)} for i in range(3)]
+    batch = decode_batch(rows, DecodeSpec(("jpg",), "cls", "json", 32, 36, 10**8))
+    model = {"name": "r18", "source": "torchvision:resnet18", "weights": "none", "input_size": 32}
+    eager = Explainer(ActorSpec(model=model, method="gradcam", metrics={"deletion_auc": {}}))(batch)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    spec = ActorSpec(model=model, method="gradcam", metrics={"deletion_auc": {}}, compile=True)
+    out = Explainer(spec)(batch)
+    assert list(out["status"]) == ["ok"] * 3
+    np.testing.assert_allclose(out["target_logit"], eager["target_logit"], rtol=1e-5)
+    np.testing.assert_allclose(out["deletion_auc"], eager["deletion_auc"], rtol=1e-5)

@@ -302,3 +302,34 @@ def test_pretrained_lite0_on_photos(name, lite0, photo_batch):
     assert maps.dim() == 3 and maps.shape[0] == images.shape[0]
     assert torch.isfinite(maps).all()
     assert (maps.flatten(1).std(1) > 0).all()
+
+
+class _ReusedActivation(torch.nn.Module):
+    """One ReLU module called at the stem and at the head, like EfficientNet-Lite's _swish."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.mid = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
+        self.act = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.mid(self.act(self.stem(x)))
+        return self.fc(self.act(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradcam_pp", "layercam"])
+def test_a_reused_target_layer_is_cut_at_its_last_call_only(name):
+    torch.manual_seed(0)
+    model = _ReusedActivation().eval().requires_grad_(False)
+    records = []
+    model.mid.register_forward_hook(lambda m, i, o: records.append(o.requires_grad))
+    method = build(name, model, target_layer="act")
+    x = torch.randn(2, 3, 12, 12)
+    first = method(x, [0, 2])
+    second = method(x, [0, 2])
+    torch.testing.assert_close(first, second)
+    assert first.shape == (2, 6, 6)  # the head call's activation
+    # once the call count is known, nothing below the head call records a graph
+    assert records[-1] is False

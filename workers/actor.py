@@ -9,6 +9,7 @@ the batch in half and retries, down to one sample.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from torch import Tensor
 
 from . import methods as method_registry
 from .models import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
 
 PASS_THROUGH = (
     "sample_id", "shard", "key", "orig_height", "orig_width", "resized_h", "resized_w",
@@ -96,19 +99,30 @@ class Explainer:
 
     # -- setup -------------------------------------------------------------------------
     def _make_forward(self):
-        model = self.model
-        if self.spec.compile:
-            try:
-                model = torch.compile(model)
-            except Exception:  # noqa: BLE001 - eager fallback
-                model = self.model
+        """The no-grad forward of predictions and metrics (autocast to ``precision``; with
+        ``compile``, ``torch.compile``d, falling back to eager for good if compiling fails:
+        compilation is lazy, so a failure shows only at the first call)."""
+        eager = self.model
+        compiled = [torch.compile(eager)] if self.spec.compile else []
         dtype = method_registry.PRECISIONS.get(self.spec.precision)
 
-        def forward(x: Tensor) -> Tensor:
+        def run(model, x: Tensor) -> Tensor:
             if dtype is None:
                 return model(x).float()
             with torch.autocast(device_type=x.device.type, dtype=dtype):
                 return model(x).float()
+
+        def forward(x: Tensor) -> Tensor:
+            if compiled:
+                try:
+                    return run(compiled[0], x)
+                except Exception as err:  # noqa: BLE001 - any compiler failure: eager from now on
+                    if is_oom(err):
+                        raise
+                    log.warning("torch.compile failed (%s: %s); running eager",
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    compiled.clear()
+            return run(eager, x)
 
         return forward
 
@@ -248,6 +262,8 @@ class Explainer:
             values = compute_model_metrics(
                 names, self.forward_fn, x, maps, targets, params,
                 mean=tuple(self.loaded.preprocess.mean), std=tuple(self.loaded.preprocess.std),
+                # a CPU runs small chunks faster (cache); a GPU wants large ones
+                max_batch=8 if self.device.type == "cpu" else 64,
             )
         except Exception as err:  # noqa: BLE001
             if is_oom(err):

@@ -28,6 +28,7 @@ class CAMMethod(Method):
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None) -> None:
         super().__init__(model)
         self.target_layer_name, self.target_layer = resolve_layer(model, target_layer)
+        self._calls_per_forward: int | None = None  # learnt on the first cut forward
 
     # -- what each method supplies ------------------------------------------------------
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
@@ -51,13 +52,22 @@ class CAMMethod(Method):
         def shield(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor | None:
             return out.clone() if isinstance(out, Tensor) else None
 
-        with capture_output(self.target_layer, cut_graph=cut_graph) as cap:
-            # registered after the capture's hook, so it copies the captured tensor
-            handle = self.target_layer.register_forward_hook(shield)
-            try:
-                logits = self.forward(x)
-            finally:
-                handle.remove()
+        def run(cut_call: int | None):
+            with capture_output(self.target_layer, cut_graph=cut_graph, cut_call=cut_call) as cap:
+                # registered after the capture's hook, so it copies the captured tensor
+                handle = self.target_layer.register_forward_hook(shield)
+                try:
+                    logits = self.forward(x)
+                finally:
+                    handle.remove()
+            return logits, cap
+
+        # a re-used layer is cut at its last call only, once that call's index is known
+        logits, cap = run(self._calls_per_forward if cut_graph else None)
+        if cut_graph and cap.calls != self._calls_per_forward:
+            if self._calls_per_forward is not None:  # the call count changed: cut every call
+                logits, cap = run(None)
+            self._calls_per_forward = cap.calls
         act = cap.activation
         if act is None:
             raise MethodError(

@@ -68,12 +68,15 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture_output(layer: nn.Module, *, cut_graph: bool = False) -> Iterator[Capture]:
+def capture_output(layer: nn.Module, *, cut_graph: bool = False,
+                   cut_call: int | None = None) -> Iterator[Capture]:
     """Record ``layer``'s output (its last call) while inside; the hook is always removed.
 
     With ``cut_graph=True`` the output is replaced by a detached copy that requires grad,
     so a backward from the logits stops at this layer (CAM methods never backpropagate
-    below their target layer, and need no input gradient).
+    below their target layer, and need no input gradient). ``cut_call`` (1-based) cuts only
+    that call of a module the forward re-uses (EfficientNet-Lite's ``_swish`` runs at the
+    stem and at the head): cutting every call would record a graph from the first one on.
     """
     cap = Capture()
 
@@ -81,7 +84,7 @@ def capture_output(layer: nn.Module, *, cut_graph: bool = False) -> Iterator[Cap
         if not isinstance(output, Tensor):
             raise MethodError(f"target layer {type(_module).__name__} does not output a tensor")
         cap.calls += 1
-        if cut_graph:
+        if cut_graph and (cut_call is None or cap.calls == cut_call):
             output = output.detach().requires_grad_(True)
             cap.activation = output
             return output
