@@ -128,6 +128,13 @@ def gpus_per_actor(cfg: SalmapConfig) -> float:
     return float(value)
 
 
+# CPU asks of the stages around the actors. Read, post and write mostly wait on I/O; keeping
+# them small matters on small nodes: Ray places a task on one node, so a 1-CPU task cannot
+# start on two 1-CPU nodes that each hold a 0.5-CPU actor, and the execution waits forever.
+IO_TASK_CPUS = 0.25
+DECODE_TASK_CPUS = 0.5
+
+
 def units_that_fit(cfg: SalmapConfig, wanted: int) -> int:
     """How many units may execute at once: each holds ``actors_per_unit`` actors for its whole
     execution, and one CPU must stay free for the read, decode and write tasks, or every
@@ -223,14 +230,15 @@ def execute_wave(cfg: SalmapConfig, unit: Unit, wave: Wave, store: Store, model_
     in_fs, _ = open_filesystem(wave.shards[0], cfg.storage)
     paths = [s[len("s3://"):] if s.startswith("s3://") else s for s in wave.shards]
     ds = ray.data.read_webdataset(paths, filesystem=in_fs, decoder=None,
-                                  override_num_blocks=len(paths))
+                                  override_num_blocks=len(paths),
+                                  ray_remote_args={"num_cpus": IO_TASK_CPUS})
     dspec = DecodeSpec(
         image_keys=tuple(cfg.input.image_keys), label_key=cfg.input.label_key,
         boxes_key=cfg.input.boxes_key, crop=model_pre.crop, resize=model_pre.resize,
         max_pixels=cfg.input.max_pixels,
     )
     ds = ds.map_batches(_Decode(dspec), batch_format="pandas",
-                        batch_size=cfg.resources.decode_batch_size, num_cpus=0.5)
+                        batch_size=cfg.resources.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
     spec = ActorSpec(
         model={"name": unit.model.name, "source": unit.model.source, "weights": unit.model.weights,
                "target_layer": unit.model.target_layer, "input_size": unit.model.input_size,
@@ -256,10 +264,11 @@ def execute_wave(cfg: SalmapConfig, unit: Unit, wave: Wave, store: Store, model_
                                             "crop": model_pre.crop, "resize": model_pre.resize}),
     }
     ds = ds.map_batches(_Post(post_metrics, curves, metadata, progress), batch_format="numpy",
-                        batch_size=64, num_cpus=0.5)
+                        batch_size=64, num_cpus=IO_TASK_CPUS)
     out_fs, out_root = open_filesystem(store.url(f"{unit.data_prefix}/wave={wave.id}"), cfg.storage)
     ds.write_parquet(out_root, filesystem=out_fs, mode="overwrite",
-                     filename_provider=_filename_provider(), compression="zstd")
+                     filename_provider=_filename_provider(), compression="zstd",
+                     ray_remote_args={"num_cpus": IO_TASK_CPUS})
     return reconcile(store, unit, wave, time.time() - t0, index)
 
 
