@@ -57,7 +57,7 @@ def actor_threads(cpus: float) -> int:
 def measure(label: str, work: Path, sets: dict[str, list[str]], args, actors: int,
             n: int) -> dict[str, object]:
     args.actors = actors
-    tag = label.replace(" ", "_").replace(",", "")
+    tag = f"{label}-{actors}a".replace(" ", "_").replace(",", "")  # a fresh run id per set-up
     args.images_of = {f"{tag}-warm": 2 * args.batch, f"{tag}-n": n, f"{tag}-2n": 2 * n}
     run_pipeline(sets["w"], work, f"{tag}-warm", args, [])  # starts workers, loads the model
     t1 = run_pipeline(sets["a"], work, f"{tag}-n", args, [])

@@ -230,8 +230,7 @@ def execute_wave(cfg: SalmapConfig, unit: Unit, wave: Wave, store: Store, model_
     in_fs, _ = open_filesystem(wave.shards[0], cfg.storage)
     paths = [s[len("s3://"):] if s.startswith("s3://") else s for s in wave.shards]
     ds = ray.data.read_webdataset(paths, filesystem=in_fs, decoder=None,
-                                  override_num_blocks=len(paths),
-                                  ray_remote_args={"num_cpus": IO_TASK_CPUS})
+                                  override_num_blocks=len(paths), num_cpus=IO_TASK_CPUS)
     dspec = DecodeSpec(
         image_keys=tuple(cfg.input.image_keys), label_key=cfg.input.label_key,
         boxes_key=cfg.input.boxes_key, crop=model_pre.crop, resize=model_pre.resize,
