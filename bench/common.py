@@ -8,6 +8,7 @@ little, ratios measured back to back mean more.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -29,6 +30,12 @@ def versions() -> str:
     import torchvision
 
     return f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+
+
+def load_avg() -> str:
+    """The 1/5/15-minute load averages and the CPU count, for a benchmark's header line."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 def header(title: str, device: torch.device) -> None:
@@ -79,9 +86,10 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 3,
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3,
-                warmup: int = 1) -> dict[str, float]:
+                warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median times of several callables measured round-robin, so that load changes on a shared
-    machine hit all of them alike."""
+    machine hit all of them alike; ``clock``: wall time, or e.g. ``time.process_time``."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -89,10 +97,10 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

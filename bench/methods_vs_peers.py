@@ -45,19 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import base_parser, header, inputs, load_bench_model, table  # noqa: E402
-from bench.timing import add_timer_args, measure, setup_timer  # noqa: E402
+from bench.common import base_parser, inputs, load_avg, load_bench_model, table  # noqa: E402
+from bench.timing import measure, parse_timed_args  # noqa: E402
 
 CAM = ("gradcam", "gradcam_pp", "layercam")
 GRADIENT = ("gradient", "guided_backprop")
 ITERATIVE = ("integrated_gradients", "smoothgrad")
 ALL = (*CAM, "scorecam", *GRADIENT, *ITERATIVE)
 SCORECAM_LAYER = {"resnet50": "relu", "lite0": "_blocks.3", "resnet18": "relu"}
-
-
-def load_avg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 def prepare_model(name: str, device: torch.device) -> tuple[nn.Module, str]:
@@ -256,11 +251,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                         help="'default' = the CAM layer; unset = a layer with fewer channels")
     parser.add_argument("--scorecam-repeats", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true")
-    add_timer_args(parser)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    timer_line = setup_timer(args, device)
-    header("Methods vs peers (pytorch-grad-cam, Captum) and vs the bare model", device)
+    args, device, timer_line = parse_timed_args(
+        parser, argv, "Methods vs peers (pytorch-grad-cam, Captum) and vs the bare model")
     from importlib.metadata import version
 
     print(f"captum {version('captum')}, grad-cam {version('grad-cam')}; "

@@ -17,7 +17,6 @@ Goal (issue 6): batched within 1.3x of 57 plain forwards.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,16 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import base_parser, header, inputs, load_bench_model, table  # noqa: E402
-from bench.timing import add_timer_args, measure, setup_timer  # noqa: E402
+from bench.common import base_parser, inputs, load_avg, load_bench_model, table  # noqa: E402
+from bench.timing import measure, parse_timed_args  # noqa: E402
 
 NORM = {"lite0": ((127 / 255,) * 3, (128 / 255,) * 3)}
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def load_avg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 def naive_deletion_insertion(model, images, maps, targets, steps: int = 28) -> torch.Tensor:
@@ -73,11 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--max-batch", type=int, default=64, help="engine chunk size (default 64)")
     parser.add_argument("--no-naive", action="store_true", help="skip the slow naive loop")
-    add_timer_args(parser)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    timer_line = setup_timer(args, device)
-    header("Deletion + insertion cost: batched engine vs naive loop vs plain forwards", device)
+    args, device, timer_line = parse_timed_args(
+        parser, argv, "Deletion + insertion cost: batched engine vs naive loop vs plain forwards")
     print(f"model {args.model}, batch {args.batch}, {args.size} px, steps {args.steps}, "
           f"max_batch {args.max_batch}, repeats {args.repeats}; {timer_line}; {load_avg()}\n")
 

@@ -36,17 +36,12 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import base_parser, header, table  # noqa: E402
+from bench.common import base_parser, header, load_avg, table  # noqa: E402
 
 MODEL_METRICS = ["deletion_auc", "insertion_auc", "average_drop", "confidence_increase"]
 POST_METRICS = ["pointing_game", "energy_pointing", "gini", "pseudo_box", "pseudo_mask", "box_iou"]
 SOURCES = {"lite0": ("efficientnet_lite0", None), "resnet18": ("torchvision:resnet18", "none"),
            "resnet50": ("torchvision:resnet50", "none")}
-
-
-def load_avg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 def jpeg(seed: int, size: int) -> bytes:

@@ -17,7 +17,6 @@ tried and reported as unsupported if it fails.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,13 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import base_parser, header, inputs, load_bench_model, table  # noqa: E402
-from bench.timing import add_timer_args, measure, setup_timer  # noqa: E402
-
-
-def load_avg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} CPUs)"
+from bench.common import base_parser, inputs, load_avg, load_bench_model, table  # noqa: E402
+from bench.timing import measure, parse_timed_args  # noqa: E402
 
 
 def agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
@@ -49,11 +43,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--models", default="resnet50,lite0")
     parser.add_argument("--methods", default="gradcam,gradcam_pp,gradient")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
-    add_timer_args(parser)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    timer_line = setup_timer(args, device)
-    header("Precision (autocast) and channels_last: speed and map agreement", device)
+    args, device, timer_line = parse_timed_args(
+        parser, argv, "Precision (autocast) and channels_last: speed and map agreement")
     print(f"batch {args.batch}, {args.size} px, repeats {args.repeats}; {timer_line}; {load_avg()}\n")
     from workers.methods import build
 

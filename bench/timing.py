@@ -11,13 +11,12 @@ is :func:`bench.common.interleaved` (median wall time; use it on an idle machine
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from bench.common import interleaved, sync
+from bench.common import header, interleaved
 
 
 def add_timer_args(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +40,17 @@ def setup_timer(args: argparse.Namespace, device: torch.device) -> str:
 def measure(fns: dict[str, Callable[[], object]], device: torch.device, timer: str,
             repeats: int = 3, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each callable, measured round-robin."""
-    if timer == "wall":
-        return interleaved(fns, device, repeats=repeats, warmup=warmup)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            sync(device)
-            times[key].append(time.process_time() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    clock = time.perf_counter if timer == "wall" else time.process_time
+    return interleaved(fns, device, repeats=repeats, warmup=warmup, clock=clock)
+
+
+def parse_timed_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                     title: str) -> tuple[argparse.Namespace, torch.device, str]:
+    """Add the timer options, parse ``argv``, set up the timer and print the header: the
+    arguments, the device and the timer's line for the header."""
+    add_timer_args(parser)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    timer_line = setup_timer(args, device)
+    header(title, device)
+    return args, device, timer_line

@@ -165,25 +165,12 @@ def main() -> None:
         ranked = r18(x).argsort(dim=1, descending=True)
     run("resnet18", r18, x, ranked[torch.arange(3), torch.arange(3)], "layer3", "layer1", 2)
 
-    import skimage.data as data
-    from PIL import Image
+    from lite0_photos import photos
 
     from workers.models import load_model
 
     lite = load_model("efficientnet_lite0")
-    p = lite.preprocess
-    imgs = []
-    for name in ("chelsea", "coffee", "astronaut", "rocket"):
-        img = Image.fromarray(getattr(data, name)()).convert("RGB")
-        w, h = img.size
-        s = p.resize / min(w, h)
-        img = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - p.crop) // 2, (h - p.crop) // 2
-        img = img.crop((left, top, left + p.crop, top + p.crop))
-        t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
-        imgs.append((t - torch.tensor(p.mean).view(3, 1, 1)) / torch.tensor(p.std).view(3, 1, 1))
-    x = torch.stack(imgs)
+    x = photos(lite)
     model = copy.deepcopy(lite.model)
     # the head activation is one re-used ReLU6 module (``_swish``), which pytorch-grad-cam
     # would capture at every call: wrap the head BN with its own (idempotent) ReLU6 so that

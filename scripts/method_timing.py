@@ -20,27 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lite0_photos import photos  # noqa: E402
+
 from workers.methods import build, names  # noqa: E402
-
-
-def photos(lite):
-    import numpy as np
-    import skimage.data as data
-    from PIL import Image
-
-    p = lite.preprocess
-    out = []
-    for name in ("chelsea", "coffee", "astronaut", "rocket"):
-        img = Image.fromarray(getattr(data, name)()).convert("RGB")
-        w, h = img.size
-        s = p.resize / min(w, h)
-        img = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - p.crop) // 2, (h - p.crop) // 2
-        img = img.crop((left, top, left + p.crop, top + p.crop))
-        t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
-        out.append((t - torch.tensor(p.mean).view(3, 1, 1)) / torch.tensor(p.std).view(3, 1, 1))
-    return torch.stack(out)
 
 
 def timed(fn, repeat: int = 1) -> float:

@@ -55,6 +55,17 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def bias_free_relu_net() -> nn.Module:
+    """A seeded bias-free conv/ReLU/max-pool net ending in a bias-free linear layer, in eval."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4, bias=False),
+    ).eval()
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread_in_method_tests(request):
     """One torch thread in the saliency-method tests: their ops are small, and on a shared

@@ -14,6 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bias_free_relu_net
+from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 
 from workers.methods import MethodError, build
@@ -22,60 +24,6 @@ METHODS = ["guided_backprop", "rectgrad", "nobias_rectgrad"]
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def count_hooks(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        + len(m._backward_pre_hooks) + len(m._forward_hooks_with_kwargs)
-        for m in model.modules()
-    )
-
-
-def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
-    """Everything a method could change: modules, flags, parameters, hooks, outputs."""
-    training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-    model.train(training)
-    return {
-        "training": training,
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": count_hooks(model),
-        "out": out,
-    }
-
-
-def assert_restored(model: nn.Module, before: dict, x: torch.Tensor) -> None:
-    after = snapshot(model, x)
-    for key in ("training", "modules", "inplace", "requires_grad", "hooks"):
-        assert after[key] == before[key], key
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
-    assert torch.equal(after["out"], before["out"])
-    assert all(p.grad is None for p in model.parameters())
-
-
-def mixed_state(model: nn.Module) -> nn.Module:
-    """A private copy in train mode with some parameters trainable, to see it restored."""
-    model = copy.deepcopy(model).train()
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i % 3 != 0)
-    return model
-
-
-def bias_free_relu_net() -> nn.Module:
-    torch.manual_seed(2)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4, bias=False),
-    ).eval()
-
-
 def not_inplace(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for m in model.modules():

@@ -6,11 +6,11 @@ one-by-one with a different target per sample, and the model is left exactly as 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from conftest import bias_free_relu_net
+from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 
 from workers.methods import build
@@ -28,16 +28,6 @@ FAST = {
 def linear_model(c: int = 3, h: int = 4, w: int = 4, classes: int = 3, bias: bool = True):
     torch.manual_seed(1)
     return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, classes, bias=bias)).eval()
-
-
-def bias_free_relu_net() -> nn.Module:
-    torch.manual_seed(2)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4, bias=False),
-    ).eval()
 
 
 # -- vanilla gradient -------------------------------------------------------------------------
@@ -192,43 +182,13 @@ def test_ig_rejects_bad_parameters(tiny_model):
 
 
 # -- the contract, for every method on two architectures ----------------------------------------
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": model.training,
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modules": [type(m) for m in model.modules()],
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                     for m in model.modules()),
-    }
-
-
-def assert_restored(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["training"] == before["training"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["modules"] == before["modules"]
-    assert after["hooks"] == before["hooks"]
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k  # BN running stats untouched: ran in eval
-    assert all(p.grad is None for p in model.parameters())
-
-
-def mixed_state(model: nn.Module) -> nn.Module:
-    """A private copy in train mode with some parameters frozen, to see it restored exactly."""
-    model = copy.deepcopy(model).train()
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i % 3 != 0)
-    return model
-
-
 @pytest.mark.parametrize("name", list(FAST))
 @pytest.mark.parametrize("arch", ["tiny_model", "resnet18"])
 def test_batch_equals_one_by_one_and_model_is_restored(name, arch, request):
     model = mixed_state(request.getfixturevalue(arch))
-    before = snapshot(model)
     torch.manual_seed(5)
     x = torch.randn(3, 3, 32, 32)
+    before = snapshot(model, x)
     targets = torch.tensor([0, 3, 1])
     method = build(name, model, **FAST[name])
     maps = method(x, targets)
@@ -240,17 +200,18 @@ def test_batch_equals_one_by_one_and_model_is_restored(name, arch, request):
     # targets matter: another target gives another map
     assert not torch.allclose(method(x[:1], [2]), maps[:1])
     assert not x.requires_grad and x.grad is None
-    assert_restored(model, before)
+    assert_restored(model, before, x)
 
 
 @pytest.mark.parametrize("name", list(FAST))
 def test_model_restored_when_the_method_raises(name, tiny_model):
     model = mixed_state(tiny_model)
-    before = snapshot(model)
+    x = torch.randn(2, 3, 16, 16)
+    before = snapshot(model, x)
     method = build(name, model, **FAST[name])
     with pytest.raises((RuntimeError, IndexError)):
-        method(torch.randn(2, 3, 16, 16), [0, 99])  # class 99 does not exist
-    assert_restored(model, before)
+        method(x, [0, 99])  # class 99 does not exist
+    assert_restored(model, before, x)
 
 
 @pytest.mark.parametrize("name", list(FAST))

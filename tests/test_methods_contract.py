@@ -15,11 +15,10 @@ architecture's default target layer), and the iterative methods never put more t
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import randomize_bn
+from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 
 from workers.methods import MethodError, build, get_class, names
@@ -56,54 +55,6 @@ def case(name: str, arch: str) -> tuple[dict, int]:
 
 
 # -- the model state a method must leave as found ----------------------------------------------
-def count_hooks(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        + len(m._backward_pre_hooks) + len(m._forward_hooks_with_kwargs)
-        + len(m._forward_pre_hooks_with_kwargs) + len(m._state_dict_hooks)
-        for m in model.modules()
-    )
-
-
-def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
-    probe = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        out = probe(x)
-    return {
-        "training": [m.training for m in model.modules()],
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "hooks": count_hooks(model),
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "out": out,
-    }
-
-
-def assert_restored(model: nn.Module, before: dict, x: torch.Tensor) -> None:
-    after = snapshot(model, x)
-    for key in ("training", "modules", "inplace", "requires_grad", "hooks"):
-        assert after[key] == before[key], key
-    for g0, g1 in zip(before["grads"], after["grads"], strict=True):
-        assert (g0 is None and g1 is None) or torch.equal(g0, g1), "a .grad changed"
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
-    assert torch.equal(after["out"], before["out"])
-
-
-def mixed_state(model: nn.Module) -> nn.Module:
-    """A private copy in train mode, a third of the parameters frozen, and two parameters with
-    a ``.grad`` left over from a (pretend) training step."""
-    model = copy.deepcopy(model).train()
-    params = list(model.parameters())
-    for i, p in enumerate(params):
-        p.requires_grad_(i % 3 != 0)
-    for p in (params[1], params[-1]):
-        p.grad = torch.full_like(p, 0.25)
-    return model
-
-
 class GradWatch:
     """Records, at every forward call of the model, whether any parameter requires grad."""
 
@@ -119,7 +70,7 @@ class GradWatch:
 @pytest.mark.parametrize("name", names())
 def test_batch_equals_one_by_one_and_the_model_is_left_as_found(name, arch, request):
     params, px = case(name, arch)
-    model = mixed_state(request.getfixturevalue(arch))
+    model = mixed_state(request.getfixturevalue(arch), leftover_grads=True)
     torch.manual_seed(5)
     x = torch.randn(3, 3, px, px)
     x0 = x.clone()
@@ -147,7 +98,7 @@ def test_batch_equals_one_by_one_and_the_model_is_left_as_found(name, arch, requ
 @pytest.mark.parametrize("name", names())
 def test_the_model_is_left_as_found_when_the_method_raises(name, arch, request):
     params, px = case(name, arch)
-    model = mixed_state(request.getfixturevalue(arch))
+    model = mixed_state(request.getfixturevalue(arch), leftover_grads=True)
     x = torch.randn(2, 3, px, px)
     before = snapshot(model, x)
     with pytest.raises((RuntimeError, IndexError, MethodError)):

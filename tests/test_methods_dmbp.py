@@ -3,26 +3,14 @@ the [R1] loss doing what it is meant to, batch independence, determinism, model 
 
 from __future__ import annotations
 
-import copy
-import hashlib
-
 import pytest
 import torch
+from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 from torch.nn import functional as F
 
 from workers.methods import MethodError, build
 from workers.methods.dmbp import DMBP, display_map
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch: these are tiny ops, and the CPU is shared (2 threads on a busy
-    2-core machine ran these tests up to 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -191,34 +179,6 @@ def test_deterministic_for_a_seed(tiny_model):
     assert torch.equal(plain(0), plain(1))
 
 
-def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
-    """Everything a method must leave as found (outputs measured on an eval-mode copy)."""
-    probe = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        out = probe(x)
-    digest = hashlib.sha1()
-    for v in model.state_dict().values():
-        digest.update(v.detach().contiguous().numpy().tobytes())
-    return {
-        "training": model.training,
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad_is_none": all(p.grad is None for p in model.parameters()),
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                     + len(m._backward_pre_hooks) for m in model.modules()),
-        "state": digest.hexdigest(),
-        "out": out.numpy().tobytes(),
-    }
-
-
-def mixed_state(model: nn.Module) -> nn.Module:
-    """A private copy in train mode with a third of the parameters frozen."""
-    model = copy.deepcopy(model).train()
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i % 3 != 0)
-    return model
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_model_left_as_found_also_after_an_error(arch, request):
     model = mixed_state(request.getfixturevalue(arch))
@@ -226,10 +186,10 @@ def test_model_left_as_found_also_after_an_error(arch, request):
     before = snapshot(model, x)
     maps = build("dmbp", model, steps=2)(x, torch.tensor([1, 9]))
     assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all()
-    assert snapshot(model, x) == before
+    assert_restored(model, before, x)
     with pytest.raises((IndexError, RuntimeError)):  # class 99: fails with the hooks in place
         build("dmbp", model, steps=2)(x, torch.tensor([1, 99]))
-    assert snapshot(model, x) == before
+    assert_restored(model, before, x)
 
 
 class FoldedBatch(nn.Module):

@@ -3,11 +3,9 @@ hierarchy, batch independence, deletion), determinism, the options, model hygien
 
 from __future__ import annotations
 
-import copy
-import hashlib
-
 import pytest
 import torch
+from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 
 from workers.methods import MethodError, build
@@ -17,16 +15,6 @@ H = 32
 BOX_A = (slice(4, 14), slice(4, 14))  # 100 px of 1024
 BOX_B = (slice(20, 28), slice(18, 28))  # 80 px
 FAST = dict(benchmark_sizes=(2, 4), auxiliary_sizes=(8,), steps=3, stages=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch: these are tiny ops, and the CPU is shared (2 threads on a busy
-    2-core machine ran these tests up to 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def box_weight(box: tuple[slice, slice]) -> torch.Tensor:
@@ -227,33 +215,6 @@ def test_bad_parameters(tiny_model):
 
 
 # -- the contract -----------------------------------------------------------------------------
-def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
-    probe = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        out = probe(x)
-    digest = hashlib.sha1()
-    for v in model.state_dict().values():
-        digest.update(v.detach().contiguous().numpy().tobytes())
-    return {
-        "training": model.training,
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad_is_none": all(p.grad is None for p in model.parameters()),
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                     + len(m._backward_pre_hooks) for m in model.modules()),
-        "state": digest.hexdigest(),
-        "out": out.numpy().tobytes(),
-    }
-
-
-def mixed_state(model: nn.Module) -> nn.Module:
-    """A private copy in train mode with a third of the parameters frozen."""
-    model = copy.deepcopy(model).train()
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i % 3 != 0)
-    return model
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_model_left_as_found_also_after_an_error(arch, request):
     model = mixed_state(request.getfixturevalue(arch))
@@ -262,10 +223,10 @@ def test_model_left_as_found_also_after_an_error(arch, request):
     kw = dict(benchmark_sizes=(2,), auxiliary_sizes=(4,), steps=2, stages=2)
     maps = build("hdm", model, **kw)(x, [1, 9])
     assert maps.shape == (2, H, H) and torch.isfinite(maps).all()
-    assert snapshot(model, x) == before
+    assert_restored(model, before, x)
     with pytest.raises((IndexError, RuntimeError)):  # class 99 fails inside the first phase
         build("hdm", model, consistency="target", **kw)(x, [1, 99])
-    assert snapshot(model, x) == before
+    assert_restored(model, before, x)
 
 
 def test_pretrained_lite0_photos(lite0, photo_batch):

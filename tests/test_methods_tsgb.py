@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 
 from workers.methods import MethodError, build
@@ -20,48 +21,6 @@ from workers.methods.tsgb import TSGBConv
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def count_hooks(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        + len(m._backward_pre_hooks) + len(m._forward_hooks_with_kwargs)
-        for m in model.modules()
-    )
-
-
-def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
-    training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-    model.train(training)
-    return {
-        "training": training,
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": count_hooks(model),
-        "out": out,
-    }
-
-
-def assert_restored(model: nn.Module, before: dict, x: torch.Tensor) -> None:
-    after = snapshot(model, x)
-    for key in ("training", "modules", "inplace", "requires_grad", "hooks"):
-        assert after[key] == before[key], key
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
-    assert torch.equal(after["out"], before["out"])
-    assert all(p.grad is None for p in model.parameters())
-
-
-def mixed_state(model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(model).train()
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i % 3 != 0)
-    return model
-
-
 def fold_bn(model: nn.Module) -> nn.Module:
     """A copy with every BatchNorm folded into the conv before it (``convK``/``bnK`` or
     ``seq[i-1]``/``seq[i]``) and replaced by ``nn.Identity``."""
