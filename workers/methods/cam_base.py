@@ -62,7 +62,12 @@ class CAMMethod(Method):
                     handle.remove()
             return logits, cap
 
-        # a re-used layer is cut at its last call only, once that call's index is known
+        # a re-used layer is cut at its last call only: count its calls once, on one sample
+        # without a graph (a fraction of one forward, paid on the first batch only)
+        if cut_graph and self._calls_per_forward is None:
+            with torch.no_grad(), capture_output(self.target_layer) as probe:
+                self.forward(x[:1])
+            self._calls_per_forward = probe.calls or None
         logits, cap = run(self._calls_per_forward if cut_graph else None)
         if cut_graph and cap.calls != self._calls_per_forward:
             if self._calls_per_forward is not None:  # the call count changed: cut every call
