@@ -62,7 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summaries(result.units)
     except ImportError:
         pass
-    if cfg.run.report and result.did_work:
+    print(f"\nread it:  from pipeline.read import read_run\n"
+          f"          df = read_run({result.output!r}).to_table().to_pandas()\n"
+          f"   or:    salmap read {result.output}")
+    if cfg.run.report and result.did_work:  # the report's path is the last line
         try:
             from .report import write_report
 
@@ -72,10 +75,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             pass
         except Exception as err:  # noqa: BLE001 - the report never fails a run
             print(f"salmap: report not written: {type(err).__name__}: {err}", file=sys.stderr)
-    print(f"\nread it:  import pyarrow.dataset as ds, pandas as pd\n"
-          f"          from pipeline.read import read_run\n"
-          f"          df = read_run({result.output!r}).to_table().to_pandas()\n"
-          f"   or:    salmap read {result.output}")
     for f in result.failures:
         print(f"salmap: FAILED {f}", file=sys.stderr)
     return EXIT_INCOMPLETE if result.failures else EXIT_OK

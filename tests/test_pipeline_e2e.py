@@ -178,8 +178,11 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
     write_demo_shards(str(data), names=photos)
     env = {"SALMAP_DEMO_DATA": str(data)}
     proc = _cli("run", "configs/demo.yaml", f"run.output={tmp_path / 'runs'}", f"ray.address={ray_cluster}",
-                "run.report=false", env=env)
+                env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]  # the demo ends with the report's path
+    assert last.startswith("report: ") and last.endswith("index.html"), last
+    assert (tmp_path / "runs" / "demo" / "report" / "index.html").is_file()
     assert "efficientnet_lite0__gradcam_pp" in proc.stdout and "images/s" in proc.stdout
     assert "summary (mean [95% bootstrap CI]" in proc.stdout
     cols = ["key", "method", "status", "deletion_auc", "insertion_auc", "average_drop",
