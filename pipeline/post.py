@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from workers.actor import MODEL_METRIC_COLUMNS
 from workers.metrics.geometry import map_to_original
 from workers.metrics.registry import per_metric_params
 
@@ -93,8 +94,7 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
             cols[c].append(_nan_to_none(float(batch[c][i])))
         cols["orig_height"].append(t["orig_h"] if t["orig_h"] > 0 else None)
         cols["orig_width"].append(t["orig_w"] if t["orig_w"] > 0 else None)
-        for c in ("deletion_auc", "insertion_auc", "average_drop", "confidence_clean",
-                  "confidence_masked", "confidence_increase", "road"):
+        for c in MODEL_METRIC_COLUMNS:
             cols[c].append(_nan_to_none(float(batch[c][i])) if c in batch else None)
         if run_curves:
             for c in ("deletion_curve", "insertion_curve"):

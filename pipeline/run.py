@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import pyarrow.dataset as pads
 
 from . import __version__
+from .cluster import configure_data_context, gpus_per_actor, init_ray, units_that_fit
 from .commit import (
     MANIFEST_KEY,
     RunLock,
@@ -72,91 +72,11 @@ def resolve_run_id(cfg: SalmapConfig) -> str:
     return cfg.run.id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
 
-# -- Ray --------------------------------------------------------------------------------
-def init_ray(cfg: SalmapConfig) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard,
-                              "dashboard_host": cfg.ray.dashboard_host,
-                              "log_to_driver": False, "configure_logging": True,
-                              "logging_level": logging.WARNING}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False, logging_level=logging.WARNING)
-        return
-    kwargs["address"] = "local"  # a fresh local instance, never a cluster found by accident
-    if cfg.ray.num_cpus:
-        kwargs["num_cpus"] = cfg.ray.num_cpus
-    if cfg.ray.object_store_memory_mb:
-        kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(**kwargs)
-
-
-def configure_data_context(cfg: SalmapConfig) -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = 0  # never drop rows silently: failures fail the wave
-    ctx.execution_options.preserve_order = False
-    ctx.max_consecutive_actor_init_deaths = 3
-    bars = cfg.ray.progress == "bars" or (cfg.ray.progress == "auto" and sys.stderr.isatty())
-    ctx.enable_progress_bars = bars
-    ctx.enable_operator_progress_bars = bars
-    ctx.print_on_execution_start = False
-    try:
-        ctx.execution_options.verbose_progress = False
-    except AttributeError:
-        pass
-
-
-def gpus_per_actor(cfg: SalmapConfig) -> float:
-    import ray
-
-    value = cfg.resources.gpus_per_actor
-    if value == "auto":
-        if ray.cluster_resources().get("GPU", 0) > 0:
-            return 1.0
-        try:  # GPU workers that autoscale from zero show up only in the autoscaler's config
-            from ray._private.state import state
-
-            max_res = state.get_max_resources_from_cluster_config() or {}
-            return 1.0 if max_res.get("GPU", 0) > 0 else 0.0
-        except Exception:  # noqa: BLE001 - private API; absent on local instances
-            return 0.0
-    return float(value)
-
-
 # CPU asks of the stages around the actors. Read, post and write mostly wait on I/O; keeping
 # them small matters on small nodes: Ray places a task on one node, so a 1-CPU task cannot
 # start on two 1-CPU nodes that each hold a 0.5-CPU actor, and the execution waits forever.
 IO_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5
-
-
-def units_that_fit(cfg: SalmapConfig, wanted: int) -> int:
-    """How many units may execute at once: each holds ``actors_per_unit`` actors for its whole
-    execution, and one CPU must stay free for the read, decode and write tasks, or every
-    execution waits on the others (a hang, not an error)."""
-    import ray
-
-    res = dict(ray.cluster_resources())
-    try:  # an autoscaling cluster may grow to its configured maximum
-        from ray._private.state import state
-
-        for k, v in (state.get_max_resources_from_cluster_config() or {}).items():
-            res[k] = max(res.get(k, 0), v)
-    except Exception:  # noqa: BLE001 - private API; absent on local instances
-        pass
-    r = cfg.resources
-    fit = wanted
-    if r.cpus_per_actor > 0:
-        fit = min(fit, int((res.get("CPU", 1) - 1) // (r.actors_per_unit * r.cpus_per_actor)))
-    gpus = gpus_per_actor(cfg)
-    if gpus > 0:
-        fit = min(fit, int(res.get("GPU", 0) // (r.actors_per_unit * gpus)))
-    return max(1, min(wanted, fit))
 
 
 # -- one wave of one unit ---------------------------------------------------------------

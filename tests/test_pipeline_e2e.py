@@ -206,8 +206,8 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
 
 
 def test_units_in_parallel_is_capped_to_what_the_cluster_holds(ray_session):
+    from pipeline.cluster import units_that_fit
     from pipeline.config import load_config
-    from pipeline.run import units_that_fit
 
     cfg = load_config("configs/demo.yaml", ["resources.units_in_parallel=8", "resources.gpus_per_actor=0"])
     cpus = int(ray_session.cluster_resources()["CPU"])

@@ -40,11 +40,10 @@ def _text(batch: dict[str, np.ndarray], column: str, i: int) -> str:
 def _annotation_note(batch: dict[str, np.ndarray], i: int, targets: str) -> str:
     """For an ok row: what was wrong with the sample's .cls or .json, which the row had to do
     without (boxes metrics are null when the .json was unreadable)."""
-    notes = []
-    if _text(batch, "boxes_error", i):
-        notes.append(f".json ignored: {_text(batch, 'boxes_error', i)}")
-    if targets != "label" and _text(batch, "label_error", i):
-        notes.append(f".cls ignored: {_text(batch, 'label_error', i)}")
+    boxes_error, label_error = _text(batch, "boxes_error", i), _text(batch, "label_error", i)
+    notes = [f".json ignored: {boxes_error}"] if boxes_error else []
+    if targets != "label" and label_error:
+        notes.append(f".cls ignored: {label_error}")
     return "; ".join(notes)
 
 

@@ -112,8 +112,8 @@ def load_model(
 
     ``source``: ``torchvision:<name>`` (``weights``: a weights enum name, ``DEFAULT`` or
     ``none``), ``file:<path>`` (state dict for torchvision architecture ``arch``),
-    ``efficientnet_lite0``, or ``package.module:callable`` (``weights``: a state-dict file, or ``DEFAULT``/``none``
-    for the model as the factory returns it).
+    ``efficientnet_lite0``, or ``package.module:callable`` (``weights``: a state-dict file,
+    or ``DEFAULT`` / ``none`` for the model as the factory returns it).
     """
     from .methods.layers import resolve_layer
 

@@ -28,7 +28,7 @@ class CAMMethod(Method):
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None) -> None:
         super().__init__(model)
         self.target_layer_name, self.target_layer = resolve_layer(model, target_layer)
-        self._calls_per_forward: int | None = None  # learnt on the first cut forward
+        self._calls_per_forward: int | None = None  # the target layer's calls per forward
 
     # -- what each method supplies ------------------------------------------------------
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
@@ -67,11 +67,10 @@ class CAMMethod(Method):
         if cut_graph and self._calls_per_forward is None:
             with torch.no_grad(), capture_output(self.target_layer) as probe:
                 self.forward(x[:1])
-            self._calls_per_forward = probe.calls or None
+            self._calls_per_forward = probe.calls
         logits, cap = run(self._calls_per_forward if cut_graph else None)
-        if cut_graph and cap.calls != self._calls_per_forward:
-            if self._calls_per_forward is not None:  # the call count changed: cut every call
-                logits, cap = run(None)
+        if cut_graph and cap.calls != self._calls_per_forward:  # the count depends on the input
+            logits, cap = run(None)
             self._calls_per_forward = cap.calls
         act = cap.activation
         if act is None:
