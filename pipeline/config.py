@@ -41,8 +41,10 @@ class RunSection:
     output: str = "runs"
     extend: bool = False  # allow new units / new shards under an existing run id
     report: bool = True  # write the HTML report at the end
-    shards_per_wave: int = 8  # shards committed together (one Ray Data execution per wave)
+    shards_per_wave: int = 8  # at most this many shards per commit
+    samples_per_wave: int | None = None  # and at most this many samples (where shards.json counts)
     lock_lease_s: float = 120.0  # a lock older than this without a heartbeat is stale
+    map_dtype: str = "float16"  # how the saliency column stores maps: float16 or float32
 
 
 @dataclass
@@ -283,6 +285,10 @@ def validate(cfg: SalmapConfig) -> None:
             raise ConfigError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
     if cfg.run.shards_per_wave < 1:
         raise ConfigError("run.shards_per_wave must be >= 1")
+    if cfg.run.samples_per_wave is not None and cfg.run.samples_per_wave < 1:
+        raise ConfigError("run.samples_per_wave must be >= 1 (or null: no sample cap)")
+    if cfg.run.map_dtype not in ("float16", "float32"):
+        raise ConfigError(f"run.map_dtype: {cfg.run.map_dtype!r} is not float16 or float32")
     if cfg.run.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", cfg.run.id):
         raise ConfigError(f"run.id {cfg.run.id!r}: use letters, digits, '_', '-', '.' (max 128)")
     if cfg.input.max_pixels < 1:
@@ -370,6 +376,7 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
         "targets": cfg.targets,
         "metrics": c["metrics"],
         "precision": cfg.resources.precision,
+        "map_dtype": cfg.run.map_dtype,
         "input": {k: c["input"][k] for k in ("image_keys", "label_key", "boxes_key", "max_pixels")},
     })
 

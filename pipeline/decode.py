@@ -17,11 +17,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-DECODE_COLUMNS = (
-    "sample_id", "shard", "key", "image", "orig_height", "orig_width", "resized_h", "resized_w",
-    "crop_top", "crop_left", "crop_h", "crop_w", "label", "label_error", "boxes_json",
-    "boxes_error", "status", "error",
-)
+from workers.columns import BY_NAME, PASS_THROUGH, numpy_column
+
+# what the decode stage hands the actor: the pass-through columns, the image, the annotation
+# problems the actor reports on ok rows, and the status
+DECODE_COLUMNS = (*PASS_THROUGH, "image", "label_error", "boxes_error", "status", "error")
+_DECODE_KINDS = {**{c: BY_NAME[c].kind for c in PASS_THROUGH},
+                 "label_error": "str", "boxes_error": "str", "status": "str", "error": "str"}
+# status of the marker row that ends a shard (pipeline.shard_reader); passed on by every stage
+SHARD_END = "shard_end"
 
 
 class DecodeError(ValueError):
@@ -53,6 +57,11 @@ def _suffix_value(row: dict[str, Any], wanted: str) -> Any:
         if col.lower() == wanted.lower() and value is not None and not _is_nan(value):
             return value
     return None
+
+
+def _suffix_name(row: dict[str, Any], wanted: str) -> str:
+    """The suffix as spelled in the shard (``JPG`` for ``jpg``)."""
+    return next((c for c in row if c.lower() == wanted.lower()), wanted)
 
 
 def _is_nan(value: Any) -> bool:
@@ -184,12 +193,15 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     shard = shard_name(row.get("__url__", ""))
     key = str(row.get("__key__", ""))
     out: dict[str, Any] = {
-        "sample_id": f"{shard}/{key}", "shard": shard, "key": key,
+        "sample_id": f"{shard}/{key}", "shard": shard, "key": key, "image_file": "",
         "image": None, "orig_height": -1, "orig_width": -1,
         "resized_h": 0, "resized_w": 0, "crop_top": 0, "crop_left": 0, "crop_h": 0, "crop_w": 0,
         "label": -1, "label_error": "", "boxes_json": "", "boxes_error": "",
-        "status": "ok", "error": "",
+        "shard_samples": -1, "shard_error": "", "status": "ok", "error": "",
     }
+    if row.get("__error__"):  # the shard reader could not read this sample whole
+        out["status"], out["error"] = "error", str(row["__error__"])
+        return out
     raw_label = _suffix_value(row, spec.label_key) if spec.label_key else None
     if raw_label is not None:
         try:
@@ -206,6 +218,7 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     for k in spec.image_keys:
         data = _suffix_value(row, k)
         if data is not None:
+            out["image_file"] = f"{key}.{_suffix_name(row, k)}"
             break
     try:
         if data is None:
@@ -230,20 +243,31 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     return out
 
 
+def marker_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The decoded form of a shard-end marker: which shard, how many samples, why it ended."""
+    shard = shard_name(row.get("__url__", ""))
+    return {
+        "sample_id": "", "shard": shard, "key": "", "image_file": "", "image": None,
+        "orig_height": -1, "orig_width": -1, "resized_h": 0, "resized_w": 0, "crop_top": 0,
+        "crop_left": 0, "crop_h": 0, "crop_w": 0, "label": -1, "label_error": "",
+        "boxes_json": "", "boxes_error": "",
+        "shard_samples": int(row.get("shard_samples", 0)),
+        "shard_error": str(row.get("__error__") or ""),
+        "status": SHARD_END, "error": "unreadable" if row.get("unreadable") else "",
+    }
+
+
 def decode_batch(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.ndarray]:
-    """Decode rows into a column batch; error rows carry a zero image of the same shape."""
-    decoded = [decode_row(r, spec) for r in rows]
+    """Decode rows into a column batch; error rows carry a zero image of the same shape.
+
+    A row is either a WebDataset sample (``__key__``, ``__url__`` and one raw-bytes value per
+    suffix) or a shard-end marker (``shard_end`` true), which is passed on.
+    """
+    decoded = [marker_row(r) if r.get("shard_end") else decode_row(r, spec) for r in rows]
     blank = np.zeros((spec.crop, spec.crop, 3), dtype=np.uint8)
     batch: dict[str, np.ndarray] = {}
     batch["image"] = np.stack([d["image"] if d["image"] is not None else blank for d in decoded]) \
         if decoded else np.zeros((0, spec.crop, spec.crop, 3), np.uint8)
-    for col in DECODE_COLUMNS:
-        if col == "image":
-            continue
-        values = [d[col] for d in decoded]
-        if col in ("sample_id", "shard", "key", "label_error", "boxes_json", "boxes_error",
-                   "status", "error"):
-            batch[col] = np.array(values, dtype=object)
-        else:
-            batch[col] = np.array(values, dtype=np.int64)
+    for col, kind in _DECODE_KINDS.items():
+        batch[col] = numpy_column(kind, [d[col] for d in decoded])
     return batch

@@ -29,7 +29,7 @@ class Unit:
 
     @property
     def data_prefix(self) -> str:
-        return f"data/model={self.model.name}/method={self.method.name}"
+        return f"data/{self.model.name}/{self.method.name}"
 
 
 @dataclass
@@ -49,23 +49,29 @@ def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def expand_shards(patterns: list[str], storage: object = None, missing: list[str] | None = None
-                  ) -> list[str]:
+def expand_shards(patterns: list[str], storage: object = None, missing: list[str] | None = None,
+                  identity: dict[str, dict] | None = None) -> list[str]:
     """Brace patterns, globs, directories, files and ``s3://`` URLs -> a sorted list of shards.
 
     A pattern that matches nothing is an error naming it. With ``missing`` given, a named
     shard file that does not exist is appended there instead (the run reports it as failed and
-    does the rest), as long as some shard exists.
+    does the rest), as long as some shard exists. With ``identity`` given, it is filled with
+    each shard's ``{"size", "mtime_ns"}`` from the same listing (no extra requests).
     """
     out: list[str] = []
+    infos: dict[str, pafs.FileInfo] = {}
     for pattern in patterns:
         if pattern.startswith("demo://"):
             from .demo_data import ensure_demo_shards
 
-            out.extend(os.path.abspath(p) for p in ensure_demo_shards())
+            demo = [os.path.abspath(p) for p in ensure_demo_shards()]
+            out.extend(demo)
+            infos.update(zip(demo, pafs.LocalFileSystem().get_file_info(demo)))
             continue
         for item in braceexpand.braceexpand(pattern):
-            found = _expand_one(item, storage)
+            found_infos = _expand_one(item, storage)
+            found = list(found_infos)
+            infos.update(found_infos)
             if not found and missing is not None and not _has_glob(item) and item.endswith(".tar"):
                 missing.append(item)
                 continue
@@ -86,10 +92,21 @@ def expand_shards(patterns: list[str], storage: object = None, missing: list[str
         if name not in seen:
             seen[name] = s
             unique.append(s)
+    if identity is not None:
+        for s in unique:
+            info = infos.get(s)
+            if info is not None:
+                identity[shard_name(s)] = file_identity(info)
     return sorted(unique, key=shard_name)
 
 
-def _expand_one(item: str, storage: object) -> list[str]:
+def file_identity(info: pafs.FileInfo) -> dict:
+    """What tells a rewritten shard from the one that was committed: size and mtime."""
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _expand_one(item: str, storage: object) -> dict[str, pafs.FileInfo]:
+    """The shards one pattern names: url -> its listing entry."""
     fs, path = open_filesystem(item, storage)
     prefix = "s3://" if item.startswith("s3://") else ""
     if _has_glob(path):
@@ -97,16 +114,16 @@ def _expand_one(item: str, storage: object) -> list[str]:
         while _has_glob(base):
             base = os.path.dirname(base)
         sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        return [prefix + i.path for i in fs.get_file_info(sel)
-                if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        return {prefix + i.path: i for i in fs.get_file_info(sel)
+                if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)}
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return [prefix + path]
+        return {prefix + path: info}
     if info.type == pafs.FileType.Directory:
         sel = pafs.FileSelector(path, recursive=False)
-        return sorted(prefix + i.path for i in fs.get_file_info(sel)
-                      if i.type == pafs.FileType.File and i.path.lower().endswith(".tar"))
-    return []
+        return {prefix + i.path: i for i in sorted(fs.get_file_info(sel), key=lambda i: i.path)
+                if i.type == pafs.FileType.File and i.path.lower().endswith(".tar")}
+    return {}
 
 
 def units_of(cfg: SalmapConfig) -> list[Unit]:
@@ -114,9 +131,23 @@ def units_of(cfg: SalmapConfig) -> list[Unit]:
             for m in cfg.models for meth in cfg.methods]
 
 
-def waves_of(shards: list[str], per_wave: int) -> list[Wave]:
+def waves_of(shards: list[str], per_wave: int, max_samples: int | None = None,
+             index: dict[str, int] | None = None) -> list[Wave]:
+    """Consecutive groups of at most ``per_wave`` shards and, where the shard index gives
+    sample counts, at most ``max_samples`` samples (a wave has at least one shard)."""
     ordered = sorted(shards, key=shard_name)
-    return [Wave(ordered[i:i + per_wave]) for i in range(0, len(ordered), per_wave)]
+    index = index or {}
+    waves, group, count = [], [], 0
+    for s in ordered:
+        n = index.get(shard_name(s), 0)
+        if group and (len(group) >= per_wave or (max_samples and count + n > max_samples)):
+            waves.append(Wave(group))
+            group, count = [], 0
+        group.append(s)
+        count += n
+    if group:
+        waves.append(Wave(group))
+    return waves
 
 
 def load_shard_index(shards: list[str], storage: object = None) -> dict[str, int]:

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from workers.actor import MODEL_METRIC_COLUMNS
+from workers.columns import BY_NAME, MAP_DTYPES, POST_METRIC_COLUMNS, output_schema
 from workers.metrics.geometry import map_to_original
 from workers.metrics.registry import per_metric_params
 
-from .schema import output_schema
+from .decode import SHARD_END
 
 GEOMETRY_KEYS = ("orig_h", "orig_w", "resized_h", "resized_w", "crop_top", "crop_left", "crop_h", "crop_w")
 
@@ -68,38 +68,36 @@ def _nan_to_none(v: Any) -> Any:
     return v
 
 
+def _written(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema]
+
+
 def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_curves: bool,
-               file_metadata: dict[str, str] | None = None) -> pa.Table:
-    """Actor rows (numpy columns) -> the final Arrow table (see :mod:`pipeline.schema`)."""
-    n = len(batch["sample_id"])
+               file_metadata: dict[str, str] | None = None, map_dtype: str = "float16",
+               rows: list[int] | None = None) -> pa.Table:
+    """Actor rows (numpy columns) -> the final Arrow table (columns: :mod:`workers.columns`).
+
+    ``rows`` picks the batch rows to convert (default: every row that is not a shard-end
+    marker).
+    """
     sal = np.asarray(batch["saliency"])
     h, w = (int(sal.shape[1]), int(sal.shape[2])) if sal.ndim == 3 else (1, 1)
-    schema = output_schema(h, w, curves=run_curves)
+    schema = output_schema(h, w, curves=run_curves, map_dtype=map_dtype)
     if file_metadata:
         schema = schema.with_metadata({k.encode(): v.encode() for k, v in file_metadata.items()})
-    cols: dict[str, list] = {f.name: [] for f in schema}
+    if rows is None:
+        rows = [i for i in range(len(batch["sample_id"])) if batch["status"][i] != SHARD_END]
+    cols: dict[str, list] = {name: [] for name in _written(schema)}
     names = list(post_metrics)
     params = per_metric_params(dict(post_metrics))
-    for i in range(n):
+    for i in rows:
         ok = batch["status"][i] == "ok"
         t = transform_of(batch, i)
-        for c in ("sample_id", "shard", "key", "model", "method", "target_source", "status", "error"):
-            cols[c].append(str(batch[c][i]))
-        target = int(batch["target"][i])
-        label = int(batch["label"][i])
-        cols["target"].append(target if target >= 0 else None)
-        cols["label"].append(label if label >= 0 else None)
-        cols["pred"].append(int(batch["pred"][i]) if ok else None)
-        for c in ("pred_prob", "target_logit", "target_prob", "elapsed_ms"):
-            cols[c].append(_nan_to_none(float(batch[c][i])))
-        cols["orig_height"].append(t["orig_h"] if t["orig_h"] > 0 else None)
-        cols["orig_width"].append(t["orig_w"] if t["orig_w"] > 0 else None)
-        for c in MODEL_METRIC_COLUMNS:
-            cols[c].append(_nan_to_none(float(batch[c][i])) if c in batch else None)
-        if run_curves:
-            for c in ("deletion_curve", "insertion_curve"):
-                raw = str(batch[c][i]) if c in batch else ""
-                cols[c].append(json.loads(raw) if raw else None)
+        for name in cols:
+            column = BY_NAME[name]
+            if column.stage in ("post", "post_metric") or column.kind == "map":
+                continue
+            cols[name].append(_value(batch, name, column.kind, i))
         post: dict[str, Any] = {}
         if ok:
             cols["crop_box"].append(crop_box(t))
@@ -111,7 +109,7 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
             cols["saliency_min"].append(lo)
             cols["saliency_max"].append(hi)
             if names:
-                boxes = boxes_for_target(str(batch["boxes_json"][i]), target)
+                boxes = boxes_for_target(str(batch["boxes_json"][i]), int(batch["target"][i]))
                 try:
                     from workers.metrics import compute_post_metrics
 
@@ -120,34 +118,46 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
                     cols["error"][-1] = f"post metrics failed: {type(err).__name__}: {err}"
                     post = {}
         else:
-            cols["crop_box"].append(None)
-            cols["saliency"].append(None)
-            cols["saliency_png"].append(None)
-            cols["saliency_min"].append(None)
-            cols["saliency_max"].append(None)
-        cols["pseudo_box"].append(post.get("pseudo_box"))
-        cols["pseudo_mask_png"].append(post.get("pseudo_mask_png"))
-        for c in ("pointing_hit", "energy_pointing", "gini", "box_iou"):
-            cols[c].append(_nan_to_none(post.get(c)))
+            for name in ("crop_box", "saliency", "saliency_png", "saliency_min", "saliency_max"):
+                cols[name].append(None)
+        for name in POST_METRIC_COLUMNS:
+            cols[name].append(_nan_to_none(post.get(name)))
     arrays = []
     for f in schema:
         if f.name == "saliency":
-            arrays.append(_tensor_column(cols["saliency"], f.type, h, w))
+            arrays.append(_tensor_column(cols["saliency"], f.type, h, w, MAP_DTYPES[map_dtype][1]))
         else:
             arrays.append(pa.array(cols[f.name], type=f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _tensor_column(values: list[np.ndarray | None], typ: pa.DataType, h: int, w: int) -> pa.Array:
-    flat = np.zeros((len(values), h * w), dtype=np.float16)
+def _value(batch: dict[str, np.ndarray], name: str, kind: str, i: int) -> Any:
+    """A batch value as its Parquet value (-1 ints and NaN floats are nulls)."""
+    if name not in batch:
+        return None
+    v = batch[name][i]
+    if kind == "str":
+        return str(v)
+    if kind == "int":
+        return int(v) if int(v) >= 0 else None
+    if kind == "float":
+        return _nan_to_none(float(v))
+    if kind == "bool":
+        return None if _nan_to_none(float(v)) is None else bool(v)
+    if kind == "curve":
+        return json.loads(str(v)) if str(v) else None
+    return v
+
+
+def _tensor_column(values: list[np.ndarray | None], typ: pa.DataType, h: int, w: int,
+                   dtype: type = np.float16) -> pa.Array:
+    flat = np.zeros((len(values), h * w), dtype=dtype)
     mask = np.zeros(len(values), dtype=bool)
     for i, v in enumerate(values):
         if v is None:
             mask[i] = True
         else:
-            flat[i] = v.reshape(-1).astype(np.float16)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float16()), h * w,
+            flat[i] = v.reshape(-1).astype(dtype)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), h * w,
                                                 mask=pa.array(mask))
     return pa.ExtensionArray.from_storage(typ, storage)
-
-

@@ -1,8 +1,8 @@
 """Progress a person can read in a long run: per unit, samples done / total, rate, ETA.
 
-On a terminal Ray Data's own progress bars show the stages; elsewhere (CI, cluster logs) a
-concise line is printed every ``interval`` seconds. The post stage reports samples to a small
-counter actor; the driver polls it.
+The driver learns what was written from the execution's own output (one record per Parquet
+file), so it needs no side channel. On a terminal Ray Data's progress bars show the stages;
+elsewhere (CI, cluster logs) a line is printed at most every ``interval`` seconds.
 """
 
 from __future__ import annotations
@@ -10,20 +10,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-
-import ray
-
-
-@ray.remote(num_cpus=0)
-class SampleCounter:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, k: int) -> None:
-        self.n += int(k)
-
-    def value(self) -> int:
-        return self.n
 
 
 def format_line(unit: str, done: int, total: int | None, elapsed: float) -> str:
@@ -36,40 +22,30 @@ def format_line(unit: str, done: int, total: int | None, elapsed: float) -> str:
     return f"salmap: {unit}: {done} samples, {rate:.2f} images/s"
 
 
-class ProgressReporter:
-    """Starts the counter actor and, unless progress is off or bars are shown, a printer thread."""
+class ProgressLine:
+    """Per-unit progress lines (``ray.progress``: ``lines``, or ``auto`` off a terminal)."""
 
-    def __init__(self, unit: str, total: int | None, cfg, out=print, interval: float | None = None) -> None:
-        self.unit, self.total, self.out = unit, total, out
+    def __init__(self, unit: str, total: int | None, cfg, out=print, interval: float = 10.0,
+                 clock=time.time) -> None:
         mode = cfg.ray.progress
-        self.lines = mode == "lines" or (mode == "auto" and not sys.stderr.isatty())
-        self.counter = SampleCounter.remote() if mode != "off" else None
-        self.interval = interval or (10.0 if self.lines else 0)
-        self._stop = threading.Event()
-        self._t0 = time.time()
-        self._thread = None
-        if self.counter is not None and self.lines:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="salmap-progress")
-            self._thread.start()
+        self.enabled = mode == "lines" or (mode == "auto" and not sys.stderr.isatty())
+        self.unit, self.total, self.out, self.interval, self.clock = unit, total, out, interval, clock
+        self.t0 = self.last = clock()
+        self.done = 0
+        self.committed_samples = 0
+        self.lock = threading.Lock()
 
-    def _loop(self) -> None:
-        last = -1
-        while not self._stop.wait(self.interval):
-            try:
-                done = ray.get(self.counter.value.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - progress is best effort
-                continue
-            if done != last:
-                self.out(format_line(self.unit, done, self.total, time.time() - self._t0))
-                last = done
+    def update(self, done: int) -> None:
+        with self.lock:
+            self.done = max(self.done, done)
+            now = self.clock()
+            if self.enabled and now - self.last >= self.interval:
+                self.last = now
+                self.out(format_line(self.unit, self.done, self.total, now - self.t0))
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self.counter is not None:
-            try:
-                done = ray.get(self.counter.value.remote(), timeout=5)
-                if self.lines:
-                    self.out(format_line(self.unit, done, self.total, time.time() - self._t0))
-            except Exception:  # noqa: BLE001
-                pass
-            ray.kill(self.counter)
+    def wave_done(self, record: dict) -> None:
+        self.committed_samples += int(record["samples"])
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.out(format_line(self.unit, self.done, self.total, self.clock() - self.t0))

@@ -5,29 +5,33 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from .commit import committed_files, load_commits
+from .ledger import committed_files, load_commits
 from .storage import Store
 
 
 def read_run(run: str, unit: str | None = None, endpoint: str | None = None,
-             storage: object = None) -> pads.Dataset:
+             storage: object = None, commits: dict | None = None) -> pads.Dataset:
     """A pyarrow dataset of a run's committed rows (``run`` = ``<run.output>/<run.id>``).
 
     Units with different map shapes have different ``saliency`` types; pass ``unit``
     (``<model>__<method>``) to read one, or read all and drop the ``saliency`` column.
+    ``commits`` (from :func:`pipeline.ledger.load_commits`) saves reading the commit records
+    again when several units are read one after the other.
     """
     store = Store.open(run, storage if storage is not None else ({"endpoint": endpoint} if endpoint else None))
-    commits = load_commits(store)
+    if commits is None:
+        commits = load_commits(store)
     if unit is not None and unit not in commits:
         raise ValueError(f"unit {unit!r} has no committed rows in {run}; units: {', '.join(sorted(commits))}")
-    files = committed_files(store, unit)
-    if not files:
+    units = [unit] if unit is not None else sorted(commits)
+    groups = [[store.path(f) for f in committed_files(commits, u)] for u in units]
+    groups = [g for g in groups if g]
+    if not groups:
         raise ValueError(f"{run} has no committed rows yet")
-    paths = [store.path(f) for f in files]
-    datasets = [pads.dataset(paths_of_unit, filesystem=store.fs, format="parquet")
-                for paths_of_unit in _group_by_unit(paths)]
+    datasets = [pads.dataset(g, filesystem=store.fs, format="parquet") for g in groups]
     if len(datasets) == 1:
         return datasets[0]
+    paths = [p for g in groups for p in g]
     schemas = {str(d.schema.remove_metadata()) for d in datasets}
     if len(schemas) == 1:
         return pads.dataset(paths, filesystem=store.fs, format="parquet")
@@ -38,11 +42,3 @@ def read_run(run: str, unit: str | None = None, endpoint: str | None = None,
                             (f.name == "saliency" or d.schema.field(f.name).type == f.type)])
     common = pa.schema([f for f in common if f.name != "saliency"])
     return pads.dataset(paths, filesystem=store.fs, format="parquet", schema=common)
-
-
-def _group_by_unit(paths: list[str]) -> list[list[str]]:
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        unit_dir = p.split("/wave=")[0]
-        groups.setdefault(unit_dir, []).append(p)
-    return list(groups.values())

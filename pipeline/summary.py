@@ -36,12 +36,15 @@ def unit_summary(store: Store, files: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_win_percent(store: Store, units: dict[str, dict]) -> dict[str, Any] | None:
+def run_win_percent(store: Store, units: dict[str, dict], commits: dict) -> dict[str, Any] | None:
     """Win % of average drop between the methods of each model (same samples and targets)."""
+    from .ledger import committed_files
+
     by_model: dict[str, dict[str, dict]] = {}
-    for u in units.values():
-        if u.get("files"):
-            by_model.setdefault(u["model"], {})[u["method"]] = u
+    for uid, u in units.items():
+        files = committed_files(commits, uid)
+        if files:
+            by_model.setdefault(u["model"], {})[u["method"]] = {**u, "files": files}
     result = {}
     for model, methods in by_model.items():
         if len(methods) < 2:

@@ -19,17 +19,22 @@ import torch
 from torch import Tensor
 
 from . import methods as method_registry
+from .columns import (
+    ACTOR_OUTPUT,
+    BY_NAME,
+    CURVE_COLUMNS,
+    MAP_DTYPES,
+    MODEL_METRIC_COLUMNS,
+    PASS_THROUGH,
+    numpy_column,
+)
 from .models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-PASS_THROUGH = (
-    "sample_id", "shard", "key", "orig_height", "orig_width", "resized_h", "resized_w",
-    "crop_top", "crop_left", "crop_h", "crop_w", "label", "boxes_json",
-)
-MODEL_METRICS = ("deletion_auc", "insertion_auc", "average_drop", "confidence_increase", "road")
-# the float columns the model metrics fill (average_drop also reports its Y and O)
-MODEL_METRIC_COLUMNS = (*MODEL_METRICS, "confidence_clean", "confidence_masked")
+# a decoded row with this status marks the end of a shard (see pipeline.shard_reader); the
+# actor and the post stage pass it on untouched
+SHARD_END = "shard_end"
 
 
 def _text(batch: dict[str, np.ndarray], column: str, i: int) -> str:
@@ -61,6 +66,7 @@ class ActorSpec:
     channels_last: bool = True
     compile: bool = False
     device: str | None = None  # None: cuda when available, else cpu
+    map_dtype: str = "float16"  # how maps are stored: float16 or float32 (workers.columns)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -76,6 +82,7 @@ class Explainer:
 
     def __init__(self, spec: ActorSpec) -> None:
         self.spec = spec
+        self.map_np = MAP_DTYPES[spec.map_dtype][1]
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         m = spec.model
         self.loaded: LoadedModel = load_model(
@@ -145,7 +152,9 @@ class Explainer:
         rows: list[dict[str, Any]] = []
         ok_idx = [i for i in range(n) if batch["status"][i] == "ok"]
         for i in range(n):
-            if batch["status"][i] != "ok":
+            if batch["status"][i] == SHARD_END:
+                rows.append(self._marker_row(batch, i))
+            elif batch["status"][i] != "ok":
                 rows.append(self._error_row(batch, i, str(batch["error"][i]), target=None))
         if ok_idx:
             rows.extend(self._explain_indices(batch, ok_idx))
@@ -235,12 +244,12 @@ class Explainer:
             row.update(
                 target=t, target_source=source, pred=int(pred_np[pos]),
                 pred_prob=float(pred_prob_np[pos]), target_logit=float(lg[r]),
-                target_prob=float(tp[r]), saliency=maps_cpu[r].astype(np.float16),
+                target_prob=float(tp[r]), saliency=maps_cpu[r].astype(self.map_np),
                 status="ok", error="", elapsed_ms=elapsed,
             )
             for name in MODEL_METRIC_COLUMNS:
                 row[name] = metric_values.get(name, [np.nan] * len(expanded))[r]
-            for name in ("deletion_curve", "insertion_curve"):
+            for name in CURVE_COLUMNS:
                 if name in metric_values:
                     row[name] = json.dumps([float(v) for v in metric_values[name][r]])
             notes = [n for n in (_annotation_note(batch, i, self.spec.targets),
@@ -250,10 +259,11 @@ class Explainer:
         return errors + rows
 
     def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor) -> dict[str, Any]:
-        names = [m for m in self.spec.metrics if m in MODEL_METRICS]
+        from .metrics import METRICS, compute_model_metrics
+
+        names = [m for m in self.spec.metrics if m in METRICS and METRICS[m].kind == "model"]
         if not names:
             return {}
-        from .metrics import compute_model_metrics
         from .metrics.registry import per_metric_params
 
         params = per_metric_params({n: self.spec.metrics.get(n) for n in names})
@@ -279,32 +289,28 @@ class Explainer:
         row.update(
             target=-1 if target is None else target, target_source=source or self.spec.targets,
             pred=-1, pred_prob=np.nan, target_logit=np.nan, target_prob=np.nan,
-            saliency=np.zeros(self.map_shape, dtype=np.float16), status="error", error=reason,
+            saliency=np.zeros(self.map_shape, dtype=self.map_np), status="error", error=reason,
             elapsed_ms=0.0,
         )
         for name in MODEL_METRIC_COLUMNS:
             row[name] = np.nan
         return row
 
+    def _marker_row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        row = self._error_row(batch, i, str(batch["error"][i]), target=None)
+        row["status"] = SHARD_END
+        return row
+
     def _to_columns(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         h, w = self.map_shape
         cols: dict[str, np.ndarray] = {}
-        names = list(PASS_THROUGH) + [
-            "target", "target_source", "pred", "pred_prob", "target_logit", "target_prob",
-            "status", "error", "elapsed_ms", *MODEL_METRIC_COLUMNS, "deletion_curve", "insertion_curve",
-        ]
-        for name in names:
-            values = [r.get(name, "" if name.endswith("_curve") else None) for r in rows]
-            if name in ("sample_id", "shard", "key", "boxes_json", "target_source", "status", "error",
-                        "deletion_curve", "insertion_curve"):
-                cols[name] = np.array(["" if v is None else v for v in values], dtype=object)
-            elif name in ("orig_height", "orig_width", "resized_h", "resized_w", "crop_top",
-                          "crop_left", "crop_h", "crop_w", "label", "target", "pred"):
-                cols[name] = np.array(values, dtype=np.int64)
-            else:
-                cols[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+        for name in ACTOR_OUTPUT:
+            if name == "saliency":
+                continue
+            kind = BY_NAME[name].kind
+            cols[name] = numpy_column(kind, [r.get(name) for r in rows])
         cols["saliency"] = (np.stack([r["saliency"] for r in rows]) if rows
-                            else np.zeros((0, h, w), np.float16))
+                            else np.zeros((0, h, w), self.map_np))
         cols["model"] = np.array([self.spec.model["name"]] * len(rows), dtype=object)
         cols["method"] = np.array([self.spec.method] * len(rows), dtype=object)
         return cols

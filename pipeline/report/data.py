@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from ..commit import MANIFEST_KEY, load_commits
+from ..ledger import MANIFEST_KEY, load_commits
 from ..read import read_run
 from ..schema import METRIC_COLUMNS
 from ..storage import Store
@@ -77,11 +77,11 @@ def load_run(run: str, storage: Any = None) -> RunData:
     store = Store.open(run, storage)
     manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}
     infos: dict[str, dict] = dict(manifest.get("units") or {})
-    if not infos:  # a manifest-less run: the commit records still name the units
-        for uid in load_commits(store):
-            model, _, method = uid.partition("__")
-            infos[uid] = {"model": model, "method": method}
-    units = [_load_unit(run, storage, uid, info) for uid, info in infos.items()]
+    commits = load_commits(store)  # once for the whole report
+    for uid in commits:  # a manifest-less run: the commit records still name the units
+        model, _, method = uid.partition("__")
+        infos.setdefault(uid, {"model": model, "method": method})
+    units = [_load_unit(run, storage, uid, info, commits) for uid, info in infos.items()]
     metrics = [m for m in METRIC_COLUMNS
                if any(m in u.rows and u.rows[m].notna().any() for u in units)]
     for u in units:
@@ -92,12 +92,12 @@ def load_run(run: str, storage: Any = None) -> RunData:
                    has_curves=any(u.curves for u in units))
 
 
-def _load_unit(run: str, storage: Any, uid: str, info: dict) -> UnitData:
+def _load_unit(run: str, storage: Any, uid: str, info: dict, commits: dict) -> UnitData:
     model = info.get("model") or uid.partition("__")[0]
     method = info.get("method") or uid.partition("__")[2]
     empty = pd.DataFrame(columns=[*ROW_COLUMNS, *METRIC_COLUMNS])
     try:
-        ds = read_run(run, unit=uid, storage=storage)
+        ds = read_run(run, unit=uid, storage=storage, commits=commits)
     except (ValueError, FileNotFoundError) as err:
         return UnitData(uid, model, method, info, empty, None, read_error=str(err))
     cols = [c for c in (*ROW_COLUMNS, *METRIC_COLUMNS) if c in ds.schema.names]

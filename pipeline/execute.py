@@ -1,0 +1,196 @@
+"""One unit's work as ONE streaming Ray Data execution, committed wave by wave as it goes.
+
+    shards (one item each) -> read (CPU tasks, pipeline.shard_reader)
+      -> decode (CPU tasks) -> Explainer actors (one pool for the whole unit: the model loads,
+      and compiles, once) -> post + write (CPU tasks: one Parquet file per batch and wave)
+      -> the driver, which receives a small record per file and per shard end and commits each
+      wave as soon as all its shards are in (pipeline.tracker).
+
+A crash loses at most the waves in flight; a resumed run redoes only uncommitted waves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .decode import SHARD_END, DecodeSpec, decode_batch
+from .plan import Unit, Wave
+from .storage import Store
+from .tracker import WaveTracker
+
+log = logging.getLogger("salmap")
+
+# CPU asks of the stages around the actors. Read and write mostly wait on I/O; keeping them
+# small matters on small nodes: Ray places a task on one node, so a 1-CPU task cannot start
+# on two 1-CPU nodes that each hold a 0.5-CPU actor, and the execution waits forever.
+IO_TASK_CPUS = 0.25
+DECODE_TASK_CPUS = 0.5
+READ_CHUNK = 64  # samples per block the reader yields
+POST_BATCH = 128  # rows per post + write task: at most one Parquet file per wave each
+
+
+# -- stage callables (plain function objects: they run as stateless CPU tasks) -------------
+class _ReadShards:
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pandas as pd
+
+        from .shard_reader import read_shard
+
+        for url in batch["shard"]:
+            for rows in read_shard(str(url), self.storage, chunk=READ_CHUNK):
+                yield pd.DataFrame(rows)
+
+
+class _Decode:
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, df):  # pandas block from _ReadShards
+        import pickle
+
+        rows = []
+        for r in df.to_dict("records"):
+            members = pickle.loads(r.pop("members")) if r.get("members") else {}
+            rows.append({**members, **r})
+        return decode_batch(rows, self.spec)
+
+
+@dataclass
+class WriteSpec:
+    """What the post + write stage needs: where, which metrics, the file metadata."""
+
+    store_uri: str
+    storage: Any
+    data_prefix: str
+    wave_of: dict[str, str]  # shard name -> wave id
+    post_metrics: dict[str, dict]
+    curves: bool
+    metadata: dict[str, str]
+    map_dtype: str = "float16"
+    unit_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def part_name(unit_id: str, keys: list[tuple[str, int]]) -> str:
+    """A file name that is a function of the rows it holds: a retried task rewrites the same
+    file instead of leaving a second copy of its rows next to it."""
+    h = hashlib.sha1(unit_id.encode())
+    for sample_id, target in sorted(keys):
+        h.update(f"\n{sample_id}\t{target}".encode())
+    return f"part-{h.hexdigest()[:20]}.parquet"
+
+
+class _PostWrite:
+    """Actor rows -> Parquet files (one per wave in the batch) -> one record per file and per
+    shard-end marker for the driver."""
+
+    def __init__(self, spec: WriteSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .post import post_batch
+
+        spec = self.spec
+        store = Store.open(spec.store_uri, spec.storage)
+        out: list[dict[str, Any]] = []
+        by_wave: dict[str, list[int]] = {}
+        for i, status in enumerate(batch["status"]):
+            shard = str(batch["shard"][i])
+            if status == SHARD_END:
+                out.append({"kind": "end", "wave": spec.wave_of.get(shard, ""), "path": "",
+                            "shard": shard, "samples": int(batch["shard_samples"][i]),
+                            "error": str(batch["shard_error"][i]),
+                            "unreadable": str(batch["error"][i]) == "unreadable", "keys": ""})
+            else:
+                by_wave.setdefault(spec.wave_of.get(shard, ""), []).append(i)
+        for wave_id, rows in by_wave.items():
+            table = post_batch(batch, spec.post_metrics, spec.curves,
+                               {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows)
+            keys = list(zip(table.column("sample_id").to_pylist(),
+                            table.column("shard").to_pylist(),
+                            [-1 if t is None else t for t in table.column("target").to_pylist()],
+                            table.column("status").to_pylist()))
+            key = f"{spec.data_prefix}/{wave_id}/{part_name(spec.unit_id, [(k[0], k[2]) for k in keys])}"
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            data = sink.getvalue().to_pybytes()
+            store.write_bytes(key, data)  # retried with backoff inside
+            out.append({"kind": "file", "wave": wave_id, "path": key, "shard": "", "samples": 0,
+                        "error": "", "unreadable": False, "keys": json.dumps(keys)})
+        return {c: np.array([r[c] for r in out], dtype=object) for c in
+                ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys")}
+
+
+# -- the driver side -------------------------------------------------------------------------
+@dataclass
+class UnitExecution:
+    """Everything one unit's execution needs, built by :mod:`pipeline.run`."""
+
+    unit: Unit
+    waves: list[Wave]
+    decode: DecodeSpec
+    actor_spec: Any  # workers.actor.ActorSpec
+    write: WriteSpec
+    batch_size: int
+    actors: int | tuple[int, int]  # fixed size, or (min, max) for an autoscaling pool
+    actor_resources: dict[str, float]
+    max_tasks_in_flight_per_actor: int = 2
+    decode_batch_size: int = 32
+    storage: Any = None
+
+
+def build_dataset(ex: UnitExecution):
+    """The unit's Ray Data pipeline, ending in one small record per file and shard end."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from workers.actor import Explainer
+
+    shards = [s for w in ex.waves for s in w.shards]
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
+                        num_cpus=IO_TASK_CPUS)
+    ds = ds.map_batches(_Decode(ex.decode), batch_format="pandas",
+                        batch_size=ex.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
+    if isinstance(ex.actors, tuple):
+        lo, hi = ex.actors
+        pool = ActorPoolStrategy(min_size=lo, max_size=hi,
+                                 max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
+    else:
+        pool = ActorPoolStrategy(size=ex.actors,
+                                 max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
+    ds = ds.map_batches(Explainer, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
+                        batch_format="numpy", compute=pool, **ex.actor_resources)
+    return ds.map_batches(_PostWrite(ex.write), batch_format="numpy", batch_size=POST_BATCH,
+                          num_cpus=IO_TASK_CPUS)
+
+
+def run_unit(ex: UnitExecution, tracker: WaveTracker, on_commit: Callable[[dict], None],
+             on_progress: Callable[[int], None] | None = None) -> None:
+    """Stream the unit's execution; hand each complete wave's record to ``on_commit`` as soon
+    as it is complete. Raises what the execution raised (committed waves stay committed)."""
+    ds = build_dataset(ex)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, kind in enumerate(batch["kind"]):
+            if kind == "file":
+                keys = [tuple(k) for k in json.loads(str(batch["keys"][i]))]
+                tracker.add_file(str(batch["path"][i]), keys)
+            else:
+                tracker.add_marker(str(batch["shard"][i]), int(batch["samples"][i]),
+                                   str(batch["error"][i]), bool(batch["unreadable"][i]))
+        for record in tracker.ready():
+            on_commit(record)
+        if on_progress is not None:
+            on_progress(tracker.samples_written)

@@ -1,0 +1,146 @@
+"""Reading one WebDataset shard: samples as raw bytes, then a marker row that says how the
+shard ended.
+
+Ray Data's ``read_webdataset`` fails a whole read task on a truncated tar (losing the samples
+before the cut) and takes one filesystem for all paths. This reader runs inside a Ray Data
+task per shard and never loses what it could read:
+
+* a member is grouped into a sample by the WebDataset rule: the key is the member's path up
+  to the first dot of its file name, the rest is the suffix; a sample's members are contiguous;
+* a shard whose tar is truncated or corrupt keeps every sample read before the damage; the
+  sample being read when the damage was found becomes an error row; the marker carries the
+  root cause (``tarfile.ReadError: unexpected end of data``) and the shard is reported failed;
+* a shard that cannot be opened at all (missing, access denied, not found on S3) yields only
+  a marker whose ``unreadable`` flag tells the driver not to commit it;
+* an I/O error in the middle of a shard (after pyarrow's own retries) raises: the unit's
+  execution fails and the driver retries the uncommitted work.
+
+Every output row is ``__key__``, ``__url__``, ``members`` (a pickled ``{suffix: bytes}``),
+``__error__`` and the marker fields ``shard_end`` / ``shard_samples`` / ``unreadable``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+# key = the member path up to the first dot of its file name; suffix = the rest (the rule
+# Ray's read_webdataset and the webdataset package use)
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)\.([^/]*)$")
+
+
+class ShardDataError(ValueError):
+    """The shard's bytes are not a well-formed WebDataset tar from some point on."""
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """``'dir/a.b.jpg'`` -> ``('dir/a', 'b.jpg')``; None for a member without a suffix."""
+    m = _KEY_SUFFIX.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def describe(err: BaseException) -> str:
+    """``module.Type: message`` for an exception, e.g. ``tarfile.ReadError: unexpected end of
+    data``."""
+    t = type(err)
+    mod = t.__module__
+    name = t.__name__ if mod in ("builtins", "__main__") else f"{mod}.{t.__name__}"
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{name}: {msg}" if msg else name
+
+
+def iter_samples(stream: Any) -> Iterator[dict[str, Any]]:
+    """Samples ``{"__key__", "members": {suffix: bytes}}`` of a tar stream, in order.
+
+    Raises :class:`ShardDataError` (with the samples so far already yielded) when the tar is
+    damaged; the exception's ``partial`` attribute holds the key of the sample being read.
+    """
+    current: dict[str, Any] | None = None
+    finished: set[str] = set()
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    except tarfile.TarError as err:
+        raise ShardDataError(describe(err)) from err
+    try:
+        for info in tar:
+            if not info.isreg():
+                continue
+            parts = split_member(info.name)
+            if parts is None:
+                continue
+            key, suffix = parts
+            if current is not None and key != current["__key__"]:
+                finished.add(current["__key__"])
+                yield current
+                current = None
+            if current is None:
+                if key in finished:
+                    err = ShardDataError(
+                        f"members of sample {key!r} are not contiguous in the tar (it appears "
+                        "again after other samples); repack the shard sorted by name "
+                        "(tar --sort=name, or salmap shards)")
+                    err.partial = None  # type: ignore[attr-defined]
+                    raise err
+                current = {"__key__": key, "members": {}}
+            f = tar.extractfile(info)
+            current["members"][suffix] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, ShardDataError) as err:
+        if isinstance(err, ShardDataError):
+            err.partial = current["__key__"] if current else None  # type: ignore[attr-defined]
+            raise
+        wrapped = ShardDataError(describe(err))
+        wrapped.partial = current["__key__"] if current else None  # type: ignore[attr-defined]
+        raise wrapped from err
+    if current is not None:
+        yield current
+
+
+def _row(url: str, key: str, members: dict[str, bytes] | None, error: str = "") -> dict[str, Any]:
+    return {"__key__": key, "__url__": url, "members": pickle.dumps(members or {}),
+            "__error__": error, "shard_end": False, "shard_samples": -1, "unreadable": False}
+
+
+def _marker(url: str, samples: int, error: str = "", unreadable: bool = False) -> dict[str, Any]:
+    return {"__key__": "", "__url__": url, "members": b"", "__error__": error, "shard_end": True,
+            "shard_samples": samples, "unreadable": unreadable}
+
+
+def read_shard(url: str, storage: Any = None, chunk: int = 64) -> Iterator[list[dict[str, Any]]]:
+    """Lists of up to ``chunk`` rows for one shard, the last one ending with its marker."""
+    from .storage import open_filesystem
+
+    fs, path = open_filesystem(url, storage)
+    try:
+        stream = fs.open_input_stream(path)
+    except OSError as err:  # missing, access denied, bucket gone: nothing read, nothing lost
+        yield [_marker(url, 0, f"cannot open the shard: {describe(err)}", unreadable=True)]
+        return
+    rows: list[dict[str, Any]] = []
+    n = 0
+    with stream:
+        try:
+            for sample in iter_samples(stream):
+                rows.append(_row(url, sample["__key__"], sample["members"]))
+                n += 1
+                if len(rows) >= chunk:
+                    yield rows
+                    rows = []
+        except ShardDataError as err:
+            reason = str(err)
+            partial = getattr(err, "partial", None)
+            if partial is not None:
+                rows.append(_row(url, partial, None, error=(
+                    f"the shard's tar is damaged inside this sample ({reason}); the samples "
+                    "before it were read")))
+                n += 1
+            if n == 0 and "empty file" in reason.lower():
+                reason = f"the shard is empty (0 bytes): {reason}"
+            rows.append(_marker(url, n, f"shard truncated or corrupt after {n} sample(s): "
+                                        f"{reason}"))
+            yield rows
+            return
+    rows.append(_marker(url, n))
+    yield rows

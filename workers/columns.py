@@ -1,0 +1,153 @@
+"""The one declaration of the row columns: what the decode stage, the model actor and the post
+stage each fill, and what is written to Parquet with which Arrow type.
+
+Everything that lists columns (the actor's output batch, the post stage's table, the Parquet
+schema, the summaries) derives its list from :data:`COLUMNS`; a new column is one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+BOX = pa.struct([("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()),
+                 ("y1", pa.float32())])
+
+# Who fills a column:
+#   "decode"       decode stage; carried through the actor unchanged (pass-through)
+#   "actor"        the model actor (predictions, the map, status)
+#   "model_metric" a model-side metric, computed in the actor (forward passes)
+#   "post"         the post stage (geometry, PNGs)
+#   "post_metric"  a post-side metric (CPU, one map at a time)
+STAGES = ("decode", "actor", "model_metric", "post", "post_metric")
+
+# How a column travels between stages as a numpy batch column.
+KINDS = ("str", "int", "float", "bool", "map", "box", "binary", "curve")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the row: its name, who fills it, how it travels, how it is stored.
+
+    ``arrow`` is None for internal columns (carried between stages, never written).
+    ``written`` columns appear in every Parquet file in declaration order, except those with
+    ``optional=True``, which appear only when the run asks for them (curves).
+    """
+
+    name: str
+    stage: str
+    kind: str
+    arrow: pa.DataType | None = None
+    optional: bool = False
+
+    @property
+    def written(self) -> bool:
+        return self.arrow is not None or self.kind == "map"
+
+
+def _c(name: str, stage: str, kind: str, arrow: pa.DataType | None = None,
+       optional: bool = False) -> Column:
+    assert stage in STAGES and kind in KINDS, (name, stage, kind)
+    return Column(name, stage, kind, arrow, optional)
+
+
+COLUMNS: tuple[Column, ...] = (
+    _c("sample_id", "decode", "str", pa.string()),
+    _c("shard", "decode", "str", pa.string()),
+    _c("key", "decode", "str", pa.string()),
+    _c("image_file", "decode", "str", pa.string()),  # the image's member name inside the shard
+    _c("model", "actor", "str", pa.string()),
+    _c("method", "actor", "str", pa.string()),
+    _c("target", "actor", "int", pa.int32()),
+    _c("target_source", "actor", "str", pa.string()),
+    _c("label", "decode", "int", pa.int32()),
+    _c("pred", "actor", "int", pa.int32()),
+    _c("pred_prob", "actor", "float", pa.float32()),
+    _c("target_logit", "actor", "float", pa.float32()),
+    _c("target_prob", "actor", "float", pa.float32()),
+    _c("orig_height", "decode", "int", pa.int32()),
+    _c("orig_width", "decode", "int", pa.int32()),
+    _c("crop_box", "post", "box", BOX),
+    _c("saliency", "actor", "map"),  # arrow type: saliency_type(h, w, dtype)
+    _c("saliency_png", "post", "binary", pa.binary()),
+    _c("saliency_min", "post", "float", pa.float32()),
+    _c("saliency_max", "post", "float", pa.float32()),
+    _c("pseudo_box", "post_metric", "box", BOX),
+    _c("pseudo_mask_png", "post_metric", "binary", pa.binary()),
+    _c("deletion_auc", "model_metric", "float", pa.float32()),
+    _c("insertion_auc", "model_metric", "float", pa.float32()),
+    _c("average_drop", "model_metric", "float", pa.float32()),
+    _c("confidence_increase", "model_metric", "float", pa.float32()),
+    _c("road", "model_metric", "float", pa.float32()),
+    _c("pointing_hit", "post_metric", "bool", pa.bool_()),
+    _c("energy_pointing", "post_metric", "float", pa.float32()),
+    _c("gini", "post_metric", "float", pa.float32()),
+    _c("box_iou", "post_metric", "float", pa.float32()),
+    # average_drop's ingredients: p_c of the image (Y) and of the map-masked image (O)
+    _c("confidence_clean", "model_metric", "float", pa.float32()),
+    _c("confidence_masked", "model_metric", "float", pa.float32()),
+    _c("deletion_curve", "model_metric", "curve", pa.list_(pa.float32()), optional=True),
+    _c("insertion_curve", "model_metric", "curve", pa.list_(pa.float32()), optional=True),
+    _c("status", "actor", "str", pa.string()),
+    _c("error", "actor", "str", pa.string()),
+    _c("elapsed_ms", "actor", "float", pa.float32()),
+    # internal: the decode stage's geometry and annotations, used by the actor and post stage
+    _c("resized_h", "decode", "int"),
+    _c("resized_w", "decode", "int"),
+    _c("crop_top", "decode", "int"),
+    _c("crop_left", "decode", "int"),
+    _c("crop_h", "decode", "int"),
+    _c("crop_w", "decode", "int"),
+    _c("boxes_json", "decode", "str"),
+    # internal: on a shard-end marker row, how many samples the shard held and why it ended
+    # early (a truncated tar); see pipeline.shard_reader
+    _c("shard_samples", "decode", "int"),
+    _c("shard_error", "decode", "str"),
+)
+
+BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
+
+# the decode stage's columns the actor copies onto every row it returns
+PASS_THROUGH: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.stage == "decode")
+# the scalar columns of the model-side metrics (curves are separate)
+MODEL_METRIC_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in COLUMNS if c.stage == "model_metric" and c.kind == "float")
+CURVE_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.kind == "curve")
+# the per-row metric values a summary averages (model- and post-side, scalars only)
+METRIC_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in COLUMNS if c.stage in ("model_metric", "post_metric")
+    and c.kind in ("float", "bool") and not c.name.startswith("confidence_"))
+POST_METRIC_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.stage == "post_metric")
+# what the actor's output batch holds: pass-through, its own columns, model metrics
+ACTOR_OUTPUT: tuple[str, ...] = tuple(
+    c.name for c in COLUMNS if c.stage in ("decode", "actor", "model_metric"))
+
+MAP_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
+
+
+def numpy_column(kind: str, values: list) -> np.ndarray:
+    """A batch column of ``kind`` from Python values (None -> "", -1 or NaN by kind)."""
+    if kind in ("str", "curve"):
+        return np.array(["" if v is None else v for v in values], dtype=object)
+    if kind == "int":
+        return np.array([-1 if v is None else v for v in values], dtype=np.int64)
+    if kind in ("float", "bool"):
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+    return np.array(values, dtype=object)
+
+
+def saliency_type(h: int, w: int, dtype: str = "float16") -> pa.DataType:
+    """Canonical ``arrow.fixed_shape_tensor`` [h, w] (read by pyarrow, polars, DuckDB)."""
+    return pa.fixed_shape_tensor(MAP_DTYPES[dtype][0], [h, w])
+
+
+def output_schema(h: int, w: int, curves: bool = False, map_dtype: str = "float16") -> pa.Schema:
+    """The Parquet schema of a unit whose maps are ``h x w``."""
+    fields = []
+    for c in COLUMNS:
+        if not c.written or (c.optional and not curves):
+            continue
+        fields.append((c.name, saliency_type(h, w, map_dtype) if c.kind == "map" else c.arrow))
+    return pa.schema(fields)
