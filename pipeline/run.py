@@ -107,7 +107,8 @@ def check_compatible(run_id: str, ledger: Ledger, plan: dict | None, cfg: Salmap
                 "original config to resume")
     if not any(t.waves for t in ledger.totals.values()):
         return
-    new_units = [u.id for u in units if not ledger.totals.get(u.id)]
+    planned = set((plan or {}).get("units", {}))
+    new_units = [u.id for u in units if not ledger.totals.get(u.id) and u.id not in planned]
     old_shards = set((plan or {}).get("shards", {})) | set(ledger.identity)
     new_shards = [shard_name(s) for s in shards if shard_name(s) not in old_shards]
     if (new_units or new_shards) and not cfg.run.extend:
@@ -252,7 +253,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         if removed:
             out(f"salmap: removed {len(removed)} uncommitted wave folder(s) left by an "
                 "interrupted attempt")
-        _write_plan(store, plan_before, shards, identity)
+        _write_plan(store, plan_before, shards, identity, units)
         run = _Run(cfg, run_id, store, units, ledger, len({*(plan_before or {}).get("shards", {}),
                                                           *map(shard_name, shards)}),
                    [f"shard {shard_name(m)} is missing: {m} does not exist" for m in missing],
@@ -314,13 +315,17 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         lock.release()
 
 
-def _write_plan(store: Store, before: dict | None, shards: list[str], identity: dict) -> None:
-    """``_plan.json``: every shard the run has planned (this config's and earlier ones')."""
+def _write_plan(store: Store, before: dict | None, shards: list[str], identity: dict,
+                units: list[Unit]) -> None:
+    """``_plan.json``: every shard and unit the run has planned (this config's and earlier
+    ones'), so that a resumed run can tell new work from old."""
     planned = dict((before or {}).get("shards", {}))
     for s in shards:
         planned[shard_name(s)] = {"url": s, **identity.get(shard_name(s), {})}
-    if planned != (before or {}).get("shards"):
-        store.write_json(PLAN_KEY, {"shards": planned, "updated": time.time()})
+    planned_units = {**(before or {}).get("units", {}), **{u.id: u.config_hash for u in units}}
+    if planned != (before or {}).get("shards") or planned_units != (before or {}).get("units"):
+        store.write_json(PLAN_KEY, {"shards": planned, "units": planned_units,
+                                    "updated": time.time()})
 
 
 def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Store) -> UnitExecution:

@@ -43,13 +43,13 @@ def test_local_job_rows_maps_and_same_rows_as_in_process(tmp_path, make_shards, 
     assert df.groupby(["sample_id", "method"]).size().eq(1).all()
     # readable by plain pyarrow and pandas without salmap, maps finite with the documented shape
     for method, shape in (("gradient", (64, 64)), ("gradcam", (2, 2))):
-        unit_dir = run / "data" / "model=r18" / f"method={method}"
+        unit_dir = run / "data" / "r18" / method
         table = pads.dataset(str(unit_dir), format="parquet", partitioning=None).to_table()
         maps = table.column("saliency").combine_chunks().to_numpy_ndarray()
         assert maps.shape == (6, *shape) and np.isfinite(maps).all()
         assert len(pd.read_parquet(unit_dir)) == 6
         names = {f.name for f in unit_dir.rglob("*.parquet")}
-        assert names and all(re.fullmatch(r"part-\d{6}(-\d+)?\.parquet", n) for n in names), names
+        assert names and all(re.fullmatch(r"part-[0-9a-f]{20}\.parquet", n) for n in names), names
         meta = pq.read_metadata(next(unit_dir.rglob("*.parquet"))).metadata
         assert b"salmap.config" in meta and b"salmap.versions" in meta
     # the multi-node run gives the rows an in-process loop gives
