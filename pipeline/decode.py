@@ -243,6 +243,18 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     return out
 
 
+def _unpack(row: dict[str, Any]) -> dict[str, Any]:
+    """A shard reader row carries its members pickled in ``members``: spread them out."""
+    packed = row.get("members")
+    if not isinstance(packed, (bytes, bytearray)):
+        return row
+    import pickle
+
+    out = {k: v for k, v in row.items() if k != "members"}
+    out.update(pickle.loads(packed) if packed else {})
+    return out
+
+
 def marker_row(row: dict[str, Any]) -> dict[str, Any]:
     """The decoded form of a shard-end marker: which shard, how many samples, why it ended."""
     shard = shard_name(row.get("__url__", ""))
@@ -263,7 +275,7 @@ def decode_batch(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.n
     A row is either a WebDataset sample (``__key__``, ``__url__`` and one raw-bytes value per
     suffix) or a shard-end marker (``shard_end`` true), which is passed on.
     """
-    decoded = [marker_row(r) if r.get("shard_end") else decode_row(r, spec) for r in rows]
+    decoded = [marker_row(r) if r.get("shard_end") else decode_row(_unpack(r), spec) for r in rows]
     blank = np.zeros((spec.crop, spec.crop, 3), dtype=np.uint8)
     batch: dict[str, np.ndarray] = {}
     batch["image"] = np.stack([d["image"] if d["image"] is not None else blank for d in decoded]) \

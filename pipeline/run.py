@@ -6,6 +6,7 @@ execution (:mod:`pipeline.execute`) and commit its waves as they complete
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import sys
@@ -58,6 +59,7 @@ class RunResult:
     report: str | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     import pyarrow
     import ray
@@ -177,6 +179,10 @@ class _Run:
     extra: dict = field(default_factory=dict)
     waves_total: int = 0
     waves_done: int = 0
+    public_config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
 
     def unit_info(self) -> dict[str, dict]:
         info = {u.id: {"model": u.model.name, "method": u.method.name,
@@ -193,7 +199,7 @@ class _Run:
 
     def manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
         units = units or self.unit_info()
-        return manifest(self.run_id, status, self.store.uri, _public_config(self.cfg),
+        return manifest(self.run_id, status, self.store.uri, self.public_config,
                         stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(),
                         self.ledger, units, self.shards_total, self.all_failures(), self.started,
                         self.extra)

@@ -88,6 +88,11 @@ class Store:
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
+    @property
+    def is_local_disk(self) -> bool:
+        """A plain local folder: writes use temp file + rename; other stores go through fs."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
@@ -111,7 +116,7 @@ class Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write an object whole. On S3 one PUT is atomic; locally: temp file + rename."""
         path = self.path(key)
-        if self.is_s3:
+        if not self.is_local_disk:
             def put() -> None:
                 with self.fs.open_output_stream(path) as f:
                     f.write(data)
@@ -152,7 +157,7 @@ class Store:
         info = self.fs.get_file_info(self.path(prefix))
         if info.type == pafs.FileType.NotFound:
             return
-        if self.is_s3:
+        if not self.is_local_disk:
             for key in self.list(prefix):
                 self.delete(key)
             try:
