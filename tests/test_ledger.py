@@ -11,6 +11,7 @@ import time
 import tracemalloc
 
 import pytest
+import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.ledger import (
@@ -207,3 +208,32 @@ def test_identity_compares_size_mtime_and_indexed_count():
     assert not same_identity(a, {**a, "mtime_ns": 9})
     assert not same_identity(a, {**a, "samples": 9})
     assert same_identity(a, {"size": 1, "mtime_ns": 2})  # no index now: not a change
+
+
+@pytest.mark.parametrize("source, weights, size", [
+    ("torchvision:resnet18", "none", None),
+    ("torchvision:resnet18", "none", 64),
+    ("torchvision:resnet18", "IMAGENET1K_V1", None),
+    ("torchvision:vit_b_16", "DEFAULT", None),
+    ("torchvision:efficientnet_b3", "DEFAULT", 200),
+    ("efficientnet_lite0", None, None),
+    ("efficientnet_lite0", None, 96),
+])
+def test_the_driver_knows_the_preprocessing_without_building_the_model(source, weights, size,
+                                                                        monkeypatch):
+    """preprocess_of agrees with what load_model returns (weights that would be downloaded
+    are stubbed out: the driver never builds the model)."""
+    import torchvision.models as tvm
+
+    from workers.models import load_model
+    from workers.preprocessing import preprocess_of
+
+    got = preprocess_of(source, weights, size)
+    if source.startswith("torchvision:") and weights != "none":
+        # load_model would download the weights: build a stand-in model instead
+        monkeypatch.setattr(tvm, "get_model", lambda arch, weights=None: torch.nn.Conv2d(3, 2, 1))
+        import workers.methods.layers as layers
+
+        monkeypatch.setattr(layers, "resolve_layer", lambda m, t: ("x", m))
+    expected = load_model(source, weights, input_size=size).preprocess
+    assert got == expected

@@ -213,3 +213,35 @@ def test_units_in_parallel_is_capped_to_what_the_cluster_holds(ray_session):
     cpus = int(ray_session.cluster_resources()["CPU"])
     assert units_that_fit(cfg, 8) == cpus - 1  # one actor CPU per unit, one CPU left for reads
     assert units_that_fit(cfg, 2) == min(2, cpus - 1)
+
+
+def test_a_shard_rewritten_under_the_same_name_is_never_skipped(tmp_path, ray_cluster):
+    """`salmap shards` again after adding a photo, then the same run.id: a config error naming
+    the shard and both ways out; with run.extend=true the shard is redone, new photo included."""
+    import time as _time
+
+    from conftest import jpeg_bytes, write_shard
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = folder / "photos-000000.tar"
+    write_shard(shard, [{"__key__": f"p{i}", "jpg": jpeg_bytes(i)} for i in range(2)])
+    other = folder / "photos-000001.tar"
+    write_shard(other, [{"__key__": "q0", "jpg": jpeg_bytes(9)}])
+    job = _job(tmp_path, [str(shard), str(other)], str(tmp_path / "out"),
+               methods=[{"name": "gradcam"}])
+    cfg = load_config(str(job), [f"ray.address={ray_cluster}"])
+    assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK
+    _time.sleep(0.05)  # a later modification time, as a re-run of `salmap shards` gives
+    write_shard(shard, [{"__key__": f"p{i}", "jpg": jpeg_bytes(i)} for i in range(3)])
+    proc = _cli("run", str(job), f"ray.address={ray_cluster}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "photos-000000 changed since it was committed" in proc.stderr
+    assert "new run.id" in proc.stderr and "run.extend=true" in proc.stderr
+    said: list[str] = []
+    cfg = load_config(str(job), [f"ray.address={ray_cluster}", "run.extend=true"])
+    assert run_job(cfg, out=said.append).exit_code == EXIT_OK
+    assert any("withdrawn and redone" in s for s in said)
+    df = read_run(str(tmp_path / "out" / "t")).to_table(columns=["sample_id"]).to_pandas()
+    assert sorted(df.sample_id) == ["photos-000000/p0", "photos-000000/p1", "photos-000000/p2",
+                                    "photos-000001/q0"]
