@@ -424,8 +424,8 @@ def test_random_vit_has_a_drawn_head_so_maps_are_not_zero(monkeypatch):
 
 
 # -- end to end (slow) ---------------------------------------------------------------------------
-def _demo_job(tmp_path, ray_cluster, arch: str, methods: list[dict], metrics: list, photos: list[str],
-              run_id: str):
+def _demo_job(tmp_path, ray_cluster, arch: str, methods: list[dict], metrics: list,
+              photos: list[str], run_id: str) -> str:
     from pipeline.demo_data import write_demo_shards
     from pipeline.run import EXIT_OK, run_job
 
@@ -477,7 +477,8 @@ def test_vit_b_16_job_end_to_end(tmp_path, ray_cluster):
 @pytest.mark.slow
 def test_swin_t_job_end_to_end(tmp_path, ray_cluster):
     run = _demo_job(tmp_path, ray_cluster, "swin_t",
-                    [{"name": "layercam"}, {"name": "integrated_gradients", "params": {"steps": 2}}],
+                    [{"name": "layercam"},
+                     {"name": "integrated_gradients", "params": {"steps": 2}}],
                     ["pointing_game", "gini"], ["chelsea", "rocket"], "swin")
     cam, _ = _maps(run, "swin_t__layercam")
     assert cam.shape == (2, 7, 7) and (cam.reshape(2, -1).std(1) > 0).all()

@@ -38,7 +38,9 @@ def check_reshape(reshape: str | None) -> str:
     """The canonical reshape name (``None`` -> ``"auto"``); a clear error for anything else."""
     value = "auto" if reshape in (None, "", "auto") else reshape
     if value not in RESHAPES:
-        raise MethodError(f"reshape must be one of {', '.join(RESHAPES)} (or null), got {reshape!r}")
+        raise MethodError(
+            f"reshape must be one of {', '.join(RESHAPES)} (or null), got {reshape!r}"
+        )
     return value
 
 
