@@ -97,7 +97,7 @@ def family_of(arch: str) -> Family | None:
 
 def model_features(model: nn.Module) -> dict[str, str]:
     """The features of a built model that some methods have no rule for: feature -> the
-    first module showing it (``"encoder.layers.encoder_layer_0.mlp.1 (GELU)"``)."""
+    first module showing it (``"GELU at 'encoder.layers.encoder_layer_0.mlp.1'"``)."""
     found: dict[str, str] = {}
     for name, module in model.named_modules():
         kind = None
@@ -110,9 +110,9 @@ def model_features(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
             kind = ATTENTION
         if kind and kind not in found:
-            found[kind] = f"{name or '<model>'} ({type(module).__name__})"
+            found[kind] = f"{type(module).__name__} at {name or '<model>'!r}"
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        found[CONV_HEAD] = type(model).__name__
+        found[CONV_HEAD] = f"no nn.Linear in {type(model).__name__}"
     return found
 
 
@@ -141,7 +141,7 @@ def check_model(method: str, model: nn.Module) -> None:
     found = model_features(model)
     why = refusal(method, found, type(model).__name__)
     if why:
-        where = "; ".join(f"{feature}: {module}" for feature, module in found.items())
+        where = ", ".join(found[f] for f in FEATURES if f in found)
         raise MethodError(f"{why} (found {where})")
 
 
