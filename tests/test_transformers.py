@@ -196,6 +196,28 @@ def test_cams_on_transformer_families_give_maps_on_the_grid(name, method):
     assert_restored(model, before, x)
 
 
+MODEL_AGNOSTIC = {"gradient": {}, "gradient_x_input": {}, "smoothgrad": {"nsamples": 2},
+                  "integrated_gradients": {"steps": 3},
+                  "hdm": {"steps": 4, "stages": 1, "benchmark_sizes": (2,), "auxiliary_sizes": (4,)}}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_input_space_methods_run_on_every_transformer_family(name):
+    """Parity with Captum is checked on ViT, Swin and ConvNeXt (test_parity_peers.py); here
+    every family, HDM included, gives finite input-sized maps that depend on the target."""
+    model = TINY[name][0]()
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, PX, PX)
+    for method, params in MODEL_AGNOSTIC.items():
+        run = build(method, model, **params)
+        maps = run(x, [1, 2])
+        assert maps.shape == (2, PX, PX) and torch.isfinite(maps).all(), method
+        assert (maps.flatten(1).std(1) > 0).all(), method
+        if method != "hdm":  # HDM's default loss keeps all the logits: not class-specific
+            other = run(x, [3, 4])
+            assert (other - maps).abs().max() > 1e-3 * maps.abs().max(), method
+
+
 CNN_FAMILIES = {  # torchvision name -> (default layer, grid at 64 px)
     "regnet_x_400mf": ("trunk_output", (2, 2)),
     "regnet_y_400mf": ("trunk_output", (2, 2)),
