@@ -81,6 +81,7 @@ class ModelSection:
     target_layer: str | None = None
     input_size: int | None = None
     arch: str | None = None  # torchvision architecture for source file:<path>
+    reshape: str | None = None  # CAM target layer layout: auto | nchw | nhwc | tokens
 
 
 @dataclass
@@ -246,6 +247,7 @@ def metric_specs(cfg: SalmapConfig) -> dict[str, dict]:
 def validate(cfg: SalmapConfig) -> None:
     """Checks OmegaConf cannot express: names, ranges, combinations."""
     from workers import methods as method_registry
+    from workers.methods.compat import job_conflict
 
     if not cfg.models:
         raise ConfigError("models: at least one model is required (e.g. source: efficientnet_lite0)")
@@ -274,6 +276,8 @@ def validate(cfg: SalmapConfig) -> None:
             raise ConfigError(f"methods[{i}].params: {err}") from None
     parse_targets(cfg.targets)
     _check_metrics(cfg)
+    if conflict := job_conflict(cfg.models, cfg.methods):  # method x model family, from names
+        raise ConfigError(conflict)
     r = cfg.resources
     if r.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"resources.precision: {r.precision!r} is not fp32, bf16 or fp16")
