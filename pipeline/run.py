@@ -348,7 +348,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     spec = ActorSpec(
         model={"name": unit.model.name, "source": unit.model.source, "weights": unit.model.weights,
                "target_layer": unit.model.target_layer, "input_size": unit.model.input_size,
-               "arch": unit.model.arch},
+               "arch": unit.model.arch, "reshape": unit.model.reshape},
         method=unit.method.name, method_params=dict(unit.method.params), targets=mode, topk=k,
         metrics=model_metrics, precision=cfg.resources.precision,
         channels_last=cfg.resources.channels_last, compile=cfg.resources.compile,
