@@ -94,15 +94,15 @@ class MethodSection:
 @dataclass
 class ResourcesSection:
     batch_size: int = 16
-    actors_per_unit: int = 1
-    gpus_per_actor: Any = "auto"  # auto | a number
+    actors_per_unit: Any = "auto"  # auto: a cost-aware share of the cluster's slots | an int
+    gpus_per_actor: Any = "auto"  # auto | a number (0.5: two actors per GPU)
     cpus_per_actor: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of forward passes)
     decode_batch_size: int = 32
     max_tasks_in_flight_per_actor: int = 2
     compile: bool = False
     channels_last: bool = True
-    units_in_parallel: int = 1
+    units_in_parallel: Any = "auto"  # auto: as many as the slots hold | an int
 
 
 @dataclass
@@ -281,10 +281,15 @@ def validate(cfg: SalmapConfig) -> None:
     r = cfg.resources
     if r.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"resources.precision: {r.precision!r} is not fp32, bf16 or fp16")
-    if not (r.gpus_per_actor == "auto" or isinstance(r.gpus_per_actor, (int, float))):
-        raise ConfigError(f"resources.gpus_per_actor: {r.gpus_per_actor!r} is not 'auto' or a number")
-    for key in ("batch_size", "actors_per_unit", "decode_batch_size", "max_tasks_in_flight_per_actor",
-                "units_in_parallel"):
+    _check_gpus_per_actor(r.gpus_per_actor)
+    if isinstance(r.cpus_per_actor, bool) or not isinstance(r.cpus_per_actor, (int, float)) \
+            or not r.cpus_per_actor > 0:
+        raise ConfigError(f"resources.cpus_per_actor must be a number > 0, got {r.cpus_per_actor!r}")
+    for key in ("actors_per_unit", "units_in_parallel"):
+        value = getattr(r, key)
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"resources.{key}: {value!r} is not 'auto' or a whole number >= 1")
+    for key in ("batch_size", "decode_batch_size", "max_tasks_in_flight_per_actor"):
         if getattr(r, key) < 1:
             raise ConfigError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
     if cfg.run.shards_per_wave < 1:
@@ -299,6 +304,19 @@ def validate(cfg: SalmapConfig) -> None:
         raise ConfigError("input.max_pixels must be >= 1")
     if cfg.ray.progress not in ("auto", "bars", "lines", "off"):
         raise ConfigError(f"ray.progress: {cfg.ray.progress!r} is not auto, bars, lines or off")
+
+
+def _check_gpus_per_actor(value: Any) -> None:
+    """``auto``, 0 (CPU actors), a fraction of a GPU (actors share it), or whole GPUs."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"resources.gpus_per_actor: {value!r} is not 'auto' or a number")
+    if value < 0:
+        raise ConfigError(f"resources.gpus_per_actor must be >= 0, got {value}")
+    if value > 1 and float(value) != int(value):
+        raise ConfigError(f"resources.gpus_per_actor: {value} GPUs per actor; above 1 it must be a "
+                          "whole number (Ray shares a GPU only in fractions of one)")
 
 
 def _check_model_source(i: int, m: ModelSection) -> None:

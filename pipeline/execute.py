@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .accounting import UnitAccounting
 from .decode import SHARD_END, DecodeSpec, decode_batch
 from .plan import Unit, Wave
 from .storage import Store
@@ -123,8 +124,29 @@ class _PostWrite:
             store.write_bytes(key, data)  # retried with backoff inside
             out.append({"kind": "file", "wave": wave_id, "path": key, "shard": "", "samples": 0,
                         "error": "", "unreadable": False, "keys": json.dumps(keys)})
-        return {c: np.array([r[c] for r in out], dtype=object) for c in
-                ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys")}
+        for r in out:
+            r["actors"] = ""
+        if out:
+            out[0]["actors"] = actor_entries(batch)
+        return {c: np.array([r[c] for r in out], dtype=object) for c in RECORD_COLUMNS}
+
+
+RECORD_COLUMNS = ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys", "actors")
+
+
+def actor_entries(batch: dict[str, np.ndarray]) -> str:
+    """JSON list of the actor batches in ``batch`` (:data:`pipeline.accounting.Entry`), with
+    the samples each explained here (shard-end markers do not count)."""
+    if "actor_id" not in batch or not len(batch["actor_id"]):
+        return ""
+    groups: dict[tuple, set[str]] = {}
+    for i, actor in enumerate(batch["actor_id"]):
+        key = (str(actor), str(batch["actor_device"][i]), int(batch["actor_start_ms"][i]),
+               int(batch["batch_end_ms"][i]), int(batch["batch_ms"][i]))
+        samples = groups.setdefault(key, set())
+        if batch["status"][i] != SHARD_END:
+            samples.add(str(batch["sample_id"][i]))
+    return json.dumps([[*k, len(v)] for k, v in groups.items()])
 
 
 # -- the driver side -------------------------------------------------------------------------
@@ -172,11 +194,17 @@ def build_dataset(ex: UnitExecution):
 
 
 def run_unit(ex: UnitExecution, tracker: WaveTracker, on_commit: Callable[[dict], None],
-             on_progress: Callable[[int], None] | None = None) -> None:
+             on_progress: Callable[[int], None] | None = None,
+             accounting: UnitAccounting | None = None) -> None:
     """Stream the unit's execution; hand each complete wave's record to ``on_commit`` as soon
-    as it is complete. Raises what the execution raised (committed waves stay committed)."""
+    as it is complete, and the actor batches to ``accounting``. Raises what the execution
+    raised (committed waves stay committed)."""
     ds = build_dataset(ex)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if accounting is not None and "actors" in batch:
+            for text in batch["actors"]:
+                if text:
+                    accounting.add(json.loads(str(text)))
         for i, kind in enumerate(batch["kind"]):
             if kind == "file":
                 keys = [tuple(k) for k in json.loads(str(batch["keys"][i]))]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
-from .cluster import configure_data_context, gpus_per_actor, init_ray, units_that_fit
+from .accounting import UnitAccounting, job_peak
+from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
 from .commit import RunLock
 from .config import (
     ConfigError,
@@ -180,6 +181,10 @@ class _Run:
     waves_total: int = 0
     waves_done: int = 0
     public_config: dict = field(default_factory=dict)
+    # actor accounting: the pool plan per unit, this driver's account, earlier drivers' entries
+    pools: dict[str, dict] = field(default_factory=dict)
+    accounting: dict[str, UnitAccounting] = field(default_factory=dict)
+    actors_before: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
@@ -192,6 +197,13 @@ class _Run:
             info.setdefault(uid, {"model": model, "method": method,
                                   "config_hash": self.ledger.totals[uid].config_hash,
                                   "data": f"data/{model}/{method}"})
+        for uid, entry in info.items():
+            acc = self.accounting.get(uid)
+            actors = {**self.pools.get(uid, {}), **(acc.summary() if acc else {})}
+            if actors:
+                entry["actors"] = actors
+            elif uid in self.actors_before:
+                entry["actors"] = self.actors_before[uid]
         return info
 
     def all_failures(self) -> list[str]:
@@ -199,6 +211,8 @@ class _Run:
 
     def manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
         units = units or self.unit_info()
+        if "cluster" in self.extra:
+            self.extra["cluster"]["peak_actors"] = job_peak(self.accounting.values())
         return manifest(self.run_id, status, self.store.uri, self.public_config,
                         stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(),
                         self.ledger, units, self.shards_total, self.all_failures(), self.started,
@@ -290,17 +304,18 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         configure_data_context(cfg)
         out(f"salmap: run {run_id} -> {store.uri} ({len(shards)} shard(s), {len(units)} unit(s), "
             f"{total_waves} wave(s) to do)")
-        wanted = max(1, min(cfg.resources.units_in_parallel, len(todo)))
-        parallel = units_that_fit(cfg, wanted) if wanted > 1 else 1
-        if parallel < wanted:
-            out(f"salmap: running {parallel} unit(s) at once, not {wanted}: the cluster's CPUs/GPUs "
-                "hold no more actor pools with a CPU left for reading")
-        if parallel == 1:
+        plan = plan_run(run, todo, index, previous)
+        if plan.note:
+            out(f"salmap: {plan.note}")
+        by_id = {u.id: (u, w) for u, w in todo}
+        todo = [by_id[uid] for uid in plan.order]
+        if plan.parallel == 1:
             for unit, waves in todo:
-                _run_unit(run, unit, waves, identity, index)
+                _run_unit(run, unit, waves, identity, index, plan.actors[unit.id])
         else:
-            with ThreadPoolExecutor(parallel, thread_name_prefix="salmap-unit") as pool:
-                for fut in [pool.submit(_run_unit, run, u, w, identity, index) for u, w in todo]:
+            with ThreadPoolExecutor(plan.parallel, thread_name_prefix="salmap-unit") as pool:
+                for fut in [pool.submit(_run_unit, run, u, w, identity, index, plan.actors[u.id])
+                            for u, w in todo]:
                     fut.result()
         failures = run.all_failures()
         commits = load_commits(store)  # the records, read once more for the summaries
@@ -334,7 +349,50 @@ def _write_plan(store: Store, before: dict | None, shards: list[str], identity: 
                                     "updated": time.time()})
 
 
-def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Store) -> UnitExecution:
+# -- how many units at once, with how many actors (pipeline.cluster's policy) -----------------
+def plan_run(run: _Run, todo: list[tuple[Unit, list[Wave]]], index: dict[str, int],
+             previous: dict | None) -> PoolPlan:
+    """Expected work per pending unit (images x work per image: the declared cost, or the rate
+    earlier drivers of this run measured), then the pools; recorded for the manifest."""
+    from workers.methods.cost import unit_cost
+
+    from .cluster import refine_costs
+
+    cfg = run.cfg
+    model_metrics = split_metrics(cfg)[0]
+    known = [n for n in index.values() if n]
+    mean_images = sum(known) / len(known) if known else 1.0
+    images = {u.id: sum(index.get(shard_name(s)) or mean_images for w in waves for s in w.shards)
+              for u, waves in todo}
+    declared = {u.id: unit_cost(u.method.name, dict(u.method.params), model_metrics)
+                for u, _ in todo}
+    before = {uid: dict(v.get("actors") or {})
+              for uid, v in ((previous or {}).get("units") or {}).items()}
+    run.actors_before = {uid: a for uid, a in before.items() if a}
+    measured = {uid: before.get(uid, {}).get("busy_s_per_image") for uid in declared}
+    per_image = refine_costs(declared, measured)
+    work = {uid: images[uid] * per_image[uid] for uid in declared}
+    plan = plan_pools(cfg, work, declared)
+    slots = plan.slots
+    for u, _ in todo:
+        measured_here = measured.get(u.id)
+        run.pools[u.id] = {**plan.info[u.id], "images": round(images[u.id], 1),
+                           "cost_per_image": round(declared[u.id], 3),
+                           "measured_s_per_image": measured_here}
+        acc_before = {k: v for k, v in before.get(u.id, {}).items()
+                      if k in ("actors", "peak", "devices", "device_s", "busy_device_s", "samples")}
+        run.accounting[u.id] = UnitAccounting(u.id, slots.resource, slots.per_actor, acc_before)
+    run.extra["cluster"] = {
+        "resource": slots.resource, "per_actor": slots.per_actor, "slots": slots.count,
+        "total": slots.total, "reserved_cpus": slots.reserved_cpus,
+        "actors_per_unit": cfg.resources.actors_per_unit,
+        "units_in_parallel": plan.parallel, "order": plan.order, "peak_actors": 0,
+    }
+    return plan
+
+
+def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Store,
+                   actors: int | tuple[int, int] | None = None) -> UnitExecution:
     """The unit's pipeline, from its config (the model's geometry without building it)."""
     from workers.actor import ActorSpec
     from workers.preprocessing import preprocess_of
@@ -370,15 +428,21 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     return UnitExecution(
         unit=unit, waves=waves, decode=decode, actor_spec=spec, write=write,
         batch_size=unit.method.batch_size or cfg.resources.batch_size,
-        actors=cfg.resources.actors_per_unit, actor_resources=resources,
+        actors=actors if actors is not None else _fixed_actors(cfg), actor_resources=resources,
         max_tasks_in_flight_per_actor=cfg.resources.max_tasks_in_flight_per_actor,
         decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage)
+
+
+def _fixed_actors(cfg: SalmapConfig) -> int:
+    n = cfg.resources.actors_per_unit
+    return 1 if n == "auto" else int(n)
 
 
 MAX_ATTEMPTS = 2  # a unit's execution is retried once for its uncommitted waves
 
 
-def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: dict) -> None:
+def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: dict,
+              actors: int | tuple[int, int] | None = None) -> None:
     """Run one unit's waves in one streaming execution; retry once if it failed after
     committing something (a transient fault), else report the root cause for its shards."""
     total = sum(index[shard_name(s)] for w in waves for s in w.shards) \
@@ -387,14 +451,15 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
     for attempt in range(1, MAX_ATTEMPTS + 1):
         base = progress.committed_samples
         tracker = WaveTracker(unit.id, unit.config_hash, waves, identity, index)
-        ex = unit_execution(run.cfg, unit, waves, run.store)
+        ex = unit_execution(run.cfg, unit, waves, run.store, actors)
 
         def on_commit(record: dict, tracker=tracker) -> None:
             run.commit(unit, record)
             progress.wave_done(record)
 
         try:
-            run_unit(ex, tracker, on_commit, lambda n, base=base: progress.update(base + n))
+            run_unit(ex, tracker, on_commit, lambda n, base=base: progress.update(base + n),
+                     run.accounting.get(unit.id))
             break
         except Exception as err:  # noqa: BLE001 - reported with its root cause below
             reason = root_cause(err)

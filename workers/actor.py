@@ -69,6 +69,22 @@ class ActorSpec:
     map_dtype: str = "float16"  # how maps are stored: float16 or float32 (workers.columns)
 
 
+def _actor_id() -> str:
+    """The Ray actor's id when running as one, else a random id (the class used directly)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            actor = ray.get_runtime_context().get_actor_id()
+            if actor:
+                return str(actor)
+    except Exception:  # noqa: BLE001 - accounting only
+        pass
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
@@ -81,6 +97,8 @@ class Explainer:
     """Callable class for ``map_batches``: decoded batch in, explained rows out."""
 
     def __init__(self, spec: ActorSpec) -> None:
+        self.started_ms = int(time.time() * 1000)  # the device is held from here on
+        self.actor_id = _actor_id()
         self.spec = spec
         self.map_np = MAP_DTYPES[spec.map_dtype][1]
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,6 +165,7 @@ class Explainer:
 
     # -- per batch ---------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.time()
         n = len(batch["sample_id"])
         rows: list[dict[str, Any]] = []
         ok_idx = [i for i in range(n) if batch["status"][i] == "ok"]
@@ -157,7 +176,15 @@ class Explainer:
                 rows.append(self._error_row(batch, i, str(batch["error"][i]), target=None))
         if ok_idx:
             rows.extend(self._explain_indices(batch, ok_idx))
-        return self._to_columns(rows)
+        cols = self._to_columns(rows)
+        end = time.time()
+        m = len(rows)
+        cols["actor_id"] = np.array([self.actor_id] * m, dtype=object)
+        cols["actor_device"] = np.array([self.device.type] * m, dtype=object)
+        cols["actor_start_ms"] = np.full(m, self.started_ms, dtype=np.int64)
+        cols["batch_end_ms"] = np.full(m, int(end * 1000), dtype=np.int64)
+        cols["batch_ms"] = np.full(m, int(round((end - t0) * 1000)), dtype=np.int64)
+        return cols
 
     def _to_tensor(self, images: np.ndarray) -> Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)

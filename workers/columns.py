@@ -105,6 +105,14 @@ COLUMNS: tuple[Column, ...] = (
     # early (a truncated tar); see pipeline.shard_reader
     _c("shard_samples", "decode", "int"),
     _c("shard_error", "decode", "str"),
+    # internal: which actor explained the batch, on which device, since when (ms since the
+    # epoch), when the batch ended and how long it took; the driver's actor accounting
+    # (pipeline.accounting)
+    _c("actor_id", "actor", "str"),
+    _c("actor_device", "actor", "str"),
+    _c("actor_start_ms", "actor", "int"),
+    _c("batch_end_ms", "actor", "int"),
+    _c("batch_ms", "actor", "int"),
 )
 
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}

@@ -1,0 +1,114 @@
+"""Which actors did a unit's work, and for how long: the driver's account of its devices.
+
+Every actor batch carries its actor's id, device, start time, and the batch's end time and
+duration (internal columns, :mod:`workers.columns`); the post + write stage passes one entry
+per actor batch to the driver with its file records (:mod:`pipeline.execute`). From those the
+driver knows per unit: how many actors it had, how many at once (peak), and its
+device-seconds: each actor's time from its start (model load included) to the end of its last
+batch, times the GPUs (or CPUs) one actor holds. ``busy`` counts only the time inside batches.
+Pure logic, no Ray.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# one entry per actor batch: [actor id, device, actor start ms, batch end ms, batch ms, samples]
+Entry = tuple[str, str, int, int, int, int]
+
+
+@dataclass
+class _Actor:
+    device: str
+    start: float
+    end: float
+    busy: float = 0.0
+    samples: int = 0
+
+
+def peak_concurrency(intervals: Iterable[tuple[float, float]]) -> int:
+    """The most intervals ``[start, end]`` that overlap at one instant."""
+    events = []
+    for start, end in intervals:
+        events.append((start, 1))
+        events.append((max(start, end), -1))
+    events.sort(key=lambda e: (e[0], -e[1]))  # a start at the instant of an end overlaps it
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+@dataclass
+class UnitAccounting:
+    """The actors of one unit in this driver (all its attempts), plus what earlier drivers of
+    the run recorded (``before``: the unit's ``actors`` entry of the previous manifest)."""
+
+    unit_id: str
+    resource: str = "CPU"  # what one actor holds: "GPU" or "CPU"
+    per_actor: float = 1.0  # how much of it
+    before: dict = field(default_factory=dict)
+    actors: dict[str, _Actor] = field(default_factory=dict)
+    _batches: set[tuple[str, int]] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, entries: Iterable[Entry]) -> None:
+        """Entries of actor batches; a batch split over several post batches comes several
+        times (its samples add up, its time counts once)."""
+        with self._lock:
+            self._add(entries)
+
+    def _add(self, entries: Iterable[Entry]) -> None:
+        for actor_id, device, start_ms, end_ms, batch_ms, samples in entries:
+            if not actor_id:
+                continue
+            a = self.actors.get(actor_id)
+            if a is None:
+                a = self.actors[actor_id] = _Actor(str(device), start_ms / 1000.0, start_ms / 1000.0)
+            a.end = max(a.end, end_ms / 1000.0)
+            a.samples += int(samples)
+            if (actor_id, end_ms) not in self._batches:
+                self._batches.add((actor_id, end_ms))
+                a.busy += batch_ms / 1000.0
+
+    def intervals(self) -> list[tuple[float, float]]:
+        with self._lock:
+            return [(a.start, a.end) for a in self.actors.values()]
+
+    def summary(self) -> dict:
+        """This unit's entry for the manifest: this driver's figures added to the earlier ones."""
+        with self._lock:
+            return self._summary()
+
+    def _summary(self) -> dict:
+        b = self.before or {}
+        device_s = sum(a.end - a.start for a in self.actors.values()) * self.per_actor
+        busy_s = sum(a.busy for a in self.actors.values()) * self.per_actor
+        samples = sum(a.samples for a in self.actors.values())
+        devices: dict[str, int] = dict(b.get("devices") or {})
+        for a in self.actors.values():
+            devices[a.device] = devices.get(a.device, 0) + 1
+        out = {
+            "resource": self.resource, "per_actor": self.per_actor,
+            "actors": int(b.get("actors", 0)) + len(self.actors),
+            "peak": max(int(b.get("peak", 0)),
+                        peak_concurrency((a.start, a.end) for a in self.actors.values())),
+            "devices": devices,
+            "device_s": round(float(b.get("device_s", 0.0)) + device_s, 3),
+            "busy_device_s": round(float(b.get("busy_device_s", 0.0)) + busy_s, 3),
+            "samples": int(b.get("samples", 0)) + samples,
+        }
+        out["busy_s_per_image"] = (round(out["busy_device_s"] / out["samples"], 6)
+                                   if out["samples"] else None)
+        if self.actors:
+            out["first_start"] = min(a.start for a in self.actors.values())
+            out["last_end"] = max(a.end for a in self.actors.values())
+        return out
+
+
+def job_peak(accountings: Iterable[UnitAccounting]) -> int:
+    """The most actors of all units alive at one instant (this driver)."""
+    return peak_concurrency(iv for acc in accountings for iv in acc.intervals())
