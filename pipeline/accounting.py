@@ -74,6 +74,19 @@ class UnitAccounting:
                 self._batches.add((actor_id, end_ms))
                 a.busy += batch_ms / 1000.0
 
+    def set_lifetimes(self, lifetimes: dict[str, tuple[float, float | None]]) -> None:
+        """What Ray's actor table says of this unit's actors: id -> (start, end or None while
+        alive), in seconds. Adds the actors that never got a batch (they held their device
+        all the same) and extends each actor's time to its end."""
+        with self._lock:
+            for actor_id, (start, end) in lifetimes.items():
+                a = self.actors.get(actor_id)
+                if a is None:
+                    a = self.actors[actor_id] = _Actor("", start, start)
+                a.start = min(a.start, start)
+                if end is not None:
+                    a.end = max(a.end, end)
+
     def intervals(self) -> list[tuple[float, float]]:
         with self._lock:
             return [(a.start, a.end) for a in self.actors.values()]
@@ -90,7 +103,8 @@ class UnitAccounting:
         samples = sum(a.samples for a in self.actors.values())
         devices: dict[str, int] = dict(b.get("devices") or {})
         for a in self.actors.values():
-            devices[a.device] = devices.get(a.device, 0) + 1
+            device = a.device or "none (no batch)"
+            devices[device] = devices.get(device, 0) + 1
         out = {
             "resource": self.resource, "per_actor": self.per_actor,
             "actors": int(b.get("actors", 0)) + len(self.actors),
@@ -112,3 +126,32 @@ class UnitAccounting:
 def job_peak(accountings: Iterable[UnitAccounting]) -> int:
     """The most actors of all units alive at one instant (this driver)."""
     return peak_concurrency(iv for acc in accountings for iv in acc.intervals())
+
+
+def pool_class_name(unit_id: str) -> str:
+    """The name of the unit's actor class (a subclass of ``Explainer`` per unit), so that
+    Ray's actor table tells the units' actors apart (and Ray's dashboard shows the unit)."""
+    return f"Explainer[{unit_id}]"
+
+
+def actor_lifetimes(unit_id: str, since: float) -> dict[str, tuple[float, float | None]]:
+    """The unit's actors created by this driver since ``since`` (seconds), from Ray's actor
+    table: id -> (start, end or None while alive). Empty when the table cannot be read (a
+    private Ray API: :func:`ray._private.state.actors`)."""
+    try:
+        import ray
+        from ray._private import state
+
+        table = state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()))
+    except Exception:  # noqa: BLE001 - accounting only: the batches' account stays
+        return {}
+    want = f"MapWorker(MapBatches({pool_class_name(unit_id)}))"
+    out = {}
+    for actor_id, info in table.items():
+        if info.get("ActorClassName") != want:
+            continue
+        start = float(info.get("StartTime") or 0) / 1000.0
+        end = float(info.get("EndTime") or 0) / 1000.0
+        if start and start >= since:
+            out[actor_id] = (start, end or None)
+    return out

@@ -113,12 +113,22 @@ def cpu_reserve(cpus: float, work_per_image: float) -> int:
     return int(min(cpus - 1, max(1, math.ceil(cpus * share))))
 
 
+#: CPUs Ray Data reserves for an actor that asks for GPUs and no CPUs (its Python work)
+GPU_ACTOR_CPUS = 1.0
+
+
 def actor_slots(res: dict[str, float], gpus: float, cpus_per_actor: float,
                 work_per_image: float = 1.0) -> Slots:
-    """The actor places of a cluster with resources ``res`` (at least one)."""
+    """The actor places of a cluster with resources ``res`` (at least one). GPU actors: one
+    per ``gpus`` GPUs, as long as their CPUs (:data:`GPU_ACTOR_CPUS` each) leave one CPU for
+    the CPU stages; CPU actors: the CPUs left after :func:`cpu_reserve`, ``cpus_per_actor``
+    each."""
     if gpus > 0:
         total = float(res.get("GPU", 0))
-        return Slots("GPU", gpus, max(1, int(total // gpus + 1e-9)), total)
+        cpus = float(res.get("CPU", 1))
+        by_gpu = int(total // gpus + 1e-9)
+        by_cpu = int(max(0.0, cpus - 1) // GPU_ACTOR_CPUS + 1e-9)
+        return Slots("GPU", gpus, max(1, min(by_gpu, by_cpu)), total, 1.0 if cpus > 1 else 0.0)
     total = float(res.get("CPU", 1))
     reserve = cpu_reserve(total, work_per_image)
     count = int((total - reserve) // cpus_per_actor + 1e-9) if cpus_per_actor > 0 else 1

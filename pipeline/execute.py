@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .accounting import UnitAccounting
+from .accounting import UnitAccounting, pool_class_name
 from .decode import SHARD_END, DecodeSpec, decode_batch
 from .plan import Unit, Wave
 from .storage import Store
@@ -187,7 +187,9 @@ def build_dataset(ex: UnitExecution):
     else:
         pool = ActorPoolStrategy(size=ex.actors,
                                  max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
-    ds = ds.map_batches(Explainer, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
+    # a subclass per unit: its actors carry the unit's name in Ray's actor table (accounting)
+    udf = type(pool_class_name(ex.unit.id), (Explainer,), {})
+    ds = ds.map_batches(udf, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
                         batch_format="numpy", compute=pool, **ex.actor_resources)
     return ds.map_batches(_PostWrite(ex.write), batch_format="numpy", batch_size=POST_BATCH,
                           num_cpus=IO_TASK_CPUS)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
-from .accounting import UnitAccounting, job_peak
+from .accounting import UnitAccounting, actor_lifetimes, job_peak
 from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
 from .commit import RunLock
 from .config import (
@@ -185,6 +185,7 @@ class _Run:
     pools: dict[str, dict] = field(default_factory=dict)
     accounting: dict[str, UnitAccounting] = field(default_factory=dict)
     actors_before: dict[str, dict] = field(default_factory=dict)
+    driver_started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
@@ -476,6 +477,11 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
                 run._fail(f"{unit.id}: {len(names)} shard(s) not done "
                           f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}")
             break
+    acc = run.accounting.get(unit.id)
+    if acc is not None:  # the pool is gone: Ray's actor table has each actor's lifetime
+        now = time.time()
+        acc.set_lifetimes({a: (start, end or now) for a, (start, end)
+                           in actor_lifetimes(unit.id, run.driver_started).items()})
     progress.finish()
 
 
