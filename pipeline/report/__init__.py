@@ -25,6 +25,7 @@ from .charts import curves, distributions
 from .data import RunData, load_run
 from .gallery import build_galleries
 from .page import (
+    actors_section,
     config_section,
     curves_section,
     distributions_section,
@@ -81,6 +82,7 @@ def render_report(run: str, storage: Any = None, rank_by: str | None = None, per
     parts = [
         header(data),
         summary_section(data),
+        actors_section(data),
         gallery_section(galleries, rank_label, data_uri(colorbar(cmap), "PNG"), cmap, photos.problems),
         curves_section(curve_charts, data.has_curves),
         distributions_section(dist_charts),

@@ -94,7 +94,8 @@ def header(data: RunData, generated_s: float | None = None) -> str:
         f"{len(data.units)} unit(s) · {rows} committed row(s) · {errors} error row(s) · "
         f"{len(m.get('shards') or [])} shard(s)</p>"
         f"<p>started {_when(m.get('started'))} · finished {_when(m.get('finished'))}</p>"
-        "<nav><a href='#summary'>Summary</a><a href='#gallery'>Gallery</a><a href='#curves'>Curves</a>"
+        "<nav><a href='#summary'>Summary</a><a href='#actors'>Actors</a>"
+        "<a href='#gallery'>Gallery</a><a href='#curves'>Curves</a>"
         "<a href='#distributions'>Distributions</a><a href='#errors'>Errors</a>"
         "<a href='#config'>Config</a></nav></header>"
     )
@@ -151,6 +152,57 @@ def summary_section(data: RunData) -> str:
         + (f"<p class=note>Not computed in this run: {escape(', '.join(not_computed))}.</p>"
            if not_computed else "") + notes + "</section>"
     )
+
+
+def actors_section(data: RunData) -> str:
+    """Actors per unit and device-seconds (the manifest's actor accounting)."""
+    cluster = data.manifest.get("cluster") or {}
+    body = []
+    for u in data.units:
+        a = u.info.get("actors") or {}
+        if not a:
+            continue
+        pool = a.get("pool")
+        pool_s = f"{pool[0]}–{pool[1]}" if isinstance(pool, list) else str(pool or "–")
+        busy = (a["busy_device_s"] / a["device_s"] * 100.0
+                if a.get("device_s") and a.get("busy_device_s") is not None else None)
+        devices = ", ".join(f"{k}: {v}" for k, v in sorted((a.get("devices") or {}).items()))
+        body.append(
+            f"<tr><td>{escape(u.model)}</td><td>{escape(u.method)}</td>"
+            f"<td class=num>{escape(pool_s)}</td><td class=num>{_fixed(a.get('share'), 2)}</td>"
+            f"<td class=num>{_fixed(a.get('cost_per_image'), 2)}</td>"
+            f"<td class=num>{_fixed(a.get('actors'), 0)}</td><td class=num>{_fixed(a.get('peak'), 0)}</td>"
+            f"<td class=num>{_fixed(a.get('device_s'), 1)}</td><td class=num>{_fixed(busy, 0)}</td>"
+            f"<td class=num>{_fixed(a.get('busy_s_per_image'), 3)}</td>"
+            f"<td>{escape(devices)}</td></tr>")
+    if not body:
+        return ("<section id=actors><h2>Actors per unit</h2><p class=note>This run's manifest "
+                "has no actor accounting.</p></section>")
+    resource = escape(str(cluster.get("resource", "device")))
+    head = (f"<p class=note>{_fixed(cluster.get('slots'), 0)} actor slot(s) of "
+            f"{_fixed(cluster.get('per_actor'), 2)} {resource} each; "
+            f"{_fixed(cluster.get('units_in_parallel'), 0)} unit(s) at once; at most "
+            f"{_fixed(cluster.get('peak_actors'), 0)} actor(s) alive at once in the last driver. "
+            "Pool: fixed size, or min–max of an autoscaling pool (min = the unit's share of the "
+            "slots in proportion to its expected work); cost: declared work per image in "
+            f"forward+backward passes; device-s: each actor's time alive x the {resource}s it "
+            "holds; busy: the part of it inside batches.</p>" if cluster else "")
+    return (
+        "<section id=actors><h2>Actors per unit</h2>" + head +
+        "<table id=actors-table><thead><tr><th>model</th><th>method</th><th>pool</th>"
+        "<th>share</th><th>cost / image (F+B)</th><th>actors</th><th>peak</th><th>device-s</th>"
+        "<th>busy %</th><th>busy s / image</th><th>devices</th></tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table></section>"
+    )
+
+
+def _fixed(value: Any, digits: int) -> str:
+    """A number with fixed digits (no exponent, thousands separated), '–' when missing."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if v != v else f"{v:,.{digits}f}"
 
 
 def _mul(v: Any, k: float) -> float | None:
