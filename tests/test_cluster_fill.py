@@ -87,6 +87,8 @@ def test_default_config_fills_four_gpus_with_cost_aware_shares(tmp_path, gpu_clu
     assert b["share"] > 3 > 1 > a["share"] > 0
     assert a["pool"] == [1, 4] and b["pool"] == [3, 4]  # min = share, max = every GPU
     assert a["peak"] == 1 and b["peak"] >= 3
+    # both units held their actors at the same time (not one after the other)
+    assert a["first_start"] < b["last_end"] and b["first_start"] < a["last_end"]
     assert b["actors"] >= 3 and a["actors"] >= 1
     # the actors held logical GPUs and ran on the CPU (no CUDA here)
     for acc in (a, b):
