@@ -85,11 +85,11 @@ def gpus_per_actor(cfg: SalmapConfig, res: dict[str, float] | None = None) -> fl
 
 
 # -- the share policy (pure logic) ------------------------------------------------------------
-#: CPU work per image of the CPU stages (read, decode, post + write), in F+B units of the
-#: cheapest shipped model (EfficientNet-Lite0 on a CPU): decode 1.6 ms + post 34-37 ms per
-#: ~500 px photo vs ~100 ms for one F+B (BENCHMARKS.md "Actor shares"); larger models make it
-#: relatively smaller, so this reserves at least enough
-CPU_STAGE_WORK = 0.4
+#: CPU work per image of the CPU stages (read, decode, post + write), in forward+backward passes
+#: of the cheapest shipped model (EfficientNet-Lite0) on a CPU: decode 0.035 + post and Parquet
+#: 0.14-0.23 of a Lite0 F+B per ~500 px photo, measured (BENCHMARKS.md "Actor shares"), rounded
+#: up for reading and task overhead; a larger model makes it relatively smaller
+CPU_STAGE_WORK = 0.3
 
 
 @dataclass(frozen=True)

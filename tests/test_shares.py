@@ -76,7 +76,7 @@ def test_actor_slots_on_gpus_and_cpus():
     # CPU actors: the CPU stages keep their share of the work per image (at least one CPU)
     assert cpu_reserve(2, 20.0) == 1 and actor_slots({"CPU": 2}, 0, 1.0, 20.0).count == 1
     assert cpu_reserve(16, 100.0) == 1 and actor_slots({"CPU": 16}, 0, 1.0, 100.0).count == 15
-    assert cpu_reserve(16, 0.4) == 8 and actor_slots({"CPU": 16}, 0, 1.0, 0.4).count == 8
+    assert cpu_reserve(16, 0.3) == 8 and actor_slots({"CPU": 16}, 0, 1.0, 0.3).count == 8
     assert actor_slots({"CPU": 16}, 0, 2.0, 100.0).count == 7
     assert actor_slots({"CPU": 1}, 0, 1.0).count == 1
 
