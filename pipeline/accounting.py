@@ -155,3 +155,54 @@ def actor_lifetimes(unit_id: str, since: float) -> dict[str, tuple[float, float 
         if start and start >= since:
             out[actor_id] = (start, end or None)
     return out
+
+
+def held_summary(samples: list[tuple[float, float, float]]) -> dict:
+    """Samples ``(time, held, total)`` of a resource -> device-seconds held (each sample's value
+    until the next), the peak, the time covered and the mean share of ``total`` held."""
+    held_s = total_s = 0.0
+    for (t, held, total), (t_next, _, _) in zip(samples, samples[1:]):
+        held_s += held * (t_next - t)
+        total_s += total * (t_next - t)
+    span = samples[-1][0] - samples[0][0] if len(samples) > 1 else 0.0
+    return {"device_s": round(held_s, 3), "peak": max((h for _, h, _ in samples), default=0.0),
+            "sampled_s": round(span, 3),
+            "mean_share": round(held_s / total_s, 4) if total_s > 0 else None}
+
+
+class HeldSampler:
+    """Samples, every ``interval`` seconds while the driver works, how much of ``resource``
+    the cluster's actors and tasks hold (total minus available): whether every GPU holds an
+    actor while work remains. Cluster-wide: other jobs on the same cluster count too."""
+
+    def __init__(self, resource: str, interval: float = 1.0) -> None:
+        self.resource, self.interval = resource, interval
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="salmap-held", daemon=True)
+
+    def start(self) -> HeldSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import time
+
+        import ray
+
+        while not self._stop.is_set():
+            try:
+                total = float(ray.cluster_resources().get(self.resource, 0.0))
+                free = float(ray.available_resources().get(self.resource, 0.0))
+                self.samples.append((time.time(), max(0.0, total - free), total))
+            except Exception:  # noqa: BLE001 - accounting only
+                pass
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.summary()
+
+    def summary(self) -> dict:
+        return held_summary(list(self.samples))

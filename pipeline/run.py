@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
-from .accounting import UnitAccounting, actor_lifetimes, job_peak
+from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
 from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
 from .commit import RunLock
 from .config import (
@@ -186,6 +186,7 @@ class _Run:
     accounting: dict[str, UnitAccounting] = field(default_factory=dict)
     actors_before: dict[str, dict] = field(default_factory=dict)
     driver_started: float = field(default_factory=time.time)
+    held: HeldSampler | None = None
 
     def __post_init__(self) -> None:
         self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
@@ -214,6 +215,8 @@ class _Run:
         units = units or self.unit_info()
         if "cluster" in self.extra:
             self.extra["cluster"]["peak_actors"] = job_peak(self.accounting.values())
+            if self.held is not None:
+                self.extra["cluster"]["held"] = self.held.summary()
         return manifest(self.run_id, status, self.store.uri, self.public_config,
                         stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(),
                         self.ledger, units, self.shards_total, self.all_failures(), self.started,
@@ -310,14 +313,18 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
             out(f"salmap: {plan.note}")
         by_id = {u.id: (u, w) for u, w in todo}
         todo = [by_id[uid] for uid in plan.order]
-        if plan.parallel == 1:
-            for unit, waves in todo:
-                _run_unit(run, unit, waves, identity, index, plan.actors[unit.id])
-        else:
-            with ThreadPoolExecutor(plan.parallel, thread_name_prefix="salmap-unit") as pool:
-                for fut in [pool.submit(_run_unit, run, u, w, identity, index, plan.actors[u.id])
-                            for u, w in todo]:
-                    fut.result()
+        run.held = HeldSampler(plan.slots.resource).start()
+        try:
+            if plan.parallel == 1:
+                for unit, waves in todo:
+                    _run_unit(run, unit, waves, identity, index, plan.actors[unit.id])
+            else:
+                with ThreadPoolExecutor(plan.parallel, thread_name_prefix="salmap-unit") as pool:
+                    for fut in [pool.submit(_run_unit, run, u, w, identity, index,
+                                            plan.actors[u.id]) for u, w in todo]:
+                        fut.result()
+        finally:
+            run.held.stop()
         failures = run.all_failures()
         commits = load_commits(store)  # the records, read once more for the summaries
         info = add_summaries(store, run.unit_info(), commits)

@@ -78,6 +78,7 @@ def test_default_config_fills_four_gpus_with_cost_aware_shares(tmp_path, gpu_clu
     assert cluster["resource"] == "GPU" and cluster["slots"] == 4 and cluster["per_actor"] == 1.0
     assert cluster["units_in_parallel"] == 2  # both units at once
     assert cluster["peak_actors"] == 4  # every GPU held an actor at the same time
+    assert cluster["held"]["peak"] == 4  # and Ray saw all 4 GPUs taken (sampled every second)
     cheap = manifest["units"]["sleepy__gradient"]
     costly = manifest["units"]["sleepy__smoothgrad"]
     for u in (cheap, costly):
@@ -103,3 +104,5 @@ def test_default_config_fills_four_gpus_with_cost_aware_shares(tmp_path, gpu_clu
     assert a["busy_device_s"] >= 24 * 2 * SLEEPY_S * 0.95
     assert b["busy_device_s"] >= 24 * 9 * SLEEPY_S * 0.95
     assert b["device_s"] > 3 * a["device_s"]
+    # the actors' own account is a lower bound of the GPU time Ray saw held
+    assert cluster["held"]["device_s"] >= 0.8 * (a["device_s"] + b["device_s"])

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.accounting import UnitAccounting, job_peak, peak_concurrency
+from pipeline.accounting import UnitAccounting, held_summary, job_peak, peak_concurrency
 from pipeline.cluster import (
     actor_slots,
     apportion,
@@ -217,6 +217,13 @@ def test_peak_concurrency():
     assert peak_concurrency([(0, 10), (1, 2), (3, 4), (5, 6)]) == 2
     assert peak_concurrency([(0, 1), (1, 2)]) == 2  # touching at an instant counts
     assert peak_concurrency([(0, 5), (1, 6), (2, 7), (6.5, 8)]) == 3
+
+
+def test_held_summary_integrates_the_samples():
+    assert held_summary([]) == {"device_s": 0.0, "peak": 0.0, "sampled_s": 0.0, "mean_share": None}
+    got = held_summary([(10.0, 4, 4), (12.0, 3, 4), (13.0, 0, 4), (14.0, 0, 4)])
+    assert got == {"device_s": 4 * 2 + 3 * 1 + 0, "peak": 4, "sampled_s": 4.0,
+                   "mean_share": round(11 / 16, 4)}
 
 
 def test_unit_accounting_from_batches_and_the_actor_table():
