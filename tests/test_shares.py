@@ -302,3 +302,41 @@ def test_report_table_of_actors_per_unit():
     assert "4 actor slot(s) of 1.00 GPU each" in html and "at most 4 actor(s)" in html
     empty = actors_section(SimpleNamespace(manifest={}, units=units[2:]))
     assert "no actor accounting" in empty
+
+
+def test_a_resumed_run_shares_by_the_rates_measured_before(tmp_path, monkeypatch):
+    """Declared costs say SmoothGrad is 38x Grad-CAM; an earlier driver of the run measured
+    Grad-CAM at 10x SmoothGrad's device-seconds per image: the resumed run follows the rates."""
+    import pipeline.cluster as cluster
+    from pipeline.ledger import Ledger
+    from pipeline.plan import units_of, waves_of
+    from pipeline.run import _Run, plan_run
+    from pipeline.storage import Store
+
+    monkeypatch.setattr(cluster, "cluster_resources", lambda: {"GPU": 8.0, "CPU": 64.0})
+    cfg = load_config("configs/demo.yaml", [
+        "metrics=[]", "methods=[{name: gradcam}, {name: smoothgrad}]",
+        "resources.actors_per_unit=auto", "resources.gpus_per_actor=auto"])
+    store = Store.open(str(tmp_path / "run"))
+    units = units_of(cfg)
+    shards = [f"/data/shard-{i:06d}.tar" for i in range(4)]
+    index = {f"shard-{i:06d}": 100 for i in range(4)}
+    todo = [(u, waves_of(shards, 2, None, index)) for u in units]
+
+    def plan(previous):
+        run = _Run(cfg, "r", store, units, Ledger(store), 4, [], 0.0, lambda *a: None)
+        return run, plan_run(run, todo, index, previous)
+
+    run, fresh = plan(None)
+    cam, sg = (u.id for u in units)
+    assert fresh.actors[sg] == (7, 8) and fresh.actors[cam] == (1, 8)
+    assert run.pools[cam]["images"] == 400 and run.pools[cam]["measured_s_per_image"] is None
+    assert run.extra["cluster"]["slots"] == 8 and run.accounting[sg].resource == "GPU"
+    before = {"units": {cam: {"actors": {"busy_s_per_image": 1.0, "device_s": 50.0,
+                                         "busy_device_s": 40.0, "samples": 40, "actors": 2}},
+                        sg: {"actors": {"busy_s_per_image": 0.1}}}}
+    run, resumed = plan(before)
+    assert resumed.actors[cam] == (7, 8) and resumed.actors[sg] == (1, 8)
+    assert run.pools[cam]["measured_s_per_image"] == 1.0
+    summary = run.accounting[cam].summary()  # earlier drivers' figures carry over
+    assert summary["device_s"] == 50.0 and summary["samples"] == 40 and summary["actors"] == 2
