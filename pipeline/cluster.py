@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 from .config import SalmapConfig
@@ -39,7 +38,7 @@ def configure_data_context(cfg: SalmapConfig) -> None:
     ctx.max_errored_blocks = 0  # never drop rows silently: failures fail the wave
     ctx.execution_options.preserve_order = False
     ctx.max_consecutive_actor_init_deaths = 3
-    bars = cfg.ray.progress == "bars" or (cfg.ray.progress == "auto" and sys.stderr.isatty())
+    bars = cfg.ray.progress == "bars"  # auto/lines: salmap's own lines (pipeline.progress)
     ctx.enable_progress_bars = bars
     ctx.enable_operator_progress_bars = bars
     ctx.print_on_execution_start = False

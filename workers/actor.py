@@ -29,6 +29,7 @@ from .columns import (
     numpy_column,
 )
 from .models import LoadedModel, load_model
+from .progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,13 @@ def is_oom(err: BaseException) -> bool:
 class Explainer:
     """Callable class for ``map_batches``: decoded batch in, explained rows out."""
 
-    def __init__(self, spec: ActorSpec) -> None:
+    def __init__(self, spec: ActorSpec, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: a model already built (the Python API's in-memory use); else the spec's."""
         self.spec = spec
         self.map_np = MAP_DTYPES[spec.map_dtype][1]
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         m = spec.model
-        self.loaded: LoadedModel = load_model(
+        self.loaded: LoadedModel = loaded if loaded is not None else load_model(
             m["source"], m.get("weights"), m.get("target_layer"), m.get("input_size"), m.get("arch")
         )
         self.model = self.loaded.model.to(self.device)
@@ -102,6 +104,8 @@ class Explainer:
         self.std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1)
         self.forward_fn = self._make_forward()
         self.map_shape = self._probe_map_shape()
+        # in-batch progress for the driver (pipeline.progress); a no-op without its counter
+        self.progress = ProgressReporter.for_unit(f"{m['name']}__{spec.method}")
 
     # -- setup -------------------------------------------------------------------------
     def _make_forward(self):
@@ -151,6 +155,7 @@ class Explainer:
         n = len(batch["sample_id"])
         rows: list[dict[str, Any]] = []
         ok_idx = [i for i in range(n) if batch["status"][i] == "ok"]
+        self.progress.begin_batch()
         for i in range(n):
             if batch["status"][i] == SHARD_END:
                 rows.append(self._marker_row(batch, i))
@@ -158,9 +163,13 @@ class Explainer:
                 rows.append(self._error_row(batch, i, str(batch["error"][i]), target=None))
         if ok_idx:
             rows.extend(self._explain_indices(batch, ok_idx))
+        self.progress.end_batch(sum(1 for s in batch["status"] if s != SHARD_END))
         return self._to_columns(rows)
 
     def _to_tensor(self, images: np.ndarray) -> Tensor:
+        if images.dtype != np.uint8:  # already the model's input: float [B, 3, H, W], normalised
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self.mean) / self.std
@@ -228,8 +237,12 @@ class Explainer:
         pos_t = torch.tensor([e[0] for e in expanded], device=self.device)
         tgt_t = torch.tensor([e[1] for e in expanded], device=self.device)
         xx = x[pos_t]
+        group = self.progress.group(len(idx))
+        self.method.progress = group.method_progress
         maps = self.method(xx, tgt_t)
-        metric_values = self._model_metrics(xx, maps, tgt_t)
+        group.method_done()
+        metric_values = self._model_metrics(xx, maps, tgt_t, group.counting(self.forward_fn))
+        group.close()
         maps_cpu = maps.float().cpu().numpy()
         if maps_cpu.shape[1:] != tuple(self.map_shape):
             raise RuntimeError(f"method returned maps of shape {maps_cpu.shape[1:]}, expected {self.map_shape}")
@@ -258,7 +271,8 @@ class Explainer:
             rows.append(row)
         return errors + rows
 
-    def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor) -> dict[str, Any]:
+    def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor,
+                       forward=None) -> dict[str, Any]:
         from .metrics import METRICS, compute_model_metrics
 
         names = [m for m in self.spec.metrics if m in METRICS and METRICS[m].kind == "model"]
@@ -269,7 +283,7 @@ class Explainer:
         params = per_metric_params({n: self.spec.metrics.get(n) for n in names})
         try:
             values = compute_model_metrics(
-                names, self.forward_fn, x, maps, targets, params,
+                names, forward or self.forward_fn, x, maps, targets, params,
                 mean=tuple(self.loaded.preprocess.mean), std=tuple(self.loaded.preprocess.std),
                 # a CPU runs small chunks faster (cache); a GPU wants large ones
                 max_batch=8 if self.device.type == "cpu" else 64,
