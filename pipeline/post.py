@@ -37,8 +37,17 @@ def crop_box(t: dict[str, int]) -> dict[str, float]:
 
 
 def encode_png(map_orig: np.ndarray) -> tuple[bytes, float, float]:
-    """8-bit grayscale PNG of a map, min-max scaled; returns (png, min, max) to undo the scaling."""
+    """8-bit grayscale PNG of a map; returns (png, lo, hi) to undo the scaling:
+    ``value = png / 255 * (hi - lo) + lo``.
+
+    A map without negative values is min-max scaled (lo, hi = its min and max). A signed map
+    (any value below zero) is scaled symmetrically, lo = -hi = -max |value|, so zero is the
+    middle grey (127.5, stored as 128) and the sign of every pixel survives the encoding.
+    """
     lo, hi = float(map_orig.min()), float(map_orig.max())
+    if lo < 0:
+        hi = max(-lo, hi)
+        lo = -hi
     scaled = np.zeros(map_orig.shape, np.uint8) if hi <= lo else \
         np.clip((map_orig - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     buf = io.BytesIO()

@@ -20,9 +20,11 @@ from ..ledger import MANIFEST_KEY, load_commits
 from ..read import read_run
 from ..schema import METRIC_COLUMNS
 from ..storage import Store
+from .classes import ClassNames, class_names
 
-ROW_COLUMNS = ("sample_id", "shard", "key", "model", "method", "target", "label", "pred",
-               "target_prob", "orig_height", "orig_width", "status", "error")
+ROW_COLUMNS = ("sample_id", "shard", "key", "image_file", "model", "method", "target",
+               "target_source", "label", "pred", "pred_prob", "target_prob", "orig_height",
+               "orig_width", "saliency_min", "saliency_max", "status", "error")
 CURVE_COLUMNS = ("deletion_curve", "insertion_curve")
 
 # +1 higher is better, -1 lower is better, 0 no preferred direction (metric docs in
@@ -51,6 +53,14 @@ class UnitData:
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     read_error: str = ""
 
+    @property
+    def signed(self) -> bool:
+        """Whether the unit's maps take negative values (its PNGs are centred at zero)."""
+        if "saliency_min" not in self.rows or self.rows.empty:
+            return False
+        lo = pd.to_numeric(self.rows["saliency_min"], errors="coerce").to_numpy(dtype=float)
+        return bool(np.nanmin(lo, initial=0.0) < 0)
+
 
 @dataclass
 class RunData:
@@ -61,6 +71,7 @@ class RunData:
     units: list[UnitData]
     metrics: list[str]
     has_curves: bool
+    classes: ClassNames = field(default_factory=ClassNames)
 
     @property
     def rows(self) -> pd.DataFrame:
@@ -89,7 +100,8 @@ def load_run(run: str, storage: Any = None) -> RunData:
         if u.dataset is not None:
             u.curves = curve_stats(u.dataset)
     return RunData(uri=run, manifest=manifest, units=units, metrics=metrics,
-                   has_curves=any(u.curves for u in units))
+                   has_curves=any(u.curves for u in units),
+                   classes=class_names(dict(manifest.get("config") or {}), storage))
 
 
 def _load_unit(run: str, storage: Any, uid: str, info: dict, commits: dict) -> UnitData:
@@ -207,7 +219,7 @@ def rank_expression(rows: pd.DataFrame, rank_by: str | None) -> tuple[str, pd.Se
     if rank_by not in rows:
         raise ValueError(f"rank_by {rank_by!r}: no such column in the run")
     sign = -1.0 if DIRECTION.get(rank_by, 1) < 0 else 1.0
-    label = rank_by if sign > 0 else f"−{rank_by} (lower is better)"
+    label = rank_by if sign > 0 else f"−{rank_by}"
     return label, pd.Series(sign * _float_values(rows[rank_by]), index=rows.index)
 
 
