@@ -63,8 +63,9 @@ def format_line(unit: str, done: float, total: int | None, rate: float | None,
     """``salmap: UNIT: 12/29 samples (41%), 36 rows committed, 0.52 samples/s, ETA 0m33s``."""
     if total:
         done = min(done, float(total))
-    parts = [f"{int(done)}/{total} samples ({100.0 * done / total:.0f}%)" if total
-             else f"{int(done)} samples"]
+    count = f"{done:.1f}" if done < 100 and done != int(done) else f"{int(done)}"
+    parts = [f"{count}/{total} samples ({100.0 * done / total:.0f}%)" if total
+             else f"{count} samples"]
     if rows is not None:
         parts.append(f"{rows} rows committed")
     parts.append(f"{rate:.2f} samples/s" if rate else "rate ?")
