@@ -214,6 +214,9 @@ class Explainer:
             df["saliency"] = [None if np.isnan(m).all() else m for m in to_maps(table.column("saliency"))]
             frames.append(df)
         df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        order = {r["sample_id"]: i for i, r in enumerate(rows)}  # the input's order
+        df = df.sort_values("sample_id", key=lambda s: s.map(order), kind="stable",
+                            ignore_index=True)
         if explicit:  # the label column holds the true labels, not the classes asked for
             df["target_source"] = "given"
             truth = {r["sample_id"]: (_as_int(labels[i]) if labels is not None else None)
