@@ -61,6 +61,15 @@ def test_explain_photos_arrays_and_files_maps_back_to_their_pixels(tiny_model, p
         assert 0 <= box["x0"] < box["x1"] <= w and 0 <= box["y0"] < box["y1"] <= h
         assert df["saliency"][i].shape == (16, 16)  # TinyNet's layer4 grid at 32 px
     assert df["saliency"][3] is None
+    # the crop a run would take: short side resized to 37 (32 * 256 / 224), centre 32 x 32
+    from pipeline.decode import crop_geometry
+    from pipeline.post import crop_box
+
+    geo = crop_geometry(300, 451, 37, 32)
+    want = crop_box({"orig_h": 300, "orig_w": 451, "resized_h": geo["resized_h"],
+                     "resized_w": geo["resized_w"], "crop_top": geo["crop_top"],
+                     "crop_left": geo["crop_left"], "crop_h": 32, "crop_w": 32})
+    assert df["crop_box"][0] == pytest.approx(want) and want["x0"] > 90  # a real crop
 
 
 def test_explain_a_dataloader_with_labels_or_given_targets(tiny_model):
