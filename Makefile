@@ -12,12 +12,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP_RUN): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e .
+# constraints.txt pins torch, torchvision and Ray: the same set as deploy/Dockerfile.
+$(STAMP_RUN): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet -c constraints.txt -e .
 	touch $@
 
-$(STAMP_TEST): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[test]'
+$(STAMP_TEST): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP_RUN) $@
 
 setup: $(STAMP_RUN)
