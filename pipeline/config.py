@@ -81,6 +81,9 @@ class ModelSection:
     target_layer: str | None = None
     input_size: int | None = None
     arch: str | None = None  # torchvision architecture for source file:<path>
+    params: dict[str, Any] = field(default_factory=dict)  # package.module:callable's kwargs
+    mean: list[float] | None = None  # normalisation override (RGB, images scaled to [0, 1])
+    std: list[float] | None = None
 
 
 @dataclass
@@ -299,6 +302,16 @@ def validate(cfg: SalmapConfig) -> None:
 
 def _check_model_source(i: int, m: ModelSection) -> None:
     src = m.source
+    callable_source = bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", src)) and not (
+        src.startswith(("torchvision:", "file:")))
+    if m.params and not callable_source:
+        raise ConfigError(f"models[{i}].params: only a package.module:callable source takes "
+                          f"arguments (source is {src!r})")
+    for key in ("mean", "std"):
+        value = getattr(m, key)
+        if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+            raise ConfigError(f"models[{i}].{key}: three numbers (R, G, B)"
+                              + (", all > 0" if key == "std" else "") + f", got {list(value)}")
     if src.startswith("torchvision:"):
         from workers.models import torchvision_names
 

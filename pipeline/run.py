@@ -330,14 +330,16 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
 
     mode, k = parse_targets(cfg.targets)
     model_metrics, post_metrics, curves = split_metrics(cfg)
-    pre = preprocess_of(unit.model.source, unit.model.weights, unit.model.input_size)
+    pre = preprocess_of(unit.model.source, unit.model.weights, unit.model.input_size,
+                        unit.model.mean, unit.model.std)
     decode = DecodeSpec(image_keys=tuple(cfg.input.image_keys), label_key=cfg.input.label_key,
                         boxes_key=cfg.input.boxes_key, crop=pre.crop, resize=pre.resize,
                         max_pixels=cfg.input.max_pixels)
     spec = ActorSpec(
         model={"name": unit.model.name, "source": unit.model.source, "weights": unit.model.weights,
                "target_layer": unit.model.target_layer, "input_size": unit.model.input_size,
-               "arch": unit.model.arch},
+               "arch": unit.model.arch, "params": dict(unit.model.params),
+               "mean": unit.model.mean, "std": unit.model.std},
         method=unit.method.name, method_params=dict(unit.method.params), targets=mode, topk=k,
         metrics=model_metrics, precision=cfg.resources.precision,
         channels_last=cfg.resources.channels_last, compile=cfg.resources.compile,

@@ -54,7 +54,8 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{resolve_run_id(cfg)}/sanity", cfg.storage)
     records = []
     for mcfg in cfg.models:
-        loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch)
+        loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch,
+                            mcfg.params, mcfg.mean, mcfg.std)
         p = loaded.preprocess
         spec = DecodeSpec(tuple(cfg.input.image_keys), cfg.input.label_key, cfg.input.boxes_key,
                           p.crop, p.resize, cfg.input.max_pixels)

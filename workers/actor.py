@@ -88,8 +88,8 @@ class Explainer:
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         m = spec.model
         self.loaded: LoadedModel = loaded if loaded is not None else load_model(
-            m["source"], m.get("weights"), m.get("target_layer"), m.get("input_size"), m.get("arch")
-        )
+            m["source"], m.get("weights"), m.get("target_layer"), m.get("input_size"), m.get("arch"),
+            m.get("params"), m.get("mean"), m.get("std"))
         self.model = self.loaded.model.to(self.device)
         if spec.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
