@@ -5,10 +5,10 @@ Two sources, the larger wins:
 
 - what was written, from the execution's own output (one record per Parquet file), which
   moves only when a batch has gone through the post and write stage;
-- what the model actors report while they work, through a small counter actor per unit
-  (:class:`Counter`, named :func:`workers.progress.counter_name`): samples finished, plus the
-  part of the current batch done, which iterative methods report step by step (see
-  :mod:`workers.progress`). So the count moves during long batches too.
+- what the model actors report while they work, through one small counter actor for the
+  job (:class:`Counter`, named :data:`workers.progress.COUNTER_NAME`): per unit, samples
+  finished plus the part of the current batch done, which iterative methods report step by
+  step (see :mod:`workers.progress`). So the count moves during long batches too.
 
 ``ray.progress``: ``auto`` and ``lines`` print these lines (``auto`` also on a terminal);
 ``bars`` adds Ray Data's per-stage bars; ``off`` prints nothing.
@@ -21,33 +21,37 @@ import threading
 import time
 from collections.abc import Callable
 
-from workers.progress import counter_name
+from workers.progress import COUNTER_NAME
 
 RATE_WINDOW_S = 120.0  # the rate is measured over this much recent history
 
 
 class Counter:
-    """The unit's counter (a Ray actor, no CPU): each model actor's latest cumulative report."""
+    """The job's counter (a Ray actor, no CPU): per unit, each model actor's latest report."""
 
     def __init__(self) -> None:
-        self.reports: dict[str, tuple[float, float]] = {}
+        self.reports: dict[str, dict[str, tuple[float, float]]] = {}
 
-    def report(self, key: str, finished: float, partial: float) -> None:
-        self.reports[key] = (float(finished), float(partial))
+    def report(self, unit: str, key: str, finished: float, partial: float) -> None:
+        self.reports.setdefault(unit, {})[key] = (float(finished), float(partial))
 
-    def value(self) -> float:
-        return sum(f + p for f, p in self.reports.values())
+    def value(self, unit: str) -> float:
+        return sum(f + p for f, p in self.reports.get(unit, {}).values())
+
+    def reset(self, unit: str) -> None:
+        self.reports.pop(unit, None)
 
 
-def start_counter(unit_id: str):
-    """Start the unit's counter actor in this job's namespace; None when Ray is not running."""
+def start_counter():
+    """The job's counter actor (started on first use, then shared by every unit of the
+    driver; it ends with the job); None when Ray is not running."""
     try:
         import ray
 
         if not ray.is_initialized():
             return None
         cls = ray.remote(num_cpus=0, max_restarts=0)(Counter)
-        return cls.options(name=counter_name(unit_id), get_if_exists=True).remote()
+        return cls.options(name=COUNTER_NAME, get_if_exists=True).remote()
     except Exception:  # noqa: BLE001 - progress is never worth failing a run for
         return None
 
@@ -99,8 +103,9 @@ class ProgressLine:
         self._actor = None
         self.source = source
         if self.enabled and source is None:
-            self._actor = start_counter(unit)
+            self._actor = start_counter()
             if self._actor is not None:
+                self._actor.reset.remote(unit)  # a unit run again in this job starts at zero
                 self.source = self._poll_counter
         self._stop = threading.Event()
         self._thread = None
@@ -112,7 +117,7 @@ class ProgressLine:
     def _poll_counter(self) -> float:
         import ray
 
-        return float(ray.get(self._actor.value.remote(), timeout=5))
+        return float(ray.get(self._actor.value.remote(self.unit), timeout=5))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -182,9 +187,7 @@ class ProgressLine:
                 ", ETA 0m00s", "") + f", done in {_duration(elapsed)}")
         if self._actor is not None:
             try:
-                import ray
-
-                ray.kill(self._actor)
-            except Exception:  # noqa: BLE001
+                self._actor.reset.remote(self.unit)
+            except Exception:  # noqa: BLE001 - the job is ending
                 pass
             self._actor = None

@@ -237,11 +237,11 @@ class Explainer:
         pos_t = torch.tensor([e[0] for e in expanded], device=self.device)
         tgt_t = torch.tensor([e[1] for e in expanded], device=self.device)
         xx = x[pos_t]
-        group = self.progress.group(len(idx))
+        group = self.progress.group(len(idx), metrics=bool(self.spec.metrics))
         self.method.progress = group.method_progress
         maps = self.method(xx, tgt_t)
         group.method_done()
-        metric_values = self._model_metrics(xx, maps, tgt_t, group.counting(self.forward_fn))
+        metric_values = self._model_metrics(xx, maps, tgt_t, group.metric_progress)
         group.close()
         maps_cpu = maps.float().cpu().numpy()
         if maps_cpu.shape[1:] != tuple(self.map_shape):
@@ -272,7 +272,7 @@ class Explainer:
         return errors + rows
 
     def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor,
-                       forward=None) -> dict[str, Any]:
+                       progress=None) -> dict[str, Any]:
         from .metrics import METRICS, compute_model_metrics
 
         names = [m for m in self.spec.metrics if m in METRICS and METRICS[m].kind == "model"]
@@ -283,10 +283,10 @@ class Explainer:
         params = per_metric_params({n: self.spec.metrics.get(n) for n in names})
         try:
             values = compute_model_metrics(
-                names, forward or self.forward_fn, x, maps, targets, params,
+                names, self.forward_fn, x, maps, targets, params,
                 mean=tuple(self.loaded.preprocess.mean), std=tuple(self.loaded.preprocess.std),
                 # a CPU runs small chunks faster (cache); a GPU wants large ones
-                max_batch=8 if self.device.type == "cpu" else 64,
+                max_batch=8 if self.device.type == "cpu" else 64, progress=progress,
             )
         except Exception as err:  # noqa: BLE001
             if is_oom(err):

@@ -40,6 +40,7 @@ def compute_model_metrics(
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     max_batch: int = 64,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Compute the model metrics ``names`` for one batch.
 
@@ -57,6 +58,7 @@ def compute_model_metrics(
         mean, std: the model's input normalisation (for pixel-space substrates/products).
         max_batch: the most images per forward (memory budget); jobs of all samples, steps
             and metrics share chunks.
+        progress: told the fraction (0..1) of the forwards done after each one.
 
     Returns:
         column -> per-sample float32 CPU tensor ``[B]`` (``deletion_auc``, ``insertion_auc``,
@@ -91,7 +93,8 @@ def compute_model_metrics(
         std=torch.tensor(std, dtype=torch.float32, device=device).view(shape),
     )
     plans = [PLANNERS[name](ctx, resolve_params(name, params)) for name in names]
-    scores = run_groups([g for p in plans for g in p.groups], forward, targets, max_batch)
+    scores = run_groups([g for p in plans for g in p.groups], forward, targets, max_batch,
+                        progress)
     out: dict[str, Any] = {}
     for plan in plans:
         out.update(plan.finish(scores))

@@ -84,9 +84,11 @@ def run_groups(
     forward: Callable[[Tensor], Tensor],
     targets: Tensor,
     max_batch: int,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[Hashable, Tensor]:
     """Score every job: key -> Tensor[J, 2] (softmax probability, logit of the sample's target),
-    with at most ``max_batch`` images per forward; a chunk may span several groups."""
+    with at most ``max_batch`` images per forward; a chunk may span several groups.
+    ``progress`` is told the fraction of the jobs scored after each forward."""
     unique: dict[Hashable, JobGroup] = {}
     for g in groups:
         unique.setdefault(g.key, g)
@@ -117,4 +119,6 @@ def run_groups(
             for g, idx in where:
                 out[g.key][idx] = both[row:row + len(idx)]
                 row += len(idx)
+            if progress is not None:
+                progress(stop / total)
     return out
