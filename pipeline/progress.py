@@ -42,6 +42,10 @@ class Counter:
         self.reports.pop(unit, None)
 
 
+_counter: list = []  # the creator's handle: it keeps the job's counter alive (Ray ends an
+                    # actor when its creator's handles are gone; handles got by name do not count)
+
+
 def start_counter():
     """The job's counter actor (started on first use, then shared by every unit of the
     driver; it ends with the job); None when Ray is not running."""
@@ -50,8 +54,17 @@ def start_counter():
 
         if not ray.is_initialized():
             return None
+        try:
+            found = ray.get_actor(COUNTER_NAME)
+        except ValueError:
+            found = None
+        if found is not None:
+            mine = [h for h in _counter if h._actor_id == found._actor_id]
+            return mine[0] if mine else found
         cls = ray.remote(num_cpus=0, max_restarts=0)(Counter)
-        return cls.options(name=COUNTER_NAME, get_if_exists=True).remote()
+        handle = cls.options(name=COUNTER_NAME, get_if_exists=True).remote()
+        _counter[:] = [handle]
+        return handle
     except Exception:  # noqa: BLE001 - progress is never worth failing a run for
         return None
 
