@@ -106,9 +106,9 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
     parts = [
         header(data),
         summary_section(data),
-        per_class_section(data),
         gallery_section(galleries, rank_label, legends, cmap, photos.problems, len(pages),
                         None, signed, capped),
+        per_class_section(data),
         curves_section(curve_charts, data.has_curves),
         distributions_section(dist_charts),
         errors_section(data),

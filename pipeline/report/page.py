@@ -96,8 +96,8 @@ def header(data: RunData, generated_s: float | None = None) -> str:
         f"{len(data.units)} unit(s) · {rows} committed row(s) · {errors} error row(s) · "
         f"{m.get('shards_total', len(m.get('shards') or []))} shard(s)</p>"
         f"<p>started {_when(m.get('started'))} · finished {_when(m.get('finished'))}</p>"
-        "<nav><a href='#summary'>Summary</a><a href='#per-class'>Per class</a>"
-        "<a href='#gallery'>Gallery</a><a href='#curves'>Curves</a>"
+        "<nav><a href='#summary'>Summary</a><a href='#gallery'>Gallery</a>"
+        "<a href='#per-class'>Per class</a><a href='#curves'>Curves</a>"
         "<a href='#distributions'>Distributions</a><a href='#errors'>Errors</a>"
         "<a href='#config'>Config</a></nav></header>"
     )
