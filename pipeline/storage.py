@@ -6,6 +6,7 @@ writes them anywhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -68,6 +69,23 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
                 raise
             time.sleep(base_delay * (2**i) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def create_exclusive_local(path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists, content and existence in one step."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 @dataclass
@@ -165,19 +183,13 @@ class Store:
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Create ``key`` only if it does not exist; True when this call created it.
 
-        Local: ``O_CREAT|O_EXCL``. S3: a conditional PUT (``If-None-Match: *``) through boto3
+        Local: the content goes to a temp file that is then hard-linked to the name (the link
+        fails if the name exists), so nobody ever sees the object without its content. S3: a conditional PUT (``If-None-Match: *``) through boto3
         when it is installed; otherwise write-then-read-back (best effort, documented).
         """
         path = self.path(key)
         if not self.is_s3:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+            return create_exclusive_local(path, data)
         try:
             import boto3  # noqa: F401
         except ImportError:
@@ -188,18 +200,43 @@ class Store:
         return self._s3_conditional_put(path, data)
 
     def _s3_conditional_put(self, path: str, data: bytes) -> bool:
-        import boto3
         from botocore.exceptions import ClientError
 
-        s = _storage_dict(self.storage)
-        client = boto3.client("s3", endpoint_url=s.get("endpoint") or None,
-                              region_name=s.get("region") or None)
         bucket, _, key = path.partition("/")
         try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            s3_client(self.storage).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
         except ClientError as err:
-            code = err.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if s3_error_code(err) in PRECONDITION_CODES:
                 return False
             raise
+
+
+# what S3 and S3-compatible stores answer when a conditional request loses
+PRECONDITION_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def s3_error_code(err: Exception) -> str:
+    """The error code of a botocore ``ClientError`` ("" for anything else)."""
+    response = getattr(err, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def s3_client(storage: Any = None):
+    """A boto3 S3 client for ``storage`` (endpoint, region, retries, timeouts; credentials from
+    the environment), one per process and settings (boto3 clients are thread-safe)."""
+    s = _storage_dict(storage)
+    return _s3_client(s.get("endpoint") or None, s.get("region") or None,
+                      int(s.get("retries") or 5), float(s.get("connect_timeout_s") or 5.0),
+                      float(s.get("request_timeout_s") or 5.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None, retries: int, connect_timeout: float,
+               read_timeout: float):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                    retries={"max_attempts": retries, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
