@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_REQUEST_TIMEOUT_S = 5.0
 
 
 class StorageError(RuntimeError):
@@ -30,11 +32,16 @@ def _storage_dict(storage: Any) -> dict:
         return {}
     if isinstance(storage, dict):
         return storage
-    return {k: getattr(storage, k) for k in ("endpoint", "region", "retries") if hasattr(storage, k)}
+    keys = ("endpoint", "region", "retries", "connect_timeout_s", "request_timeout_s")
+    return {k: getattr(storage, k) for k in keys if hasattr(storage, k)}
 
 
-def s3_filesystem(storage: Any) -> pafs.S3FileSystem:
-    """An S3FileSystem for AWS or any S3-compatible endpoint (``storage.endpoint``)."""
+def s3_filesystem(storage: Any, max_attempts: int | None = None) -> pafs.S3FileSystem:
+    """An S3FileSystem for AWS or any S3-compatible endpoint (``storage.endpoint``).
+
+    ``connect_timeout_s`` bounds each TCP connect; ``request_timeout_s`` abandons a request
+    when no byte has moved for that long (a stall, not a total: large uploads are fine).
+    """
     s = _storage_dict(storage)
     kwargs: dict[str, Any] = {}
     endpoint = s.get("endpoint")
@@ -46,7 +53,12 @@ def s3_filesystem(storage: Any) -> pafs.S3FileSystem:
         kwargs["scheme"] = scheme
     if s.get("region"):
         kwargs["region"] = s["region"]
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=int(s.get("retries") or 5))
+    attempts = int(s.get("retries") or 5)
+    if max_attempts is not None:
+        attempts = min(attempts, max_attempts)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
+    kwargs["connect_timeout"] = float(s.get("connect_timeout_s") or DEFAULT_CONNECT_TIMEOUT_S)
+    kwargs["request_timeout"] = float(s.get("request_timeout_s") or DEFAULT_REQUEST_TIMEOUT_S)
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -227,8 +239,9 @@ def s3_client(storage: Any = None):
     the environment), one per process and settings (boto3 clients are thread-safe)."""
     s = _storage_dict(storage)
     return _s3_client(s.get("endpoint") or None, s.get("region") or None,
-                      int(s.get("retries") or 5), float(s.get("connect_timeout_s") or 5.0),
-                      float(s.get("request_timeout_s") or 5.0))
+                      int(s.get("retries") or 5),
+                      float(s.get("connect_timeout_s") or DEFAULT_CONNECT_TIMEOUT_S),
+                      float(s.get("request_timeout_s") or DEFAULT_REQUEST_TIMEOUT_S))
 
 
 @functools.lru_cache(maxsize=8)
