@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
+from .storage import StorageCheckError
 
 
 def _default_config() -> str:
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"salmap: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StorageCheckError as err:  # found before any work: fix the store or config, rerun
+        print(f"salmap: storage error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print("salmap: interrupted; run the same command again to resume", file=sys.stderr)

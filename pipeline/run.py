@@ -39,7 +39,7 @@ from .config import (
 from .decode import DecodeSpec, decode_batch, shard_name
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressReporter
-from .storage import Store, open_filesystem
+from .storage import Store, check_job_storage, open_filesystem
 
 log = logging.getLogger("salmap")
 
@@ -314,6 +314,7 @@ def build_manifest(store: Store, run_id: str, cfg: SalmapConfig, units: list[Uni
 def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     """Plan, execute pending waves, commit; returns the outcome and the exit code."""
     run_id = resolve_run_id(cfg)
+    check_job_storage(cfg)  # a dead endpoint, bad credentials, a missing bucket: one line, fast
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{run_id}", cfg.storage)
     missing: list[str] = []
     shards = expand_shards(cfg.input.shards, cfg.storage, missing=missing)

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -253,3 +254,156 @@ def _s3_client(endpoint: str | None, region: str | None, retries: int, connect_t
     config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                     retries={"max_attempts": retries, "mode": "standard"})
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+# -- the start-up probe -------------------------------------------------------------------------
+class StorageCheckError(StorageError):
+    """The store cannot be used as configured; found by :func:`check_storage` before any work."""
+
+
+PROBE_ATTEMPTS = 3  # the start-up probe's attempts per request (a dead endpoint fails in ~20 s)
+_DENIED = ("AccessDenied", "AllAccessDisabled", "403", "Forbidden")
+_BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                    "ExpiredToken", "TokenRefreshRequired", "AuthorizationHeaderMalformed")
+_CREDENTIALS_HINT = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an "
+                     "instance/pod role) on the driver and on every node")
+
+
+def _has_credentials() -> bool:
+    import botocore.session
+
+    try:
+        return botocore.session.get_session().get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile file and the like: let the probe say
+        return True
+
+
+def _probe_client(storage: Any, signed: bool):
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    s = _storage_dict(storage)
+    config = Config(
+        connect_timeout=float(s.get("connect_timeout_s") or DEFAULT_CONNECT_TIMEOUT_S),
+        read_timeout=float(s.get("request_timeout_s") or DEFAULT_REQUEST_TIMEOUT_S),
+        retries={"max_attempts": min(PROBE_ATTEMPTS, int(s.get("retries") or 5)),
+                 "mode": "standard"},
+        **({} if signed else {"signature_version": UNSIGNED}),
+    )
+    # a fresh session: credentials as the environment holds them now, not as first resolved
+    return boto3.session.Session().client("s3", endpoint_url=s.get("endpoint") or None,
+                                          region_name=s.get("region") or None, config=config)
+
+
+def _explain_probe_failure(err: Exception, url: str, key: str, endpoint: str, storage: Any,
+                           signed: bool, writing: bool) -> StorageCheckError:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    s = _storage_dict(storage)
+    where = f"{url} ({key}) at {endpoint}"
+    if isinstance(err, ConnectTimeoutError):
+        return StorageCheckError(
+            f"cannot connect to {endpoint} for {url} ({key}): no answer within storage."
+            f"connect_timeout_s={s.get('connect_timeout_s') or DEFAULT_CONNECT_TIMEOUT_S:g} s, "
+            f"{PROBE_ATTEMPTS} attempts; is the endpoint down or unreachable from here, or is "
+            "storage.endpoint wrong?")
+    if isinstance(err, EndpointConnectionError):
+        return StorageCheckError(
+            f"cannot connect to {endpoint} for {url} ({key}): {err}; is the endpoint down or "
+            "unreachable from here, or is storage.endpoint wrong?")
+    if isinstance(err, ReadTimeoutError):
+        return StorageCheckError(
+            f"{endpoint} accepted the connection for {url} ({key}) but sent nothing within "
+            f"storage.request_timeout_s={s.get('request_timeout_s') or DEFAULT_REQUEST_TIMEOUT_S:g}"
+            f" s, {PROBE_ATTEMPTS} attempts; is it overloaded, or not an S3 endpoint?")
+    if isinstance(err, NoCredentialsError):
+        return StorageCheckError(f"no S3 credentials found for {where}; set {_CREDENTIALS_HINT}")
+    if isinstance(err, ClientError):
+        code = s3_error_code(err)
+        message = err.response.get("Error", {}).get("Message") or code
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            bucket = url[len("s3://"):].split("/", 1)[0]
+            return StorageCheckError(f"bucket {bucket!r} does not exist at {endpoint} ({key}="
+                                     f"{url}); create it, or fix {key} or storage.endpoint")
+        if code in _BAD_CREDENTIALS:
+            return StorageCheckError(f"{endpoint} rejected the S3 credentials for {url} ({key}): "
+                                     f"{code}: {message}; check {_CREDENTIALS_HINT}")
+        if code in _DENIED:
+            if not signed:
+                return StorageCheckError(f"access denied to {where} and no S3 credentials were "
+                                         f"found; set {_CREDENTIALS_HINT}")
+            need = ("s3:ListBucket, s3:PutObject and s3:DeleteObject" if writing
+                    else "s3:ListBucket and s3:GetObject")
+            return StorageCheckError(f"access denied to {where} ({code}: {message}): the "
+                                     f"credentials lack permission; grant {need} there")
+        return StorageCheckError(f"{where} failed the start-up check: {code}: {message}")
+    return StorageCheckError(f"{where} failed the start-up check: {type(err).__name__}: {err}")
+
+
+def check_storage(uri: str, storage: Any = None, *, write: bool = False,
+                  key: str = "run.output") -> None:
+    """Probe where a run reads (``write=False``) or writes (``write=True``) once, before any
+    work, and turn a failure into a :class:`StorageCheckError` that names the endpoint, the
+    bucket and the likely fix: endpoint down or unreachable, no credentials, rejected
+    credentials, access denied, missing bucket. ``key`` is the config key ``uri`` came from.
+
+    S3: list the prefix (one key) and, for ``write``, put and delete a small probe object.
+    Local: for ``write``, create the folder and a probe file in it.
+    """
+    if not uri.startswith("s3://"):
+        if write:
+            path = os.path.abspath(uri)
+            probe = os.path.join(path, f".salmap-probe-{uuid.uuid4().hex[:8]}")
+            try:
+                os.makedirs(path, exist_ok=True)
+                with open(probe, "wb"):
+                    pass
+                os.unlink(probe)
+            except OSError as err:
+                raise StorageCheckError(f"cannot write to {path} ({key}): "
+                                        f"{err.strerror or err}; fix {key} or the folder's "
+                                        "permissions") from None
+        return
+    s = _storage_dict(storage)
+    endpoint = s.get("endpoint") or f"AWS S3 ({s.get('region') or 'default region'})"
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    signed = _has_credentials()  # without: reads are tried anonymously (public buckets)
+    if write and not signed:
+        raise StorageCheckError(f"no S3 credentials found for {url} ({key}) at {endpoint}; "
+                                f"set {_CREDENTIALS_HINT}")
+    client = _probe_client(storage, signed=signed)
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+        if write:
+            probe = f"{prefix}/_salmap_probe-{uuid.uuid4().hex[:12]}".lstrip("/")
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+    except Exception as err:  # noqa: BLE001 - every failure becomes one clear line
+        raise _explain_probe_failure(err, url, key, endpoint, storage, signed, write) from None
+
+
+def s3_prefix_of_pattern(pattern: str) -> str:
+    """``s3://bucket/dir`` of a shard pattern (the folder before any glob or brace)."""
+    head = re.split(r"[*?\[{]", pattern, maxsplit=1)[0]
+    return head.rsplit("/", 1)[0] if "/" in head[len("s3://"):] else head
+
+
+def check_job_storage(cfg: Any) -> None:
+    """:func:`check_storage` for a job: its output (write) and each S3 input folder (read)."""
+    check_storage(cfg.run.output, cfg.storage, write=True, key="run.output")
+    seen = set()
+    for pattern in cfg.input.shards:
+        if str(pattern).startswith("s3://"):
+            folder = s3_prefix_of_pattern(str(pattern))
+            if folder not in seen:
+                seen.add(folder)
+                check_storage(folder, cfg.storage, write=False, key="input.shards")
