@@ -3,7 +3,9 @@
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
 could not be completed, a missing shard among existing ones included (one line per failure is
-printed, and listed in manifest.json); 4 the run is locked by another driver.
+printed, and listed in manifest.json), or the run was interrupted (Ctrl-C or SIGTERM); 4 the run
+is locked by another driver. A storage problem found by the start-up probe (endpoint down,
+credentials, missing bucket) is exit 2: nothing was started; fix it and run again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .interrupt import interrupt_reason, sigterm_as_interrupt
 from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
 from .storage import StorageCheckError
 
@@ -52,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = None
     cfg = load_config(config or _default_config(), overrides)
     try:
-        result = run_job(cfg)
+        with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
+            result = run_job(cfg)
     except LockHeld as err:
         print(f"salmap: {err}", file=sys.stderr)
         return EXIT_LOCKED
@@ -168,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageCheckError as err:  # found before any work: fix the store or config, rerun
         print(f"salmap: storage error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("salmap: interrupted; run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
+              "resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     except Exception as err:  # noqa: BLE001
         if os.environ.get("SALMAP_DEBUG"):

@@ -37,6 +37,7 @@ from .config import (
     to_container,
 )
 from .decode import DecodeSpec, decode_batch, shard_name
+from .interrupt import interrupt_reason, mark_interrupted
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressReporter
 from .storage import Store, check_job_storage, open_filesystem
@@ -420,6 +421,9 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         result.failures = failures
         result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
         return result
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+        mark_interrupted(store, interrupt_reason(err))
+        raise
     finally:
         lock.release()
 
