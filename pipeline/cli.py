@@ -45,7 +45,7 @@ def _print_units(result, out=print) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .commit import LockHeld
+    from .lock import LockHeld, LockLost
     from .run import run_job
 
     config = args.config
@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
             result = run_job(cfg)
-    except LockHeld as err:
+    except (LockHeld, LockLost) as err:  # LockLost: another driver took the run over
         print(f"salmap: {err}", file=sys.stderr)
         return EXIT_LOCKED
     _print_units(result)

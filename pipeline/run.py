@@ -379,6 +379,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
                                                   reporter.counter)
                     with commit_lock:
                         for rec in records:
+                            lock.check()  # fencing: never commit after losing the lock
                             write_commit(store, unit.id, rec["wave"], rec)
                             store.write_json(MANIFEST_KEY, build_manifest(
                                 store, run_id, cfg, units, shards, started, failures, "running",
@@ -416,6 +417,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         except Exception as err:  # noqa: BLE001 - a summary never fails a run
             manifest["win_percent_average_drop"] = {"error": f"{type(err).__name__}: {err}"}
         manifest["finished"] = time.time()
+        lock.check()
         store.write_json(MANIFEST_KEY, manifest)
         result.units = manifest["units"]
         result.failures = failures

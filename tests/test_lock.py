@@ -246,3 +246,36 @@ def test_a_live_lock_is_refused_and_kept_alive_by_its_heartbeat(store):
 def test_lease_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="> 0"):
         RunLock(Store.open(str(tmp_path)), lease_s=0)
+
+
+@pytest.mark.slow
+def test_a_run_that_loses_its_lock_commits_nothing_more(tmp_path, make_shards, ray_cluster):
+    """Another driver takes the lock over after the first commit: the run stops with LockLost
+    before its next commit and leaves the other driver's lock alone."""
+    from conftest import small_config
+
+    from pipeline.config import load_config
+    from pipeline.run import run_job
+
+    shards = make_shards(n_shards=3, per_shard=2)
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(shards, str(tmp_path / "out"), methods=[{"name": "gradient"}],
+                                run={"id": "fenced", "output": str(tmp_path / "out"),
+                                     "report": False, "shards_per_wave": 1}))
+    run = tmp_path / "out" / "fenced"
+    intruder = {"owner": "intruder", "host": socket.gethostname(), "pid": 1,
+                "heartbeat": time.time() + 3600, "lease_s": 3600}
+
+    def take_over() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(run.glob("_commits/*/*.json")):
+            time.sleep(0.01)
+        (run / LOCK_KEY).write_text(json.dumps(intruder))
+
+    thief = threading.Thread(target=take_over, daemon=True)
+    thief.start()
+    with pytest.raises(LockLost, match="another driver took over"):
+        run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
+    thief.join()
+    assert len(list(run.glob("_commits/*/*.json"))) == 1
+    assert json.loads((run / LOCK_KEY).read_text())["owner"] == "intruder"
