@@ -4,8 +4,9 @@ Exit codes: 0 every sample has a row (error rows included); 1 unexpected interna
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
 could not be completed, a missing shard among existing ones included (one line per failure is
 printed, and listed in manifest.json), or the run was interrupted (Ctrl-C or SIGTERM); 4 the run
-is locked by another driver. A storage problem found by the start-up probe (endpoint down,
-credentials, missing bucket) is exit 2: nothing was started; fix it and run again.
+is locked by another driver. The start-up storage probe exits 1 when the endpoint does not
+answer (may be transient; a retry resumes) and 2 for credentials, permissions or a missing
+bucket; nothing was started either way.
 """
 
 from __future__ import annotations
@@ -169,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"salmap: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except StorageCheckError as err:  # found before any work: fix the store or config, rerun
+    except StorageCheckError as err:  # found before any work, nothing was started
         print(f"salmap: storage error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        # an endpoint that did not answer may come back (1: schedulers retry); credentials,
+        # permissions or a missing bucket need a person (2, like a config error)
+        return EXIT_INTERNAL if err.transient else EXIT_CONFIG
     except KeyboardInterrupt as err:
         print(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
               "resume", file=sys.stderr)

@@ -258,7 +258,15 @@ def _s3_client(endpoint: str | None, region: str | None, retries: int, connect_t
 
 # -- the start-up probe -------------------------------------------------------------------------
 class StorageCheckError(StorageError):
-    """The store cannot be used as configured; found by :func:`check_storage` before any work."""
+    """The store cannot be used as configured; found by :func:`check_storage` before any work.
+
+    ``transient``: the endpoint did not answer (down, unreachable, hung), which may pass by
+    itself; otherwise (credentials, permissions, missing bucket) a person must fix something.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 PROBE_ATTEMPTS = 3  # the start-up probe's attempts per request (a dead endpoint fails in ~20 s)
@@ -313,16 +321,17 @@ def _explain_probe_failure(err: Exception, url: str, key: str, endpoint: str, st
             f"cannot connect to {endpoint} for {url} ({key}): no answer within storage."
             f"connect_timeout_s={s.get('connect_timeout_s') or DEFAULT_CONNECT_TIMEOUT_S:g} s, "
             f"{PROBE_ATTEMPTS} attempts; is the endpoint down or unreachable from here, or is "
-            "storage.endpoint wrong?")
+            "storage.endpoint wrong?", transient=True)
     if isinstance(err, EndpointConnectionError):
         return StorageCheckError(
             f"cannot connect to {endpoint} for {url} ({key}): {err}; is the endpoint down or "
-            "unreachable from here, or is storage.endpoint wrong?")
+            "unreachable from here, or is storage.endpoint wrong?", transient=True)
     if isinstance(err, ReadTimeoutError):
         return StorageCheckError(
             f"{endpoint} accepted the connection for {url} ({key}) but sent nothing within "
             f"storage.request_timeout_s={s.get('request_timeout_s') or DEFAULT_REQUEST_TIMEOUT_S:g}"
-            f" s, {PROBE_ATTEMPTS} attempts; is it overloaded, or not an S3 endpoint?")
+            f" s, {PROBE_ATTEMPTS} attempts; is it overloaded, or not an S3 endpoint?",
+            transient=True)
     if isinstance(err, NoCredentialsError):
         return StorageCheckError(f"no S3 credentials found for {where}; set {_CREDENTIALS_HINT}")
     if isinstance(err, ClientError):

@@ -196,16 +196,20 @@ def test_a_local_output_that_cannot_be_a_folder(tmp_path):
     check_storage(str(tmp_path / "runs"), None, write=True)
 
 
-def test_the_cli_prints_one_line_and_exits_2_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("failure, code", [("dead endpoint", 1), ("missing bucket", 2)])
+def test_the_cli_prints_one_line_before_any_work(tmp_path, capsys, moto, failure, code):
+    """A dead endpoint may come back (exit 1: schedulers retry); a missing bucket needs a
+    person (exit 2, like a config error)."""
     from pipeline.cli import main
 
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if failure == "dead endpoint" else moto
     job = tmp_path / "job.yaml"
-    job.write_text(small_config(["s3://data/wds/shard-000000.tar"], "s3://out/runs",
+    job.write_text(small_config(["s3://data/wds/shard-000000.tar"], "s3://nope/runs",
                                 storage={"endpoint": endpoint}))
     t0 = time.monotonic()
-    code = main(["run", str(job)])
-    elapsed = time.monotonic() - t0
+    assert main(["run", str(job)]) == code
+    assert time.monotonic() - t0 < 30
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and elapsed < 30
-    assert len(err) == 1 and err[0].startswith(f"salmap: storage error: cannot connect to {endpoint}")
+    expected = {"dead endpoint": f"cannot connect to {endpoint}",
+                "missing bucket": f"bucket 'nope' does not exist at {endpoint}"}[failure]
+    assert len(err) == 1 and err[0].startswith(f"salmap: storage error: {expected}")
