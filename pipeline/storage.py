@@ -6,6 +6,7 @@ writes them anywhere.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -85,7 +86,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
 
 
 def create_exclusive_local(path: str, data: bytes) -> bool:
-    """Create ``path`` with ``data`` unless it exists, content and existence in one step."""
+    """Create ``path`` with ``data`` unless it exists, content and existence in one step (a temp
+    file hard-linked to the name). Without hard links (some FUSE mounts): ``O_EXCL``, then the
+    content; a reader may then see it empty for a moment, which the run lock takes as held."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with open(tmp, "wb") as f:
@@ -97,6 +100,16 @@ def create_exclusive_local(path: str, data: bytes) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError as err:  # a filesystem without hard links: O_EXCL, then the content
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
     finally:
         os.unlink(tmp)
 
