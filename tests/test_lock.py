@@ -59,6 +59,7 @@ def _racer(jobs, barrier, results) -> None:
             barrier.wait()  # everybody has tried while the winner still holds it
             if won:
                 lock.release()
+        results.put(None)  # this job is done, locks released
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,13 @@ def racers():
         for q in queues:
             q.put((urls, storage))
         winners: dict[int, list[str]] = {t: [] for t in range(len(urls))}
-        for _ in range(WORKERS * len(urls)):
-            trial, won, owner = results.get(timeout=120)
-            if won:
-                winners[trial].append(owner)
+        done = 0
+        while done < WORKERS:
+            item = results.get(timeout=120)
+            if item is None:
+                done += 1
+            elif item[1]:
+                winners[item[0]].append(item[2])
         return winners
 
     yield race
