@@ -44,6 +44,7 @@ def test_plain_and_chained_exceptions():
     assert root_cause(_raise(multi_line)) == "OSError: first line second line"
 
 
+@pytest.mark.slow  # the session's Ray cluster
 @pytest.mark.parametrize("compute", ["tasks", "actors"])
 def test_ray_data_map_failure(ray_session, compute):
     import ray.data
@@ -66,6 +67,7 @@ def test_ray_data_map_failure(ray_session, compute):
     assert root_cause(err) == "tarfile.ReadError: unexpected end of data"
 
 
+@pytest.mark.slow
 def test_ray_actor_method_failure(ray_session):
     @ray_session.remote(num_cpus=0.25)
     class Reader:
@@ -79,6 +81,7 @@ def test_ray_actor_method_failure(ray_session):
     assert root_cause(err) == "ValueError: shard 3 is cut short"
 
 
+@pytest.mark.slow
 def test_ray_actor_that_fails_to_start(ray_session):
     import ray.data
 
@@ -95,6 +98,7 @@ def test_ray_actor_that_fails_to_start(ray_session):
     assert root_cause(err) == "FileNotFoundError: weights.pt not found"
 
 
+@pytest.mark.slow
 def test_ray_nested_task_failure(ray_session):
     @ray_session.remote(num_cpus=0.25)
     def inner():
