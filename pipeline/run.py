@@ -12,13 +12,11 @@ import logging
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
 from .cluster import configure_data_context, gpus_per_actor, init_ray, units_that_fit
-from .commit import RunLock
 from .config import (
     ConfigError,
     SalmapConfig,
@@ -28,7 +26,9 @@ from .config import (
     to_container,
 )
 from .decode import DecodeSpec, shard_name
+from .errors import root_cause
 from .execute import UnitExecution, WriteSpec, run_unit
+from .interrupt import interrupt_reason, mark_interrupted
 from .ledger import (
     MANIFEST_KEY,
     PLAN_KEY,
@@ -38,9 +38,10 @@ from .ledger import (
     manifest,
     remove_uncommitted,
 )
+from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressLine
-from .storage import Store
+from .storage import Store, check_job_storage
 from .tracker import WaveTracker
 
 log = logging.getLogger("salmap")
@@ -179,6 +180,7 @@ class _Run:
     extra: dict = field(default_factory=dict)
     waves_total: int = 0
     waves_done: int = 0
+    stopping: threading.Event = field(default_factory=threading.Event)
     public_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -212,7 +214,9 @@ class _Run:
     def commit(self, unit: Unit, record: dict) -> None:
         """One wave: its commit record, then the manifest (two PUTs)."""
         with self.commit_lock:
-            if self.lock is not None and hasattr(self.lock, "check"):
+            if self.stopping.is_set():  # interrupted: the lock is about to be released
+                raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
+            if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
             if record["shards"]:
                 self.ledger.commit(unit.id, record)
@@ -235,6 +239,7 @@ class _Run:
 def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     """Plan, execute pending work, commit; returns the outcome and the exit code."""
     run_id = resolve_run_id(cfg)
+    check_job_storage(cfg)  # a dead endpoint, bad credentials, a missing bucket: one line, fast
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{run_id}", cfg.storage)
     missing: list[str] = []
     identity: dict[str, dict] = {}
@@ -243,6 +248,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
     lock.acquire()
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
+    run: _Run | None = None
     try:
         previous = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else None
         if previous and previous.get("salmap_format", 1) < 2:
@@ -299,9 +305,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
             for unit, waves in todo:
                 _run_unit(run, unit, waves, identity, index)
         else:
-            with ThreadPoolExecutor(parallel, thread_name_prefix="salmap-unit") as pool:
-                for fut in [pool.submit(_run_unit, run, u, w, identity, index) for u, w in todo]:
-                    fut.result()
+            _run_units_in_threads(run, todo, parallel, identity, index)
         failures = run.all_failures()
         commits = load_commits(store)  # the records, read once more for the summaries
         info = add_summaries(store, run.unit_info(), commits)
@@ -313,10 +317,17 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         except Exception as err:  # noqa: BLE001 - a summary never fails a run
             m["win_percent_average_drop"] = {"error": f"{type(err).__name__}: {err}"}
         m["finished"] = time.time()
+        lock.check()
         store.write_json(MANIFEST_KEY, m)
         result.units, result.failures = m["units"], failures
         result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
         return result
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+        if run is not None:
+            with run.commit_lock:  # from here on no unit thread can commit
+                run.stopping.set()
+        mark_interrupted(store, interrupt_reason(err))
+        raise
     finally:
         lock.release()
 
@@ -375,6 +386,40 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
         decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage)
 
 
+def _run_units_in_threads(run: _Run, todo: list[tuple[Unit, list[Wave]]], parallel: int,
+                          identity: dict, index: dict) -> None:
+    """Several units at once, each its own execution and actor pool (several devices busy).
+
+    Daemon threads: on Ctrl-C / SIGTERM the main thread stops further commits and exits
+    without waiting for a long batch to end (the uncommitted waves are redone on resume).
+    """
+    queue = list(todo)
+    errors: list[BaseException] = []
+    qlock = threading.Lock()
+
+    def worker() -> None:
+        while not run.stopping.is_set():
+            with qlock:
+                if not queue:
+                    return
+                unit, waves = queue.pop(0)
+            try:
+                _run_unit(run, unit, waves, identity, index)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(err)
+                return
+
+    threads = [threading.Thread(target=worker, name=f"salmap-unit-{i}", daemon=True)
+               for i in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)  # short joins keep the main thread responsive to signals
+    if errors:
+        raise errors[0]
+
+
 MAX_ATTEMPTS = 2  # a unit's execution is retried once for its uncommitted waves
 
 
@@ -396,6 +441,8 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         try:
             run_unit(ex, tracker, on_commit, lambda n, base=base: progress.update(base + n))
             break
+        except LockLost:
+            raise  # another driver owns the run now: stop everything, commit nothing more
         except Exception as err:  # noqa: BLE001 - reported with its root cause below
             reason = root_cause(err)
             waves = tracker.pending()
@@ -412,20 +459,6 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
                           f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}")
             break
     progress.finish()
-
-
-def root_cause(err: BaseException) -> str:
-    """The innermost error behind Ray's wrappers, as ``Type: message`` on one line."""
-    from .shard_reader import describe
-
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    return describe(err)
 
 
 def add_summaries(store: Store, units: dict[str, dict], commits: dict) -> dict[str, dict]:

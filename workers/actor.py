@@ -3,7 +3,8 @@
 Ray Data instantiates :class:`Explainer` once per actor (the model loads once) and calls it
 on batches of decoded samples. Each call returns one row per (sample, target); a sample that
 cannot be explained becomes an error row instead of failing the batch. Out-of-memory splits
-the batch in half and retries, down to one sample.
+the batch in half and retries, down to one sample; any other error fails the call's samples
+once (error rows with the reason), without retries.
 """
 
 from __future__ import annotations
@@ -168,15 +169,22 @@ class Explainer:
         return x
 
     def _explain_indices(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
+        """Explain samples ``idx``; out of memory splits them in half and retries (down to one
+        sample). Any other error is taken as deterministic: every sample of the call gets an
+        error row with the reason, once, instead of 2n-1 calls that fail the same way."""
         try:
             return self._explain(batch, idx)
         except Exception as err:  # noqa: BLE001
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if not is_oom(err):
+                what = "" if len(idx) == 1 else f" on a batch of {len(idx)} samples"
+                message = " ".join(str(err).split())
+                reason = f"{self.spec.method} failed{what}: {type(err).__name__}: {message}"
+                return [self._error_row(batch, i, reason, target=None) for i in idx]
             if len(idx) == 1:
                 reason = ("out of memory even for a single sample; lower resources.batch_size or "
-                          "inner_batch_size, or use a bigger device" if is_oom(err)
-                          else f"{self.spec.method} failed: {type(err).__name__}: {err}")
+                          "inner_batch_size, or use a bigger device")
                 return [self._error_row(batch, idx[0], reason, target=None)]
             half = len(idx) // 2
             return self._explain_indices(batch, idx[:half]) + self._explain_indices(batch, idx[half:])
