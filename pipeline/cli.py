@@ -1,4 +1,4 @@
-"""``salmap run | read | report | shards | sanity``.
+"""``salmap run | read | report | export | shards | sanity``.
 
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
@@ -99,6 +99,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_run
+
+    try:
+        written = export_run(args.run, args.format, output=args.output, unit=args.unit,
+                             storage={"endpoint": args.endpoint} if args.endpoint else None,
+                             class_names=args.class_names)
+    except ExportError as err:
+        print(f"salmap: export: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for path in written:
+        print(f"{args.format}: {path}")
+    return EXIT_OK
+
+
 def cmd_shards(args: argparse.Namespace) -> int:
     from .shards import write_shards
 
@@ -134,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run")
     rp.add_argument("--endpoint")
     rp.set_defaults(func=cmd_report)
+    ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
+    ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
+    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
+    ex.add_argument("--output", help="folder or s3:// prefix (default <run>/export/<format>)")
+    ex.add_argument("--unit", help="<model>__<method> (default: every unit)")
+    ex.add_argument("--class-names", help="JSON list / object or text file (one name a line)")
+    ex.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
+    ex.set_defaults(func=cmd_export)
     sh = sub.add_parser("shards", help="turn an image folder into WebDataset shards")
     sh.add_argument("images", help="folder: class sub-folders, or flat with --labels")
     sh.add_argument("output", help="output folder or s3:// prefix")
