@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -55,10 +56,11 @@ def main() -> None:
         for k in (int(v) for v in args.classes.split(",")):
             img, scores = scene(w, h, k)
             classes = list(range(k))
-            plain, _ = timed(lambda: label_map(scores, classes, 0.3, 0.05), args.repeat)
-            crf_l, wall = timed(lambda: crf_label_map(img, scores, classes, 0.3, 0.05), args.repeat)
-            crf_s, _ = timed(lambda: crf_label_map(img, scores, classes, 0.3, 0.05, unary="scores"),
-                             args.repeat)
+            plain, _ = timed(partial(label_map, scores, classes, 0.3, 0.05), args.repeat)
+            crf_l, wall = timed(partial(crf_label_map, img, scores, classes, 0.3, 0.05),
+                                args.repeat)
+            crf_s, _ = timed(partial(crf_label_map, img, scores, classes, 0.3, 0.05,
+                                     unary="scores"), args.repeat)
             print(f"| {w}x{h} | {k} | {plain:.3f} | {crf_l:.2f} | {crf_s:.2f} | "
                   f"{crf_l / (w * h / 1e6):.2f} | {wall:.2f} |")
 

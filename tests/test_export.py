@@ -33,6 +33,15 @@ W, H = 32, 24  # original image size
 UNIT, DATA = "m__gradcam", "data/m/gradcam"
 
 
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+MAP_PNG = _png(np.tile(np.arange(W, dtype=np.uint8) * 8, (H, 1)))  # a readable saliency PNG
+
+
 def _label_map(classes: list[int], s: int) -> np.ndarray:
     """Left part: first class, right part: second class (if any), a band of ignore, background
     at the bottom; shifted by the sample index so maps differ."""
@@ -45,7 +54,7 @@ def _label_map(classes: list[int], s: int) -> np.ndarray:
     return lm
 
 
-def _rows(shard: str, n: int, classes_of, payload: int, rng) -> list[dict]:
+def _rows(shard: str, n: int, classes_of, payload: int, rng, quality: bool = False) -> list[dict]:
     rows = []
     for k in range(n):
         key = f"k{k:05d}"
@@ -64,10 +73,17 @@ def _rows(shard: str, n: int, classes_of, payload: int, rng) -> list[dict]:
                 "target_source": "all_labels", "pred": classes[0], "pred_prob": 0.5,
                 "target_prob": 0.25 + 0.1 * j, "orig_height": H, "orig_width": W,
                 "crop_box": {"x0": 4.0, "y0": 0.0, "x1": 28.0, "y1": 24.0},
-                "saliency_png": rng.bytes(payload), "saliency_min": 0.0, "saliency_max": 1.0,
+                "saliency_png": MAP_PNG + rng.bytes(payload),  # padding: incompressible bulk
+                "saliency_min": 0.0, "saliency_max": 1.0,
                 "pseudo_box": box, "pseudo_box_score": None if box is None else 0.5 + 0.01 * j,
                 "label_map_png": encode_png(_label_map(classes, k)) if j == 0 else None,
                 "status": "ok", "error": ""})
+            if quality:  # ground truth: one box of each explained class; a mask on sample 1
+                rows[-1].update(gt_box_count=1, pseudo_box_match=box is not None and k % 3 == 0)
+                if j == 0 and k == 1:
+                    rows[-1]["label_map_quality"] = {
+                        "classes": [-1, *classes], "intersection": [300, 80, 0],
+                        "union": [400, 100, 50], "valid_px": H * W, "labelled_px": 700}
     return rows
 
 
@@ -86,7 +102,8 @@ def _table(rows: list[dict]) -> pa.Table:
 
 
 def write_run(root: str, waves: int = 2, samples: int = 6, files_per_wave: int = 2,
-              classes_of=None, payload: int = 64, storage=None, manifest: dict | None = None) -> str:
+              classes_of=None, payload: int = 64, storage=None, manifest: dict | None = None,
+              quality: bool = False) -> str:
     """A committed run at ``root`` (local or s3://): ``waves`` waves of one shard each, rows
     spread over ``files_per_wave`` files so a sample's rows may sit in two files; plus an
     uncommitted file in a committed wave and an uncommitted wave, which no export may read."""
@@ -96,7 +113,7 @@ def write_run(root: str, waves: int = 2, samples: int = 6, files_per_wave: int =
     ledger = Ledger(store)
     for w in range(waves + 1):
         wave, shard = f"w{w:05d}", f"shard-{w:06d}"
-        rows = _rows(shard, samples, classes_of, payload, rng)
+        rows = _rows(shard, samples, classes_of, payload, rng, quality)
         cut = [len(rows) * i // files_per_wave for i in range(files_per_wave + 1)]
         files = []
         for a, b in zip(cut, cut[1:]):

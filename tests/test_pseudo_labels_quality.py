@@ -4,6 +4,7 @@ accumulated over the dataset, ground-truth mask decoding, and the config keys be
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,50 @@ def test_unit_hash_changes_with_label_options_but_not_for_the_defaults():
     assert h("pseudo_labels.label_maps=true") != base
     assert h("pseudo_labels.label_maps=true", "input.mask_key=seg.png") != \
         h("pseudo_labels.label_maps=true")
+
+
+# -- summary and report ---------------------------------------------------------------------
+def test_run_summary_and_report_show_label_quality(tmp_path):
+    """A committed run (written as the pipeline writes it, tests/test_export.py) whose rows
+    carry box matches and one mask's counts per wave: the numbers worked out by hand."""
+    from test_export import UNIT, write_run
+
+    from pipeline.ledger import committed_files, load_commits
+    from pipeline.report import render_report
+    from pipeline.storage import Store
+    from pipeline.summary import print_summaries, unit_summary
+
+    run = write_run(str(tmp_path / "t"), quality=True)
+    store = Store.open(run)
+    summary = unit_summary(store, committed_files(load_commits(store), UNIT))
+    q = summary["label_quality"]
+    # per wave: espresso 1 of 2 boxes right, 2 gt; cat 0 of 2 (one map gave none), 3 gt;
+    # shuttle 1 of 3, 3 gt; two waves
+    assert (q["boxes"]["tp"], q["boxes"]["pseudo_boxes"], q["boxes"]["gt_boxes"]) == (4, 14, 16)
+    assert q["boxes"]["precision"] == pytest.approx(4 / 14) and q["boxes"]["recall"] == 0.25
+    assert q["boxes"]["precision_class_mean"] == pytest.approx((0.5 + 0 + 1 / 3) / 3)
+    assert q["masks"]["miou"] == pytest.approx((0.75 + 0.8 + 0.0) / 3)
+    assert q["masks"]["coverage"] == pytest.approx(1400 / (2 * 24 * 32)) and q["masks"]["images"] == 2
+    assert "per_class" not in q["boxes"] and "per_class" not in q["masks"]  # the manifest stays small
+    said: list[str] = []
+    print_summaries({UNIT: {"summary": summary}}, out=said.append)
+    assert any("boxes precision 0.286 recall 0.250 at IoU 0.5 (16 ground-truth boxes)" in s and
+               "label maps mIoU 0.517, coverage 0.911 (2 images with masks)" in s for s in said)
+
+    html = render_report(run)
+    section = html[html.index("<section id=labels>"):]
+    section = section[:section.index("</section>")]
+    cells = re.findall(r"<td class='num[^']*'>([^<]*)</td>", section)
+    assert cells[:7] == ["0.286", "0.250", "0.278", "0.278", "0.517", "0.400", "0.911"]
+    rows = dict(re.findall(r"<td>([^<]+)</td><td class=num>([^<]*)</td>", section))
+    assert rows == {"background": "–", "Egyptian cat": "0.000", "space shuttle": "0.333",
+                    "espresso": "0.500"}
+
+
+def test_report_says_when_there_is_no_ground_truth(tmp_path):
+    from test_export import write_run
+
+    from pipeline.report import render_report
+
+    html = render_report(write_run(str(tmp_path / "t")))
+    assert "No ground truth to score the pseudo-labels against" in html
