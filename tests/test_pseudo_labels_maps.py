@@ -184,9 +184,19 @@ def test_post_stage_writes_one_complete_label_map_per_sample_even_when_split(two
     q = whole[0]["label_map_quality"]
     assert q is not None and whole[1]["label_map_quality"] is None
     assert q["valid_px"] == 128 * 123  # 5 rows of 255 are ignored
-    # box quality columns on every row of an annotated sample
+    # box quality columns on every row of an annotated sample, at the configured IoU
+    from workers.metrics.label_quality import box_match
+
+    gt = {3: [[10, 20, 80, 100]], 7: [[60, 0, 120, 60]]}
     assert [r["gt_box_count"] for r in whole] == [1, 1]
-    assert all(r["pseudo_box_match"] is not None and 0 <= r["pseudo_box_score"] <= 1 for r in whole)
+    assert [r["pseudo_box_match"] for r in whole] == \
+        [box_match(r["pseudo_box"], gt[r["target"]], 0.5) for r in whole]
+    assert all(0 <= r["pseudo_box_score"] <= 1 for r in whole)
+    loose = post_batch(out, {"pseudo_box": {}}, False, labels={**LABELS, "box_iou": 0.01})
+    assert loose.column("pseudo_box_match").to_pylist() == \
+        [box_match(r["pseudo_box"], gt[r["target"]], 0.01) for r in whole]
+    assert loose.column("pseudo_box_match").to_pylist() != \
+        [box_match(r["pseudo_box"], gt[r["target"]], 0.99) for r in whole]
 
 
 def test_no_label_maps_without_the_option(two_class_rows):
@@ -246,6 +256,26 @@ def test_crf_snaps_the_label_map_to_the_image_edge_and_stays_valid():
             return (fg & truth).sum() / (fg | truth).sum()
 
         assert iou(refined) > iou(plain) + 0.1, (unary, iou(refined), iou(plain))
+
+
+def test_crf_combines_its_two_passes_as_irn(monkeypatch):
+    """Pass 1 (background score at fg) decides the classes, pass 2 (at bg) what is certainly
+    background; the rest is ignored. The CRF itself is replaced by the arg-min of the unary
+    it is given, so the test sees which labels went into which pass."""
+    seen = []
+
+    def fake(image, unary, *args):
+        labels = unary.argmin(axis=0).reshape(image.shape[:2])
+        seen.append(labels)
+        return labels if len(seen) == 1 else np.where(labels == 0, 0, labels)
+
+    monkeypatch.setattr(crf, "_infer", fake)
+    s = np.array([[[0.9, 0.2, 0.01, 0.0, 0.9]], [[0.1, 0.1, 0.02, 0.5, 0.0]]], np.float32)
+    out = crf.crf_label_map(np.zeros((1, 5, 3), np.uint8), s, [10, 20], 0.3, 0.05,
+                            valid=np.array([[True, True, True, True, False]]))
+    # the unseen pixel gets a uniform unary (no opinion), whatever its scores
+    assert seen[0].tolist() == [[1, 0, 0, 2, 0]] and seen[1].tolist() == [[1, 1, 0, 2, 0]]
+    assert out.tolist() == [[11, IGNORE, 0, 21, IGNORE]]
 
 
 def test_crf_needs_the_image_at_the_maps_size():
