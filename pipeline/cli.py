@@ -3,7 +3,10 @@
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
 could not be completed, a missing shard among existing ones included (one line per failure is
-printed, and listed in manifest.json); 4 the run is locked by another driver.
+printed, and listed in manifest.json), or the run was interrupted (Ctrl-C or SIGTERM); 4 the run
+is locked by another driver. The start-up storage probe exits 1 when the endpoint does not
+answer (may be transient; a retry resumes) and 2 for credentials, permissions or a missing
+bucket; nothing was started either way.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .interrupt import interrupt_reason, sigterm_as_interrupt
 from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
+from .storage import StorageCheckError
 
 
 def _default_config() -> str:
@@ -41,7 +46,7 @@ def _print_units(result, out=print) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .commit import LockHeld
+    from .lock import LockHeld, LockLost
     from .run import run_job
 
     config = args.config
@@ -51,8 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = None
     cfg = load_config(config or _default_config(), overrides)
     try:
-        result = run_job(cfg)
-    except LockHeld as err:
+        with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
+            result = run_job(cfg)
+    except (LockHeld, LockLost) as err:  # LockLost: another driver took the run over
         print(f"salmap: {err}", file=sys.stderr)
         return EXIT_LOCKED
     _print_units(result)
@@ -187,8 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"salmap: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("salmap: interrupted; run the same command again to resume", file=sys.stderr)
+    except StorageCheckError as err:  # found before any work, nothing was started
+        print(f"salmap: storage error: {err}", file=sys.stderr)
+        # an endpoint that did not answer may come back (1: schedulers retry); credentials,
+        # permissions or a missing bucket need a person (2, like a config error)
+        return EXIT_INTERNAL if err.transient else EXIT_CONFIG
+    except KeyboardInterrupt as err:
+        print(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
+              "resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     except Exception as err:  # noqa: BLE001
         if os.environ.get("SALMAP_DEBUG"):

@@ -72,6 +72,8 @@ class StorageSection:
     endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / moto; None: AWS
     region: str | None = None
     retries: int = 5
+    connect_timeout_s: float = 5.0  # per attempt: a dead or unreachable endpoint fails fast
+    request_timeout_s: float = 5.0  # per attempt: abandoned when no byte moves for this long
 
 
 @dataclass
@@ -82,6 +84,7 @@ class ModelSection:
     target_layer: str | None = None
     input_size: int | None = None
     arch: str | None = None  # torchvision architecture for source file:<path>
+    reshape: str | None = None  # CAM target layer layout: auto | nchw | nhwc | tokens
 
 
 @dataclass
@@ -264,6 +267,7 @@ def metric_specs(cfg: SalmapConfig) -> dict[str, dict]:
 def validate(cfg: SalmapConfig) -> None:
     """Checks OmegaConf cannot express: names, ranges, combinations."""
     from workers import methods as method_registry
+    from workers.methods.compat import job_conflict
 
     if not cfg.models:
         raise ConfigError("models: at least one model is required (e.g. source: efficientnet_lite0)")
@@ -293,6 +297,8 @@ def validate(cfg: SalmapConfig) -> None:
     parse_targets(cfg.targets)
     _check_metrics(cfg)
     _check_pseudo_labels(cfg)
+    if conflict := job_conflict(cfg.models, cfg.methods):  # method x model family, from names
+        raise ConfigError(conflict)
     r = cfg.resources
     if r.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"resources.precision: {r.precision!r} is not fp32, bf16 or fp16")
@@ -302,14 +308,28 @@ def validate(cfg: SalmapConfig) -> None:
                 "units_in_parallel"):
         if getattr(r, key) < 1:
             raise ConfigError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
+    if isinstance(r.gpus_per_actor, (int, float)) and r.gpus_per_actor < 0:
+        raise ConfigError(f"resources.gpus_per_actor must be 'auto' or a number >= 0 (0: CPU "
+                          f"actors, 1: a GPU each, 0.5: two actors per GPU), got {r.gpus_per_actor}")
+    if not r.cpus_per_actor > 0:
+        raise ConfigError(f"resources.cpus_per_actor must be > 0 (CPUs each CPU actor reserves, "
+                          f"e.g. 1 or 0.5), got {r.cpus_per_actor}")
     if cfg.run.shards_per_wave < 1:
         raise ConfigError("run.shards_per_wave must be >= 1")
     if cfg.run.samples_per_wave is not None and cfg.run.samples_per_wave < 1:
         raise ConfigError("run.samples_per_wave must be >= 1 (or null: no sample cap)")
     if cfg.run.map_dtype not in ("float16", "float32"):
         raise ConfigError(f"run.map_dtype: {cfg.run.map_dtype!r} is not float16 or float32")
+    if not cfg.run.lock_lease_s > 0:
+        raise ConfigError(f"run.lock_lease_s must be > 0 (seconds without a heartbeat after "
+                          f"which the run's lock is stale, e.g. 120), got {cfg.run.lock_lease_s}")
     if cfg.run.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", cfg.run.id):
         raise ConfigError(f"run.id {cfg.run.id!r}: use letters, digits, '_', '-', '.' (max 128)")
+    for key in ("connect_timeout_s", "request_timeout_s"):
+        if not getattr(cfg.storage, key) > 0:
+            raise ConfigError(f"storage.{key} must be > 0 seconds, got {getattr(cfg.storage, key)}")
+    if cfg.storage.retries < 1:
+        raise ConfigError(f"storage.retries must be >= 1, got {cfg.storage.retries}")
     if cfg.input.max_pixels < 1:
         raise ConfigError("input.max_pixels must be >= 1")
     if cfg.ray.progress not in ("auto", "bars", "lines", "off"):
@@ -332,12 +352,34 @@ def _check_model_source(i: int, m: ModelSection) -> None:
     elif src in ("efficientnet_lite0", "efficientnet-lite0"):
         pass
     elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", src):
-        pass
+        _check_factory(i, src)
     else:
         raise ConfigError(
             f"models[{i}].source: {src!r} is not torchvision:<name>, file:<path>, efficientnet_lite0 "
             "or package.module:callable" + _nearest(src, ["efficientnet_lite0", "torchvision:resnet50"])
         )
+
+
+def _check_factory(i: int, src: str) -> None:
+    """Import a ``package.module:callable`` model source now: a typo or a module that is not
+    installed is a config error before Ray starts, not an actor that dies on every node."""
+    import importlib
+
+    module_name, fn_name = src.split(":", 1)
+    where = ("it must be importable on the driver and on every Ray node (on PYTHONPATH or in "
+             "an installed package)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import-time failure of the user's module
+        raise ConfigError(f"models[{i}].source: cannot import module {module_name!r} "
+                          f"({type(err).__name__}: {err}); {where}") from None
+    factory = getattr(module, fn_name, None)
+    if factory is None:
+        raise ConfigError(f"models[{i}].source: module {module_name!r} has no {fn_name!r}"
+                          f"{_nearest(fn_name, [n for n in dir(module) if not n.startswith('_')])}")
+    if not callable(factory):
+        raise ConfigError(f"models[{i}].source: {src} is a {type(factory).__name__}, not a "
+                          "callable that returns a torch.nn.Module")
 
 
 def _check_metrics(cfg: SalmapConfig) -> None:

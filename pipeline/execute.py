@@ -58,13 +58,7 @@ class _Decode:
         self.spec = spec
 
     def __call__(self, df):  # pandas block from _ReadShards
-        import pickle
-
-        rows = []
-        for r in df.to_dict("records"):
-            members = pickle.loads(r.pop("members")) if r.get("members") else {}
-            rows.append({**members, **r})
-        return decode_batch(rows, self.spec)
+        return decode_batch(df.to_dict("records"), self.spec)
 
 
 @dataclass
