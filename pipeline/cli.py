@@ -91,7 +91,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 
     ds = read_run(args.run, unit=args.unit, endpoint=args.endpoint)
     table = ds.to_table(columns=[c for c in ds.schema.names if c not in ("saliency", "saliency_png",
-                                                                           "pseudo_mask_png")])
+                                                                           "pseudo_mask_png",
+                                                                           "label_map_png")])
     print(f"{table.num_rows} committed rows")
     print(table.to_pandas().head(args.head).to_string())
     return EXIT_OK

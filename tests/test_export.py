@@ -351,3 +351,12 @@ def test_export_of_a_10000_row_run_runs_in_bounded_memory(tmp_path):
         assert b["python"] + b["arrow"] < 16 * 2**20, (fmt, b)
     coco = json.loads((tmp_path / "out" / "2-coco" / f"{UNIT}.json").read_text())  # big run's
     assert len(coco["images"]) == 5000 and len(coco["annotations"]) > 8000
+
+
+def test_salmap_read_leaves_the_label_map_bytes_out(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = write_run(str(tmp_path / "t"))
+    assert main(["read", run, "--head", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "18 committed rows" in out and "PNG" not in out and "label_map_quality" in out
