@@ -1,4 +1,4 @@
-"""``salmap run | read | report | shards | sanity``.
+"""``salmap run | read | report | export | shards | sanity``.
 
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
@@ -91,7 +91,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 
     ds = read_run(args.run, unit=args.unit, endpoint=args.endpoint)
     table = ds.to_table(columns=[c for c in ds.schema.names if c not in ("saliency", "saliency_png",
-                                                                           "pseudo_mask_png")])
+                                                                           "pseudo_mask_png",
+                                                                           "label_map_png")])
     print(f"{table.num_rows} committed rows")
     print(table.to_pandas().head(args.head).to_string())
     return EXIT_OK
@@ -102,6 +103,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = write_report(args.run, storage={"endpoint": args.endpoint} if args.endpoint else None)
     print(f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_run
+
+    try:
+        written = export_run(args.run, args.format, output=args.output, unit=args.unit,
+                             storage={"endpoint": args.endpoint} if args.endpoint else None,
+                             class_names=args.class_names)
+    except ExportError as err:
+        print(f"salmap: export: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for path in written:
+        print(f"{args.format}: {path}")
     return EXIT_OK
 
 
@@ -140,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run")
     rp.add_argument("--endpoint")
     rp.set_defaults(func=cmd_report)
+    ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
+    ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
+    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
+    ex.add_argument("--output", help="folder or s3:// prefix (default <run>/export/<format>)")
+    ex.add_argument("--unit", help="<model>__<method> (default: every unit)")
+    ex.add_argument("--class-names", help="JSON list / object or text file (one name a line)")
+    ex.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
+    ex.set_defaults(func=cmd_export)
     sh = sub.add_parser("shards", help="turn an image folder into WebDataset shards")
     sh.add_argument("images", help="folder: class sub-folders, or flat with --labels")
     sh.add_argument("output", help="output folder or s3:// prefix")

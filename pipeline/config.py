@@ -63,6 +63,7 @@ class InputSection:
     image_keys: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_KEYS))
     label_key: str = "cls"
     boxes_key: str = "json"
+    mask_key: str | None = None  # ground-truth label masks, e.g. "seg.png" (label-map quality)
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
 
 
@@ -108,6 +109,22 @@ class ResourcesSection:
 
 
 @dataclass
+class PseudoLabelsSection:
+    """Per-image label maps for weak supervision (workers.metrics.label_maps, .crf)."""
+
+    label_maps: bool = False  # one label-map PNG per image and unit (label_map_png)
+    fg_threshold: float = 0.30  # IRN conf_fg_thres: a class above this is foreground
+    bg_threshold: float = 0.05  # IRN conf_bg_thres: every class at most this is background
+    crf: bool = False  # dense-CRF refinement on the image (needs salmap[crf])
+    crf_iterations: int = 10  # IRN crf_inference_label t
+    crf_unary: str = "labels"  # labels (IRN, gt_prob) | scores (-log of the scores)
+    crf_gt_prob: float = 0.7  # IRN
+    crf_gaussian: list[float] = field(default_factory=lambda: [3.0, 3.0])  # sxy, compat
+    crf_bilateral: list[float] = field(default_factory=lambda: [50.0, 5.0, 10.0])  # sxy, srgb, compat
+    box_iou: float = 0.5  # IoU at which a pseudo box matches a ground-truth box
+
+
+@dataclass
 class SalmapConfig:
     run: RunSection = field(default_factory=RunSection)
     ray: RaySection = field(default_factory=RaySection)
@@ -117,6 +134,7 @@ class SalmapConfig:
     methods: list[MethodSection] = field(default_factory=list)
     targets: str = "predicted"
     metrics: list[Any] = field(default_factory=list)
+    pseudo_labels: PseudoLabelsSection = field(default_factory=PseudoLabelsSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
 
 
@@ -278,6 +296,7 @@ def validate(cfg: SalmapConfig) -> None:
             raise ConfigError(f"methods[{i}].params: {err}") from None
     parse_targets(cfg.targets)
     _check_metrics(cfg)
+    _check_pseudo_labels(cfg)
     if conflict := job_conflict(cfg.models, cfg.methods):  # method x model family, from names
         raise ConfigError(conflict)
     r = cfg.resources
@@ -382,6 +401,47 @@ def _check_metrics(cfg: SalmapConfig) -> None:
             raise ConfigError(f"metrics: {err}") from None
 
 
+def _check_pseudo_labels(cfg: SalmapConfig) -> None:
+    p = cfg.pseudo_labels
+    if not 0 <= p.bg_threshold <= p.fg_threshold < 1:
+        raise ConfigError(f"pseudo_labels: need 0 <= bg_threshold <= fg_threshold < 1, got "
+                          f"bg_threshold={p.bg_threshold}, fg_threshold={p.fg_threshold}")
+    if not 0 < p.box_iou <= 1:
+        raise ConfigError(f"pseudo_labels.box_iou must be in (0, 1], got {p.box_iou}")
+    if cfg.input.mask_key and not p.label_maps:
+        raise ConfigError(f"input.mask_key={cfg.input.mask_key!r}: ground-truth masks score the "
+                          "label maps; set pseudo_labels.label_maps=true (or drop mask_key)")
+    if not p.crf:
+        return
+    if not p.label_maps:
+        raise ConfigError("pseudo_labels.crf refines the label maps; set pseudo_labels.label_maps=true")
+    if p.crf_unary not in ("labels", "scores"):
+        raise ConfigError(f"pseudo_labels.crf_unary: {p.crf_unary!r} is not labels or scores"
+                          + _nearest(p.crf_unary, ["labels", "scores"]))
+    if p.crf_iterations < 1:
+        raise ConfigError("pseudo_labels.crf_iterations must be >= 1")
+    if not 0 < p.crf_gt_prob < 1:
+        raise ConfigError(f"pseudo_labels.crf_gt_prob must be in (0, 1), got {p.crf_gt_prob}")
+    if len(p.crf_gaussian) != 2 or len(p.crf_bilateral) != 3:
+        raise ConfigError("pseudo_labels.crf_gaussian is [sxy, compat] and crf_bilateral "
+                          "[sxy, srgb, compat]")
+    from workers.metrics.crf import INSTALL_HINT, available
+
+    if not available():
+        raise ConfigError(INSTALL_HINT)
+
+
+def pseudo_label_options(cfg: SalmapConfig) -> dict[str, Any]:
+    """The ``pseudo_labels`` section as the post stage reads it (plain data)."""
+    p = cfg.pseudo_labels
+    crf = {"iterations": p.crf_iterations, "unary": p.crf_unary, "gt_prob": p.crf_gt_prob,
+           "gaussian": [float(v) for v in p.crf_gaussian],
+           "bilateral": [float(v) for v in p.crf_bilateral]} if p.crf else None
+    return {"label_maps": p.label_maps, "fg_threshold": p.fg_threshold,
+            "bg_threshold": p.bg_threshold, "crf": crf, "box_iou": p.box_iou,
+            "max_pixels": cfg.input.max_pixels}
+
+
 def to_container(cfg: SalmapConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
@@ -412,7 +472,7 @@ def _check_torchvision_weights(i: int, arch: str, weights: str | None) -> None:
 def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> str:
     """What makes a unit's rows what they are (not batch sizes, actor counts or paths)."""
     c = to_container(cfg)
-    return stable_hash({
+    what = {
         "model": {k: v for k, v in to_container_section(model).items()},
         "method": {"name": method.name, "params": dict(method.params)},
         "targets": cfg.targets,
@@ -420,7 +480,13 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
         "precision": cfg.resources.precision,
         "map_dtype": cfg.run.map_dtype,
         "input": {k: c["input"][k] for k in ("image_keys", "label_key", "boxes_key", "max_pixels")},
-    })
+    }
+    # only where they differ from the defaults, so runs made without them keep their hash
+    if c["input"]["mask_key"]:
+        what["input"]["mask_key"] = c["input"]["mask_key"]
+    if c["pseudo_labels"] != to_container_section(PseudoLabelsSection()):
+        what["pseudo_labels"] = c["pseudo_labels"]
+    return stable_hash(what)
 
 
 def to_container_section(section: Any) -> dict:

@@ -46,6 +46,8 @@ class DecodeSpec:
     crop: int
     resize: int
     max_pixels: int
+    mask_key: str = ""  # ground-truth label mask (e.g. "seg.png"), passed on as bytes
+    keep_image: bool = False  # pass the image's bytes on (dense-CRF refinement of label maps)
 
 
 def shard_name(url: str) -> str:
@@ -246,6 +248,7 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         "image": None, "orig_height": -1, "orig_width": -1,
         "resized_h": 0, "resized_w": 0, "crop_top": 0, "crop_left": 0, "crop_h": 0, "crop_w": 0,
         "label": -1, "label_error": "", "boxes_json": "", "boxes_error": "",
+        "image_bytes": b"", "gt_mask_bytes": b"",
         "shard_samples": -1, "shard_error": "", "status": "ok", "error": "",
     }
     if row.get("__error__"):  # the shard reader could not read this sample whole
@@ -263,6 +266,9 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
             out["boxes_json"] = json.dumps(parse_boxes(raw_boxes))
         except DecodeError as err:
             out["boxes_error"] = str(err)
+    raw_mask = _suffix_value(row, spec.mask_key) if spec.mask_key else None
+    if isinstance(raw_mask, (bytes, bytearray)):
+        out["gt_mask_bytes"] = bytes(raw_mask)
     data = None
     for k in spec.image_keys:
         data = _suffix_value(row, k)
@@ -285,6 +291,8 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         arr, geo = preprocess(img, spec.resize, spec.crop)
         out["image"] = arr
         out.update(geo)
+        if spec.keep_image:
+            out["image_bytes"] = bytes(data)
     except DecodeError as err:
         out["status"], out["error"] = "error", str(err)
     except Exception as err:  # noqa: BLE001 - never fail the batch on one sample
@@ -311,7 +319,7 @@ def marker_row(row: dict[str, Any]) -> dict[str, Any]:
         "sample_id": "", "shard": shard, "key": "", "image_file": "", "image": None,
         "orig_height": -1, "orig_width": -1, "resized_h": 0, "resized_w": 0, "crop_top": 0,
         "crop_left": 0, "crop_h": 0, "crop_w": 0, "label": -1, "label_error": "",
-        "boxes_json": "", "boxes_error": "",
+        "boxes_json": "", "boxes_error": "", "image_bytes": b"", "gt_mask_bytes": b"",
         "shard_samples": int(row.get("shard_samples", 0)),
         "shard_error": str(row.get("__error__") or ""),
         "status": SHARD_END, "error": "unreadable" if row.get("unreadable") else "",

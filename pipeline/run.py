@@ -22,6 +22,7 @@ from .config import (
     SalmapConfig,
     metric_specs,
     parse_targets,
+    pseudo_label_options,
     stable_hash,
     to_container,
 )
@@ -353,9 +354,11 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     mode, k = parse_targets(cfg.targets)
     model_metrics, post_metrics, curves = split_metrics(cfg)
     pre = preprocess_of(unit.model.source, unit.model.weights, unit.model.input_size)
+    labels = pseudo_label_options(cfg)
     decode = DecodeSpec(image_keys=tuple(cfg.input.image_keys), label_key=cfg.input.label_key,
                         boxes_key=cfg.input.boxes_key, crop=pre.crop, resize=pre.resize,
-                        max_pixels=cfg.input.max_pixels)
+                        max_pixels=cfg.input.max_pixels, mask_key=cfg.input.mask_key or "",
+                        keep_image=bool(labels["crf"]))
     spec = ActorSpec(
         model={"name": unit.model.name, "source": unit.model.source, "weights": unit.model.weights,
                "target_layer": unit.model.target_layer, "input_size": unit.model.input_size,
@@ -375,7 +378,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     write = WriteSpec(store_uri=store.uri, storage=cfg.storage, data_prefix=unit.data_prefix,
                       wave_of={shard_name(s): w.id for w in waves for s in w.shards},
                       post_metrics=post_metrics, curves=curves, metadata=metadata,
-                      map_dtype=cfg.run.map_dtype, unit_id=unit.id)
+                      map_dtype=cfg.run.map_dtype, unit_id=unit.id, labels=labels)
     gpus = gpus_per_actor(cfg)
     resources = {"num_gpus": gpus} if gpus > 0 else {"num_cpus": cfg.resources.cpus_per_actor}
     return UnitExecution(

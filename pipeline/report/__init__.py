@@ -31,6 +31,7 @@ from .page import (
     errors_section,
     gallery_section,
     header,
+    label_quality_section,
     page,
     summary_section,
 )
@@ -63,6 +64,19 @@ def _distribution_values(data: RunData, model: str) -> dict[str, dict[str, np.nd
     return out
 
 
+def _class_names(run: str, storage: Any):
+    """model -> class-name function (names of known pretrained models, else class_<id>)."""
+    def names(model: str):
+        try:
+            from ..export import namer
+
+            return namer(Store.open(run, storage), model, None)
+        except Exception:  # noqa: BLE001 - names are a convenience
+            return lambda c: f"class_{c}"
+
+    return names
+
+
 def render_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
                   cmap: str = "jet", side: int = 224) -> str:
     """The report's HTML text (see :func:`write_report` for the parameters)."""
@@ -81,6 +95,7 @@ def render_report(run: str, storage: Any = None, rank_by: str | None = None, per
     parts = [
         header(data),
         summary_section(data),
+        label_quality_section(data, _class_names(run, storage)),
         gallery_section(galleries, rank_label, data_uri(colorbar(cmap), "PNG"), cmap, photos.problems),
         curves_section(curve_charts, data.has_curves),
         distributions_section(dist_charts),
