@@ -1,9 +1,12 @@
-"""``salmap run | read | report | shards | sanity | init``, ``salmap --version``.
+"""``salmap run | read | report | export | shards | sanity | init``, ``salmap --version``.
 
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
 could not be completed, a missing shard among existing ones included (one line per failure is
-printed, and listed in manifest.json); 4 the run is locked by another driver.
+printed, and listed in manifest.json), or the run was interrupted (Ctrl-C or SIGTERM); 4 the run
+is locked by another driver. The start-up storage probe exits 1 when the endpoint does not
+answer (may be transient; a retry resumes) and 2 for credentials, permissions or a missing
+bucket; nothing was started either way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, load_config
+from .interrupt import interrupt_reason, sigterm_as_interrupt
 from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
+from .storage import StorageCheckError
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # demo.yaml, example.yaml
 
@@ -45,7 +50,7 @@ def _print_units(result, out=print) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .commit import LockHeld
+    from .lock import LockHeld, LockLost
     from .logs import StderrFilter, quiet_ray_logging
     from .run import run_job
 
@@ -61,8 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if noise is not None:
             noise.start()
-        result = run_job(cfg)
-    except LockHeld as err:
+        with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
+            result = run_job(cfg)
+    except (LockHeld, LockLost) as err:  # LockLost: another driver took the run over
         print(f"salmap: {err}", file=sys.stderr)
         return EXIT_LOCKED
     finally:
@@ -156,6 +162,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_run
+
+    try:
+        written = export_run(args.run, args.format, output=args.output, unit=args.unit,
+                             storage={"endpoint": args.endpoint} if args.endpoint else None,
+                             class_names=args.class_names)
+    except ExportError as err:
+        print(f"salmap: export: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for path in written:
+        print(f"{args.format}: {path}")
+    return EXIT_OK
+
+
 def cmd_shards(args: argparse.Namespace) -> int:
     from .shards import IMAGE_SUFFIXES, write_shards
 
@@ -228,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-samples", type=int, default=0,
                     help="at most this many samples in the gallery pages (default: every sample)")
     rp.set_defaults(func=cmd_report)
+    ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
+    ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
+    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
+    ex.add_argument("--output", help="folder or s3:// prefix (default <run>/export/<format>)")
+    ex.add_argument("--unit", help="<model>__<method> (default: every unit)")
+    ex.add_argument("--class-names", help="JSON list / object or text file (one name a line)")
+    ex.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
+    ex.set_defaults(func=cmd_export)
     sh = sub.add_parser("shards", help="turn an image folder into WebDataset shards")
     sh.add_argument("images", help="folder: class sub-folders, or flat with --labels")
     sh.add_argument("output", help="output folder or s3:// prefix")
@@ -263,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"salmap: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("salmap: interrupted; run the same command again to resume", file=sys.stderr)
+    except StorageCheckError as err:  # found before any work, nothing was started
+        print(f"salmap: storage error: {err}", file=sys.stderr)
+        # an endpoint that did not answer may come back (1: schedulers retry); credentials,
+        # permissions or a missing bucket need a person (2, like a config error)
+        return EXIT_INTERNAL if err.transient else EXIT_CONFIG
+    except KeyboardInterrupt as err:
+        print(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
+              "resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     except Exception as err:  # noqa: BLE001
         if os.environ.get("SALMAP_DEBUG"):

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .config import SalmapConfig
+from .interrupt import reassert_sigterm_handler
 
 
 def init_ray(cfg: SalmapConfig) -> None:
@@ -22,6 +23,7 @@ def init_ray(cfg: SalmapConfig) -> None:
                               "logging_level": logging.WARNING}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=False, logging_level=logging.WARNING)
+        reassert_sigterm_handler()  # ray.init replaced it with its own
         return
     kwargs["address"] = "local"  # a fresh local instance, never a cluster found by accident
     if cfg.ray.num_cpus:
@@ -29,6 +31,7 @@ def init_ray(cfg: SalmapConfig) -> None:
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     ray.init(**kwargs)
+    reassert_sigterm_handler()
 
 
 def configure_data_context(cfg: SalmapConfig) -> None:

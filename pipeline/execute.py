@@ -58,13 +58,7 @@ class _Decode:
         self.spec = spec
 
     def __call__(self, df):  # pandas block from _ReadShards
-        import pickle
-
-        rows = []
-        for r in df.to_dict("records"):
-            members = pickle.loads(r.pop("members")) if r.get("members") else {}
-            rows.append({**members, **r})
-        return decode_batch(rows, self.spec)
+        return decode_batch(df.to_dict("records"), self.spec)
 
 
 @dataclass
@@ -81,6 +75,7 @@ class WriteSpec:
     map_dtype: str = "float16"
     unit_id: str = ""
     extra: dict = field(default_factory=dict)
+    labels: dict | None = None  # pseudo_labels options (pipeline.config.pseudo_label_options)
 
 
 def part_name(unit_id: str, keys: list[tuple[str, int]]) -> str:
@@ -117,7 +112,8 @@ class _PostWrite:
                 by_wave.setdefault(spec.wave_of.get(shard, ""), []).append(i)
         for wave_id, rows in by_wave.items():
             table = post_batch(batch, spec.post_metrics, spec.curves,
-                               {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows)
+                               {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows,
+                               spec.labels)
             keys = list(zip(table.column("sample_id").to_pylist(),
                             table.column("shard").to_pylist(),
                             [-1 if t is None else t for t in table.column("target").to_pylist()],
@@ -131,6 +127,24 @@ class _PostWrite:
                         "error": "", "unreadable": False, "keys": json.dumps(keys)})
         return {c: np.array([r[c] for r in out], dtype=object) for c in
                 ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys")}
+
+
+def explainer_class(label_maps: bool) -> type:
+    """The actor class: :class:`workers.actor.Explainer`, or with label maps a subclass that
+    packs each sample's maps onto one of its rows (:func:`workers.metrics.label_maps.
+    attach_sample_maps`): the post stage's batches may split a sample's rows, one actor call
+    never does."""
+    from workers.actor import Explainer
+
+    if not label_maps:
+        return Explainer
+    from workers.metrics.label_maps import attach_sample_maps
+
+    class SampleMapsExplainer(Explainer):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return attach_sample_maps(super().__call__(batch))
+
+    return SampleMapsExplainer
 
 
 # -- the driver side -------------------------------------------------------------------------
@@ -156,8 +170,6 @@ def build_dataset(ex: UnitExecution):
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from workers.actor import Explainer
-
     shards = [s for w in ex.waves for s in w.shards]
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
@@ -171,7 +183,8 @@ def build_dataset(ex: UnitExecution):
     else:
         pool = ActorPoolStrategy(size=ex.actors,
                                  max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
-    ds = ds.map_batches(Explainer, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
+    actor = explainer_class(bool((ex.write.labels or {}).get("label_maps")))
+    ds = ds.map_batches(actor, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
                         batch_format="numpy", compute=pool, **ex.actor_resources)
     return ds.map_batches(_PostWrite(ex.write), batch_format="numpy", batch_size=POST_BATCH,
                           num_cpus=IO_TASK_CPUS)

@@ -20,7 +20,7 @@ from .storage import Store
 
 MAP_COLUMN = "saliency"
 # binary and map columns left out of printouts and of read_frame's default columns
-HEAVY_COLUMNS = ("saliency", "saliency_png", "pseudo_mask_png")
+HEAVY_COLUMNS = ("saliency", "saliency_png", "pseudo_mask_png", "label_map_png")
 
 
 class RunNotFound(ValueError):

@@ -6,28 +6,30 @@ execution (:mod:`pipeline.execute`) and commit its waves as they complete
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
 from .cluster import configure_data_context, gpus_per_actor, init_ray, units_that_fit
-from .commit import RunLock
 from .config import (
     ConfigError,
     SalmapConfig,
     metric_specs,
     parse_targets,
+    pseudo_label_options,
     stable_hash,
     to_container,
 )
 from .decode import DecodeSpec, shard_name
+from .errors import root_cause
 from .execute import UnitExecution, WriteSpec, run_unit
+from .interrupt import interrupt_reason, mark_interrupted
 from .ledger import (
     MANIFEST_KEY,
     PLAN_KEY,
@@ -37,9 +39,10 @@ from .ledger import (
     manifest,
     remove_uncommitted,
 )
+from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressLine
-from .storage import Store
+from .storage import Store, check_job_storage
 from .tracker import WaveTracker
 
 log = logging.getLogger("salmap")
@@ -58,6 +61,7 @@ class RunResult:
     report: str | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     import pyarrow
     import ray
@@ -107,7 +111,8 @@ def check_compatible(run_id: str, ledger: Ledger, plan: dict | None, cfg: Salmap
                 "original config to resume")
     if not any(t.waves for t in ledger.totals.values()):
         return
-    new_units = [u.id for u in units if not ledger.totals.get(u.id)]
+    planned = set((plan or {}).get("units", {}))
+    new_units = [u.id for u in units if not ledger.totals.get(u.id) and u.id not in planned]
     old_shards = set((plan or {}).get("shards", {})) | set(ledger.identity)
     new_shards = [shard_name(s) for s in shards if shard_name(s) not in old_shards]
     if (new_units or new_shards) and not cfg.run.extend:
@@ -176,6 +181,11 @@ class _Run:
     extra: dict = field(default_factory=dict)
     waves_total: int = 0
     waves_done: int = 0
+    stopping: threading.Event = field(default_factory=threading.Event)
+    public_config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
 
     def unit_info(self) -> dict[str, dict]:
         info = {u.id: {"model": u.model.name, "method": u.method.name,
@@ -192,7 +202,7 @@ class _Run:
 
     def manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
         units = units or self.unit_info()
-        return manifest(self.run_id, status, self.store.uri, _public_config(self.cfg),
+        return manifest(self.run_id, status, self.store.uri, self.public_config,
                         stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(),
                         self.ledger, units, self.shards_total, self.all_failures(), self.started,
                         self.extra)
@@ -205,7 +215,9 @@ class _Run:
     def commit(self, unit: Unit, record: dict) -> None:
         """One wave: its commit record, then the manifest (two PUTs)."""
         with self.commit_lock:
-            if self.lock is not None and hasattr(self.lock, "check"):
+            if self.stopping.is_set():  # interrupted: the lock is about to be released
+                raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
+            if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
             if record["shards"]:
                 self.ledger.commit(unit.id, record)
@@ -228,6 +240,7 @@ class _Run:
 def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     """Plan, execute pending work, commit; returns the outcome and the exit code."""
     run_id = resolve_run_id(cfg)
+    check_job_storage(cfg)  # a dead endpoint, bad credentials, a missing bucket: one line, fast
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{run_id}", cfg.storage)
     missing: list[str] = []
     identity: dict[str, dict] = {}
@@ -236,6 +249,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
     lock.acquire()
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
+    run: _Run | None = None
     try:
         previous = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else None
         if previous and previous.get("salmap_format", 1) < 2:
@@ -252,7 +266,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         if removed:
             out(f"salmap: removed {len(removed)} uncommitted wave folder(s) left by an "
                 "interrupted attempt")
-        _write_plan(store, plan_before, shards, identity)
+        _write_plan(store, plan_before, shards, identity, units)
         run = _Run(cfg, run_id, store, units, ledger, len({*(plan_before or {}).get("shards", {}),
                                                           *map(shard_name, shards)}),
                    [f"shard {shard_name(m)} is missing: {m} does not exist" for m in missing],
@@ -292,9 +306,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
             for unit, waves in todo:
                 _run_unit(run, unit, waves, identity, index)
         else:
-            with ThreadPoolExecutor(parallel, thread_name_prefix="salmap-unit") as pool:
-                for fut in [pool.submit(_run_unit, run, u, w, identity, index) for u, w in todo]:
-                    fut.result()
+            _run_units_in_threads(run, todo, parallel, identity, index)
         failures = run.all_failures()
         commits = load_commits(store)  # the records, read once more for the summaries
         info = add_summaries(store, run.unit_info(), commits)
@@ -306,21 +318,32 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         except Exception as err:  # noqa: BLE001 - a summary never fails a run
             m["win_percent_average_drop"] = {"error": f"{type(err).__name__}: {err}"}
         m["finished"] = time.time()
+        lock.check()
         store.write_json(MANIFEST_KEY, m)
         result.units, result.failures = m["units"], failures
         result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
         return result
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+        if run is not None:
+            with run.commit_lock:  # from here on no unit thread can commit
+                run.stopping.set()
+        mark_interrupted(store, interrupt_reason(err))
+        raise
     finally:
         lock.release()
 
 
-def _write_plan(store: Store, before: dict | None, shards: list[str], identity: dict) -> None:
-    """``_plan.json``: every shard the run has planned (this config's and earlier ones')."""
+def _write_plan(store: Store, before: dict | None, shards: list[str], identity: dict,
+                units: list[Unit]) -> None:
+    """``_plan.json``: every shard and unit the run has planned (this config's and earlier
+    ones'), so that a resumed run can tell new work from old."""
     planned = dict((before or {}).get("shards", {}))
     for s in shards:
         planned[shard_name(s)] = {"url": s, **identity.get(shard_name(s), {})}
-    if planned != (before or {}).get("shards"):
-        store.write_json(PLAN_KEY, {"shards": planned, "updated": time.time()})
+    planned_units = {**(before or {}).get("units", {}), **{u.id: u.config_hash for u in units}}
+    if planned != (before or {}).get("shards") or planned_units != (before or {}).get("units"):
+        store.write_json(PLAN_KEY, {"shards": planned, "units": planned_units,
+                                    "updated": time.time()})
 
 
 def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Store) -> UnitExecution:
@@ -332,14 +355,16 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     model_metrics, post_metrics, curves = split_metrics(cfg)
     pre = preprocess_of(unit.model.source, unit.model.weights, unit.model.input_size,
                         unit.model.mean, unit.model.std)
+    labels = pseudo_label_options(cfg)
     decode = DecodeSpec(image_keys=tuple(cfg.input.image_keys), label_key=cfg.input.label_key,
                         boxes_key=cfg.input.boxes_key, crop=pre.crop, resize=pre.resize,
-                        max_pixels=cfg.input.max_pixels)
+                        max_pixels=cfg.input.max_pixels, mask_key=cfg.input.mask_key or "",
+                        keep_image=bool(labels["crf"]))
     spec = ActorSpec(
         model={"name": unit.model.name, "source": unit.model.source, "weights": unit.model.weights,
                "target_layer": unit.model.target_layer, "input_size": unit.model.input_size,
-               "arch": unit.model.arch, "params": dict(unit.model.params),
-               "mean": unit.model.mean, "std": unit.model.std},
+               "arch": unit.model.arch, "reshape": unit.model.reshape,
+               "params": dict(unit.model.params), "mean": unit.model.mean, "std": unit.model.std},
         method=unit.method.name, method_params=dict(unit.method.params), targets=mode, topk=k,
         metrics=model_metrics, precision=cfg.resources.precision,
         channels_last=cfg.resources.channels_last, compile=cfg.resources.compile,
@@ -355,7 +380,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     write = WriteSpec(store_uri=store.uri, storage=cfg.storage, data_prefix=unit.data_prefix,
                       wave_of={shard_name(s): w.id for w in waves for s in w.shards},
                       post_metrics=post_metrics, curves=curves, metadata=metadata,
-                      map_dtype=cfg.run.map_dtype, unit_id=unit.id)
+                      map_dtype=cfg.run.map_dtype, unit_id=unit.id, labels=labels)
     gpus = gpus_per_actor(cfg)
     resources = {"num_gpus": gpus} if gpus > 0 else {"num_cpus": cfg.resources.cpus_per_actor}
     return UnitExecution(
@@ -364,6 +389,40 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
         actors=cfg.resources.actors_per_unit, actor_resources=resources,
         max_tasks_in_flight_per_actor=cfg.resources.max_tasks_in_flight_per_actor,
         decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage)
+
+
+def _run_units_in_threads(run: _Run, todo: list[tuple[Unit, list[Wave]]], parallel: int,
+                          identity: dict, index: dict) -> None:
+    """Several units at once, each its own execution and actor pool (several devices busy).
+
+    Daemon threads: on Ctrl-C / SIGTERM the main thread stops further commits and exits
+    without waiting for a long batch to end (the uncommitted waves are redone on resume).
+    """
+    queue = list(todo)
+    errors: list[BaseException] = []
+    qlock = threading.Lock()
+
+    def worker() -> None:
+        while not run.stopping.is_set():
+            with qlock:
+                if not queue:
+                    return
+                unit, waves = queue.pop(0)
+            try:
+                _run_unit(run, unit, waves, identity, index)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(err)
+                return
+
+    threads = [threading.Thread(target=worker, name=f"salmap-unit-{i}", daemon=True)
+               for i in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)  # short joins keep the main thread responsive to signals
+    if errors:
+        raise errors[0]
 
 
 MAX_ATTEMPTS = 2  # a unit's execution is retried once for its uncommitted waves
@@ -387,6 +446,8 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         try:
             run_unit(ex, tracker, on_commit, lambda n, base=base: progress.update(base + n))
             break
+        except LockLost:
+            raise  # another driver owns the run now: stop everything, commit nothing more
         except Exception as err:  # noqa: BLE001 - reported with its root cause below
             reason = root_cause(err)
             waves = tracker.pending()
@@ -403,20 +464,6 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
                           f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}")
             break
     progress.finish()
-
-
-def root_cause(err: BaseException) -> str:
-    """The innermost error behind Ray's wrappers, as ``Type: message`` on one line."""
-    from .shard_reader import describe
-
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    return describe(err)
 
 
 def add_summaries(store: Store, units: dict[str, dict], commits: dict) -> dict[str, dict]:

@@ -55,7 +55,7 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
     records = []
     for mcfg in cfg.models:
         loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch,
-                            mcfg.params, mcfg.mean, mcfg.std)
+                            mcfg.params, mcfg.mean, mcfg.std, reshape=mcfg.reshape)
         p = loaded.preprocess
         spec = DecodeSpec(tuple(cfg.input.image_keys), cfg.input.label_key, cfg.input.boxes_key,
                           p.crop, p.resize, cfg.input.max_pixels)

@@ -51,11 +51,13 @@ class WaveTracker:
         self.last_commit = clock()
         self.waves: dict[str, _WaveState] = {}
         self.shard_of: dict[str, str] = {}  # shard name -> wave id
+        self.order = {w.id: i for i, w in enumerate(waves)}
         for w in waves:
             names = [shard_name(s) for s in w.shards]
             self.waves[w.id] = _WaveState(w, {n: _ShardState() for n in names})
             self.shard_of.update({n: w.id for n in names})
         self.done: set[str] = set()
+        self.touched: set[str] = set()  # waves that got news since the last ready()
         self.samples_written = 0
 
     def _shard(self, shard: str) -> tuple[_WaveState, _ShardState]:
@@ -88,10 +90,12 @@ class WaveTracker:
             raise ReconcileError(f"{self.unit_id}: file {path} holds rows of several waves")
         for wave_id in waves:
             self.waves[wave_id].files.append(path)
+        self.touched |= waves
 
     def add_marker(self, shard: str, samples: int, error: str = "", unreadable: bool = False) -> None:
         """A shard-end marker: the shard held ``samples`` samples (or could not be opened)."""
-        _, s = self._shard(shard)
+        w, s = self._shard(shard)
+        self.touched.add(w.wave.id)
         if s.expected is not None:
             raise ReconcileError(f"{self.unit_id}: shard {shard!r} ended twice")
         s.expected = int(samples)
@@ -119,7 +123,9 @@ class WaveTracker:
     def ready(self) -> list[dict]:
         """Commit records of the waves that just became complete (each handed out once)."""
         out = []
-        for wave_id, w in self.waves.items():
+        touched, self.touched = self.touched, set()
+        for wave_id in sorted(touched, key=self.order.__getitem__):
+            w = self.waves[wave_id]
             if wave_id in self.done or not self._complete(w):
                 continue
             self.done.add(wave_id)

@@ -71,10 +71,15 @@ def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_clust
     corpus = bad_input_samples()
     write_shard(folder / "bad-000000.tar", [{"__key__": k, **m} for k, (m, _) in corpus.items()])
     good = make_shards(n_shards=1, per_shard=2, folder=folder, prefix="good")
-    # a shard whose tar is cut in the middle of its second member
-    write_shard(folder / "cut-000000.tar", [{"__key__": f"c{i}", "jpg": jpeg_bytes(i, (64, 64))} for i in range(3)])
+    # a shard whose tar is cut in the middle of its second sample
+    write_shard(folder / "cut-000000.tar",
+                [{"__key__": f"c{i}", "jpg": jpeg_bytes(i, (64, 64)), "cls": b"1"} for i in range(3)])
     data = (folder / "cut-000000.tar").read_bytes()
-    (folder / "cut-000000.tar").write_bytes(data[: 512 + 1024 + 700])
+    import tarfile
+
+    with tarfile.open(folder / "cut-000000.tar") as tar:
+        second = tar.getmember("c1.jpg")
+    (folder / "cut-000000.tar").write_bytes(data[: second.offset_data + 700])
     job = tmp_path / "job.yaml"
     job.write_text(small_config(
         [str(folder / "bad-000000.tar"), good[0], str(folder / "cut-000000.tar"),
@@ -100,9 +105,15 @@ def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_clust
     assert (df[df.shard == "good-000000"].status == "ok").sum() == 2
     manifest = json.loads((tmp_path / "out" / "t" / "manifest.json").read_text())
     failed = " ".join(manifest["failures"])
-    cut_rows = int((df.shard == "cut-000000").sum())
-    # the truncated shard: either its readable samples are processed, or it is reported by name
-    assert "cut-000000" in failed or cut_rows >= 1
+    # the truncated shard: the sample before the cut is explained, the cut one is an error row,
+    # and the shard is reported failed with the root cause (not Ray's retry hint)
+    cut = df[df.shard == "cut-000000"].set_index("key")
+    assert sorted(cut.index) == ["c0", "c1"]
+    assert cut.loc["c0", "status"] == "ok" and cut.loc["c1", "status"] == "error"
+    assert "unexpected end of data" in cut.loc["c1", "error"]
+    assert "cut-000000" in failed and "tarfile.ReadError: unexpected end of data" in failed
+    assert "retried_io_errors" not in failed + stderr
+    assert "tarfile.ReadError: unexpected end of data" in stderr  # on the console too
     assert "gone-000000" in failed
     assert manifest["status"] == "incomplete"
 

@@ -43,13 +43,13 @@ def test_local_job_rows_maps_and_same_rows_as_in_process(tmp_path, make_shards, 
     assert df.groupby(["sample_id", "method"]).size().eq(1).all()
     # readable by plain pyarrow and pandas without salmap, maps finite with the documented shape
     for method, shape in (("gradient", (64, 64)), ("gradcam", (2, 2))):
-        unit_dir = run / "data" / "model=r18" / f"method={method}"
+        unit_dir = run / "data" / "r18" / method
         table = pads.dataset(str(unit_dir), format="parquet", partitioning=None).to_table()
         maps = table.column("saliency").combine_chunks().to_numpy_ndarray()
         assert maps.shape == (6, *shape) and np.isfinite(maps).all()
         assert len(pd.read_parquet(unit_dir)) == 6
         names = {f.name for f in unit_dir.rglob("*.parquet")}
-        assert names and all(re.fullmatch(r"part-\d{6}(-\d+)?\.parquet", n) for n in names), names
+        assert names and all(re.fullmatch(r"part-[0-9a-f]{20}\.parquet", n) for n in names), names
         meta = pq.read_metadata(next(unit_dir.rglob("*.parquet"))).metadata
         assert b"salmap.config" in meta and b"salmap.versions" in meta
     # the multi-node run gives the rows an in-process loop gives
@@ -123,7 +123,9 @@ def upload(endpoint: str, bucket: str, files: list[str], prefix: str) -> list[st
 def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     shards = make_shards(n_shards=2, per_shard=2)
     upload(s3_server, "data", shards, "wds")
-    job = _job(tmp_path, ["s3://data/wds/shard-{000000..000001}.tar"], "s3://data/runs",
+    local = make_shards(n_shards=1, per_shard=2, folder=tmp_path / "local", prefix="local")
+    # one wave mixes S3 and local shards: each read task opens its own filesystem
+    job = _job(tmp_path, ["s3://data/wds/shard-{000000..000001}.tar", local[0]], "s3://data/runs",
                storage={"endpoint": s3_server, "region": "us-east-1"})
     # the config itself from an s3:// URL, as a cluster entrypoint reads it
     (config_url,) = upload(s3_server, "data", [str(job)], "configs")
@@ -131,7 +133,13 @@ def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     result = run_job(cfg, out=lambda *a: None)
     assert result.exit_code == EXIT_OK
     df = read_run("s3://data/runs/t", storage={"endpoint": s3_server}).to_table().to_pandas()
-    assert len(df) == 4 * 2 and (df.status == "ok").all()
+    assert len(df) == 6 * 2 and (df.status == "ok").all()
+    assert set(df.shard) == {"shard-000000", "shard-000001", "local-000000"}
+    from pipeline.ledger import load_commits
+    from pipeline.storage import Store
+
+    commits = load_commits(Store.open("s3://data/runs/t", {"endpoint": s3_server}))
+    assert all(len(waves) == 1 for waves in commits.values())  # one wave per unit, no failures
     manifest = __import__("pipeline.storage", fromlist=["Store"]).Store.open(
         "s3://data/runs/t", {"endpoint": s3_server}).read_bytes("manifest.json")
     assert SECRET.encode() not in manifest
@@ -213,3 +221,35 @@ def test_units_in_parallel_is_capped_to_what_the_cluster_holds(ray_session):
     cpus = int(ray_session.cluster_resources()["CPU"])
     assert units_that_fit(cfg, 8) == cpus - 1  # one actor CPU per unit, one CPU left for reads
     assert units_that_fit(cfg, 2) == min(2, cpus - 1)
+
+
+def test_a_shard_rewritten_under_the_same_name_is_never_skipped(tmp_path, ray_cluster):
+    """`salmap shards` again after adding a photo, then the same run.id: a config error naming
+    the shard and both ways out; with run.extend=true the shard is redone, new photo included."""
+    import time as _time
+
+    from conftest import jpeg_bytes, write_shard
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    shard = folder / "photos-000000.tar"
+    write_shard(shard, [{"__key__": f"p{i}", "jpg": jpeg_bytes(i)} for i in range(2)])
+    other = folder / "photos-000001.tar"
+    write_shard(other, [{"__key__": "q0", "jpg": jpeg_bytes(9)}])
+    job = _job(tmp_path, [str(shard), str(other)], str(tmp_path / "out"),
+               methods=[{"name": "gradcam"}])
+    cfg = load_config(str(job), [f"ray.address={ray_cluster}"])
+    assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK
+    _time.sleep(0.05)  # a later modification time, as a re-run of `salmap shards` gives
+    write_shard(shard, [{"__key__": f"p{i}", "jpg": jpeg_bytes(i)} for i in range(3)])
+    proc = _cli("run", str(job), f"ray.address={ray_cluster}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "photos-000000 changed since it was committed" in proc.stderr
+    assert "new run.id" in proc.stderr and "run.extend=true" in proc.stderr
+    said: list[str] = []
+    cfg = load_config(str(job), [f"ray.address={ray_cluster}", "run.extend=true"])
+    assert run_job(cfg, out=said.append).exit_code == EXIT_OK
+    assert any("withdrawn and redone" in s for s in said)
+    df = read_run(str(tmp_path / "out" / "t")).to_table(columns=["sample_id"]).to_pandas()
+    assert sorted(df.sample_id) == ["photos-000000/p0", "photos-000000/p1", "photos-000000/p2",
+                                    "photos-000001/q0"]

@@ -19,10 +19,12 @@ from pipeline.schema import output_schema
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-TOP_LEVEL = ("run", "ray", "input", "storage", "models", "methods", "targets", "metrics", "resources")
+TOP_LEVEL = ("run", "ray", "input", "storage", "models", "methods", "targets", "metrics",
+             "pseudo_labels", "resources")
 SECTIONS = {
     "run": config_module.RunSection, "ray": config_module.RaySection,
     "input": config_module.InputSection, "storage": config_module.StorageSection,
+    "pseudo_labels": config_module.PseudoLabelsSection,
     "resources": config_module.ResourcesSection,
 }
 LISTS = {"models": config_module.ModelSection, "methods": config_module.MethodSection}

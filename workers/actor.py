@@ -3,7 +3,8 @@
 Ray Data instantiates :class:`Explainer` once per actor (the model loads once) and calls it
 on batches of decoded samples. Each call returns one row per (sample, target); a sample that
 cannot be explained becomes an error row instead of failing the batch. Out-of-memory splits
-the batch in half and retries, down to one sample.
+the batch in half and retries, down to one sample; any other error fails the call's samples
+once (error rows with the reason), without retries.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _annotation_note(batch: dict[str, np.ndarray], i: int, targets: str) -> str:
 class ActorSpec:
     """Everything an actor needs, as plain data (it is pickled to every actor)."""
 
-    model: dict[str, Any]  # name, source, weights, target_layer, input_size, arch
+    model: dict[str, Any]  # name, source, weights, target_layer, input_size, arch, reshape
     method: str
     method_params: dict[str, Any] = field(default_factory=dict)
     targets: str = "predicted"  # predicted | label | all_labels | topk
@@ -89,7 +90,8 @@ class Explainer:
         m = spec.model
         self.loaded: LoadedModel = loaded if loaded is not None else load_model(
             m["source"], m.get("weights"), m.get("target_layer"), m.get("input_size"), m.get("arch"),
-            m.get("params"), m.get("mean"), m.get("std"))
+            m.get("params"), m.get("mean"), m.get("std"), reshape=m.get("reshape"),
+        )
         self.model = self.loaded.model.to(self.device)
         if spec.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -98,6 +100,8 @@ class Explainer:
         cls = method_registry.get_class(spec.method)
         if cls.uses_target_layer:
             params.setdefault("target_layer", self.loaded.target_layer)
+            if self.loaded.reshape is not None:
+                params.setdefault("reshape", self.loaded.reshape)
         self.method = method_registry.build(spec.method, self.model, **params)
         p = self.loaded.preprocess
         self.mean = torch.tensor(p.mean, device=self.device).view(1, 3, 1, 1)
@@ -140,15 +144,11 @@ class Explainer:
         crop = self.loaded.preprocess.crop
         if not self.method.uses_target_layer:
             return (crop, crop)
-        from .methods.layers import capture_output, resolve_layer
-
-        _, layer = resolve_layer(self.model, getattr(self.method, "target_layer_name", None)
-                                 or self.spec.method_params.get("target_layer")
-                                 or self.loaded.target_layer)
+        # the method's own view of its layer: a token or channels-last output laid on its grid
         x = torch.zeros(1, 3, crop, crop, device=self.device)
-        with torch.no_grad(), capture_output(layer) as cap:
-            self.model(x)
-        return tuple(cap.activation.shape[-2:])  # type: ignore[union-attr]
+        with torch.no_grad():
+            _, act = self.method.layer_forward(x, cut_graph=False)  # type: ignore[attr-defined]
+        return tuple(act.shape[-2:])
 
     # -- per batch ---------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,15 +178,22 @@ class Explainer:
         return x
 
     def _explain_indices(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
+        """Explain samples ``idx``; out of memory splits them in half and retries (down to one
+        sample). Any other error is taken as deterministic: every sample of the call gets an
+        error row with the reason, once, instead of 2n-1 calls that fail the same way."""
         try:
             return self._explain(batch, idx)
         except Exception as err:  # noqa: BLE001
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if not is_oom(err):
+                what = "" if len(idx) == 1 else f" on a batch of {len(idx)} samples"
+                message = " ".join(str(err).split())
+                reason = f"{self.spec.method} failed{what}: {type(err).__name__}: {message}"
+                return [self._error_row(batch, i, reason, target=None) for i in idx]
             if len(idx) == 1:
                 reason = ("out of memory even for a single sample; lower resources.batch_size or "
-                          "inner_batch_size, or use a bigger device" if is_oom(err)
-                          else f"{self.spec.method} failed: {type(err).__name__}: {err}")
+                          "inner_batch_size, or use a bigger device")
                 return [self._error_row(batch, idx[0], reason, target=None)]
             half = len(idx) // 2
             return self._explain_indices(batch, idx[:half]) + self._explain_indices(batch, idx[half:])

@@ -37,6 +37,7 @@ class LoadedModel:
     preprocess: Preprocess
     target_layer: str
     info: dict = field(default_factory=dict)
+    reshape: str | None = None  # the CAM target layer's output layout (None: auto)
 
 
 def torchvision_names() -> list[str]:
@@ -57,7 +58,9 @@ def _torchvision(arch: str, weights: str | None) -> tuple[nn.Module, Preprocess 
         # random weights, but the same on every actor and every run (seeded)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return tvm.get_model(arch, weights=None), None
+            model = tvm.get_model(arch, weights=None)
+            redraw_zero_heads(model)
+            return model, None
     try:
         enum = tvm.get_model_weights(arch)
         w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
@@ -71,6 +74,23 @@ def _torchvision(arch: str, weights: str | None) -> tuple[nn.Module, Preprocess 
     crop = int(tf.crop_size[0])
     resize = int(tf.resize_size[0])
     return model, Preprocess(crop=crop, resize=resize, mean=tuple(tf.mean), std=tuple(tf.std))
+
+
+def redraw_zero_heads(model: nn.Module, std: float = 0.02) -> list[str]:
+    """Give ``nn.Linear`` layers initialised to all-zero weights a truncated-normal draw.
+
+    torchvision zero-initialises ViT's classification head (it is meant to be fine-tuned):
+    with random weights every logit would be 0 and every saliency map 0 or constant. The
+    draw (std 0.02, the init of ViT's other linear layers) uses the caller's RNG, seeded in
+    :func:`load_model`. Returns the names of the layers redrawn.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not module.weight.detach().any():
+            with torch.no_grad():
+                nn.init.trunc_normal_(module.weight, std=std)
+            names.append(name)
+    return names
 
 
 def load_state_dict_file(path: str) -> dict:
@@ -110,6 +130,7 @@ def load_model(
     params: dict | None = None,
     mean: tuple[float, ...] | list[float] | None = None,
     std: tuple[float, ...] | list[float] | None = None,
+    reshape: str | None = None,
 ) -> LoadedModel:
     """Build a model in eval mode with frozen parameters, plus its preprocessing.
 
@@ -117,9 +138,18 @@ def load_model(
     ``none``), ``file:<path>`` (state dict for torchvision architecture ``arch``),
     ``efficientnet_lite0``, or ``package.module:callable`` (called with ``params`` as keyword
     arguments; ``weights``: a state-dict file, or ``DEFAULT`` / ``none`` for the model as the
-    factory returns it). ``mean``/``std`` replace the normalisation of any source.
+    factory returns it). ``weights: none`` gives seeded random weights, with
+    zero-initialised heads redrawn (:func:`redraw_zero_heads`). ``mean``/``std`` replace the
+    normalisation of any source. ``reshape``: the CAM target layer's output layout
+    (:mod:`workers.methods.reshape`).
     """
     from .methods.layers import resolve_layer
+    from .methods.reshape import check_reshape
+
+    try:
+        check_reshape(reshape)
+    except ValueError as err:
+        raise ModelError(f"model reshape: {err}") from None
 
     preprocess: Preprocess | None = None
     if source.startswith("torchvision:"):
@@ -164,4 +194,4 @@ def load_model(
     model.requires_grad_(False)
     layer_name, _ = resolve_layer(model, target_layer)
     return LoadedModel(model=model, preprocess=preprocess, target_layer=layer_name,
-                       info={"source": source, "weights": weights})
+                       info={"source": source, "weights": weights}, reshape=reshape)

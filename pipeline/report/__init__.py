@@ -35,6 +35,7 @@ from .page import (
     gallery_page_header,
     gallery_section,
     header,
+    label_quality_section,
     page,
     page_name,
     per_class_section,
@@ -68,6 +69,19 @@ def _distribution_values(data: RunData, model: str) -> dict[str, dict[str, np.nd
                 per[u.method] = v[np.isfinite(v)]
         out[metric] = per
     return out
+
+
+def _class_names(run: str, storage: Any):
+    """model -> class-name function (names of known pretrained models, else class_<id>)."""
+    def names(model: str):
+        try:
+            from ..export import namer
+
+            return namer(Store.open(run, storage), model, None)
+        except Exception:  # noqa: BLE001 - names are a convenience
+            return lambda c: f"class_{c}"
+
+    return names
 
 
 def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
@@ -108,6 +122,7 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
         summary_section(data),
         gallery_section(galleries, rank_label, legends, cmap, photos.problems, len(pages),
                         None, signed, capped),
+        label_quality_section(data, _class_names(run, storage)),
         per_class_section(data),
         curves_section(curve_charts, data.has_curves),
         distributions_section(dist_charts),

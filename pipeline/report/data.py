@@ -52,6 +52,7 @@ class UnitData:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     read_error: str = ""
+    label_quality: dict[str, Any] | None = None  # pipeline.summary.label_quality, per class
 
     @property
     def signed(self) -> bool:
@@ -99,6 +100,7 @@ def load_run(run: str, storage: Any = None) -> RunData:
         u.summary = _summary(u, metrics)
         if u.dataset is not None:
             u.curves = curve_stats(u.dataset)
+            u.label_quality = label_quality_of(u.dataset)
     return RunData(uri=run, manifest=manifest, units=units, metrics=metrics,
                    has_curves=any(u.curves for u in units),
                    classes=class_names(dict(manifest.get("config") or {}), storage))
@@ -146,6 +148,22 @@ def _summary(unit: UnitData, metrics: list[str]) -> dict[str, dict]:
     for m in computed:
         out[m] = bootstrap_mean(_float_values(unit.rows[m]))
     return out
+
+
+def label_quality_of(dataset: pads.Dataset) -> dict[str, Any] | None:
+    """Pseudo-label quality against the ground truth the rows carry, or None. Reads the
+    ground-truth columns first: runs without box or mask ground truth import nothing more
+    (the computation lives with the torch-based metrics)."""
+    names = dataset.schema.names
+    probe = [c for c in ("gt_box_count", "label_map_quality") if c in names]
+    if not probe:
+        return None
+    t = dataset.to_table(columns=probe)
+    if all(t.column(c).null_count == t.num_rows for c in probe):
+        return None
+    from ..summary import QUALITY_COLUMNS, label_quality
+
+    return label_quality(dataset.to_table(columns=[c for c in QUALITY_COLUMNS if c in names]))
 
 
 def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:

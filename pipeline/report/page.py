@@ -97,7 +97,7 @@ def header(data: RunData, generated_s: float | None = None) -> str:
         f"{m.get('shards_total', len(m.get('shards') or []))} shard(s)</p>"
         f"<p>started {_when(m.get('started'))} · finished {_when(m.get('finished'))}</p>"
         "<nav><a href='#summary'>Summary</a><a href='#gallery'>Gallery</a>"
-        "<a href='#per-class'>Per class</a><a href='#curves'>Curves</a>"
+        "<a href='#labels'>Pseudo-labels</a><a href='#per-class'>Per class</a><a href='#curves'>Curves</a>"
         "<a href='#distributions'>Distributions</a><a href='#errors'>Errors</a>"
         "<a href='#config'>Config</a></nav></header>"
     )
@@ -154,6 +154,82 @@ def summary_section(data: RunData) -> str:
         + (f"<p class=note>Not computed in this run: {escape(', '.join(not_computed))}.</p>"
            if not_computed else "") + notes + "</section>"
     )
+
+
+def label_quality_section(data: RunData, names: Any = None) -> str:
+    """Pseudo-label quality per unit (box precision / recall, label-map mIoU and coverage),
+    with a per-class table each; ``names(model)`` gives a class-name function."""
+    units = [u for u in data.units if u.label_quality]
+    head = ("<section id=labels><h2>Pseudo-label quality</h2>")
+    if not units:
+        return (head + "<p class=note>No ground truth to score the pseudo-labels against: box "
+                "quality needs the <code>pseudo_box</code> metric and <code>.json</code> boxes in "
+                "the shards; label-map quality needs <code>pseudo_labels.label_maps: true</code> "
+                "and ground-truth masks (<code>input.mask_key</code>, e.g. "
+                "<code>seg.png</code>).</p></section>")
+    cols = [("boxes", "precision", "box precision"), ("boxes", "recall", "box recall"),
+            ("boxes", "precision_class_mean", "precision, class mean"),
+            ("boxes", "recall_class_mean", "recall, class mean"),
+            ("masks", "miou", "label-map mIoU"), ("masks", "miou_foreground", "mIoU w/o background"),
+            ("masks", "coverage", "coverage")]
+    best: dict[tuple[str, str, str], float] = {}
+    for u in units:
+        for part, key, _ in cols:
+            v = ((u.label_quality or {}).get(part) or {}).get(key)
+            if v is not None and key != "coverage":
+                k = (u.model, part, key)
+                best[k] = max(best.get(k, v), v)
+    rows = []
+    for u in units:
+        q = u.label_quality or {}
+        cells = [f"<td>{escape(u.model)}</td><td>{escape(u.method)}</td>"]
+        for part, key, _ in cols:
+            v = (q.get(part) or {}).get(key)
+            top = v is not None and sum(1 for w in units if w.model == u.model) > 1 and \
+                best.get((u.model, part, key)) == v
+            cells.append(f"<td class='num{' best' if top else ''}'>{fmt(v)}</td>")
+        b, m = q.get("boxes") or {}, q.get("masks") or {}
+        cells.append(f"<td class=num>{b.get('gt_boxes', '–')}</td>"
+                     f"<td class=num>{m.get('images', '–')}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    iou = next(((u.label_quality or {}).get("boxes") or {}).get("iou") for u in units)
+    th = "".join(f"<th>{escape(label)}</th>" for _, _, label in cols)
+    out = [head,
+           "<p class=note>Scored against the ground truth the shards carry. Boxes: a pseudo box "
+           f"is correct when its IoU with a ground-truth box of its class is at least "
+           f"{fmt(iou, 2) if iou is not None else '0.5'}; precision over the pseudo boxes made on "
+           "annotated images, recall over the ground-truth boxes of the explained classes. Label "
+           "maps: intersection and union per class summed over the dataset, over the pixels "
+           "neither side ignores (background counts as a class); coverage is the share of "
+           "ground-truth pixels the label maps do not ignore. The best value per model is "
+           "highlighted.</p>",
+           "<div class=scroll><table id=label-quality-table><thead><tr><th>model</th>"
+           f"<th>method</th>{th}<th>ground-truth boxes</th><th>images with masks</th></tr>"
+           f"</thead><tbody>{''.join(rows)}</tbody></table></div>"]
+    for u in units:
+        out.append(_per_class(u, names(u.model) if names else (lambda c: f"class_{c}")))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _per_class(u: Any, name: Any) -> str:
+    q = u.label_quality or {}
+    boxes = (q.get("boxes") or {}).get("per_class") or {}
+    masks = (q.get("masks") or {}).get("per_class") or {}
+    classes = sorted({int(c) for c in (*boxes, *masks)})
+    body = []
+    for c in classes:
+        b, m = boxes.get(str(c)) or {}, masks.get(str(c)) or {}
+        label = "background" if c == -1 else name(c)
+        body.append(f"<tr><td class=num>{c if c >= 0 else '–'}</td><td>{escape(str(label))}</td>"
+                    f"<td class=num>{fmt(b.get('precision'))}</td>"
+                    f"<td class=num>{fmt(b.get('recall'))}</td>"
+                    f"<td class=num>{b.get('tp', '–')} / {b.get('pseudo_boxes', '–')} / "
+                    f"{b.get('gt_boxes', '–')}</td><td class=num>{fmt(m.get('iou'))}</td></tr>")
+    return (f"<details><summary>{escape(u.id)}: per class ({len(classes)})</summary>"
+            "<table class=label-classes><thead><tr><th>class</th><th>name</th><th>box precision</th>"
+            "<th>box recall</th><th>matched / pseudo / ground-truth boxes</th><th>mask IoU</th>"
+            f"</tr></thead><tbody>{''.join(body)}</tbody></table></details>")
 
 
 def _mul(v: Any, k: float) -> float | None:

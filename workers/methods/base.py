@@ -48,6 +48,9 @@ class Method(abc.ABC):
     progress: Callable[[float], None] | None = None
 
     def __init__(self, model: nn.Module) -> None:
+        from .compat import check_model
+
+        check_model(self.name, model)  # a method without rules for this model fails here
         self.model = model
 
     def __call__(self, images: Tensor, targets: Tensor | list[int]) -> Tensor:

@@ -2,8 +2,10 @@
 
 The CAM methods differ only in how they weigh the target layer's channels, so each of them
 subclasses :class:`CAMMethod` and implements :meth:`CAMMethod.weights`. Maps come back at the
-target layer's native resolution ``[B, u, v]``, raw (no upsampling, no min-max scaling): the
-pipeline upsamples and scales them afterwards.
+target layer's native resolution ``[B, u, v]`` (a transformer's patch grid: 14x14 for ViT-B/16
+at 224 px), raw (no upsampling, no min-max scaling): the pipeline upsamples and scales them
+afterwards. Token and channels-last outputs become ``[B, K, u, v]`` grids by
+:mod:`workers.methods.reshape`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from .base import Method, MethodError, target_scores
 from .layers import capture_output, resolve_layer
+from .reshape import channels_last_default, check_reshape, to_grid
 
 
 class CAMMethod(Method):
@@ -21,13 +24,18 @@ class CAMMethod(Method):
     ``w`` is ``[B, K]`` (one weight per channel) or ``[B, K, u, v]`` (one per position).
     Gradients flow only from the target logit down to the target layer (the capture cuts the
     graph there), so the input never requires grad and nothing below the layer is touched.
+    ``reshape`` (``None``/"auto", "nchw", "nhwc", "tokens"): the target layer's output layout,
+    see :mod:`workers.methods.reshape`.
     """
 
     uses_target_layer = True
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None,
+                 reshape: str | None = None) -> None:
         super().__init__(model)
         self.target_layer_name, self.target_layer = resolve_layer(model, target_layer)
+        self.reshape = check_reshape(reshape)
+        self._prefer_nhwc = channels_last_default(model)
         self._calls_per_forward: int | None = None  # the target layer's calls per forward
 
     # -- what each method supplies ------------------------------------------------------
@@ -41,12 +49,23 @@ class CAMMethod(Method):
         return combine(self.weights(acts, grads), acts)
 
     def layer_forward(self, x: Tensor, *, cut_graph: bool) -> tuple[Tensor, Tensor]:
-        """Forward ``x``; return ``(logits, activation of the target layer's last call)``.
+        """Forward ``x``; return ``(logits, the target layer's last output as [B,K,u,v])``."""
+        logits, act = self._forward_capture(x, cut_graph=cut_graph)
+        return logits, self.grid(act, x)
+
+    def grid(self, out: Tensor, x: Tensor) -> Tensor:
+        """The target layer's output (or the gradient there) for input ``x`` as ``[B,K,u,v]``."""
+        return to_grid(out, self.reshape, batch=x.shape[0], size=tuple(x.shape[-2:]),
+                       prefer_nhwc=self._prefer_nhwc,
+                       where=f"{self.name}: target layer {self.target_layer_name!r}")
+
+    def _forward_capture(self, x: Tensor, *, cut_graph: bool) -> tuple[Tensor, Tensor]:
+        """Forward ``x``; return ``(logits, the target layer's last output as it is)``.
 
         The rest of the network runs on a copy of the captured output, so an in-place
         operation right after the layer (``ReLU(inplace=True)`` after a conv, ``+=``) cannot
         alter the captured activation or break the cut graph. Raises :class:`MethodError`
-        naming the layer when it is never called or does not give a ``[B,K,u,v]`` tensor.
+        naming the layer when it is never called or does not output a tensor.
         """
 
         def shield(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor | None:
@@ -78,20 +97,18 @@ class CAMMethod(Method):
                 f"{self.name}: target layer {self.target_layer_name!r} was not called in the "
                 "forward pass"
             )
-        if act.dim() != 4 or act.shape[0] != x.shape[0]:
-            raise MethodError(
-                f"{self.name}: target layer {self.target_layer_name!r} outputs shape "
-                f"{tuple(act.shape)}; CAM methods need a [B, K, u, v] feature map"
-            )
         return logits, act
 
     def activations_and_gradients(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``A`` and ``dS_t/dA`` at the target layer, both float32 ``[B,K,u,v]``, detached.
 
         The backward is seeded with the sum of each sample's own target logit, so the
-        samples of a batch stay independent (eval mode).
+        samples of a batch stay independent (eval mode). The gradient is taken at the layer's
+        own output and laid out on the grid the same way as the activation.
         """
-        logits, act = self.layer_forward(images.detach(), cut_graph=True)
+        images = images.detach()
+        logits, act = self._forward_capture(images, cut_graph=True)
+        grid = self.grid(act, images)  # validates the layout before the backward
         score = target_scores(logits, targets).sum()
         if not score.requires_grad:
             raise MethodError(
@@ -103,7 +120,7 @@ class CAMMethod(Method):
                 f"{self.name}: the logits do not depend on the last call of target layer "
                 f"{self.target_layer_name!r}"
             )
-        return act.detach().float(), grad.detach().float()
+        return grid.detach().float(), self.grid(grad, images).detach().float()
 
 
 def combine(weights: Tensor, acts: Tensor) -> Tensor:

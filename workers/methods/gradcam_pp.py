@@ -52,8 +52,9 @@ class GradCAMPlusPlus(CAMMethod):
         target_layer: str | nn.Module | None = None,
         epsilon: float = 0.0,
         alpha_renorm: bool = False,
+        reshape: str | None = None,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, reshape)
         if epsilon < 0:
             raise MethodError(f"gradcam_pp: epsilon must be >= 0, got {epsilon}")
         self.epsilon = float(epsilon)

@@ -16,15 +16,34 @@ def default_target_layer_name(model: nn.Module) -> str:
 
     The last convolutional block's activated output, at the resolution the papers use:
     ResNet ``layer4``; VGG ``features.29`` (ReLU after conv5_3, 14x14 at 224 px, as in the
-    Grad-CAM and Grad-CAM++ papers); MobileNetV2/V3 and torchvision EfficientNet the last
-    ``features`` block; EfficientNet-Lite (efficientnet-lite-pytorch) ``_swish``, whose
-    last call is the head activation (the module is re-used, and a capture keeps the last
-    call). Otherwise the last ``nn.Conv2d``.
+    Grad-CAM and Grad-CAM++ papers); MobileNetV2/V3 and torchvision EfficientNet (V1 and V2)
+    the last ``features`` block; EfficientNet-Lite (efficientnet-lite-pytorch) ``_swish``,
+    whose last call is the head activation (the module is re-used, and a capture keeps the
+    last call); ConvNeXt and MaxViT the last stage (``features.7``, ``blocks.3``); RegNet
+    ``trunk_output``; DenseNet ``features`` (its final BatchNorm: the ReLU after it is
+    functional, so it has no module; pytorch-grad-cam's choice too).
+
+    Transformers (torchvision), on the patch grid: ViT the last encoder block's ``ln_1``
+    (tokens; the block's own output reaches the head only through the class token, so its
+    patch tokens get no gradient; pytorch-grad-cam's choice); Swin the final ``norm``
+    (channels-last, the map the head pools). Otherwise the last ``nn.Conv2d``.
     """
     cls = type(model).__name__
     names = dict(model.named_modules())
     if cls == "ResNet" and "layer4" in names:
         return "layer4"
+    if cls == "VisionTransformer" and isinstance(names.get("encoder.layers"), nn.Sequential):
+        blocks = list(names["encoder.layers"].named_children())
+        if blocks and f"encoder.layers.{blocks[-1][0]}.ln_1" in names:
+            return f"encoder.layers.{blocks[-1][0]}.ln_1"
+    if cls.startswith("SwinTransformer") and "norm" in names:
+        return "norm"
+    if cls == "RegNet" and "trunk_output" in names:
+        return "trunk_output"
+    if cls == "DenseNet" and "features" in names:
+        return "features"
+    if cls == "MaxVit" and isinstance(names.get("blocks"), nn.ModuleList):
+        return f"blocks.{len(names['blocks']) - 1}"
     if cls == "VGG" and "features" in names:
         feats = names["features"]
         convs = [i for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
@@ -32,7 +51,7 @@ def default_target_layer_name(model: nn.Module) -> str:
         if last + 1 < len(feats) and isinstance(feats[last + 1], nn.ReLU):
             last += 1
         return f"features.{last}"
-    if cls in {"MobileNetV2", "MobileNetV3", "EfficientNet"} and "features" in names:
+    if cls in {"MobileNetV2", "MobileNetV3", "EfficientNet", "ConvNeXt"} and "features" in names:
         feats = names["features"]
         if isinstance(feats, nn.Sequential):
             return f"features.{len(feats) - 1}"

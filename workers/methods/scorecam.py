@@ -52,8 +52,9 @@ class ScoreCAM(CAMMethod):
         model: nn.Module,
         target_layer: str | nn.Module | None = None,
         variant: str = "official",
+        reshape: str | None = None,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, reshape)
         if variant not in VARIANTS:
             raise MethodError(f"scorecam: variant must be one of {', '.join(VARIANTS)}")
         self.variant = variant

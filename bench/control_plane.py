@@ -1,0 +1,155 @@
+"""Control-plane cost at dataset scale, by simulation: storage requests, seconds and bytes per
+commit, driver memory (Python heap growth over the run, tracemalloc), and the cost of resuming and reading, from 100 to 10,000 shards x 42
+units.
+
+The real planner (``waves_of``), wave tracker, commit protocol (``_Run.commit``: commit record
++ manifest), ledger, resume load and reader run against an in-memory store that counts every
+request (``pipeline.storage_stats``); only the Ray execution is stubbed: each wave "writes" one
+small Parquet file and reports one sample per shard, as the real write stage would.
+
+    .venv/bin/python bench/control_plane.py                    # 100, 1000, 10000 shards x 42 units
+    .venv/bin/python bench/control_plane.py --shards 100 1000 --units 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.ledger import MANIFEST_KEY, Ledger, committed_files, load_commits  # noqa: E402
+from pipeline.plan import units_of, waves_of  # noqa: E402
+from pipeline.run import _Run  # noqa: E402
+from pipeline.storage_stats import counting_memory_store  # noqa: E402
+from pipeline.tracker import WaveTracker  # noqa: E402
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0", "densenet121"]
+METHODS = ["gradient", "gradient_x_input", "gradcam", "gradcam_pp", "layercam", "smoothgrad",
+           "integrated_gradients"]
+
+
+def config(n_units: int):
+    """A real, validated config with ``n_units`` (model, method) units (42 = 6 x 7)."""
+    n_models = max(1, min(len(MODELS), -(-n_units // len(METHODS))))
+    n_methods = max(1, -(-n_units // n_models))
+    cfg = {
+        "run": {"id": "sim", "output": "mem://runs", "report": False},
+        "input": {"shards": ["mem://shards/"]},
+        "models": [{"name": m, "source": f"torchvision:{m}", "weights": "none"}
+                   for m in MODELS[:n_models]],
+        "methods": [{"name": m} for m in METHODS[:n_methods]],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump(cfg, f)
+    loaded = load_config(f.name)
+    Path(f.name).unlink()
+    return loaded
+
+
+def tiny_parquet() -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"sample_id": ["s/0"], "status": ["ok"]}), buf)
+    return buf.getvalue()
+
+
+def simulate(n_shards: int, n_units: int, per_wave: int = 8, trace_memory: bool = False) -> dict:
+    """One simulated run. Timings are taken with ``trace_memory`` off (tracemalloc slows every
+    allocation, more so as the heap grows); the driver's memory with it on."""
+    cfg = config(n_units)
+    units = units_of(cfg)[:n_units]
+    store, counts = counting_memory_store("mem://runs/sim")
+    shards = [f"mem://shards/shard-{i:06d}.tar" for i in range(n_shards)]
+    identity = {f"shard-{i:06d}": {"size": 1000 + i, "mtime_ns": 10**18 + i} for i in range(n_shards)}
+    data = tiny_parquet()
+    if trace_memory:
+        tracemalloc.start()
+    mem0 = tracemalloc.get_traced_memory()[0]
+    ledger = Ledger.load(store)
+    run = _Run(cfg, "sim", store, units, ledger, n_shards, [], time.time(), out=lambda *a: None)
+    waves = waves_of(shards, per_wave)
+    run.waves_total = len(waves) * len(units)
+    per_commit: list[tuple[float, int, int]] = []  # seconds, requests, manifest bytes
+    for unit in units:
+        tracker = WaveTracker(unit.id, unit.config_hash, waves, identity)
+        for wave in waves:
+            names = [s.rsplit("/", 1)[1][:-4] for s in wave.shards]
+            key = f"{unit.data_prefix}/{wave.id}/part-0.parquet"
+            store.write_bytes(key, data)  # the stubbed write stage
+            tracker.add_file(key, [(f"{n}/0", n, 1, "ok") for n in names])
+            for n in names:
+                tracker.add_marker(n, 1)
+            (record,) = tracker.ready()
+            before = sum(counts.values())
+            t0 = time.perf_counter()
+            run.commit(unit, record)
+            seconds = time.perf_counter() - t0
+            per_commit.append((seconds, sum(counts.values()) - before,
+                               len(store.read_bytes(MANIFEST_KEY))))
+            counts["get"] -= 1  # the measurement's own manifest read
+    mem = tracemalloc.get_traced_memory()[0] - mem0
+    if trace_memory:
+        tracemalloc.stop()
+    # resume: a new driver loads the ledger once and plans nothing
+    before = dict(counts)
+    t0 = time.perf_counter()
+    resumed = Ledger.load(store)
+    pending = sum(1 for u in units for s in shards
+                  if s.rsplit("/", 1)[1][:-4] not in resumed.committed(u.id))
+    resume_s = time.perf_counter() - t0
+    resume_req = sum(counts.values()) - sum(before.values())
+    # reader: the commit records once, then the file list
+    before = dict(counts)
+    t0 = time.perf_counter()
+    files = committed_files(load_commits(store))
+    read_s = time.perf_counter() - t0
+    read_req = sum(counts.values()) - sum(before.values())
+    n = len(per_commit)
+    head, tail = per_commit[: max(1, n // 10)], per_commit[-max(1, n // 10):]
+    return {
+        "shards": n_shards, "units": len(units), "commits": n,
+        "req_first": statistics.mean(r for _, r, _ in head),
+        "req_last": statistics.mean(r for _, r, _ in tail),
+        "ms_first": 1000 * statistics.median(s for s, _, _ in head),
+        "ms_last": 1000 * statistics.median(s for s, _, _ in tail),
+        "manifest_kb": per_commit[-1][2] / 1024, "driver_mb": mem / 2**20,
+        "resume_s": resume_s, "resume_req": resume_req, "pending": pending,
+        "read_s": read_s, "read_req": read_req, "files": len(files),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--units", type=int, default=42)
+    p.add_argument("--per-wave", type=int, default=8)
+    p.add_argument("--device", default=None, help="not used: nothing runs on a device")
+    args = p.parse_args()
+    print("## Control plane by simulation (in-memory counting store, Ray stubbed)\n")
+    print("| shards | units | commits | requests/commit (first 10% / last 10%) | ms/commit "
+          "(median, first / last) | manifest KiB | driver MiB | resume: s, requests | "
+          "read: s, requests, files |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.shards:
+        r = simulate(n, args.units, args.per_wave)
+        r["driver_mb"] = simulate(n, args.units, args.per_wave, trace_memory=True)["driver_mb"]
+        print(f"| {r['shards']} | {r['units']} | {r['commits']} | {r['req_first']:.2f} / "
+              f"{r['req_last']:.2f} | {r['ms_first']:.2f} / {r['ms_last']:.2f} | "
+              f"{r['manifest_kb']:.1f} | {r['driver_mb']:.1f} | {r['resume_s']:.2f}, "
+              f"{r['resume_req']} | {r['read_s']:.2f}, {r['read_req']}, {r['files']} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
