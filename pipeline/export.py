@@ -365,9 +365,13 @@ def export_run(run: str, fmt: str, output: str | None = None, unit: str | None =
     commits = load_commits(store)
     if not commits:
         raise ExportError(f"{run} has no committed rows")
-    if unit is not None and unit not in commits:
-        raise ExportError(f"unit {unit!r} has no committed rows in {run}; units: "
-                          f"{', '.join(sorted(commits))}")
+    if unit is not None:  # <model>__<method>, or the method (or model) alone when unambiguous
+        from .read import UnitNotFound, resolve_unit
+
+        try:
+            unit = resolve_unit(unit, sorted(commits))
+        except UnitNotFound as err:
+            raise ExportError(f"{run}: {err}") from None
     out = Store.open(output or f"{store.uri}/export/{fmt}", storage)
     if not out.is_s3 and fmt == "parquet" and os.path.isdir(out.root):
         for u in [unit] if unit else sorted(commits):

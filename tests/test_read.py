@@ -108,3 +108,12 @@ def test_salmap_read_cli(run, tmp_path, capsys):
     assert main(["read", run, "--unit", "m"]) == 2  # the model names both units
     assert "ambiguous" in capsys.readouterr().err
     assert main(["read", run, "--maps", str(out_file)]) == 2  # --maps needs one unit
+
+
+def test_export_names_units_the_same_way(run, tmp_path):
+    from pipeline.export import ExportError, export_run
+
+    (written,) = export_run(run, "parquet", output=str(tmp_path / "out"), unit="cam")
+    assert written.rstrip("/").endswith("m__cam")
+    with pytest.raises(ExportError, match=r"did you mean 'grad'"):
+        export_run(run, "parquet", output=str(tmp_path / "out"), unit="gard")

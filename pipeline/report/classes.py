@@ -52,24 +52,10 @@ def _int(value: Any) -> int | None:
 
 def model_classes(model: dict) -> list[str] | None:
     """The categories of a model config entry's weights, or None (random weights, own models)."""
-    source, weights = str(model.get("source") or ""), model.get("weights", "DEFAULT")
-    if weights in (None, "", "none", "None"):
-        return None
-    try:
-        if source.startswith("torchvision:"):
-            import torchvision.models as tvm
+    from ..export import model_class_names
 
-            enum = tvm.get_model_weights(source.split(":", 1)[1])
-            w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
-            cats = w.meta.get("categories")
-            return list(cats) if cats else None
-        if source in ("efficientnet_lite0", "efficientnet-lite0"):
-            from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-            return list(_IMAGENET_CATEGORIES)
-    except Exception:  # noqa: BLE001 - names are a nicety; an unknown entry has none
-        return None
-    return None
+    names = model_class_names({"config": {"models": [dict(model)]}}, str(model.get("name")))
+    return [names[i] for i in range(len(names))] if names else None
 
 
 def _shard_folders(shards: list[str]) -> list[str]:
