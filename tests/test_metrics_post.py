@@ -208,11 +208,11 @@ def test_pseudo_box_of_a_blob_survives_resize_and_crop(h0, w0):
 def test_compute_post_metrics_fills_exactly_the_registered_columns():
     m = np.zeros((40, 40), np.float32)
     m[10:20, 10:20] = 1
-    out = compute_post_metrics(ALL_POST, m, [[8, 8, 22, 22]], {})
+    out = compute_post_metrics(ALL_POST, m, [[8, 8, 22, 22]], {}, saliency_input=m)
     expected = {c for name in ALL_POST for c in get_spec(name).columns}
     assert set(out) == expected
     assert out["pointing_hit"] is True and isinstance(out["gini"], float)
-    no_boxes = compute_post_metrics(ALL_POST, m, None, {})
+    no_boxes = compute_post_metrics(ALL_POST, m, None, {}, saliency_input=m)
     assert no_boxes["pointing_hit"] is None and no_boxes["energy_pointing"] is None
     assert no_boxes["box_iou"] is None and no_boxes["pseudo_box"] is not None
     with pytest.raises(MetricError, match="did you mean 'gini'"):
