@@ -221,3 +221,33 @@ def test_non_finite_map_gives_nan_and_unknown_options_fail(tiny_model):
         run(["deletion_auc"], tiny_model, x, maps, torch.tensor([0, 1]), step=3)
     with pytest.raises(MetricError, match="post"):
         run(["gini"], tiny_model, x, maps, torch.tensor([0, 1]))
+
+
+class PixelProbe(nn.Module):
+    """logits = channel 0 of the input, flattened: with ``score="logit"`` the deletion curve
+    of target k reads pixel k of each rendered image (1 until the pixel is replaced by the
+    zero substrate)."""
+
+    def forward(self, x):
+        return x[:, 0].flatten(1)
+
+
+def test_pixels_are_ranked_on_the_bilinearly_upsampled_map():
+    """A 2x2 map on an 8x8 input: the deletion order is the order of the bilinear
+    (align_corners=False) upsampling, read pixel by pixel through the probe."""
+    m = np.array([[0.1, 0.9], [0.45, 0.2]])
+    w = np.clip((np.arange(8) + 0.5) / 4 - 0.5, 0, 1)  # source coordinate of each output
+    rows = (1 - w)[:, None] * m[0] + w[:, None] * m[1]
+    up = (1 - w)[None, :] * rows[:, :1] + w[None, :] * rows[:, 1:]
+    # (ties where the border clamps the source coordinate; they follow the tie permutation)
+    x = torch.ones(64, 3, 8, 8)
+    maps = torch.tensor(m, dtype=torch.float32).expand(64, 2, 2).contiguous()
+    for kind in ("deletion", "insertion"):
+        out = run([f"{kind}_auc"], PixelProbe(), x, maps, torch.arange(64), steps=64,
+                  curves=True, score="logit", insertion_substrate="zero")
+        curves = np.asarray(out[f"{kind}_curve"])
+        # point i has the first i pixels replaced: pixel k of rank r changes at point r + 1
+        rank = (curves != curves[:, :1]).argmax(1) - 1
+        assert sorted(rank.tolist()) == list(range(64))
+        values = up.ravel()
+        assert (np.diff(values[np.argsort(rank)]) <= 1e-7).all()  # most salient first

@@ -122,3 +122,62 @@ def test_road_rewards_keeping_the_evidence_on_a_linear_model():
     good = compute_model_metrics(["road"], model, x, s, t, kw, MEAN, STD)["road"].item()
     bad = compute_model_metrics(["road"], model, x, -s, t, kw, MEAN, STD)["road"].item()
     assert good > 0.3 and bad == pytest.approx(-good, abs=1e-6)
+
+
+class PixelProbe(torch.nn.Module):
+    """logits = the input's values (all channels, flattened): with ``score="logit"`` the score
+    of target k is value k of the image the metric rendered, so every rendered image can be
+    read back exactly."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def probe_road(x, s, percentiles, **params):
+    """ROAD of every (channel, pixel) of x as the probe's target: [C*H*W]."""
+    n = x[0].numel()
+    xs = x.expand(n, *x.shape[1:]).contiguous()
+    maps = s.expand(n, *s.shape[1:]).contiguous()
+    return compute_model_metrics(["road"], PixelProbe(), xs, maps, torch.arange(n),
+                                 {"score": "logit", "road_percentiles": percentiles, **params},
+                                 MEAN, STD, max_batch=128)["road"].view(x.shape[1:])
+
+
+def test_road_is_half_the_lerf_minus_morf_gap_of_exactly_imputed_images():
+    """Without noise, ROAD of probe target k is (LeRF_k - MoRF_k) / 2 where LeRF keeps the
+    top 70% of the map and MoRF the bottom 70%, the rest imputed (checked against a direct
+    sparse solve at the default CG tolerance)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, 10, 10, generator=g, dtype=torch.float64).float()
+    s = torch.rand(1, 10, 10, generator=g)
+    order = s.flatten().argsort(descending=True)
+    keep_top = torch.zeros(100, dtype=torch.bool)
+    keep_top[order[:70]] = True
+    keep_bottom = torch.zeros(100, dtype=torch.bool)
+    keep_bottom[order[30:]] = True
+    img = x[0].double().numpy()
+    lerf = direct_solve(img, keep_top.view(10, 10).numpy())
+    morf = direct_solve(img, keep_bottom.view(10, 10).numpy())
+    got = probe_road(x, s, (70,), road_noise=0.0).double().numpy()
+    np.testing.assert_allclose(got, (lerf - morf) / 2, atol=2e-5)
+    both = (keep_top & keep_bottom).view(10, 10).numpy()
+    assert np.abs(got[:, both]).max() == 0  # kept in both: untouched in both
+    assert np.abs(got[:, ~both]).min() > 1e-3  # the gap is not trivially small
+
+
+def test_road_noise_touches_only_imputed_pixels_with_the_default_spread():
+    """The default noise (std 0.01, model-input space) lands on the imputed pixels only: the
+    difference to a noise-free run is 0 where both images keep the pixel and +-noise/2 where
+    one of them imputes it."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 10, 10, generator=g)
+    s = torch.rand(1, 10, 10, generator=g)
+    order = s.flatten().argsort(descending=True)
+    both = torch.zeros(100, dtype=torch.bool)
+    both[order[30:70]] = True
+    both = both.view(10, 10)
+    diff = (probe_road(x, s, (70,)) - probe_road(x, s, (70,), road_noise=0.0)).numpy()
+    assert np.abs(diff[:, both.numpy()]).max() < 1e-6
+    noise = 2 * diff[:, ~both.numpy()]
+    assert noise.std() == pytest.approx(0.01, rel=0.2)
+    assert abs(noise.mean()) < 4 * 0.01 / np.sqrt(noise.size)
