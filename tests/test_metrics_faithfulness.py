@@ -202,8 +202,12 @@ def test_batched_equals_per_image_loop(tiny_model):
         one = compute_model_metrics(names, tiny_model, x[i:i + 1], maps[i:i + 1], t[i:i + 1],
                                     params, MEAN, STD, max_batch=64)
         for key, value in one.items():
+            if key == "_notes":
+                assert batched[key][i] == value[0]
+                continue
             np.testing.assert_allclose(np.asarray(batched[key][i]), np.asarray(value[0]),
                                        atol=1e-5, err_msg=key)
+        assert bool(batched["_notes"][i]) == (i == 2)  # the constant map
 
 
 def test_non_finite_map_gives_nan_and_unknown_options_fail(tiny_model):

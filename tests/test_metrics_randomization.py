@@ -361,8 +361,8 @@ def test_salmap_sanity_cascades_blocks_and_stores_its_protocol(tmp_path, make_sh
     import json
 
     import pyarrow.parquet as pq
-
     from conftest import small_config
+
     from pipeline.config import load_config
     from pipeline.sanity import run_sanity
 

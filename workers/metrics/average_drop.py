@@ -14,8 +14,10 @@ so L = 0 gives the mean colour.
 Per-image columns: ``average_drop`` = 100 * max(0, Y - O) / Y (the dataset mean is
 Average Drop %), ``confidence_increase`` = 100 if O > Y (strict) else 0 (the mean is
 Increase in Confidence %), and Y, O as ``confidence_clean`` / ``confidence_masked`` so that
-Win % and other aggregates can be recomputed offline. A constant map min-max scales to all
-zeros (the fully masked image): flag such maps. Cost: 1 forward per image plus the clean
+Win % and other aggregates can be recomputed offline. A map that is constant after
+``mult_sign`` explains nothing: min-max scaling turns it into all zeros (the fully masked
+image, a large drop), max scaling into all ones (the image itself, no drop); such samples
+get a note in ``_notes`` (the row's ``error`` text). Cost: 1 forward per image plus the clean
 forward shared with deletion/insertion.
 """
 
@@ -77,6 +79,14 @@ def _masked_group(ctx: Context, params: dict[str, Any]) -> tuple[JobGroup, Tenso
     return JobGroup(key, torch.arange(ctx.batch, device=images.device), render), scale
 
 
+def _constant_notes(scale: Tensor) -> list[str]:
+    """One note per sample whose multiplier L is the same at every pixel, else ""."""
+    flat = scale.flatten(1)
+    lo, hi = flat.amin(1).tolist(), flat.amax(1).tolist()
+    return [f"average_drop: constant map (the explanation image is {a:.3g} x the image)"
+            if a == b else "" for a, b in zip(lo, hi)]
+
+
 def _y_o(scores: dict, group: JobGroup, scale: Tensor, params: dict[str, Any]
          ) -> tuple[Tensor, Tensor]:
     """Y and O; O is set to Y exactly where the multiplier is all ones (the explanation image
@@ -98,6 +108,7 @@ def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
             "average_drop": drop.float().cpu(),
             "confidence_clean": y.float().cpu(),
             "confidence_masked": o.float().cpu(),
+            "_notes": _constant_notes(scale),
         }
 
     return Plan([ctx.clean_group(), group], finish)
@@ -109,6 +120,7 @@ def plan_confidence_increase(ctx: Context, params: dict[str, Any]) -> Plan:
 
     def finish(scores: dict) -> dict[str, Any]:
         y, o = _y_o(scores, group, scale, params)
-        return {"confidence_increase": (100.0 * (o > y).float()).cpu()}
+        return {"confidence_increase": (100.0 * (o > y).float()).cpu(),
+                "_notes": _constant_notes(scale)}
 
     return Plan([ctx.clean_group(), group], finish)
