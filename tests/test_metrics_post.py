@@ -74,6 +74,21 @@ def test_energy_pointing_properties():
     assert energy_pointing(m, None) is None
 
 
+def test_energy_pointing_of_signed_maps_uses_relu_by_default():
+    """Negative evidence outside the box must not count as energy (ReLU), unless asked (abs)."""
+    m = np.full((20, 20), -3.0)
+    m[5:10, 5:10] = 1.0
+    m[0, 0] = 2.0  # one positive pixel outside
+    box = [5, 5, 10, 10]
+    assert energy_pointing(m, [box]) == pytest.approx(25 / 27)
+    assert energy_pointing(m, [box], sign="abs") == pytest.approx(25 / (25 + 2 + 3 * 374))
+    out = compute_post_metrics(["energy_pointing"], m, [box], {})
+    assert out["energy_pointing"] == pytest.approx(25 / 27)
+    assert energy_pointing(-np.abs(m), [box]) is None  # no positive energy
+    with pytest.raises(ValueError, match="energy_sign"):
+        energy_pointing(m, [box], sign="square")
+
+
 # -- Gini ---------------------------------------------------------------------------------
 def test_gini_known_values():
     assert gini(np.full((20, 20), 3.0)) == pytest.approx(0.0, abs=1e-12)
@@ -88,6 +103,21 @@ def test_gini_known_values():
     assert gini(rng.random(200_000)) == pytest.approx(1 / 3, abs=0.005)
     assert gini(rng.exponential(size=200_000)) == pytest.approx(0.5, abs=0.01)
     assert gini(rng.normal(size=200_000)) == pytest.approx(np.sqrt(2) - 1, abs=0.01)
+
+
+def test_gini_degenerate_maps_and_the_scale_of_eps():
+    assert gini(np.zeros((6, 6))) == pytest.approx(0.0, abs=1e-12)  # constant, not NaN
+    assert gini(np.array([5.0])) == pytest.approx(0.0)
+    assert np.isnan(gini(np.zeros(0)))
+    # eps is added after scaling by the maximum: the cap does not depend on the map's units
+    n = 1000
+    tiny = np.zeros(n)
+    tiny[3] = 1e-4
+    assert gini(tiny) == pytest.approx((n - 1) / (n * (1 + n * 1e-7)), rel=1e-9)
+    # NaN counts as 0
+    m = np.array([0.0, 2.0, 1.0, np.nan, 4.0])
+    assert gini(m) == pytest.approx(gini(np.nan_to_num(m)))
+    assert gini(m, eps=0.0) == pytest.approx(gini(np.array([0.0, 2.0, 1.0, 0.0, 4.0]), eps=0.0))
 
 
 def test_gini_invariances():
@@ -114,6 +144,25 @@ def test_pseudo_box_of_largest_blob_and_rules():
     assert foreground(d).sum() == 3
     assert compute_post_metrics(["pseudo_box", "box_iou"], np.zeros((5, 5)), [[0, 0, 2, 2]], {}) \
         == {"pseudo_box": None, "box_iou": 0.0}
+
+
+def test_pseudo_foreground_is_strictly_above_a_fraction_of_the_raw_maximum():
+    """CAM's rule on the ReLU'd map as it is (no min-max first): a floor of 0.5 under a
+    maximum of 4 is foreground at 0.1 x max; a value equal to threshold x max is not."""
+    m = np.full((10, 12), 0.5)
+    m[2:5, 3:7] = 4.0
+    m[7, 1] = 1.0  # exactly 0.25 x 4.0
+    fg = foreground(m, 0.1)
+    assert fg.all()  # 0.5 > 0.4: with min-max first the floor would drop to 0
+    fg = foreground(m, 0.25, largest_component=False)
+    assert not fg[7, 1] and fg[2:5, 3:7].all() and fg.sum() == 12
+    assert foreground(m, 0.2, largest_component=False)[7, 1]  # 1.0 > 0.8
+    signed = m.copy()
+    signed[0, :] = -9.0  # negative: never foreground, and the maximum is the positive one
+    assert not foreground(signed, 0.0)[0].any() and foreground(signed, 0.0)[1:].all()
+    assert not foreground(-m, 0.1).any()
+    box = compute_post_metrics(["pseudo_box"], m, None, {"pseudo_threshold": 0.1})["pseudo_box"]
+    assert box == {"x0": 0.0, "y0": 0.0, "x1": 12.0, "y1": 10.0}
 
 
 def test_threshold_monotone_and_otsu():
