@@ -42,24 +42,26 @@ M, T = "workers/metrics", "tests"
 
 # file -> the test files that guard it (run in this order, -x: the first failure kills)
 TARGETS: dict[str, list[str]] = {
+    # the formulas first
     f"{M}/faithfulness.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_road.py",
                              f"{T}/test_metrics_average_drop.py"],
     f"{M}/average_drop.py": [f"{T}/test_metrics_average_drop.py",
                              f"{T}/test_metrics_faithfulness.py"],
     f"{M}/road.py": [f"{T}/test_metrics_road.py", f"{T}/test_metrics_faithfulness.py"],
-    f"{M}/engine.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
-                       f"{T}/test_metrics_road.py"],
-    f"{M}/jobs.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
-                     f"{T}/test_metrics_road.py"],
     f"{M}/pointing.py": [f"{T}/test_metrics_post.py", f"{T}/test_metrics_post_stage.py"],
     f"{M}/sparseness.py": [f"{T}/test_metrics_post.py", f"{T}/test_metrics_post_stage.py"],
     f"{M}/pseudo_labels.py": [f"{T}/test_metrics_post.py"],
     f"{M}/geometry.py": [f"{T}/test_metrics_post.py", f"{T}/test_metrics_post_stage.py"],
     f"{M}/post.py": [f"{T}/test_metrics_post.py", f"{T}/test_metrics_post_stage.py"],
+    f"{M}/engine.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
+                       f"{T}/test_metrics_road.py", f"{T}/test_metrics_summary.py"],
+    f"{M}/jobs.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
+                     f"{T}/test_metrics_road.py"],
     f"{M}/randomization.py": [f"{T}/test_metrics_randomization.py"],
     f"{M}/summary.py": [f"{T}/test_metrics_summary.py"],
     f"{M}/registry.py": [f"{T}/test_metrics_summary.py", f"{T}/test_metrics_post.py",
-                         f"{T}/test_metrics_faithfulness.py"],
+                         f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
+                         f"{T}/test_metrics_road.py"],
     # the seed methods' cores (DMBP and HDM are iterative optimisers: too slow per mutant)
     "workers/methods/gradcam_pp.py": [f"{T}/test_methods_cam.py"],
     "workers/methods/rectgrad.py": [f"{T}/test_methods_backprop.py"],
@@ -90,6 +92,8 @@ class Mutant:
     index: int
     line: int
     what: str
+    end_line: int = 0
+    tests: int = 0  # tests selected for it (those that run its lines)
     status: str = ""
     seconds: float = 0.0
 
@@ -220,8 +224,31 @@ class _Apply(ast.NodeTransformer):
 def mutants_of(path: str) -> list[Mutant]:
     source = (ROOT / path).read_text()
     tree = ast.parse(source)
-    return [Mutant(path, i, getattr(node, "lineno", 0), what)
+    return [Mutant(path, i, node.lineno, what, node.end_lineno or node.lineno)
             for i, (node, what, _) in enumerate(_points(tree, source))]
+
+
+def import_time_lines(path: str) -> set[int]:
+    """Lines that run when the module is imported (module and class bodies, decorators,
+    signatures with their default values), not inside function bodies: a mutant there
+    affects every test."""
+    tree = ast.parse((ROOT / path).read_text())
+    lines: set[int] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines.update(range(start, node.body[0].lineno))
+            elif isinstance(node, ast.ClassDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines.update(range(start, node.body[0].lineno))
+                visit(node.body)
+            else:
+                lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+
+    visit(tree.body)
+    return lines
 
 
 def mutated_code(path: str, index: int):
@@ -264,6 +291,86 @@ class _Threads:
         import torch
 
         torch.set_num_threads(int(os.environ.get("MUTANTS_TORCH_THREADS", "1")))
+
+
+class _Cover:
+    """pytest plugin: which lines of one file each test runs, and how long each test takes."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = os.path.realpath(filename)
+        self.current: str | None = None
+        self.lines: dict[str, set[int]] = {}
+        self.seconds: dict[str, float] = {}
+        self._files: dict[str, bool] = {}
+        sys.settrace(self._global)
+
+    def _mine(self, name: str) -> bool:
+        if name not in self._files:
+            self._files[name] = os.path.realpath(name) == self.filename
+        return self._files[name]
+
+    def _global(self, frame, event, arg):
+        if self.current is None or not self._mine(frame.f_code.co_filename):
+            return None
+        self.lines[self.current].add(frame.f_lineno)
+        return self._local
+
+    def _local(self, frame, event, arg):
+        if event == "line" and self.current is not None:
+            self.lines[self.current].add(frame.f_lineno)
+        return self._local
+
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.current = item.nodeid
+        self.lines.setdefault(item.nodeid, set())
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        self.current = None
+
+    def pytest_runtest_logreport(self, report) -> None:
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def _coverage_child(path: str, tests: list[str], out: str) -> None:
+    import pytest
+
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    cover = _Cover(str(ROOT / path))
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not slow", "-o", "addopts=",
+                        *tests], plugins=[_Threads(), cover])
+    sys.settrace(None)
+    Path(out).write_text(json.dumps({"code": int(code), "seconds": cover.seconds,
+                                     "lines": {k: sorted(v) for k, v in cover.lines.items()}}))
+    os._exit(0)
+
+
+def baseline(path: str, tests: list[str]) -> dict:
+    """Run the tests unmutated, tracing the lines of ``path`` each test runs."""
+    out = f"/tmp/mutants-cover-{os.getpid()}.json"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _coverage_child(path, tests, out)
+        finally:
+            os._exit(99)
+    os.waitpid(pid, 0)
+    data = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return data
+
+
+def select_tests(m: Mutant, cover: dict, at_import: set[int]) -> list[str]:
+    """The tests that run the mutant's lines (every test when the lines run at import),
+    fastest first."""
+    span = set(range(m.line, m.end_line + 1))
+    by_time = sorted(cover["lines"], key=lambda t: cover["seconds"].get(t, 0.0))
+    if span & at_import:
+        return by_time
+    return [t for t in by_time if span & set(cover["lines"][t])]
 
 
 def _child(path: str, index: int | None, tests: list[str], quiet: bool) -> None:
@@ -311,39 +418,44 @@ def run_one(path: str, index: int | None, tests: list[str], timeout: float,
 def _preload() -> None:
     """Import the heavy third-party modules once in the parent (no torch op is run, so the
     forked children start with a clean thread pool)."""
-    import numpy  # noqa: F401
-    import pyarrow  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-    import pytest  # noqa: F401
-    import scipy.sparse.linalg  # noqa: F401
-    import scipy.stats  # noqa: F401
-    import skimage.measure  # noqa: F401
-    import skimage.metrics  # noqa: F401
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
+    import importlib
+
+    for name in ("numpy", "pyarrow", "pyarrow.parquet", "pyarrow.dataset", "pytest", "PIL.Image",
+                 "scipy.ndimage", "scipy.sparse.linalg", "scipy.stats", "skimage.filters",
+                 "skimage.measure", "skimage.metrics", "matplotlib.figure",
+                 "matplotlib.backends.backend_agg", "torch", "torchvision", "ray", "ray.data",
+                 "omegaconf"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional extra: the tests that need it import it themselves
+            pass
 
 
 def summarize(results: list[Mutant]) -> str:
-    lines = ["| file | mutants | killed | timeout | survived |", "|---|---|---|---|---|"]
+    """Per-file counts and the list of survivors (a mutant no test runs counts as one)."""
+    lines = ["| file | mutants | killed | timeout | survived | of which no test runs it |",
+             "|---|---|---|---|---|---|"]
     by_file: dict[str, list[Mutant]] = {}
     for m in results:
         by_file.setdefault(m.file, []).append(m)
-    tot = [0, 0, 0, 0]
+    tot = [0, 0, 0, 0, 0]
     for f, ms in by_file.items():
-        k = sum(m.status == "killed" or m.status.startswith("error") for m in ms)
-        t = sum(m.status == "timeout" for m in ms)
-        s = sum(m.status == "survived" for m in ms)
-        tot = [tot[0] + len(ms), tot[1] + k, tot[2] + t, tot[3] + s]
-        lines.append(f"| `{f}` | {len(ms)} | {k} | {t} | {s} |")
-    lines.append(f"| **total** | {tot[0]} | {tot[1]} | {tot[2]} | {tot[3]} |")
-    survivors = [m for m in results if m.status == "survived"]
+        row = [len(ms), sum(m.status == "killed" or m.status.startswith("error") for m in ms),
+               sum(m.status == "timeout" for m in ms),
+               sum(m.status in ("survived", "uncovered") for m in ms),
+               sum(m.status == "uncovered" for m in ms)]
+        tot = [a + b for a, b in zip(tot, row)]
+        lines.append(f"| `{f}` | " + " | ".join(map(str, row)) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{v}**" for v in tot) + " |")
+    survivors = [m for m in results if m.status in ("survived", "uncovered")]
     if survivors:
         lines += ["", "Surviving mutants:", ""]
         src: dict[str, list[str]] = {}
         for m in survivors:
             text = src.setdefault(m.file, (ROOT / m.file).read_text().splitlines())
             code = text[m.line - 1].strip() if 0 < m.line <= len(text) else ""
-            lines.append(f"- `{m.file}:{m.line}` {m.what}: `{code}`")
+            tag = " (no test runs it)" if m.status == "uncovered" else ""
+            lines.append(f"- `{m.file}:{m.line}` {m.what}{tag}: `{code}`")
     return "\n".join(lines)
 
 
@@ -370,22 +482,30 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Mutant] = []
     started = time.time()
     for path, tests in targets.items():
-        base, secs = run_one(path, None, tests, timeout=3600, quiet=True)
-        if base != "survived":
-            print(f"{path}: the unmutated tests do not pass ({base}); fix them first",
-                  file=sys.stderr)
+        cover = baseline(path, tests)
+        if cover["code"] != 0:
+            print(f"{path}: the unmutated tests do not pass (pytest exit {cover['code']}); "
+                  "fix them first", file=sys.stderr)
             return 2
-        timeout = max(60.0, args.timeout_factor * secs)
+        at_import = import_time_lines(path)
         todo = mutants_of(path)
-        print(f"{path}: {len(todo)} mutants, tests {secs:.0f} s unmutated", file=sys.stderr,
-              flush=True)
+        print(f"{path}: {len(todo)} mutants, {len(cover['lines'])} tests, "
+              f"{sum(cover['seconds'].values()):.0f} s unmutated", file=sys.stderr, flush=True)
+        chosen = [select_tests(m, cover, at_import) for m in todo]
+
+        def one(m: Mutant, ids: list[str], cover=cover, path=path) -> tuple[str, float]:
+            m.tests = len(ids)
+            if not ids:
+                return "uncovered", 0.0
+            budget = sum(cover["seconds"].get(t, 1.0) for t in ids)
+            return run_one(path, m.index, ids, max(60.0, args.timeout_factor * budget + 20))
+
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            verdicts = pool.map(run_one, [path] * len(todo), [m.index for m in todo],
-                                [tests] * len(todo), [timeout] * len(todo))
-            for m, (m.status, m.seconds) in zip(todo, verdicts):
+            for m, (m.status, m.seconds) in zip(todo, pool.map(one, todo, chosen)):
                 results.append(m)
-                if m.status == "survived":
-                    print(f"  survived {m.file}:{m.line} {m.what}", file=sys.stderr, flush=True)
+                if m.status in ("survived", "uncovered"):
+                    print(f"  {m.status} {m.file}:{m.line} {m.what}", file=sys.stderr,
+                          flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps([asdict(m) for m in results], indent=1))
     table = summarize(results)
