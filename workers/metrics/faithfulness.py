@@ -9,7 +9,10 @@ Protocol (defaults from eclique/RISE ``evaluation.py`` and ``Evaluation.ipynb``)
   not depend on its batch position);
 * ``steps`` equal steps (default 28 = 1792 px per step at 224 x 224); point i has the first
   ``floor(i * H * W / steps)`` pixels (all channels) replaced: deletion puts the substrate
-  there, insertion puts the image there on top of the substrate;
+  there, insertion puts the image there on top of the substrate. ``steps`` is a count, not a
+  step size: the pixels per step grow with the input (5,266 at 384 x 384), and the AUC's x
+  axis is always the fraction of the image. Scale ``steps`` with H * W to keep RISE's step
+  size (e.g. 82 at 384 x 384);
 * the score is the softmax probability of the explained class (``score="logit"`` for logits);
 * AUC = trapezoid rule on an x axis scaled to [0, 1]: (sum - first/2 - last/2) / steps;
 * substrates (model-input space): ``"zero"`` = 0 in normalised space, i.e. the mean colour

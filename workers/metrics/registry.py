@@ -18,7 +18,7 @@ from typing import Any
 
 # Shared by deletion and insertion (RISE protocol, eclique/RISE evaluation.py + Evaluation.ipynb)
 _CAUSAL = {
-    "steps": 28,  # 224*224 / 1792 px per step (RISE dataset-level setting)
+    "steps": 28,  # a count: 1792 px per step at 224*224 (RISE), more on larger inputs
     "score": "softmax",  # "softmax" probability of the target class, or "logit"
     "map_sign": "signed",  # order by the signed map ("signed"), by |map| ("abs") or relu(map)
     "tie_seed": 0,  # ties broken by a fixed random pixel permutation drawn from this seed
