@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write every mutant's verdict here (JSON)")
     ap.add_argument("--md", help="write the summary table here (Markdown)")
     args = ap.parse_args(argv)
+    for out in (args.out, args.md):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     targets = {f: t for f, t in TARGETS.items() if not only or Path(f).stem in only}
     if not targets:

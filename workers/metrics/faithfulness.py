@@ -57,13 +57,13 @@ def step_counts(n_pixels: int, steps: int) -> list[int]:
 
 def apply_sign(saliency: Tensor, sign: str) -> Tensor:
     """The map used for ranking: as is, absolute value, or ReLU."""
-    if sign == "signed":
-        return saliency
+    if sign not in MAP_SIGNS:
+        raise MetricError(f"map_sign must be one of {', '.join(MAP_SIGNS)}, got {sign!r}")
     if sign == "abs":
         return saliency.abs()
     if sign == "relu":
         return saliency.clamp_min(0)
-    raise MetricError(f"map_sign must be one of {', '.join(MAP_SIGNS)}, got {sign!r}")
+    return saliency
 
 
 def tie_permutation(n: int, tie_seed: int, device: torch.device) -> Tensor:
@@ -77,7 +77,7 @@ def pixel_ranks(saliency: Tensor, tie_seed: int = 0) -> Tensor:
 
     Descending by value; exact ties in the order of a seeded random permutation; NaN ranks last.
     """
-    flat = saliency.flatten(1).float().nan_to_num(nan=float("-inf"))
+    flat = saliency.flatten(1).nan_to_num(nan=float("-inf"))
     b, n = flat.shape
     perm = tie_permutation(n, tie_seed, flat.device)
     order = perm[torch.sort(flat[:, perm], dim=1, descending=True, stable=True).indices]
