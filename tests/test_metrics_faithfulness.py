@@ -323,3 +323,30 @@ def test_map_sign_decides_the_order(sign):
     expected = {"signed": [[0, 3, 1, 2]], "abs": [[1, 0, 2, 3]],
                 "relu": [[0, 2, 1, 3], [0, 3, 1, 2]]}[sign]  # relu: -3 and 0 tie
     assert rank in expected
+
+
+def test_ties_follow_the_seeded_permutation_exactly():
+    from workers.metrics.faithfulness import tie_permutation
+
+    n = 64 * 64
+    perm = tie_permutation(n, 3, torch.device("cpu"))
+    ranks = pixel_ranks(torch.zeros(1, 64, 64), 3)[0]
+    assert torch.equal(ranks[perm], torch.arange(n))  # the k-th pixel of perm is deleted k-th
+
+
+def test_scores_are_float32_softmax_of_half_precision_logits(tiny_model):
+    """A model returning float16 logits (autocast) is scored in float32, as float32 tensors."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 3, 16, 16)
+    maps = torch.rand(3, 16, 16)
+    t = torch.tensor([0, 1, 2])
+
+    def half(z):
+        return (50 * tiny_model(z)).half()
+
+    out = run(["deletion_auc", "average_drop"], half, x, maps, t, steps=4, curves=True)
+    with torch.no_grad():
+        ref = torch.softmax(half(x).float(), 1)[torch.arange(3), t]
+    assert out["deletion_auc"].dtype == out["confidence_clean"].dtype == torch.float32
+    torch.testing.assert_close(out["confidence_clean"], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(out["deletion_curve"])[:, 0], ref, atol=1e-6, rtol=0)

@@ -181,3 +181,12 @@ def test_road_noise_touches_only_imputed_pixels_with_the_default_spread():
     noise = 2 * diff[:, ~both.numpy()]
     assert noise.std() == pytest.approx(0.01, rel=0.2)
     assert abs(noise.mean()) < 4 * 0.01 / np.sqrt(noise.size)
+
+
+def test_imputation_runs_in_float32_whatever_the_input_dtype():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 12, 12, generator=g)
+    keep = torch.rand(1, 1, 12, 12, generator=g) > 0.7
+    half = impute(x.half(), keep)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, impute(x.half().float(), keep))

@@ -105,9 +105,9 @@ def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
         y, o = _y_o(scores, group, scale, params)
         drop = 100.0 * (y - o).clamp_min(0) / y
         return {
-            "average_drop": drop.float().cpu(),
-            "confidence_clean": y.float().cpu(),
-            "confidence_masked": o.float().cpu(),
+            "average_drop": drop.cpu(),
+            "confidence_clean": y.cpu(),
+            "confidence_masked": o.cpu(),
             "_notes": _constant_notes(scale),
         }
 

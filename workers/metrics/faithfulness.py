@@ -99,7 +99,8 @@ def gaussian_kernel(size: int = 11, sigma: float = 5.0) -> np.ndarray:
     centre = size // 2
     k1 = np.zeros(size)
     for m in range(size):
-        t = (m + offsets) % (2 * size)
+        # offsets and weights are symmetric: m - offsets gives the same kernel (no mutant)
+        t = (m + offsets) % (2 * size)  # pragma: no mutate
         t = np.where(t < size, t, 2 * size - 1 - t)
         k1[m] = weights[t == centre].sum()
     return np.outer(k1, k1)
@@ -141,7 +142,7 @@ def plan_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
     """Jobs and reduction for ``kind`` = "deletion" | "insertion"."""
     steps = int(params["steps"])
     sub_name = params[f"{kind}_substrate"]
-    h, w = ctx.images.shape[-2:]
+    _, _, h, w = ctx.images.shape
     counts = torch.tensor(step_counts(h * w, steps), device=ctx.images.device)
     ranks = ranks_for(ctx, params["map_sign"], params["tie_seed"])
     sub = substrate(ctx, sub_name, params["blur_kernel"], params["blur_sigma"])
@@ -169,9 +170,9 @@ def plan_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
         clean = scores[CLEAN][:, col].view(b, 1)
         body = scores[key][:, col].view(b, steps)
         curve = torch.cat([clean, body] if kind == "deletion" else [body, clean], dim=1)
-        out: dict[str, Any] = {f"{kind}_auc": auc(curve).float().cpu()}
+        out: dict[str, Any] = {f"{kind}_auc": auc(curve).cpu()}
         if want_curves:
-            out[f"{kind}_curve"] = curve.float().cpu().tolist()
+            out[f"{kind}_curve"] = curve.cpu().tolist()
         return out
 
     group = JobGroup(key, samples, render)

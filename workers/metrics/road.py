@@ -137,6 +137,6 @@ def plan_road(ctx: Context, params: dict[str, Any]) -> Plan:
     def finish(scores: dict) -> dict[str, Any]:
         keep_top = scores[lerf.key][:, col].view(b, n_p).mean(1)
         keep_bottom = scores[morf.key][:, col].view(b, n_p).mean(1)
-        return {"road": ((keep_top - keep_bottom) / 2).float().cpu()}
+        return {"road": ((keep_top - keep_bottom) / 2).cpu()}
 
     return Plan([lerf, morf], finish)
