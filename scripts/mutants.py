@@ -17,6 +17,7 @@ Usage (from the repository root)::
     python scripts/mutants.py --only road,sparseness     # some targets (by file stem)
     python scripts/mutants.py --out mutants.json --md mutants.md --jobs 2
     python scripts/mutants.py --list --only road         # the mutants, without running them
+    python scripts/mutants.py --since mutants.json       # re-run what an earlier run left alive
 
 ``# pragma: no mutate`` at the end of a line keeps that line unmutated (use it only for lines
 whose mutants are equivalent, with a comment saying why).
@@ -226,6 +227,25 @@ def mutants_of(path: str) -> list[Mutant]:
     tree = ast.parse(source)
     return [Mutant(path, i, node.lineno, what, node.end_lineno or node.lineno)
             for i, (node, what, _) in enumerate(_points(tree, source))]
+
+
+def _lines_of(since: str, path: str) -> list[str] | None:
+    """The source lines a previous run saw (stored next to its JSON), if kept."""
+    kept = Path(since).with_suffix(".src") / path
+    return kept.read_text().splitlines() if kept.exists() else None
+
+
+def mutant_keys(path: str, mutants: list[Mutant], lines: list[str] | None = None) -> list[tuple]:
+    """A key per mutant that survives edits elsewhere in the file: (file, the stripped source
+    line, the mutation, its occurrence among equal pairs)."""
+    text = lines if lines is not None else (ROOT / path).read_text().splitlines()
+    seen: dict[tuple, int] = {}
+    out = []
+    for m in mutants:
+        base = (path, text[m.line - 1].strip() if 0 < m.line <= len(text) else "", m.what)
+        seen[base] = seen.get(base, 0) + 1
+        out.append((*base, seen[base]))
+    return out
 
 
 def import_time_lines(path: str) -> set[int]:
@@ -466,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
     ap.add_argument("--timeout-factor", type=float, default=3.0,
                     help="a mutant running longer than this many baselines is a timeout")
+    ap.add_argument("--since", help="a previous --out JSON: skip the mutants it found killed "
+                    "(matched by file, source line text and mutation), run the others")
     ap.add_argument("--out", help="write every mutant's verdict here (JSON)")
     ap.add_argument("--md", help="write the summary table here (Markdown)")
     args = ap.parse_args(argv)
@@ -481,6 +503,15 @@ def main(argv: list[str] | None = None) -> int:
             for m in mutants_of(f):
                 print(f"{m.file}:{m.line} #{m.index} {m.what}")
         return 0
+    earlier: dict[tuple, str] = {}
+    if args.since:
+        before = [Mutant(**m) for m in json.loads(Path(args.since).read_text())]
+        by_file: dict[str, list[Mutant]] = {}
+        for m in before:
+            by_file.setdefault(m.file, []).append(m)
+        for f, ms in by_file.items():
+            verdicts = [m.status if m.status != "timeout" else "killed" for m in ms]
+            earlier.update(zip(mutant_keys(f, ms, lines=_lines_of(args.since, f)), verdicts))
     _preload()
     results: list[Mutant] = []
     started = time.time()
@@ -495,6 +526,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {len(todo)} mutants, {len(cover['lines'])} tests, "
               f"{sum(cover['seconds'].values()):.0f} s unmutated", file=sys.stderr, flush=True)
         chosen = [select_tests(m, cover, at_import) for m in todo]
+        if earlier:
+            keys = mutant_keys(path, todo)
+            skip = [earlier.get(k) == "killed" for k in keys]
+            for m, skipped in zip(todo, skip):
+                if skipped:
+                    m.status = "killed"
+                    m.seconds = 0.0
+                    results.append(m)
+            chosen = [c for c, skipped in zip(chosen, skip) if not skipped]
+            todo = [m for m, skipped in zip(todo, skip) if not skipped]
+            print(f"  {sum(skip)} killed in {args.since}, {len(todo)} to run", file=sys.stderr,
+                  flush=True)
 
         def one(m: Mutant, ids: list[str], cover=cover, path=path) -> tuple[str, float]:
             m.tests = len(ids)
@@ -511,9 +554,14 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps([asdict(m) for m in results], indent=1))
+            kept = Path(args.out).with_suffix(".src") / path
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text((ROOT / path).read_text())
     table = summarize(results)
+    reused = sum(m.status == "killed" and m.seconds == 0.0 for m in results) if earlier else 0
     head = (f"Mutation run {time.strftime('%Y-%m-%d')}, {len(results)} mutants in "
-            f"{(time.time() - started) / 60:.0f} min")
+            f"{(time.time() - started) / 60:.0f} min"
+            + (f" ({reused} found killed by {args.since}, not re-run)" if reused else ""))
     print(head + "\n\n" + table)
     if args.md:
         Path(args.md).write_text(head + "\n\n" + table + "\n")
