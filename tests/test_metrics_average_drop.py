@@ -202,3 +202,17 @@ def test_the_constant_map_note_reaches_the_row(monkeypatch):
     errors = list(out["error"])
     assert "constant map" in errors[1] and errors[0] == errors[2] == ""
     assert np.isfinite(out["average_drop"]).all()
+
+
+@pytest.mark.parametrize("option,value", [("mult_sign", "signed"), ("mult_normalize", "l2"),
+                                          ("mult_space", "log"), ("score", "prob")])
+def test_unknown_options_fail_before_any_forward(option, value):
+    from workers.metrics import MetricError
+
+    def forward(z):
+        raise AssertionError("no forward expected")
+
+    for names in (["average_drop"], ["confidence_increase"]):
+        with pytest.raises(MetricError, match=option):
+            compute_model_metrics(names, forward, torch.zeros(1, 3, 4, 4), torch.rand(1, 4, 4),
+                                  torch.tensor([0]), {option: value}, MEAN, STD)

@@ -41,6 +41,9 @@ def scale_map(saliency: Tensor, sign: str, normalize: str) -> Tensor:
     """``[B, H, W]`` -> the multiplier L ``[B, H, W]`` (non-negative, scaled per image)."""
     if sign not in ("relu", "abs"):
         raise MetricError(f"mult_sign must be 'relu' or 'abs', got {sign!r}")
+    if normalize not in NORMALIZE:
+        raise MetricError(f"mult_normalize must be one of {', '.join(NORMALIZE)}, "
+                          f"got {normalize!r}")
     m = apply_sign(saliency, sign)
     if normalize == "none":
         return m
@@ -48,10 +51,8 @@ def scale_map(saliency: Tensor, sign: str, normalize: str) -> Tensor:
     hi = flat.amax(1).view(-1, 1, 1)
     if normalize == "max":
         return m / (hi + EPS)
-    if normalize == "minmax":
-        lo = flat.amin(1).view(-1, 1, 1)
-        return (m - lo) / (hi - lo + EPS)
-    raise MetricError(f"mult_normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    lo = flat.amin(1).view(-1, 1, 1)
+    return (m - lo) / (hi - lo + EPS)
 
 
 def explanation_images(x: Tensor, scale: Tensor, space: str, mean: Tensor, std: Tensor) -> Tensor:
