@@ -19,8 +19,10 @@ Usage (from the repository root)::
     python scripts/mutants.py --list --only road         # the mutants, without running them
     python scripts/mutants.py --since mutants.json       # re-run what an earlier run left alive
 
-``# pragma: no mutate`` at the end of a line keeps that line unmutated (use it only for lines
-whose mutants are equivalent, with a comment saying why).
+Equivalent mutants (a change that cannot alter any result, e.g. ``m + offsets`` ->
+``m - offsets`` over symmetric offsets) are listed with the reason in
+``scripts/mutants-equivalent.txt`` (``file | source line | mutation | why``); they are not run and
+are counted apart. ``# pragma: no mutate`` at the end of a line keeps the whole line unmutated.
 """
 
 from __future__ import annotations
@@ -227,6 +229,20 @@ def mutants_of(path: str) -> list[Mutant]:
     tree = ast.parse(source)
     return [Mutant(path, i, node.lineno, what, node.end_lineno or node.lineno)
             for i, (node, what, _) in enumerate(_points(tree, source))]
+
+
+EQUIVALENT = Path(__file__).with_name("mutants-equivalent.txt")
+
+
+def equivalent_keys() -> dict[tuple[str, str, str], str]:
+    """(file, stripped source line, mutation) -> why the mutant cannot change a result."""
+    out = {}
+    if EQUIVALENT.exists():
+        for row in EQUIVALENT.read_text().splitlines():
+            if row.strip() and not row.startswith("#"):
+                file, line, what, why = (part.strip() for part in row.split(" | ", 3))
+                out[(file, line, what)] = why
+    return out
 
 
 def _lines_of(since: str, path: str) -> list[str] | None:
@@ -453,15 +469,15 @@ def _preload() -> None:
 
 def summarize(results: list[Mutant]) -> str:
     """Per-file counts and the list of survivors (a mutant no test runs counts as one)."""
-    lines = ["| file | mutants | killed | timeout | survived | of which no test runs it |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| file | mutants | killed | timeout | equivalent | survived | "
+             "of which no test runs it |", "|---|---|---|---|---|---|---|"]
     by_file: dict[str, list[Mutant]] = {}
     for m in results:
         by_file.setdefault(m.file, []).append(m)
-    tot = [0, 0, 0, 0, 0]
+    tot = [0, 0, 0, 0, 0, 0]
     for f, ms in by_file.items():
         row = [len(ms), sum(m.status == "killed" or m.status.startswith("error") for m in ms),
-               sum(m.status == "timeout" for m in ms),
+               sum(m.status == "timeout" for m in ms), sum(m.status == "equivalent" for m in ms),
                sum(m.status in ("survived", "uncovered") for m in ms),
                sum(m.status == "uncovered" for m in ms)]
         tot = [a + b for a, b in zip(tot, row)]
@@ -526,6 +542,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {len(todo)} mutants, {len(cover['lines'])} tests, "
               f"{sum(cover['seconds'].values()):.0f} s unmutated", file=sys.stderr, flush=True)
         chosen = [select_tests(m, cover, at_import) for m in todo]
+        known = equivalent_keys()
+        same = [known.get(k[:3]) is not None for k in mutant_keys(path, todo)]
+        for m, eq in zip(todo, same):
+            if eq:
+                m.status = "equivalent"
+                results.append(m)
+        chosen = [c for c, eq in zip(chosen, same) if not eq]
+        todo = [m for m, eq in zip(todo, same) if not eq]
         if earlier:
             keys = mutant_keys(path, todo)
             skip = [earlier.get(k) == "killed" for k in keys]

@@ -115,8 +115,7 @@ def expected_drop(model, x, maps, t, sign, normalize, space):
     pos = up.clamp_min(0) if sign == "relu" else up.abs()
     lo = pos.flatten(1).min(1).values.view(-1, 1, 1)
     hi = pos.flatten(1).max(1).values.view(-1, 1, 1)
-    scale = {"minmax": (pos - lo) / (hi - lo + 1e-7), "max": pos / (hi + 1e-7),
-             "none": pos}[normalize][:, None]
+    scale = {"minmax": (pos - lo) / (hi - lo), "max": pos / hi, "none": pos}[normalize][:, None]
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     e = ((x * std + mean) * scale - mean) / std if space == "pixel" else x * scale
     y, o = probs(model, x, t), probs(model, e, t)
@@ -216,3 +215,20 @@ def test_unknown_options_fail_before_any_forward(option, value):
         with pytest.raises(MetricError, match=option):
             compute_model_metrics(names, forward, torch.zeros(1, 3, 4, 4), torch.rand(1, 4, 4),
                                   torch.tensor([0]), {option: value}, MEAN, STD)
+
+
+@pytest.mark.parametrize("normalize", ["minmax", "max"])
+def test_scaling_is_exact_so_the_map_magnitude_does_not_matter(tiny_model, normalize):
+    """Gradient maps can be 1e-9 small: their scaled multiplier must still reach 1 (a 1e-7
+    in the denominator would shrink it to about 0.01), so the drop is scale-invariant."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    maps = torch.rand(3, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 2])
+    big = run(tiny_model, x, maps, t, mult_normalize=normalize)
+    tiny = run(tiny_model, x, 1e-9 * maps, t, mult_normalize=normalize)
+    for key in ("average_drop", "confidence_masked"):
+        torch.testing.assert_close(tiny[key], big[key], atol=1e-5, rtol=0)
+    s = scale_map(1e-9 * maps, "relu", normalize)
+    assert s.flatten(1).amax(1).tolist() == pytest.approx([1.0] * 3)
+    assert torch.equal(scale_map(torch.zeros(1, 3, 3), "relu", normalize), torch.zeros(1, 3, 3))

@@ -2,8 +2,10 @@
 
 For each image: Y = p_c(image), O = p_c(explanation image), with the explanation image
 E = L * I, L the map upsampled bilinearly to the input size, made non-negative
-(``mult_sign``: ReLU by default) and min-max scaled to [0, 1] per image (pytorch-grad-cam
-``scale_cam_image``: (L - min) / (max - min + 1e-7)).
+(``mult_sign``: ReLU by default) and min-max scaled to [0, 1] per image, (L - min) / (max - min)
+(pytorch-grad-cam ``scale_cam_image`` adds 1e-7 to the denominator: a relative difference
+below 1e-7 on maps of magnitude 1, but it shrinks maps of magnitude 1e-7 and below, e.g. small
+gradients, toward 0; here the scaling is exact, so the metric is invariant to the map's scale).
 
 ``mult_space`` fixes where the product happens (record it with the numbers):
 ``"pixel"`` (default, the paper's E = L * I on the [0, 1] image, so L = 0 is black) computes
@@ -34,7 +36,6 @@ from .registry import MetricError
 
 NORMALIZE = ("minmax", "max", "none")
 SPACES = ("pixel", "normalized")
-EPS = 1e-7
 
 
 def scale_map(saliency: Tensor, sign: str, normalize: str) -> Tensor:
@@ -49,10 +50,10 @@ def scale_map(saliency: Tensor, sign: str, normalize: str) -> Tensor:
         return m
     flat = m.flatten(1)
     hi = flat.amax(1).view(-1, 1, 1)
-    if normalize == "max":
-        return m / (hi + EPS)
-    lo = flat.amin(1).view(-1, 1, 1)
-    return (m - lo) / (hi - lo + EPS)
+    lo = flat.amin(1).view(-1, 1, 1) if normalize == "minmax" else torch.zeros_like(hi)
+    span = hi - lo
+    # exact scaling (a map of any magnitude, even 1e-9, scales to [0, 1]); a flat map -> 0
+    return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1), 0.0)
 
 
 def explanation_images(x: Tensor, scale: Tensor, space: str, mean: Tensor, std: Tensor) -> Tensor:

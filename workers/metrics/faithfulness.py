@@ -99,8 +99,7 @@ def gaussian_kernel(size: int = 11, sigma: float = 5.0) -> np.ndarray:
     centre = size // 2
     k1 = np.zeros(size)
     for m in range(size):
-        # offsets and weights are symmetric: m - offsets gives the same kernel (no mutant)
-        t = (m + offsets) % (2 * size)  # pragma: no mutate
+        t = (m + offsets) % (2 * size)
         t = np.where(t < size, t, 2 * size - 1 - t)
         k1[m] = weights[t == centre].sum()
     return np.outer(k1, k1)
