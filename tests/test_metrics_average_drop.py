@@ -232,3 +232,26 @@ def test_scaling_is_exact_so_the_map_magnitude_does_not_matter(tiny_model, norma
     s = scale_map(1e-9 * maps, "relu", normalize)
     assert s.flatten(1).amax(1).tolist() == pytest.approx([1.0] * 3)
     assert torch.equal(scale_map(torch.zeros(1, 3, 3), "relu", normalize), torch.zeros(1, 3, 3))
+
+
+def test_a_map_of_ones_cannot_fake_an_increase_through_batch_noise(tiny_model):
+    """Forwards whose logits shift with the chunk size (like non-deterministic GPU kernels):
+    the clean and the explanation image of a map of ones land in chunks of different sizes,
+    yet O = Y exactly, so neither a drop nor an increase appears."""
+
+    def noisy(z):
+        logits = tiny_model(z)
+        return logits + 1e-3 * z.shape[0] * torch.arange(logits.shape[1])
+
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([0, 1, 2])
+    out = compute_model_metrics(NAMES, noisy, x, torch.ones(3, 4, 4), t,
+                                {"mult_normalize": "none"}, MEAN, STD, max_batch=4)
+    assert torch.equal(out["confidence_masked"], out["confidence_clean"])
+    assert torch.equal(out["average_drop"], torch.zeros(3))
+    assert torch.equal(out["confidence_increase"], torch.zeros(3))
+    part = torch.ones(3, 4, 4)
+    part[2, 0, 0] = 0.999  # not all ones: the measured O stands
+    other = compute_model_metrics(NAMES, noisy, x, part, t, {"mult_normalize": "none"}, MEAN,
+                                  STD, max_batch=4)
+    assert not torch.equal(other["confidence_masked"][2], other["confidence_clean"][2])

@@ -190,3 +190,65 @@ def test_imputation_runs_in_float32_whatever_the_input_dtype():
     half = impute(x.half(), keep)
     assert half.dtype == torch.float32
     assert torch.equal(half, impute(x.half().float(), keep))
+
+
+def residual(img: np.ndarray, keep: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """Relative residual ||A v - b|| / ||b|| of the imputed values (per channel, worst)."""
+    from scipy.sparse import lil_matrix
+
+    c, h, w = img.shape
+    removed = np.argwhere(~keep)
+    index = {tuple(p): i for i, p in enumerate(removed)}
+    a = lil_matrix((len(removed), len(removed)))
+    rhs = np.zeros((len(removed), c))
+    for i, (r, q) in enumerate(removed):
+        for dr in (-1, 0, 1):
+            for dq in (-1, 0, 1):
+                rr, qq = r + dr, q + dq
+                if (dr, dq) == (0, 0) or not (0 <= rr < h and 0 <= qq < w):
+                    continue
+                wt = 1 / 6 if dr == 0 or dq == 0 else 1 / 12
+                a[i, i] += wt
+                if keep[rr, qq]:
+                    rhs[i] += wt * img[:, rr, qq]
+                else:
+                    a[i, index[(rr, qq)]] -= wt
+    v = out[:, removed[:, 0], removed[:, 1]].T
+    res = a.tocsr() @ v - rhs
+    return float(max(np.linalg.norm(res[:, k]) / np.linalg.norm(rhs[:, k]) for k in range(c))), \
+        float(min(np.linalg.norm(rhs[:, k]) for k in range(c)))
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_cg_stops_at_the_relative_tolerance_whatever_the_image_scale(scale):
+    """A large hole needs many CG iterations: the result meets ||A v - b|| <= tol ||b|| at
+    any brightness scale, and scales with the image (the stop rule is relative)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(1, 3, 32, 32, generator=g, dtype=torch.float64).float()
+    keep = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    keep[..., 3:29, 2:30] = False
+    for tol in (1e-3, 1e-5):
+        out = impute(scale * x, keep, tol=tol)
+        rel, _ = residual((scale * x)[0].double().numpy(), keep[0, 0].numpy(),
+                          out[0].double().numpy())
+        assert rel <= tol * 1.01
+    np.testing.assert_allclose(impute(scale * x, keep, tol=1e-5).numpy() / scale,
+                               impute(x, keep, tol=1e-5).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_imputation_of_one_image_does_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(3, 3, 20, 20, generator=g)
+    keep = torch.rand(3, 1, 20, 20, generator=g) > torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1, 1)
+    both = impute(x, keep)
+    for i in range(3):
+        assert torch.equal(both[i:i + 1], impute(x[i:i + 1], keep[i:i + 1])), i
+
+
+def test_percentiles_must_lie_in_0_to_100():
+    from workers.metrics import MetricError
+
+    assert keep_counts(10, [0.0, 100.0]) == [0, 10]
+    for bad in (100.5, -0.5):
+        with pytest.raises(MetricError, match="road_percentiles"):
+            keep_counts(10, [bad])

@@ -36,8 +36,7 @@ from .faithfulness import ranks_for
 from .jobs import Context, JobGroup, Plan, score_index
 from .registry import MetricError
 
-_D, _C = 1.0 / 6.0, 1.0 / 12.0
-NEIGHBOUR_WEIGHTS = ((_C, _D, _C), (_D, 0.0, _D), (_C, _D, _C))
+_D, _C = 1.0 / 6.0, 1.0 / 12.0  # weight of a direct and of a diagonal neighbour
 
 
 def _neighbour_sum(v: Tensor) -> Tensor:
