@@ -10,7 +10,7 @@ from PIL import Image
 
 from workers.metrics import MetricError, compute_post_metrics, get_spec
 from workers.metrics.geometry import box_to_input, box_to_original, map_to_original
-from workers.metrics.pointing import energy_pointing, pointing_hit
+from workers.metrics.pointing import box_pixels, energy_pointing, pointing_hit
 from workers.metrics.pseudo_labels import box_iou, foreground
 from workers.metrics.sparseness import gini
 
@@ -72,6 +72,34 @@ def test_energy_pointing_properties():
         30 * 20 / (h * w))
     assert energy_pointing(np.zeros((h, w)), [box]) is None
     assert energy_pointing(m, None) is None
+
+
+def test_pointing_at_the_image_border_degenerate_boxes_and_nan():
+    h, w = 30, 40
+    last = point_map(h, w, w - 1, h - 1)  # the bottom-right pixel
+    past = [30, 20, 55, 45]  # runs past the right and bottom edges
+    assert pointing_hit(last, [past], tolerance=1) is True  # inside: distance 0 < 1
+    assert box_pixels(past, h, w) == (30, 20, w - 1, h - 1)  # clipped, inclusive
+    assert box_pixels([-5.0, -2.0, 3.0, 4.0], h, w) == (0, 0, 2, 3)
+    assert pointing_hit(point_map(h, w, 35, 25), [[30, 20, 40, 30]], tolerance=1) is True
+    assert pointing_hit(point_map(h, w, 29, 25), [[30, 20, 40, 30]], tolerance=1) is False
+    assert pointing_hit(point_map(h, w, 35, 19), [[30, 20, 40, 30]], tolerance=1) is False
+    edge = np.zeros((h, w))
+    edge[:, -1] = 1.0
+    edge[-1, :] = 1.0
+    assert energy_pointing(edge, [past]) == pytest.approx(19 / 69)  # 69 px, 19 in the box
+    # a box thinner than a pixel centre in either direction holds no pixel: no trial
+    for thin in ([10.0, 5.0, 10.4, 20.0], [10.0, 5.0, 20.0, 5.4]):
+        assert pointing_hit(last, [thin]) is None
+        assert energy_pointing(np.ones((h, w)), [thin]) == 0.0
+    # NaN never wins the argmax, and counts as no energy
+    m = point_map(h, w, 5, 5)
+    m[0, 0] = np.nan
+    assert pointing_hit(m, [[4, 4, 7, 7]], tolerance=1) is True
+    e = np.zeros((h, w))
+    e[5, 5] = 1.0
+    e[20, 20] = np.nan
+    assert energy_pointing(e, [[4, 4, 7, 7]]) == pytest.approx(1.0)
 
 
 def test_energy_pointing_of_signed_maps_uses_relu_by_default():
