@@ -166,6 +166,11 @@ def test_pseudo_box_of_largest_blob_and_rules():
     assert out["pseudo_box"] == {"x0": 5.0, "y0": 10.0, "x1": 25.0, "y1": 30.0}
     both = compute_post_metrics(["pseudo_box"], m, None, {"largest_component": False})
     assert both["pseudo_box"] == {"x0": 5.0, "y0": 10.0, "x1": 70.0, "y1": 50.0}
+    assert foreground(m).sum() == 400  # by default the largest component only
+    dots = np.zeros((5, 5))
+    dots[0, 0] = dots[4, 4] = 1.0  # one-pixel components: the first wins, never the background
+    assert foreground(dots).tolist() == (np.arange(25).reshape(5, 5) == 0).tolist()
+    assert foreground(m, largest_component=False).sum() == 500
     # diagonal neighbours are connected (8-connectivity)
     d = np.zeros((10, 10))
     d[2, 2] = d[3, 3] = d[4, 4] = 1
