@@ -229,6 +229,10 @@ def test_box_iou():
     assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
     assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [0, 5, 10, 15]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
+    assert box_iou([0, 0, 10, 10], [2, 3, 6, 8]) == pytest.approx(20 / 100)  # inside
+    assert box_iou([0, 0, 4, 4], [4, 4, 8, 8]) == 0.0 and box_iou([0, 0, 4, 4], [5, 0, 8, 4]) == 0
     assert box_iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
     m = np.zeros((50, 50))
     m[10:20, 10:20] = 1
