@@ -208,8 +208,12 @@ def test_threshold_monotone_and_otsu():
     bimodal[20:35, 10:30] = 0.9
     out = compute_post_metrics(["pseudo_box"], bimodal, None, {"pseudo_threshold": "otsu"})
     assert out["pseudo_box"] == {"x0": 10.0, "y0": 20.0, "x1": 30.0, "y1": 35.0}
-    with pytest.raises(ValueError, match="pseudo_threshold"):
-        foreground(m, 1.5)
+    for bad in (1.5, 1.0, -0.1, "half"):
+        with pytest.raises(ValueError, match="pseudo_threshold"):
+            foreground(m, bad)
+    assert foreground(m, 0.0, largest_component=False).all()  # 0 is allowed: every m > 0
+    # Otsu on a flat positive map: no split, every pixel is foreground
+    assert foreground(np.full((6, 6), 0.5), "otsu").all()
 
 
 def test_pseudo_mask_png_is_one_bit_at_original_size():
@@ -233,6 +237,9 @@ def test_box_iou():
     assert box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
     assert box_iou([0, 0, 10, 10], [2, 3, 6, 8]) == pytest.approx(20 / 100)  # inside
     assert box_iou([0, 0, 4, 4], [4, 4, 8, 8]) == 0.0 and box_iou([0, 0, 4, 4], [5, 0, 8, 4]) == 0
+    thin, flat = [0, 0, 0.5, 2], [0, 0, 2, 0.25]  # sub-pixel sides count as they are
+    assert box_iou(thin, thin) == pytest.approx(1.0) and box_iou(flat, flat) == pytest.approx(1.0)
+    assert box_iou(thin, [0, 0, 1, 2]) == pytest.approx(0.5)
     assert box_iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
     m = np.zeros((50, 50))
     m[10:20, 10:20] = 1
