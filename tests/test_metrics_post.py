@@ -167,6 +167,9 @@ def test_pseudo_box_of_largest_blob_and_rules():
     both = compute_post_metrics(["pseudo_box"], m, None, {"largest_component": False})
     assert both["pseudo_box"] == {"x0": 5.0, "y0": 10.0, "x1": 70.0, "y1": 50.0}
     assert foreground(m).sum() == 400  # by default the largest component only
+    holey = m.copy()
+    holey[0, 0] = np.nan  # NaN is no evidence
+    assert not foreground(holey, 0.0, largest_component=False)[0, 0]
     dots = np.zeros((5, 5))
     dots[0, 0] = dots[4, 4] = 1.0  # one-pixel components: the first wins, never the background
     assert foreground(dots).tolist() == (np.arange(25).reshape(5, 5) == 0).tolist()
