@@ -277,6 +277,7 @@ def test_helper_defaults_are_the_registry_defaults():
     ins, road = METRICS["insertion_auc"].defaults, METRICS["road"].defaults
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(blur(x), blur(x, ins["blur_kernel"], ins["blur_sigma"]))
+    assert np.array_equal(gaussian_kernel(), gaussian_kernel(ins["blur_kernel"], ins["blur_sigma"]))
     s = torch.zeros(2, 5, 5)
     assert torch.equal(pixel_ranks(s), pixel_ranks(s, ins["tie_seed"]))
     keep = torch.rand(1, 1, 16, 16) > 0.5
