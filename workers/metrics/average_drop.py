@@ -51,9 +51,8 @@ def scale_map(saliency: Tensor, sign: str, normalize: str) -> Tensor:
     flat = m.flatten(1)
     hi = flat.amax(1).view(-1, 1, 1)
     lo = flat.amin(1).view(-1, 1, 1) if normalize == "minmax" else torch.zeros_like(hi)
-    span = hi - lo
-    # exact scaling (a map of any magnitude, even 1e-9, scales to [0, 1]); a flat map -> 0
-    return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1), 0.0)
+    # exact scaling: a map of any magnitude (even 1e-9) reaches 1; a flat map gives 0 / tiny = 0
+    return (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
 
 
 def explanation_images(x: Tensor, scale: Tensor, space: str, mean: Tensor, std: Tensor) -> Tensor:
@@ -122,7 +121,7 @@ def plan_confidence_increase(ctx: Context, params: dict[str, Any]) -> Plan:
 
     def finish(scores: dict) -> dict[str, Any]:
         y, o = _y_o(scores, group, scale, params)
-        return {"confidence_increase": (100.0 * (o > y).float()).cpu(),
+        return {"confidence_increase": (100.0 * (o > y)).cpu(),
                 "_notes": _constant_notes(scale)}
 
     return Plan([ctx.clean_group(), group], finish)
