@@ -252,3 +252,18 @@ def test_percentiles_must_lie_in_0_to_100():
     for bad in (100.5, -0.5):
         with pytest.raises(MetricError, match="road_percentiles"):
             keep_counts(10, [bad])
+
+
+def test_max_iter_caps_the_conjugate_gradient_iterations():
+    g = torch.Generator().manual_seed(14)
+    x = torch.rand(1, 3, 24, 24, generator=g)
+    keep = torch.ones(1, 1, 24, 24, dtype=torch.bool)
+    keep[..., 2:22, 2:22] = False
+    runs = [impute(x, keep, tol=0.0, max_iter=k) for k in (0, 1, 2, 3)]
+    start = x[..., 2:22, 2:22]
+    assert torch.equal(runs[0][..., 2:22, 2:22],
+                       (x * keep).sum((2, 3), keepdim=True).expand_as(x)[..., 2:22, 2:22]
+                       / keep.sum())  # 0 iterations: the start value, the kept pixels' mean
+    for a, b in zip(runs, runs[1:]):
+        assert not torch.equal(a, b)  # every iteration counts
+    assert not torch.equal(runs[-1][..., 2:22, 2:22], start)
