@@ -138,3 +138,30 @@ def test_difficult_flags_reach_the_pointing_game_through_the_post_stage():
     table = post_batch(actor_batch([m] * 4, [t] * 4, rows), {"pointing_game": {}}, False)
     assert table.column("error").to_pylist() == [""] * 4
     assert table.column("pointing_hit").to_pylist() == [None, True, True, True]
+
+
+def test_transforms_of_one_pixel_are_valid_and_zero_is_not():
+    one = {"orig_h": 1, "orig_w": 1, "resized_h": 1, "resized_w": 1, "crop_top": 0,
+           "crop_left": 0, "crop_h": 1, "crop_w": 1}
+    assert map_to_original(np.full((3, 3), 2.0), one).tolist() == [[2.0]]
+    assert map_to_input(np.full((3, 3), 2.0), one).tolist() == [[2.0]]
+    for key in ("orig_h", "resized_w", "crop_h"):
+        with pytest.raises(ValueError, match=key):
+            map_to_input(np.ones((3, 3)), {**one, key: 0})
+
+
+def test_a_side_that_shrinks_is_antialiased_even_when_the_other_grows():
+    """Frame 20 x 20 back to an original of 10 x 40 (height shrinks, width grows)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = {"orig_h": 10, "orig_w": 40, "resized_h": 20, "resized_w": 20, "crop_top": 0,
+         "crop_left": 0, "crop_h": 20, "crop_w": 20}
+    m = np.random.default_rng(4).random((20, 20)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(m)[None, None], size=(10, 40), mode="bilinear",
+                        align_corners=False, antialias=True)[0, 0].numpy()
+    plain = F.interpolate(torch.from_numpy(m)[None, None], size=(10, 40), mode="bilinear",
+                          align_corners=False)[0, 0].numpy()
+    got = map_to_original(m, t)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert np.abs(got - plain).max() > 1e-2
