@@ -150,18 +150,36 @@ def test_transforms_of_one_pixel_are_valid_and_zero_is_not():
             map_to_input(np.ones((3, 3)), {**one, key: 0})
 
 
-def test_a_side_that_shrinks_is_antialiased_even_when_the_other_grows():
-    """Frame 20 x 20 back to an original of 10 x 40 (height shrinks, width grows)."""
+@pytest.mark.parametrize("frame,orig", [((20, 20), (10, 40)), ((20, 20), (40, 10)),
+                                        ((20, 8), (10, 16)), ((8, 20), (16, 10))])
+def test_a_side_that_shrinks_is_antialiased_even_when_the_other_grows(frame, orig):
+    """The resized frame back to an original where one side shrinks and the other grows."""
     import torch
     import torch.nn.functional as F
 
-    t = {"orig_h": 10, "orig_w": 40, "resized_h": 20, "resized_w": 20, "crop_top": 0,
-         "crop_left": 0, "crop_h": 20, "crop_w": 20}
-    m = np.random.default_rng(4).random((20, 20)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(m)[None, None], size=(10, 40), mode="bilinear",
+    t = {"orig_h": orig[0], "orig_w": orig[1], "resized_h": frame[0], "resized_w": frame[1],
+         "crop_top": 0, "crop_left": 0, "crop_h": frame[0], "crop_w": frame[1]}
+    m = np.random.default_rng(4).random(frame).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(m)[None, None], size=orig, mode="bilinear",
                         align_corners=False, antialias=True)[0, 0].numpy()
-    plain = F.interpolate(torch.from_numpy(m)[None, None], size=(10, 40), mode="bilinear",
+    plain = F.interpolate(torch.from_numpy(m)[None, None], size=orig, mode="bilinear",
                           align_corners=False)[0, 0].numpy()
     got = map_to_original(m, t)
     np.testing.assert_allclose(got, ref, atol=1e-6)
     assert np.abs(got - plain).max() > 1e-2
+
+
+def test_a_crop_larger_than_the_frame_and_boxes_outside_the_crop():
+    import torch
+
+    from workers.metrics.geometry import box_to_input
+
+    t = {"orig_h": 30, "orig_w": 30, "resized_h": 30, "resized_w": 30, "crop_top": -5,
+         "crop_left": -3, "crop_h": 40, "crop_w": 40}
+    m = np.random.default_rng(5).random((40, 40)).astype(np.float32)
+    np.testing.assert_array_equal(map_to_original(m, t), m[5:35, 3:33])
+    grad = torch.from_numpy(m).requires_grad_(True)  # a map still attached to a graph
+    np.testing.assert_array_equal(map_to_original(grad, t), m[5:35, 3:33])
+    inside = {**t, "crop_top": 2, "crop_left": 4, "crop_h": 20, "crop_w": 20}
+    assert box_to_input([0, 0, 3, 10], inside) == [0.0, 0.0, 0.0, 8.0]  # left of the crop
+    assert box_to_input([5, 0, 10, 1], inside) == [1.0, 0.0, 6.0, 0.0]  # above it
