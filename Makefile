@@ -31,7 +31,7 @@ demo: setup
 	$(VENV)/bin/salmap run
 
 test: setup-test
-	$(VENV)/bin/ruff check pipeline workers tests bench
+	$(VENV)/bin/ruff check pipeline workers tests bench scripts
 	$(PY) -m pytest -q tests
 
 bench: setup-test
