@@ -64,7 +64,8 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
     records = []
     protocols: dict[str, dict] = {}
     for mcfg in cfg.models:
-        loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch)
+        loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch,
+                            reshape=mcfg.reshape)
         p = loaded.preprocess
         spec = DecodeSpec(tuple(cfg.input.image_keys), cfg.input.label_key, cfg.input.boxes_key,
                           p.crop, p.resize, cfg.input.max_pixels)
@@ -80,6 +81,8 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
             params = dict(meth.params)
             if method_registry.get_class(meth.name).uses_target_layer:
                 params.setdefault("target_layer", loaded.target_layer)
+                if loaded.reshape is not None:
+                    params.setdefault("reshape", loaded.reshape)
 
             def builder(model, name=meth.name, params=params):
                 return method_registry.build(name, model, **params)
