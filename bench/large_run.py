@@ -43,7 +43,7 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     cfg = {
         "run": {"id": "large", "output": str(root / "runs"), "report": False},
-        "ray": {"progress": "off"},
+        "ray": {"progress": "lines"},
         "input": {"shards": shards},
         "models": [{"name": "m", "source": f"torchvision:{args.model}", "weights": "none",
                     "input_size": 64}],
@@ -53,14 +53,14 @@ def main() -> None:
     job = root / "large.yaml"
     job.write_text(json.dumps(cfg))
     commits: list[tuple[float, int]] = []
+    start = time.perf_counter()
 
     def out(line: str) -> None:
         m = COMMIT.search(line)
         if m:
             commits.append((time.perf_counter(), int(m.group(1))))
-        print(line, file=sys.stderr, flush=True)
+        print(f"{time.perf_counter() - start:7.1f} s  {line}", file=sys.stderr, flush=True)
 
-    start = time.perf_counter()
     result = run_job(load_config(str(job)), out=out)
     total = time.perf_counter() - start
     assert result.exit_code == 0, result.failures

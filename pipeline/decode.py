@@ -213,7 +213,8 @@ def parse_label(raw: Any) -> int:
 
 
 def parse_boxes(raw: Any) -> dict:
-    """``{"boxes": [[x0,y0,x1,y1], ...], "labels": [c, ...]}`` validated and normalised."""
+    """``{"boxes": [[x0,y0,x1,y1], ...], "labels": [c, ...], "difficult": [bool, ...]}``
+    validated and normalised (``difficult`` optional, kept only when given)."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
     try:
         obj = json.loads(text)
@@ -236,7 +237,15 @@ def parse_boxes(raw: Any) -> dict:
         labels = [int(v) for v in labels]
     except (TypeError, ValueError):
         raise DecodeError("annotation (.json): labels must be integers") from None
-    return {"boxes": clean, "labels": labels}
+    out: dict[str, Any] = {"boxes": clean, "labels": labels}
+    if "difficult" in obj:  # VOC: one flag per box (true/false or 1/0)
+        flags = obj["difficult"]
+        if not (isinstance(flags, list) and len(flags) == len(clean)
+                and all(isinstance(v, (bool, int)) and v in (0, 1) for v in flags)):
+            raise DecodeError(f"annotation (.json): 'difficult' must list one true/false (or 1/0) "
+                              f"per box, got {flags!r}"[:200])
+        out["difficult"] = [bool(v) for v in flags]
+    return out
 
 
 def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:

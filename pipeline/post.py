@@ -12,7 +12,7 @@ import pyarrow as pa
 from PIL import Image
 
 from workers.columns import BY_NAME, LABEL_COLUMNS, MAP_DTYPES, POST_METRIC_COLUMNS, output_schema
-from workers.metrics.geometry import map_to_original
+from workers.metrics.geometry import map_to_input, map_to_original
 from workers.metrics.registry import per_metric_params
 
 from .decode import SHARD_END
@@ -55,18 +55,22 @@ def encode_png(map_orig: np.ndarray) -> tuple[bytes, float, float]:
     return buf.getvalue(), lo, hi
 
 
-def boxes_for_target(boxes_json: str, target: int) -> list[list[float]] | None:
-    """Ground-truth boxes of the explained class (all boxes when the json has no labels)."""
+def boxes_for_target(boxes_json: str, target: int
+                     ) -> tuple[list[list[float]] | None, list[bool] | None]:
+    """Ground-truth boxes of the explained class (all boxes when the json has no labels) and
+    their VOC ``difficult`` flags (None when the json has none)."""
     if not boxes_json:
-        return None
+        return None, None
     obj = json.loads(boxes_json)
     boxes, labels = obj.get("boxes", []), obj.get("labels", [])
+    flags = obj.get("difficult")
     if not boxes:
-        return None
-    if labels:
-        chosen = [b for b, c in zip(boxes, labels) if int(c) == int(target)]
-        return chosen or None
-    return boxes
+        return None, None
+    keep = [int(c) == int(target) for c in labels] if labels else [True] * len(boxes)
+    chosen = [b for b, k in zip(boxes, keep) if k]
+    if not chosen:
+        return None, None
+    return chosen, None if flags is None else [bool(f) for f, k in zip(flags, keep) if k]
 
 
 def annotated_boxes(boxes_json: str, target: int) -> list[list[float]] | None:
@@ -198,11 +202,14 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
             cols["saliency_min"].append(lo)
             cols["saliency_max"].append(hi)
             if names:
-                boxes = boxes_for_target(str(batch["boxes_json"][i]), int(batch["target"][i]))
+                boxes, difficult = boxes_for_target(str(batch["boxes_json"][i]),
+                                                    int(batch["target"][i]))
                 try:
                     from workers.metrics import compute_post_metrics
 
-                    post = compute_post_metrics(names, map_orig, boxes, params)
+                    post = compute_post_metrics(names, map_orig, boxes, params,
+                                                saliency_input=map_to_input(native, t),
+                                                difficult=difficult)
                 except Exception as err:  # noqa: BLE001 - a metric bug must not lose the row
                     cols["error"][-1] = f"post metrics failed: {type(err).__name__}: {err}"
                     post = {}

@@ -273,7 +273,8 @@ class Explainer:
                 if name in metric_values:
                     row[name] = json.dumps([float(v) for v in metric_values[name][r]])
             notes = [n for n in (_annotation_note(batch, i, self.spec.targets),
-                                 metric_values.get("_metric_error", "")) if n]
+                                 metric_values.get("_metric_error", ""),
+                                 metric_values.get("_notes", [""] * len(expanded))[r]) if n]
             row["error"] = "; ".join(notes)
             rows.append(row)
         return errors + rows

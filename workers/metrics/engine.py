@@ -13,6 +13,8 @@ from . import average_drop, faithfulness, road
 from .jobs import Context, Plan, run_groups
 from .registry import MetricError, get_spec, resolve_params
 
+NOTES = "_notes"  # per-sample remarks, not a column
+
 PLANNERS: dict[str, Callable[[Context, dict[str, Any]], Plan]] = {
     "deletion_auc": faithfulness.plan_deletion,
     "insertion_auc": faithfulness.plan_insertion,
@@ -64,8 +66,10 @@ def compute_model_metrics(
         column -> per-sample float32 CPU tensor ``[B]`` (``deletion_auc``, ``insertion_auc``,
         ``average_drop``, ``confidence_clean``, ``confidence_masked``,
         ``confidence_increase``, ``road``), plus ``deletion_curve`` / ``insertion_curve``
-        (list of per-sample lists of ``steps + 1`` floats) when ``curves`` is true.
-        Samples whose map has a non-finite value get NaN (curves: None).
+        (list of per-sample lists of ``steps + 1`` floats) when ``curves`` is true, and
+        ``_notes``: one string per sample, what the numbers should be read with (e.g. a
+        constant map in average drop), "" when nothing. Samples whose map has a non-finite
+        value get NaN (curves: None).
     """
     names = list(dict.fromkeys(names))
     for name in names:
@@ -96,11 +100,19 @@ def compute_model_metrics(
     scores = run_groups([g for p in plans for g in p.groups], forward, targets, max_batch,
                         progress)
     out: dict[str, Any] = {}
+    notes = [[] for _ in range(images.shape[0])]
     for plan in plans:
-        out.update(plan.finish(scores))
+        done = plan.finish(scores)
+        for i, note in enumerate(done.pop(NOTES, [])):
+            if note and note not in notes[i]:
+                notes[i].append(note)
+        out.update(done)
+    out[NOTES] = ["; ".join(n) for n in notes]
     if bool(bad.any()):
         bad_list = bad.cpu().tolist()
         for key, value in out.items():
+            if key == NOTES:
+                continue
             if isinstance(value, Tensor):
                 value[bad.cpu()] = float("nan")
             else:
