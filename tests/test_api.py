@@ -36,7 +36,7 @@ def test_explain_tensors_gives_the_methods_maps_and_the_metrics(tiny_model):
     deletion = compute_model_metrics(["deletion_auc"], lambda t: tiny_model(t), x, want, targets,
                                      {"deletion_auc": {"steps": 4}})["deletion_auc"]
     assert np.allclose(df["deletion_auc"], deletion.numpy(), atol=1e-5)
-    gini = [compute_post_metrics(["gini"], m, None)["gini"] for m in want.numpy()]
+    gini = [compute_post_metrics(["gini"], m, None, saliency_input=m)["gini"] for m in want.numpy()]
     assert np.allclose(df["gini"], gini, atol=1e-5)
     assert df["saliency_min"].min() < 0  # IG is signed: its PNG is centred at zero
 
