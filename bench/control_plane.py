@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--units", type=int, default=42)
     p.add_argument("--per-wave", type=int, default=8)
+    p.add_argument("--device", default=None, help="not used: nothing runs on a device")
     args = p.parse_args()
     print("## Control plane by simulation (in-memory counting store, Ray stubbed)\n")
     print("| shards | units | commits | requests/commit (first 10% / last 10%) | ms/commit "

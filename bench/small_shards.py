@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--method", default="gradcam")
+    p.add_argument("--device", default=None, help="not used: the job picks CUDA when the actors see a GPU")
     args = p.parse_args()
     import ray
 

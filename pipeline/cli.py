@@ -1,9 +1,12 @@
-"""``salmap run | read | report | shards | sanity``.
+"""``salmap run | read | report | export | shards | sanity | init``, ``salmap --version``.
 
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
 could not be completed, a missing shard among existing ones included (one line per failure is
-printed, and listed in manifest.json); 4 the run is locked by another driver.
+printed, and listed in manifest.json), or the run was interrupted (Ctrl-C or SIGTERM); 4 the run
+is locked by another driver. The start-up storage probe exits 1 when the endpoint does not
+answer (may be transient; a retry resumes) and 2 for credentials, permissions or a missing
+bucket; nothing was started either way.
 """
 
 from __future__ import annotations
@@ -13,19 +16,25 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import ConfigError, load_config
+from .interrupt import interrupt_reason, sigterm_as_interrupt
 from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
+from .storage import StorageCheckError
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # demo.yaml, example.yaml
 
 
 def _default_config() -> str:
-    """configs/demo.yaml from the working directory, else from the source checkout."""
+    """configs/demo.yaml from the working directory, else the copy installed with salmap."""
     here = Path("configs/demo.yaml")
     if here.is_file():
         return str(here)
-    repo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-    if repo.is_file():
-        return str(repo)
-    raise ConfigError("no config given and configs/demo.yaml not found; pass a config file")
+    packaged = PACKAGED_CONFIGS / "demo.yaml"
+    if packaged.is_file():
+        return str(packaged)
+    raise ConfigError("no config given and configs/demo.yaml not found; pass a config file "
+                      "(salmap init writes the examples)")
 
 
 def _print_units(result, out=print) -> None:
@@ -41,7 +50,8 @@ def _print_units(result, out=print) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .commit import LockHeld
+    from .lock import LockHeld, LockLost
+    from .logs import StderrFilter, quiet_ray_logging
     from .run import run_job
 
     config = args.config
@@ -50,11 +60,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.insert(0, config)
         config = None
     cfg = load_config(config or _default_config(), overrides)
+    verbose = bool(getattr(args, "verbose", False))
+    quiet_ray_logging(verbose)
+    noise = StderrFilter() if not verbose else None
     try:
-        result = run_job(cfg)
-    except LockHeld as err:
+        if noise is not None:
+            noise.start()
+        with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
+            result = run_job(cfg)
+    except (LockHeld, LockLost) as err:  # LockLost: another driver took the run over
         print(f"salmap: {err}", file=sys.stderr)
         return EXIT_LOCKED
+    finally:
+        if noise is not None:
+            noise.stop()
     _print_units(result)
     try:
         from .summary import print_summaries
@@ -62,8 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summaries(result.units)
     except ImportError:
         pass
-    print(f"\nread it:  from pipeline.read import read_run\n"
-          f"          df = read_run({result.output!r}).to_table().to_pandas()\n"
+    print(f"\nread it:  from pipeline.read import read_frame\n"
+          f"          df = read_frame({result.output!r})  # maps=True: each row's map as [h, w]\n"
           f"   or:    salmap read {result.output}")
     if cfg.run.report and result.did_work:  # the report's path is the last line
         try:
@@ -81,12 +100,55 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    from .read import read_run
+    from .read import (
+        HEAVY_COLUMNS,
+        MAP_COLUMN,
+        RunNotFound,
+        UnitNotFound,
+        read_run,
+        resolve_unit,
+        to_maps,
+    )
+    from .read import units as run_units
 
-    ds = read_run(args.run, unit=args.unit, endpoint=args.endpoint)
-    table = ds.to_table(columns=[c for c in ds.schema.names if c not in ("saliency", "saliency_png",
-                                                                           "pseudo_mask_png")])
-    print(f"{table.num_rows} committed rows")
+    try:
+        found = run_units(args.run, endpoint=args.endpoint)
+        if args.unit:
+            found = [resolve_unit(args.unit, found)]
+        datasets = {u: read_run(args.run, unit=u, endpoint=args.endpoint) for u in found}
+    except (RunNotFound, UnitNotFound) as err:
+        print(f"salmap: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as err:  # a run without committed rows yet
+        print(f"salmap: {err}", file=sys.stderr)
+        return EXIT_INTERNAL
+    frames = []
+    for u, ds in datasets.items():
+        typ = ds.schema.field(MAP_COLUMN).type if MAP_COLUMN in ds.schema.names else None
+        shape = "x".join(map(str, typ.shape)) if typ is not None else "?"
+        dtype = str(typ.value_type).replace("halffloat", "float16") if typ is not None else "?"
+        n = ds.count_rows()
+        print(f"{u}: {n} committed rows, maps {shape} ({dtype})")
+        frames.append(ds.to_table(columns=[c for c in ds.schema.names if c not in HEAVY_COLUMNS]))
+    if args.maps:
+        if len(datasets) != 1:
+            print("salmap: --maps needs one unit (--unit)", file=sys.stderr)
+            return EXIT_CONFIG
+        ((u, ds),) = datasets.items()
+        import numpy as np
+
+        table = ds.to_table(columns=["sample_id", "target", "status", MAP_COLUMN])
+        np.savez_compressed(args.maps, maps=to_maps(table.column(MAP_COLUMN)),
+                            sample_id=np.array(table.column("sample_id").to_pylist(), dtype=str),
+                            target=np.array([-1 if t is None else t for t in
+                                             table.column("target").to_pylist()], dtype=np.int64),
+                            status=np.array(table.column("status").to_pylist(), dtype=str))
+        h, w = table.schema.field(MAP_COLUMN).type.shape
+        print(f"wrote {args.maps}: maps [{table.num_rows}, {h}, {w}] float32 (NaN on error rows), "
+              "sample_id, target, status")
+    import pyarrow as pa
+
+    table = pa.concat_tables(frames, promote_options="permissive") if len(frames) > 1 else frames[0]
     print(table.to_pandas().head(args.head).to_string())
     return EXIT_OK
 
@@ -94,18 +156,58 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.run, storage={"endpoint": args.endpoint} if args.endpoint else None)
+    path = write_report(args.run, storage={"endpoint": args.endpoint} if args.endpoint else None,
+                        signed=args.signed, max_samples=args.max_samples or None)
     print(f"report: {path}")
     return EXIT_OK
 
 
-def cmd_shards(args: argparse.Namespace) -> int:
-    from .shards import write_shards
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_run
 
+    try:
+        written = export_run(args.run, args.format, output=args.output, unit=args.unit,
+                             storage={"endpoint": args.endpoint} if args.endpoint else None,
+                             class_names=args.class_names)
+    except ExportError as err:
+        print(f"salmap: export: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for path in written:
+        print(f"{args.format}: {path}")
+    return EXIT_OK
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from .shards import IMAGE_SUFFIXES, write_shards
+
+    skipped: list[str] = []
     paths = write_shards(args.images, args.output, per_shard=args.per_shard, labels=args.labels,
-                         prefix=args.prefix, endpoint=args.endpoint)
+                         prefix=args.prefix, endpoint=args.endpoint, skipped=skipped)
+    if skipped:
+        kinds = sorted({Path(f).suffix.lower() or "(no suffix)" for f in skipped})
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} file(s) that are not {'/'.join(sorted(IMAGE_SUFFIXES))} "
+              f"images ({', '.join(kinds)}): {shown}")
     print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}" if paths else "no images found")
     return EXIT_OK if paths else EXIT_CONFIG
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write the example configs (``configs/example.yaml``, ``configs/demo.yaml``)."""
+    target = Path(args.folder)
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for src in sorted(PACKAGED_CONFIGS.glob("*.yaml")):
+        dest = target / src.name
+        if dest.exists() and not args.force:
+            print(f"kept {dest} (exists; --force overwrites)")
+            continue
+        dest.write_text(src.read_text())
+        written.append(str(dest))
+    for w in written:
+        print(f"wrote {w}")
+    print(f"next: salmap shards my_images/ shards/  then  salmap run {target / 'example.yaml'}")
+    return EXIT_OK
 
 
 def cmd_sanity(args: argparse.Namespace) -> int:
@@ -119,21 +221,42 @@ def cmd_sanity(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salmap", description="Saliency maps for whole image datasets, on Ray.")
+    p.add_argument("--version", action="version", version=f"salmap {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray's own log lines (hidden by default)")
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run (or resume) a job; no config: the embedded demo")
     r.add_argument("config", nargs="?", help="config YAML (local path or s3:// URL)")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. resources.batch_size=8")
+    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's own log lines (hidden by default)")
     r.set_defaults(func=cmd_run)
     rd = sub.add_parser("read", help="show a run's committed rows")
     rd.add_argument("run", help="<run.output>/<run.id>")
-    rd.add_argument("--unit", help="<model>__<method>")
+    rd.add_argument("--unit", help="<model>__<method>, or the method (or model) alone when unambiguous")
     rd.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
     rd.add_argument("--head", type=int, default=10)
+    rd.add_argument("--maps", metavar="FILE.npz",
+                    help="write the unit's maps as one float32 [N, h, w] array (with sample_id, "
+                         "target, status) to this .npz file")
     rd.set_defaults(func=cmd_read)
     rp = sub.add_parser("report", help="write the HTML report of a run")
     rp.add_argument("run")
     rp.add_argument("--endpoint")
+    rp.add_argument("--signed", choices=("diverging", "abs"), default="diverging",
+                    help="how maps with negative values are drawn: a blue-white-red scale centred "
+                         "at zero (default) or their absolute value")
+    rp.add_argument("--max-samples", type=int, default=0,
+                    help="at most this many samples in the gallery pages (default: every sample)")
     rp.set_defaults(func=cmd_report)
+    ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
+    ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
+    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
+    ex.add_argument("--output", help="folder or s3:// prefix (default <run>/export/<format>)")
+    ex.add_argument("--unit", help="<model>__<method> (default: every unit)")
+    ex.add_argument("--class-names", help="JSON list / object or text file (one name a line)")
+    ex.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
+    ex.set_defaults(func=cmd_export)
     sh = sub.add_parser("shards", help="turn an image folder into WebDataset shards")
     sh.add_argument("images", help="folder: class sub-folders, or flat with --labels")
     sh.add_argument("output", help="output folder or s3:// prefix")
@@ -147,13 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("overrides", nargs="*")
     sa.add_argument("--samples", type=int, default=8)
     sa.set_defaults(func=cmd_sanity)
+    it = sub.add_parser("init", help="write the example configs to ./configs (to use salmap "
+                                     "outside a source checkout)")
+    it.add_argument("folder", nargs="?", default="configs")
+    it.add_argument("--force", action="store_true", help="overwrite existing files")
+    it.set_defaults(func=cmd_init)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["run"]
+    if not [a for a in argv if a not in ("-v", "--verbose")]:
+        argv = [*argv, "run"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -164,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"salmap: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("salmap: interrupted; run the same command again to resume", file=sys.stderr)
+    except StorageCheckError as err:  # found before any work, nothing was started
+        print(f"salmap: storage error: {err}", file=sys.stderr)
+        # an endpoint that did not answer may come back (1: schedulers retry); credentials,
+        # permissions or a missing bucket need a person (2, like a config error)
+        return EXIT_INTERNAL if err.transient else EXIT_CONFIG
+    except KeyboardInterrupt as err:
+        print(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
+              "resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     except Exception as err:  # noqa: BLE001
         if os.environ.get("SALMAP_DEBUG"):

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SalmapConfig
+from .interrupt import reassert_sigterm_handler
 
 
 def init_ray(cfg: SalmapConfig) -> None:
@@ -34,6 +34,7 @@ def init_ray(cfg: SalmapConfig) -> None:
                               "logging_level": logging.WARNING}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=False, logging_level=logging.WARNING)
+        reassert_sigterm_handler()  # ray.init replaced it with its own
         return
     kwargs["address"] = "local"  # a fresh local instance, never a cluster found by accident
     if cfg.ray.num_cpus:
@@ -41,6 +42,7 @@ def init_ray(cfg: SalmapConfig) -> None:
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
     ray.init(**kwargs)
+    reassert_sigterm_handler()
 
 
 def configure_data_context(cfg: SalmapConfig) -> None:
@@ -50,7 +52,7 @@ def configure_data_context(cfg: SalmapConfig) -> None:
     ctx.max_errored_blocks = 0  # never drop rows silently: failures fail the wave
     ctx.execution_options.preserve_order = False
     ctx.max_consecutive_actor_init_deaths = 3
-    bars = cfg.ray.progress == "bars" or (cfg.ray.progress == "auto" and sys.stderr.isatty())
+    bars = cfg.ray.progress == "bars"  # auto/lines: salmap's own lines (pipeline.progress)
     ctx.enable_progress_bars = bars
     ctx.enable_operator_progress_bars = bars
     ctx.print_on_execution_start = False

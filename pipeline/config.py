@@ -63,6 +63,7 @@ class InputSection:
     image_keys: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_KEYS))
     label_key: str = "cls"
     boxes_key: str = "json"
+    mask_key: str | None = None  # ground-truth label masks, e.g. "seg.png" (label-map quality)
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
 
 
@@ -71,6 +72,8 @@ class StorageSection:
     endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / moto; None: AWS
     region: str | None = None
     retries: int = 5
+    connect_timeout_s: float = 5.0  # per attempt: a dead or unreachable endpoint fails fast
+    request_timeout_s: float = 5.0  # per attempt: abandoned when no byte moves for this long
 
 
 @dataclass
@@ -82,6 +85,9 @@ class ModelSection:
     input_size: int | None = None
     arch: str | None = None  # torchvision architecture for source file:<path>
     reshape: str | None = None  # CAM target layer layout: auto | nchw | nhwc | tokens
+    params: dict[str, Any] = field(default_factory=dict)  # package.module:callable's kwargs
+    mean: list[float] | None = None  # normalisation override (RGB, images scaled to [0, 1])
+    std: list[float] | None = None
 
 
 @dataclass
@@ -106,6 +112,22 @@ class ResourcesSection:
 
 
 @dataclass
+class PseudoLabelsSection:
+    """Per-image label maps for weak supervision (workers.metrics.label_maps, .crf)."""
+
+    label_maps: bool = False  # one label-map PNG per image and unit (label_map_png)
+    fg_threshold: float = 0.30  # IRN conf_fg_thres: a class above this is foreground
+    bg_threshold: float = 0.05  # IRN conf_bg_thres: every class at most this is background
+    crf: bool = False  # dense-CRF refinement on the image (needs salmap[crf])
+    crf_iterations: int = 10  # IRN crf_inference_label t
+    crf_unary: str = "labels"  # labels (IRN, gt_prob) | scores (-log of the scores)
+    crf_gt_prob: float = 0.7  # IRN
+    crf_gaussian: list[float] = field(default_factory=lambda: [3.0, 3.0])  # sxy, compat
+    crf_bilateral: list[float] = field(default_factory=lambda: [50.0, 5.0, 10.0])  # sxy, srgb, compat
+    box_iou: float = 0.5  # IoU at which a pseudo box matches a ground-truth box
+
+
+@dataclass
 class SalmapConfig:
     run: RunSection = field(default_factory=RunSection)
     ray: RaySection = field(default_factory=RaySection)
@@ -115,6 +137,7 @@ class SalmapConfig:
     methods: list[MethodSection] = field(default_factory=list)
     targets: str = "predicted"
     metrics: list[Any] = field(default_factory=list)
+    pseudo_labels: PseudoLabelsSection = field(default_factory=PseudoLabelsSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
 
 
@@ -276,6 +299,7 @@ def validate(cfg: SalmapConfig) -> None:
             raise ConfigError(f"methods[{i}].params: {err}") from None
     parse_targets(cfg.targets)
     _check_metrics(cfg)
+    _check_pseudo_labels(cfg)
     if conflict := job_conflict(cfg.models, cfg.methods):  # method x model family, from names
         raise ConfigError(conflict)
     r = cfg.resources
@@ -292,14 +316,28 @@ def validate(cfg: SalmapConfig) -> None:
     for key in ("batch_size", "decode_batch_size", "max_tasks_in_flight_per_actor"):
         if getattr(r, key) < 1:
             raise ConfigError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
+    if isinstance(r.gpus_per_actor, (int, float)) and r.gpus_per_actor < 0:
+        raise ConfigError(f"resources.gpus_per_actor must be 'auto' or a number >= 0 (0: CPU "
+                          f"actors, 1: a GPU each, 0.5: two actors per GPU), got {r.gpus_per_actor}")
+    if not r.cpus_per_actor > 0:
+        raise ConfigError(f"resources.cpus_per_actor must be > 0 (CPUs each CPU actor reserves, "
+                          f"e.g. 1 or 0.5), got {r.cpus_per_actor}")
     if cfg.run.shards_per_wave < 1:
         raise ConfigError("run.shards_per_wave must be >= 1")
     if cfg.run.samples_per_wave is not None and cfg.run.samples_per_wave < 1:
         raise ConfigError("run.samples_per_wave must be >= 1 (or null: no sample cap)")
     if cfg.run.map_dtype not in ("float16", "float32"):
         raise ConfigError(f"run.map_dtype: {cfg.run.map_dtype!r} is not float16 or float32")
+    if not cfg.run.lock_lease_s > 0:
+        raise ConfigError(f"run.lock_lease_s must be > 0 (seconds without a heartbeat after "
+                          f"which the run's lock is stale, e.g. 120), got {cfg.run.lock_lease_s}")
     if cfg.run.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", cfg.run.id):
         raise ConfigError(f"run.id {cfg.run.id!r}: use letters, digits, '_', '-', '.' (max 128)")
+    for key in ("connect_timeout_s", "request_timeout_s"):
+        if not getattr(cfg.storage, key) > 0:
+            raise ConfigError(f"storage.{key} must be > 0 seconds, got {getattr(cfg.storage, key)}")
+    if cfg.storage.retries < 1:
+        raise ConfigError(f"storage.retries must be >= 1, got {cfg.storage.retries}")
     if cfg.input.max_pixels < 1:
         raise ConfigError("input.max_pixels must be >= 1")
     if cfg.ray.progress not in ("auto", "bars", "lines", "off"):
@@ -321,6 +359,16 @@ def _check_gpus_per_actor(value: Any) -> None:
 
 def _check_model_source(i: int, m: ModelSection) -> None:
     src = m.source
+    callable_source = bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", src)) and not (
+        src.startswith(("torchvision:", "file:")))
+    if m.params and not callable_source:
+        raise ConfigError(f"models[{i}].params: only a package.module:callable source takes "
+                          f"arguments (source is {src!r})")
+    for key in ("mean", "std"):
+        value = getattr(m, key)
+        if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+            raise ConfigError(f"models[{i}].{key}: three numbers (R, G, B)"
+                              + (", all > 0" if key == "std" else "") + f", got {list(value)}")
     if src.startswith("torchvision:"):
         from workers.models import torchvision_names
 
@@ -335,12 +383,34 @@ def _check_model_source(i: int, m: ModelSection) -> None:
     elif src in ("efficientnet_lite0", "efficientnet-lite0"):
         pass
     elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", src):
-        pass
+        _check_factory(i, src)
     else:
         raise ConfigError(
             f"models[{i}].source: {src!r} is not torchvision:<name>, file:<path>, efficientnet_lite0 "
             "or package.module:callable" + _nearest(src, ["efficientnet_lite0", "torchvision:resnet50"])
         )
+
+
+def _check_factory(i: int, src: str) -> None:
+    """Import a ``package.module:callable`` model source now: a typo or a module that is not
+    installed is a config error before Ray starts, not an actor that dies on every node."""
+    import importlib
+
+    module_name, fn_name = src.split(":", 1)
+    where = ("it must be importable on the driver and on every Ray node (on PYTHONPATH or in "
+             "an installed package)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import-time failure of the user's module
+        raise ConfigError(f"models[{i}].source: cannot import module {module_name!r} "
+                          f"({type(err).__name__}: {err}); {where}") from None
+    factory = getattr(module, fn_name, None)
+    if factory is None:
+        raise ConfigError(f"models[{i}].source: module {module_name!r} has no {fn_name!r}"
+                          f"{_nearest(fn_name, [n for n in dir(module) if not n.startswith('_')])}")
+    if not callable(factory):
+        raise ConfigError(f"models[{i}].source: {src} is a {type(factory).__name__}, not a "
+                          "callable that returns a torch.nn.Module")
 
 
 def _check_metrics(cfg: SalmapConfig) -> None:
@@ -360,6 +430,47 @@ def _check_metrics(cfg: SalmapConfig) -> None:
             check_params(specs)
         except ValueError as err:
             raise ConfigError(f"metrics: {err}") from None
+
+
+def _check_pseudo_labels(cfg: SalmapConfig) -> None:
+    p = cfg.pseudo_labels
+    if not 0 <= p.bg_threshold <= p.fg_threshold < 1:
+        raise ConfigError(f"pseudo_labels: need 0 <= bg_threshold <= fg_threshold < 1, got "
+                          f"bg_threshold={p.bg_threshold}, fg_threshold={p.fg_threshold}")
+    if not 0 < p.box_iou <= 1:
+        raise ConfigError(f"pseudo_labels.box_iou must be in (0, 1], got {p.box_iou}")
+    if cfg.input.mask_key and not p.label_maps:
+        raise ConfigError(f"input.mask_key={cfg.input.mask_key!r}: ground-truth masks score the "
+                          "label maps; set pseudo_labels.label_maps=true (or drop mask_key)")
+    if not p.crf:
+        return
+    if not p.label_maps:
+        raise ConfigError("pseudo_labels.crf refines the label maps; set pseudo_labels.label_maps=true")
+    if p.crf_unary not in ("labels", "scores"):
+        raise ConfigError(f"pseudo_labels.crf_unary: {p.crf_unary!r} is not labels or scores"
+                          + _nearest(p.crf_unary, ["labels", "scores"]))
+    if p.crf_iterations < 1:
+        raise ConfigError("pseudo_labels.crf_iterations must be >= 1")
+    if not 0 < p.crf_gt_prob < 1:
+        raise ConfigError(f"pseudo_labels.crf_gt_prob must be in (0, 1), got {p.crf_gt_prob}")
+    if len(p.crf_gaussian) != 2 or len(p.crf_bilateral) != 3:
+        raise ConfigError("pseudo_labels.crf_gaussian is [sxy, compat] and crf_bilateral "
+                          "[sxy, srgb, compat]")
+    from workers.metrics.crf import INSTALL_HINT, available
+
+    if not available():
+        raise ConfigError(INSTALL_HINT)
+
+
+def pseudo_label_options(cfg: SalmapConfig) -> dict[str, Any]:
+    """The ``pseudo_labels`` section as the post stage reads it (plain data)."""
+    p = cfg.pseudo_labels
+    crf = {"iterations": p.crf_iterations, "unary": p.crf_unary, "gt_prob": p.crf_gt_prob,
+           "gaussian": [float(v) for v in p.crf_gaussian],
+           "bilateral": [float(v) for v in p.crf_bilateral]} if p.crf else None
+    return {"label_maps": p.label_maps, "fg_threshold": p.fg_threshold,
+            "bg_threshold": p.bg_threshold, "crf": crf, "box_iou": p.box_iou,
+            "max_pixels": cfg.input.max_pixels}
 
 
 def to_container(cfg: SalmapConfig) -> dict:
@@ -392,7 +503,7 @@ def _check_torchvision_weights(i: int, arch: str, weights: str | None) -> None:
 def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> str:
     """What makes a unit's rows what they are (not batch sizes, actor counts or paths)."""
     c = to_container(cfg)
-    return stable_hash({
+    what = {
         "model": {k: v for k, v in to_container_section(model).items()},
         "method": {"name": method.name, "params": dict(method.params)},
         "targets": cfg.targets,
@@ -400,7 +511,13 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
         "precision": cfg.resources.precision,
         "map_dtype": cfg.run.map_dtype,
         "input": {k: c["input"][k] for k in ("image_keys", "label_key", "boxes_key", "max_pixels")},
-    })
+    }
+    # only where they differ from the defaults, so runs made without them keep their hash
+    if c["input"]["mask_key"]:
+        what["input"]["mask_key"] = c["input"]["mask_key"]
+    if c["pseudo_labels"] != to_container_section(PseudoLabelsSection()):
+        what["pseudo_labels"] = c["pseudo_labels"]
+    return stable_hash(what)
 
 
 def to_container_section(section: Any) -> dict:

@@ -6,11 +6,15 @@ row with a reason a user can act on; it never fails the batch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import re
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +46,8 @@ class DecodeSpec:
     crop: int
     resize: int
     max_pixels: int
+    mask_key: str = ""  # ground-truth label mask (e.g. "seg.png"), passed on as bytes
+    keep_image: bool = False  # pass the image's bytes on (dense-CRF refinement of label maps)
 
 
 def shard_name(url: str) -> str:
@@ -89,16 +95,61 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+class _PixelLimit:
+    """Pillow's own decompression-bomb limit (the module global ``Image.MAX_IMAGE_PIXELS``) set
+    to a call's ``input.max_pixels`` for the call, and restored after it. Calls with the same
+    limit run concurrently; a call with another limit waits until they are done, so no call
+    ever decodes under another call's limit."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._users = 0
+        self._limit: int | None = None
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, limit: int) -> Iterator[None]:
+        with self._cond:
+            while self._users and self._limit != limit:
+                self._cond.wait()
+            if not self._users:
+                self._saved, self._limit = Image.MAX_IMAGE_PIXELS, limit
+                Image.MAX_IMAGE_PIXELS = limit
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if not self._users:
+                    Image.MAX_IMAGE_PIXELS, self._limit = self._saved, None
+                    self._cond.notify_all()
+
+
+pixel_limit = _PixelLimit()
+
+
+def _bomb_error(err: Exception, max_pixels: int) -> DecodeError:
+    m = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(m.group(1))} pixels" if m else "too many pixels"
+    return DecodeError(f"image refused as a decompression bomb: {size}, above input.max_pixels="
+                       f"{max_pixels}; raise input.max_pixels if the image is genuine")
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes to RGB with EXIF orientation applied; refuse bombs and corrupt data."""
+    """Decode image bytes to RGB with EXIF orientation applied; refuse bombs and corrupt data.
+
+    ``max_pixels`` is Pillow's limit for this call, raised or lowered (Pillow's default would
+    otherwise refuse genuine images above 89 M pixels whatever the config says).
+    """
     if not data:
         raise DecodeError("image file is empty (0 bytes)")
-    with warnings.catch_warnings():
+    with pixel_limit(max_pixels), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            raise DecodeError(f"image refused as a decompression bomb: {err}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise _bomb_error(err, max_pixels) from None
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
             raise DecodeError(
                 f"not a readable image ({len(data)} bytes, {type(err).__name__}); "
@@ -116,7 +167,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img) or img
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise DecodeError(f"image refused as a decompression bomb: {err}") from None
+            raise _bomb_error(err, max_pixels) from None
         except Exception as err:  # noqa: BLE001
             raise DecodeError(
                 f"image data is truncated or corrupt ({type(err).__name__}: {err}); "
@@ -162,7 +213,8 @@ def parse_label(raw: Any) -> int:
 
 
 def parse_boxes(raw: Any) -> dict:
-    """``{"boxes": [[x0,y0,x1,y1], ...], "labels": [c, ...]}`` validated and normalised."""
+    """``{"boxes": [[x0,y0,x1,y1], ...], "labels": [c, ...], "difficult": [bool, ...]}``
+    validated and normalised (``difficult`` optional, kept only when given)."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
     try:
         obj = json.loads(text)
@@ -185,7 +237,15 @@ def parse_boxes(raw: Any) -> dict:
         labels = [int(v) for v in labels]
     except (TypeError, ValueError):
         raise DecodeError("annotation (.json): labels must be integers") from None
-    return {"boxes": clean, "labels": labels}
+    out: dict[str, Any] = {"boxes": clean, "labels": labels}
+    if "difficult" in obj:  # VOC: one flag per box (true/false or 1/0)
+        flags = obj["difficult"]
+        if not (isinstance(flags, list) and len(flags) == len(clean)
+                and all(isinstance(v, (bool, int)) and v in (0, 1) for v in flags)):
+            raise DecodeError(f"annotation (.json): 'difficult' must list one true/false (or 1/0) "
+                              f"per box, got {flags!r}"[:200])
+        out["difficult"] = [bool(v) for v in flags]
+    return out
 
 
 def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
@@ -197,6 +257,7 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         "image": None, "orig_height": -1, "orig_width": -1,
         "resized_h": 0, "resized_w": 0, "crop_top": 0, "crop_left": 0, "crop_h": 0, "crop_w": 0,
         "label": -1, "label_error": "", "boxes_json": "", "boxes_error": "",
+        "image_bytes": b"", "gt_mask_bytes": b"",
         "shard_samples": -1, "shard_error": "", "status": "ok", "error": "",
     }
     if row.get("__error__"):  # the shard reader could not read this sample whole
@@ -214,6 +275,9 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
             out["boxes_json"] = json.dumps(parse_boxes(raw_boxes))
         except DecodeError as err:
             out["boxes_error"] = str(err)
+    raw_mask = _suffix_value(row, spec.mask_key) if spec.mask_key else None
+    if isinstance(raw_mask, (bytes, bytearray)):
+        out["gt_mask_bytes"] = bytes(raw_mask)
     data = None
     for k in spec.image_keys:
         data = _suffix_value(row, k)
@@ -236,6 +300,8 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         arr, geo = preprocess(img, spec.resize, spec.crop)
         out["image"] = arr
         out.update(geo)
+        if spec.keep_image:
+            out["image_bytes"] = bytes(data)
     except DecodeError as err:
         out["status"], out["error"] = "error", str(err)
     except Exception as err:  # noqa: BLE001 - never fail the batch on one sample
@@ -262,7 +328,7 @@ def marker_row(row: dict[str, Any]) -> dict[str, Any]:
         "sample_id": "", "shard": shard, "key": "", "image_file": "", "image": None,
         "orig_height": -1, "orig_width": -1, "resized_h": 0, "resized_w": 0, "crop_top": 0,
         "crop_left": 0, "crop_h": 0, "crop_w": 0, "label": -1, "label_error": "",
-        "boxes_json": "", "boxes_error": "",
+        "boxes_json": "", "boxes_error": "", "image_bytes": b"", "gt_mask_bytes": b"",
         "shard_samples": int(row.get("shard_samples", 0)),
         "shard_error": str(row.get("__error__") or ""),
         "status": SHARD_END, "error": "unreadable" if row.get("unreadable") else "",

@@ -76,6 +76,7 @@ class WriteSpec:
     map_dtype: str = "float16"
     unit_id: str = ""
     extra: dict = field(default_factory=dict)
+    labels: dict | None = None  # pseudo_labels options (pipeline.config.pseudo_label_options)
 
 
 def part_name(unit_id: str, keys: list[tuple[str, int]]) -> str:
@@ -112,7 +113,8 @@ class _PostWrite:
                 by_wave.setdefault(spec.wave_of.get(shard, ""), []).append(i)
         for wave_id, rows in by_wave.items():
             table = post_batch(batch, spec.post_metrics, spec.curves,
-                               {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows)
+                               {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows,
+                               spec.labels)
             keys = list(zip(table.column("sample_id").to_pylist(),
                             table.column("shard").to_pylist(),
                             [-1 if t is None else t for t in table.column("target").to_pylist()],
@@ -149,6 +151,24 @@ def actor_entries(batch: dict[str, np.ndarray]) -> str:
     return json.dumps([[*k, len(v)] for k, v in groups.items()])
 
 
+def explainer_class(label_maps: bool) -> type:
+    """The actor class: :class:`workers.actor.Explainer`, or with label maps a subclass that
+    packs each sample's maps onto one of its rows (:func:`workers.metrics.label_maps.
+    attach_sample_maps`): the post stage's batches may split a sample's rows, one actor call
+    never does."""
+    from workers.actor import Explainer
+
+    if not label_maps:
+        return Explainer
+    from workers.metrics.label_maps import attach_sample_maps
+
+    class SampleMapsExplainer(Explainer):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return attach_sample_maps(super().__call__(batch))
+
+    return SampleMapsExplainer
+
+
 # -- the driver side -------------------------------------------------------------------------
 @dataclass
 class UnitExecution:
@@ -172,8 +192,6 @@ def build_dataset(ex: UnitExecution):
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from workers.actor import Explainer
-
     shards = [s for w in ex.waves for s in w.shards]
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
@@ -187,8 +205,9 @@ def build_dataset(ex: UnitExecution):
     else:
         pool = ActorPoolStrategy(size=ex.actors,
                                  max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
+    actor = explainer_class(bool((ex.write.labels or {}).get("label_maps")))
     # a subclass per unit: its actors carry the unit's name in Ray's actor table (accounting)
-    udf = type(pool_class_name(ex.unit.id), (Explainer,), {})
+    udf = type(pool_class_name(ex.unit.id), (actor,), {})
     ds = ds.map_batches(udf, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
                         batch_format="numpy", compute=pool, **ex.actor_resources)
     return ds.map_batches(_PostWrite(ex.write), batch_format="numpy", batch_size=POST_BATCH,

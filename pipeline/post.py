@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from workers.columns import BY_NAME, MAP_DTYPES, POST_METRIC_COLUMNS, output_schema
-from workers.metrics.geometry import map_to_original
+from workers.columns import BY_NAME, LABEL_COLUMNS, MAP_DTYPES, POST_METRIC_COLUMNS, output_schema
+from workers.metrics.geometry import map_to_input, map_to_original
 from workers.metrics.registry import per_metric_params
 
 from .decode import SHARD_END
@@ -37,8 +37,17 @@ def crop_box(t: dict[str, int]) -> dict[str, float]:
 
 
 def encode_png(map_orig: np.ndarray) -> tuple[bytes, float, float]:
-    """8-bit grayscale PNG of a map, min-max scaled; returns (png, min, max) to undo the scaling."""
+    """8-bit grayscale PNG of a map; returns (png, lo, hi) to undo the scaling:
+    ``value = png / 255 * (hi - lo) + lo``.
+
+    A map without negative values is min-max scaled (lo, hi = its min and max). A signed map
+    (any value below zero) is scaled symmetrically, lo = -hi = -max |value|, so zero is the
+    middle grey (127.5, stored as 128) and the sign of every pixel survives the encoding.
+    """
     lo, hi = float(map_orig.min()), float(map_orig.max())
+    if lo < 0:
+        hi = max(-lo, hi)
+        lo = -hi
     scaled = np.zeros(map_orig.shape, np.uint8) if hi <= lo else \
         np.clip((map_orig - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -46,18 +55,100 @@ def encode_png(map_orig: np.ndarray) -> tuple[bytes, float, float]:
     return buf.getvalue(), lo, hi
 
 
-def boxes_for_target(boxes_json: str, target: int) -> list[list[float]] | None:
-    """Ground-truth boxes of the explained class (all boxes when the json has no labels)."""
+def boxes_for_target(boxes_json: str, target: int
+                     ) -> tuple[list[list[float]] | None, list[bool] | None]:
+    """Ground-truth boxes of the explained class (all boxes when the json has no labels) and
+    their VOC ``difficult`` flags (None when the json has none)."""
+    if not boxes_json:
+        return None, None
+    obj = json.loads(boxes_json)
+    boxes, labels = obj.get("boxes", []), obj.get("labels", [])
+    flags = obj.get("difficult")
+    if not boxes:
+        return None, None
+    keep = [int(c) == int(target) for c in labels] if labels else [True] * len(boxes)
+    chosen = [b for b, k in zip(boxes, keep) if k]
+    if not chosen:
+        return None, None
+    return chosen, None if flags is None else [bool(f) for f, k in zip(flags, keep) if k]
+
+
+def annotated_boxes(boxes_json: str, target: int) -> list[list[float]] | None:
+    """Ground-truth boxes of the explained class; None when the sample has no box annotation
+    (an annotation without a box of that class gives [])."""
     if not boxes_json:
         return None
     obj = json.loads(boxes_json)
     boxes, labels = obj.get("boxes", []), obj.get("labels", [])
-    if not boxes:
-        return None
     if labels:
-        chosen = [b for b, c in zip(boxes, labels) if int(c) == int(target)]
-        return chosen or None
-    return boxes
+        return [b for b, c in zip(boxes, labels) if int(c) == int(target)]
+    return list(boxes)
+
+
+def sample_label_map(pack: bytes, t: dict[str, int], image_bytes: bytes,
+                     labels: dict[str, Any]) -> np.ndarray:
+    """The label map of one sample from its packed maps (workers.metrics.label_maps), in
+    original pixels; refined by a dense CRF on the image when ``labels["crf"]`` is set."""
+    from workers.metrics.label_maps import class_scores, crop_valid, label_map, unpack_maps
+
+    targets, maps = unpack_maps(pack)
+    scores = class_scores(np.stack([map_to_original(m.astype(np.float32), t) for m in maps]))
+    valid = crop_valid(t["orig_h"], t["orig_w"], crop_box(t))
+    fg, bg = float(labels["fg_threshold"]), float(labels["bg_threshold"])
+    crf = labels.get("crf")
+    if not crf:
+        return label_map(scores, targets, fg, bg, valid)
+    from workers.metrics.crf import crf_label_map
+
+    from .decode import open_image
+
+    if not image_bytes:
+        raise ValueError("the image's bytes did not reach the post stage")
+    image = np.asarray(open_image(image_bytes, int(labels.get("max_pixels", 89_478_485))))
+    return crf_label_map(image, scores, targets, fg, bg, valid, iterations=crf["iterations"],
+                         unary=crf["unary"], gt_prob=crf["gt_prob"], gaussian=crf["gaussian"],
+                         bilateral=crf["bilateral"])
+
+
+def label_columns(batch: dict[str, np.ndarray], i: int, t: dict[str, int], map_orig: np.ndarray,
+                  post: dict[str, Any], labels: dict[str, Any] | None) -> tuple[dict, list[str]]:
+    """The weak-supervision columns of one ok row (:data:`workers.columns.LABEL_COLUMNS`) and
+    notes for its ``error`` column: the pseudo box's score and match with the ground truth
+    (when the row has a pseudo box), the sample's label map and its counts against a
+    ground-truth mask (on the row that carries the sample's maps)."""
+    from workers.metrics.crf import CRFUnavailable
+    from workers.metrics.label_maps import encode_png
+    from workers.metrics.label_quality import BOX_IOU, box_match, decode_gt_mask, mask_counts
+    from workers.metrics.pseudo_labels import box_score
+
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    if "pseudo_box" in post:
+        box = post["pseudo_box"]
+        out["pseudo_box_score"] = box_score(map_orig, box)
+        gt = annotated_boxes(str(batch["boxes_json"][i]), int(batch["target"][i]))
+        if gt is not None:
+            out["gt_box_count"] = len(gt)
+            out["pseudo_box_match"] = box_match(box, gt, float((labels or {}).get("box_iou", BOX_IOU)))
+    pack = batch["sample_maps"][i] if "sample_maps" in batch else b""
+    if not (labels and labels.get("label_maps") and pack):
+        return out, notes
+    image = batch["image_bytes"][i] if "image_bytes" in batch else b""
+    try:
+        lm = sample_label_map(pack, t, image, labels)
+    except CRFUnavailable:
+        raise  # a node without the binding: fail loudly, not one note per image
+    except Exception as err:  # noqa: BLE001 - a label-map bug must not lose the row
+        notes.append(f"label map failed: {type(err).__name__}: {err}")
+        return out, notes
+    out["label_map_png"] = encode_png(lm)
+    mask = batch["gt_mask_bytes"][i] if "gt_mask_bytes" in batch else b""
+    if mask:
+        try:
+            out["label_map_quality"] = mask_counts(lm, decode_gt_mask(mask, lm.shape))
+        except ValueError as err:
+            notes.append(f"ground-truth mask ignored: {err}")
+    return out, notes
 
 
 def _nan_to_none(v: Any) -> Any:
@@ -74,11 +165,12 @@ def _written(schema: pa.Schema) -> list[str]:
 
 def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_curves: bool,
                file_metadata: dict[str, str] | None = None, map_dtype: str = "float16",
-               rows: list[int] | None = None) -> pa.Table:
+               rows: list[int] | None = None, labels: dict[str, Any] | None = None) -> pa.Table:
     """Actor rows (numpy columns) -> the final Arrow table (columns: :mod:`workers.columns`).
 
     ``rows`` picks the batch rows to convert (default: every row that is not a shard-end
-    marker).
+    marker). ``labels``: the run's ``pseudo_labels`` options (label maps, thresholds, CRF,
+    box IoU; :func:`pipeline.config.pseudo_label_options`), None for the defaults.
     """
     sal = np.asarray(batch["saliency"])
     h, w = (int(sal.shape[1]), int(sal.shape[2])) if sal.ndim == 3 else (1, 1)
@@ -99,6 +191,7 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
                 continue
             cols[name].append(_value(batch, name, column.kind, i))
         post: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if ok:
             cols["crop_box"].append(crop_box(t))
             native = sal[i].astype(np.float32)
@@ -109,19 +202,27 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
             cols["saliency_min"].append(lo)
             cols["saliency_max"].append(hi)
             if names:
-                boxes = boxes_for_target(str(batch["boxes_json"][i]), int(batch["target"][i]))
+                boxes, difficult = boxes_for_target(str(batch["boxes_json"][i]),
+                                                    int(batch["target"][i]))
                 try:
                     from workers.metrics import compute_post_metrics
 
-                    post = compute_post_metrics(names, map_orig, boxes, params)
+                    post = compute_post_metrics(names, map_orig, boxes, params,
+                                                saliency_input=map_to_input(native, t),
+                                                difficult=difficult)
                 except Exception as err:  # noqa: BLE001 - a metric bug must not lose the row
                     cols["error"][-1] = f"post metrics failed: {type(err).__name__}: {err}"
                     post = {}
+            extra, notes = label_columns(batch, i, t, map_orig, post, labels)
+            if notes:
+                cols["error"][-1] = "; ".join([n for n in (cols["error"][-1], *notes) if n])
         else:
             for name in ("crop_box", "saliency", "saliency_png", "saliency_min", "saliency_max"):
                 cols[name].append(None)
         for name in POST_METRIC_COLUMNS:
             cols[name].append(_nan_to_none(post.get(name)))
+        for name in LABEL_COLUMNS:
+            cols[name].append(extra.get(name))
     arrays = []
     for f in schema:
         if f.name == "saliency":

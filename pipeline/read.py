@@ -1,28 +1,81 @@
-"""Reading committed output: only files listed in commit records, never partial waves."""
+"""Reading committed output: only files listed in commit records, never partial waves.
+
+:func:`read_run` gives a pyarrow dataset; :func:`read_frame` a pandas DataFrame, optionally
+with each row's map as a float32 ``[h, w]`` array; :func:`maps` one unit's maps as one
+``[N, h, w]`` array. A unit can be named ``<model>__<method>``, or by its method (or model)
+alone when that is unambiguous.
+"""
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from .ledger import committed_files, load_commits
+from .ledger import COMMITS, MANIFEST_KEY, committed_files, load_commits
 from .storage import Store
+
+MAP_COLUMN = "saliency"
+# binary and map columns left out of printouts and of read_frame's default columns
+HEAVY_COLUMNS = ("saliency", "saliency_png", "pseudo_mask_png", "label_map_png")
+
+
+class RunNotFound(ValueError):
+    """The path holds no salmap run (no manifest, no commit records)."""
+
+
+class UnitNotFound(ValueError):
+    """No committed unit matches the name given (the message lists the run's units)."""
+
+
+def _store(run: str, endpoint: str | None, storage: Any) -> Store:
+    return Store.open(run, storage if storage is not None else
+                      ({"endpoint": endpoint} if endpoint else None))
+
+
+def _commits(run: str, store: Store, commits: dict | None) -> dict:
+    if commits is not None:
+        return commits
+    if not store.exists(MANIFEST_KEY) and not store.list(COMMITS):
+        raise RunNotFound(f"{run}: not found (no salmap run there: no {MANIFEST_KEY}, "
+                          f"no {COMMITS}/)")
+    return load_commits(store)
+
+
+def resolve_unit(name: str, units: list[str]) -> str:
+    """``<model>__<method>``, or a method or model name that belongs to exactly one unit."""
+    if name in units:
+        return name
+    by_part = [u for u in units if name in u.split("__", 1)]
+    if len(by_part) == 1:
+        return by_part[0]
+    if len(by_part) > 1:
+        raise UnitNotFound(f"unit {name!r} is ambiguous: {', '.join(sorted(by_part))}; "
+                           "name it as <model>__<method>")
+    options = sorted({*units, *(p for u in units for p in u.split("__", 1))})
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    listed = ", ".join(sorted(units)) or "none yet"
+    raise UnitNotFound(f"no committed unit {name!r}{hint}; units: {listed}")
 
 
 def read_run(run: str, unit: str | None = None, endpoint: str | None = None,
              storage: object = None, commits: dict | None = None) -> pads.Dataset:
     """A pyarrow dataset of a run's committed rows (``run`` = ``<run.output>/<run.id>``).
 
-    Units with different map shapes have different ``saliency`` types; pass ``unit``
-    (``<model>__<method>``) to read one, or read all and drop the ``saliency`` column.
-    ``commits`` (from :func:`pipeline.ledger.load_commits`) saves reading the commit records
-    again when several units are read one after the other.
+    Units with different map shapes have different ``saliency`` types; pass ``unit`` to read
+    one, or read all and the ``saliency`` column is left out. ``commits`` (from
+    :func:`pipeline.ledger.load_commits`) saves reading the commit records again when
+    several units are read one after the other. Raises :class:`RunNotFound` when ``run``
+    holds no run and :class:`UnitNotFound` for an unknown or ambiguous ``unit``.
     """
-    store = Store.open(run, storage if storage is not None else ({"endpoint": endpoint} if endpoint else None))
-    if commits is None:
-        commits = load_commits(store)
-    if unit is not None and unit not in commits:
-        raise ValueError(f"unit {unit!r} has no committed rows in {run}; units: {', '.join(sorted(commits))}")
+    store = _store(run, endpoint, storage)
+    commits = _commits(run, store, commits)
+    if unit is not None:
+        unit = resolve_unit(unit, list(commits))
     units = [unit] if unit is not None else sorted(commits)
     groups = [[store.path(f) for f in committed_files(commits, u)] for u in units]
     groups = [g for g in groups if g]
@@ -39,6 +92,85 @@ def read_run(run: str, unit: str | None = None, endpoint: str | None = None,
     common = datasets[0].schema
     for d in datasets[1:]:
         common = pa.schema([f for f in common if f.name in d.schema.names and
-                            (f.name == "saliency" or d.schema.field(f.name).type == f.type)])
-    common = pa.schema([f for f in common if f.name != "saliency"])
+                            (f.name == MAP_COLUMN or d.schema.field(f.name).type == f.type)])
+    common = pa.schema([f for f in common if f.name != MAP_COLUMN])
     return pads.dataset(paths, filesystem=store.fs, format="parquet", schema=common)
+
+
+def units(run: str, endpoint: str | None = None, storage: object = None) -> list[str]:
+    """The run's units that have committed rows."""
+    store = _store(run, endpoint, storage)
+    return sorted(u for u, waves in _commits(run, store, None).items() if waves)
+
+
+def to_maps(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A ``saliency`` column (``arrow.fixed_shape_tensor``) -> float32 ``[N, h, w]``; rows
+    without a map (error rows) are NaN."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    typ = column.type
+    if not isinstance(typ, pa.FixedShapeTensorType):
+        raise TypeError(f"not a map column: {typ} (expected arrow.fixed_shape_tensor)")
+    h, w = typ.shape
+    storage = column.storage if isinstance(column, pa.ExtensionArray) else column
+    size = h * w
+    flat = storage.values.slice(storage.offset * size, len(storage) * size)
+    out = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(storage), h, w)
+    out[~storage.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def maps(run: str, unit: str | None = None, endpoint: str | None = None,
+         storage: object = None) -> np.ndarray:
+    """One unit's maps as float32 ``[N, h, w]``, in the row order of ``read_frame(run, unit)``
+    (NaN maps on error rows). ``unit`` may be omitted when the run has one unit."""
+    ds = read_run(run, unit=_single(run, unit, endpoint, storage), endpoint=endpoint,
+                  storage=storage)
+    return to_maps(ds.to_table(columns=[MAP_COLUMN]).column(MAP_COLUMN))
+
+
+def _single(run: str, unit: str | None, endpoint: str | None, storage: object) -> str:
+    if unit is not None:
+        return unit
+    found = units(run, endpoint, storage)
+    if len(found) != 1:
+        raise UnitNotFound(f"{run} has {len(found)} units ({', '.join(found)}): name one")
+    return found[0]
+
+
+def read_frame(run: str, unit: str | None = None, columns: list[str] | None = None,
+               maps: bool = False, endpoint: str | None = None,
+               storage: object = None):
+    """The committed rows as a pandas DataFrame.
+
+    ``columns``: the columns to read (default: every column except the map and the PNGs).
+    ``maps=True`` adds the ``saliency`` column with each row's map as a float32 ``[h, w]``
+    numpy array (None on error rows); units with different map shapes can be read together.
+    """
+    import pandas as pd
+
+    store = _store(run, endpoint, storage)
+    commits = _commits(run, store, None)
+    wanted = [resolve_unit(unit, list(commits))] if unit is not None else \
+        sorted(u for u, w in commits.items() if w)
+    frames = []
+    for u in wanted:
+        ds = read_run(run, unit=u, endpoint=endpoint, storage=storage, commits=commits)
+        names = ds.schema.names
+        cols = [c for c in (columns or names) if c in names and (columns or c not in HEAVY_COLUMNS)]
+        if columns:
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise KeyError(f"{u}: no column {', '.join(missing)}; columns: {', '.join(names)}")
+        if maps and MAP_COLUMN not in cols:
+            cols.append(MAP_COLUMN)
+        table = ds.to_table(columns=cols)
+        rest = table.drop_columns([MAP_COLUMN]) if MAP_COLUMN in cols else table
+        df = rest.to_pandas()
+        if MAP_COLUMN in cols:
+            arr = to_maps(table.column(MAP_COLUMN))
+            df[MAP_COLUMN] = [None if np.isnan(m).all() else m for m in arr]
+        frames.append(df)
+    if not frames:
+        raise ValueError(f"{run} has no committed rows yet")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

@@ -12,24 +12,25 @@ import logging
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
 from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
 from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
-from .commit import RunLock
 from .config import (
     ConfigError,
     SalmapConfig,
     metric_specs,
     parse_targets,
+    pseudo_label_options,
     stable_hash,
     to_container,
 )
 from .decode import DecodeSpec, shard_name
+from .errors import root_cause
 from .execute import UnitExecution, WriteSpec, run_unit
+from .interrupt import interrupt_reason, mark_interrupted
 from .ledger import (
     MANIFEST_KEY,
     PLAN_KEY,
@@ -39,9 +40,10 @@ from .ledger import (
     manifest,
     remove_uncommitted,
 )
+from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressLine
-from .storage import Store
+from .storage import Store, check_job_storage
 from .tracker import WaveTracker
 
 log = logging.getLogger("salmap")
@@ -180,6 +182,7 @@ class _Run:
     extra: dict = field(default_factory=dict)
     waves_total: int = 0
     waves_done: int = 0
+    stopping: threading.Event = field(default_factory=threading.Event)
     public_config: dict = field(default_factory=dict)
     # actor accounting: the pool plan per unit, this driver's account, earlier drivers' entries
     pools: dict[str, dict] = field(default_factory=dict)
@@ -230,7 +233,9 @@ class _Run:
     def commit(self, unit: Unit, record: dict) -> None:
         """One wave: its commit record, then the manifest (two PUTs)."""
         with self.commit_lock:
-            if self.lock is not None and hasattr(self.lock, "check"):
+            if self.stopping.is_set():  # interrupted: the lock is about to be released
+                raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
+            if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
             if record["shards"]:
                 self.ledger.commit(unit.id, record)
@@ -253,6 +258,7 @@ class _Run:
 def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     """Plan, execute pending work, commit; returns the outcome and the exit code."""
     run_id = resolve_run_id(cfg)
+    check_job_storage(cfg)  # a dead endpoint, bad credentials, a missing bucket: one line, fast
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{run_id}", cfg.storage)
     missing: list[str] = []
     identity: dict[str, dict] = {}
@@ -261,6 +267,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
     lock.acquire()
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
+    run: _Run | None = None
     try:
         previous = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else None
         if previous and previous.get("salmap_format", 1) < 2:
@@ -319,10 +326,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
                 for unit, waves in todo:
                     _run_unit(run, unit, waves, identity, index, plan.actors[unit.id])
             else:
-                with ThreadPoolExecutor(plan.parallel, thread_name_prefix="salmap-unit") as pool:
-                    for fut in [pool.submit(_run_unit, run, u, w, identity, index,
-                                            plan.actors[u.id]) for u, w in todo]:
-                        fut.result()
+                _run_units_in_threads(run, todo, plan.parallel, identity, index, plan.actors)
         finally:
             run.held.stop()
         failures = run.all_failures()
@@ -336,10 +340,17 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         except Exception as err:  # noqa: BLE001 - a summary never fails a run
             m["win_percent_average_drop"] = {"error": f"{type(err).__name__}: {err}"}
         m["finished"] = time.time()
+        lock.check()
         store.write_json(MANIFEST_KEY, m)
         result.units, result.failures = m["units"], failures
         result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
         return result
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+        if run is not None:
+            with run.commit_lock:  # from here on no unit thread can commit
+                run.stopping.set()
+        mark_interrupted(store, interrupt_reason(err))
+        raise
     finally:
         lock.release()
 
@@ -407,14 +418,18 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
 
     mode, k = parse_targets(cfg.targets)
     model_metrics, post_metrics, curves = split_metrics(cfg)
-    pre = preprocess_of(unit.model.source, unit.model.weights, unit.model.input_size)
+    pre = preprocess_of(unit.model.source, unit.model.weights, unit.model.input_size,
+                        unit.model.mean, unit.model.std)
+    labels = pseudo_label_options(cfg)
     decode = DecodeSpec(image_keys=tuple(cfg.input.image_keys), label_key=cfg.input.label_key,
                         boxes_key=cfg.input.boxes_key, crop=pre.crop, resize=pre.resize,
-                        max_pixels=cfg.input.max_pixels)
+                        max_pixels=cfg.input.max_pixels, mask_key=cfg.input.mask_key or "",
+                        keep_image=bool(labels["crf"]))
     spec = ActorSpec(
         model={"name": unit.model.name, "source": unit.model.source, "weights": unit.model.weights,
                "target_layer": unit.model.target_layer, "input_size": unit.model.input_size,
-               "arch": unit.model.arch, "reshape": unit.model.reshape},
+               "arch": unit.model.arch, "reshape": unit.model.reshape,
+               "params": dict(unit.model.params), "mean": unit.model.mean, "std": unit.model.std},
         method=unit.method.name, method_params=dict(unit.method.params), targets=mode, topk=k,
         metrics=model_metrics, precision=cfg.resources.precision,
         channels_last=cfg.resources.channels_last, compile=cfg.resources.compile,
@@ -430,7 +445,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     write = WriteSpec(store_uri=store.uri, storage=cfg.storage, data_prefix=unit.data_prefix,
                       wave_of={shard_name(s): w.id for w in waves for s in w.shards},
                       post_metrics=post_metrics, curves=curves, metadata=metadata,
-                      map_dtype=cfg.run.map_dtype, unit_id=unit.id)
+                      map_dtype=cfg.run.map_dtype, unit_id=unit.id, labels=labels)
     gpus = gpus_per_actor(cfg)
     resources = {"num_gpus": gpus} if gpus > 0 else {"num_cpus": cfg.resources.cpus_per_actor}
     return UnitExecution(
@@ -444,6 +459,42 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
 def _fixed_actors(cfg: SalmapConfig) -> int:
     n = cfg.resources.actors_per_unit
     return 1 if n == "auto" else int(n)
+
+
+def _run_units_in_threads(run: _Run, todo: list[tuple[Unit, list[Wave]]], parallel: int,
+                          identity: dict, index: dict,
+                          actors: dict[str, int | tuple[int, int]] | None = None) -> None:
+    """Several units at once, each its own execution and actor pool (several devices busy).
+
+    The units start in ``todo``'s order, each with its pool from ``actors``. Daemon threads:
+    on Ctrl-C / SIGTERM the main thread stops further commits and exits
+    without waiting for a long batch to end (the uncommitted waves are redone on resume).
+    """
+    queue = list(todo)
+    errors: list[BaseException] = []
+    qlock = threading.Lock()
+
+    def worker() -> None:
+        while not run.stopping.is_set():
+            with qlock:
+                if not queue:
+                    return
+                unit, waves = queue.pop(0)
+            try:
+                _run_unit(run, unit, waves, identity, index, (actors or {}).get(unit.id))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(err)
+                return
+
+    threads = [threading.Thread(target=worker, name=f"salmap-unit-{i}", daemon=True)
+               for i in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)  # short joins keep the main thread responsive to signals
+    if errors:
+        raise errors[0]
 
 
 MAX_ATTEMPTS = 2  # a unit's execution is retried once for its uncommitted waves
@@ -469,6 +520,8 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
             run_unit(ex, tracker, on_commit, lambda n, base=base: progress.update(base + n),
                      run.accounting.get(unit.id))
             break
+        except LockLost:
+            raise  # another driver owns the run now: stop everything, commit nothing more
         except Exception as err:  # noqa: BLE001 - reported with its root cause below
             reason = root_cause(err)
             waves = tracker.pending()
@@ -490,20 +543,6 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         acc.set_lifetimes({a: (start, end or now) for a, (start, end)
                            in actor_lifetimes(unit.id, run.driver_started).items()})
     progress.finish()
-
-
-def root_cause(err: BaseException) -> str:
-    """The innermost error behind Ray's wrappers, as ``Type: message`` on one line."""
-    from .shard_reader import describe
-
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    return describe(err)
 
 
 def add_summaries(store: Store, units: dict[str, dict], commits: dict) -> dict[str, dict]:

@@ -1,14 +1,18 @@
 """``salmap sanity CONFIG``: the model-parameter randomization test (Adebayo et al. 2018).
 
 For every model and method of the config, on the first ``samples`` decodable images of the
-dataset: cascading randomization from the top layer down, Spearman rank correlation (ties
-averaged) and SSIM between the intact model's maps and each step's maps. Written to
-``<run.output>/<run.id>/sanity/sanity.parquet`` plus one plot per (model, method).
+dataset: cascading randomization block by block from the output down (each MBConv / residual /
+transformer block is one step), Spearman rank correlation (ties averaged; of |map| and signed)
+and SSIM between the intact model's maps and each step's maps, all compared at the model
+input's resolution (protocol: :mod:`workers.metrics.randomization`). Written to
+``<run.output>/<run.id>/sanity/sanity.parquet`` (the protocol of each model in its metadata,
+key ``salmap.sanity.protocol``) plus one plot per (model, method).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -17,7 +21,12 @@ import pyarrow.parquet as pq
 import torch
 
 from workers import methods as method_registry
-from workers.metrics.randomization import cascading_randomization, plot_randomization
+from workers.metrics.randomization import (
+    cascading_randomization,
+    plot_randomization,
+    protocol,
+    steps_for,
+)
 from workers.models import load_model
 
 from .config import SalmapConfig
@@ -53,8 +62,10 @@ def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]
 def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> str:
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{resolve_run_id(cfg)}/sanity", cfg.storage)
     records = []
+    protocols: dict[str, dict] = {}
     for mcfg in cfg.models:
-        loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch)
+        loaded = load_model(mcfg.source, mcfg.weights, mcfg.target_layer, mcfg.input_size, mcfg.arch,
+                            mcfg.params, mcfg.mean, mcfg.std, reshape=mcfg.reshape)
         p = loaded.preprocess
         spec = DecodeSpec(tuple(cfg.input.image_keys), cfg.input.label_key, cfg.input.boxes_key,
                           p.crop, p.resize, cfg.input.max_pixels)
@@ -65,10 +76,13 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
         x = (x - torch.tensor(p.mean).view(1, 3, 1, 1)) / torch.tensor(p.std).view(1, 3, 1, 1)
         with torch.no_grad():
             targets = loaded.model(x).argmax(1)
+        protocols[mcfg.name] = protocol(layers, 0, steps_for(loaded.model, layers), x.shape[-2:])
         for meth in cfg.methods:
             params = dict(meth.params)
             if method_registry.get_class(meth.name).uses_target_layer:
                 params.setdefault("target_layer", loaded.target_layer)
+                if loaded.reshape is not None:
+                    params.setdefault("reshape", loaded.reshape)
 
             def builder(model, name=meth.name, params=params):
                 return method_registry.build(name, model, **params)
@@ -78,6 +92,7 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
                 records.append({
                     "model": mcfg.name, "method": meth.name, "step": step, "layer": r.get("layer", "original"),
                     "spearman_mean": float(r.get("spearman_mean", float("nan"))),
+                    "spearman_signed_mean": float(r.get("spearman_signed_mean", float("nan"))),
                     "ssim_mean": float(r.get("ssim_mean", float("nan"))),
                     "spearman": [float(v) for v in np.asarray(r.get("spearman", []), dtype=float).ravel()],
                     "samples": len(rows),
@@ -87,6 +102,8 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
             with open(png, "rb") as f:
                 store.write_bytes(f"{mcfg.name}__{meth.name}.png", f.read())
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records), buf, compression="zstd")
+    table = pa.Table.from_pylist(records).replace_schema_metadata(
+        {"salmap.sanity.protocol": json.dumps(protocols)})
+    pq.write_table(table, buf, compression="zstd")
     store.write_bytes("sanity.parquet", buf.getvalue())
     return store.url("sanity.parquet")

@@ -46,12 +46,18 @@ def _read_labels(path: str) -> dict[str, dict]:
     return out
 
 
-def collect(images: str, labels: str | None = None) -> list[tuple[str, Path, dict]]:
-    """(key, file, annotations) for every image, in a stable order."""
+def collect(images: str, labels: str | None = None,
+            skipped: list[str] | None = None) -> list[tuple[str, Path, dict]]:
+    """(key, file, annotations) for every image, in a stable order; files of other types are
+    appended to ``skipped`` (paths relative to ``images``)."""
     root = Path(images)
     if not root.is_dir():
         raise ValueError(f"{images} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    everything = sorted(p for p in root.rglob("*") if p.is_file())
+    files = [p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES]
+    if skipped is not None:
+        skipped.extend(p.relative_to(root).as_posix() for p in everything
+                       if p.suffix.lower() not in IMAGE_SUFFIXES)
     ann = _read_labels(labels) if labels else {}
     subdirs = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     class_index = {c: i for i, c in enumerate(subdirs)} if subdirs and not labels else {}
@@ -66,9 +72,11 @@ def collect(images: str, labels: str | None = None) -> list[tuple[str, Path, dic
 
 
 def write_shards(images: str, output: str, per_shard: int = 1000, labels: str | None = None,
-                 prefix: str = "shard", endpoint: str | None = None) -> list[str]:
-    """Write ``<output>/<prefix>-000000.tar, ...`` and ``shards.json`` (sample counts)."""
-    items = collect(images, labels)
+                 prefix: str = "shard", endpoint: str | None = None,
+                 skipped: list[str] | None = None) -> list[str]:
+    """Write ``<output>/<prefix>-000000.tar, ...`` and ``shards.json`` (sample counts);
+    files that are not images of a supported type are listed in ``skipped``."""
+    items = collect(images, labels, skipped)
     store = Store.open(output, {"endpoint": endpoint} if endpoint else None)
     written, counts = [], {}
     for s in range(0, len(items), per_shard):

@@ -74,6 +74,19 @@ def dockerfile() -> tuple[list[tuple[str, str]], dict[str, str]]:
     return instrs, args
 
 
+def constraints() -> dict[str, str]:
+    """The pinned set in constraints.txt: package -> version."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[req.name] = spec.version
+    return pins
+
+
 def expand(text: str, args: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
 
@@ -160,8 +173,7 @@ def test_job_spec_runs_salmap_on_an_autoscaled_gpu_cluster(kind, spec):
         "metadata.labels['ray.io/originated-from-cr-name']")
     images = {c["image"] for _, c in containers(spec)} | {sub["image"]}
     assert len(images) == 1, f"head, workers and submitter must share the image: {images}"
-    _, args = dockerfile()
-    assert cluster["rayVersion"] == args["RAY_VERSION"], "rayVersion must match the image's Ray"
+    assert cluster["rayVersion"] == constraints()["ray"], "rayVersion must match the image's Ray"
 
 
 @pytest.mark.parametrize("kind, spec", job_specs(), ids=["RayJob", "RayCronJob"])
@@ -178,6 +190,25 @@ def test_rayjob_deletes_its_cluster_after_the_run():
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
     assert "deletionStrategy" not in spec  # mutually exclusive with shutdownAfterJobFinishes
+
+
+# The RayCronJob spec fields of each KubeRay release's CRD (helm-chart/kuberay-operator/crds/
+# ray.io_raycronjobs.yaml at tags v1.6.0 ... v1.6.2 and v1.7.0); RayCronJob first shipped in 1.6.
+RAYCRONJOB_FIELDS = {(1, 6, 0): {"jobTemplate", "schedule", "suspend"},
+                     (1, 7, 0): {"jobTemplate", "schedule", "suspend", "timeZone"}}
+
+
+def test_raycronjob_states_the_kuberay_version_its_fields_need():
+    used = set(raycronjob()["spec"])
+    need = min(v for v, fields in RAYCRONJOB_FIELDS.items() if used <= fields)
+    want = ".".join(map(str, need))
+    header = (DEPLOY / "raycronjob.yaml").read_text().split("apiVersion:", 1)[0]
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"Needs KubeRay >= {want} as written" in header
+    assert f"`raycronjob.yaml`: KubeRay >= {want}" in readme
+    assert f"**KubeRay >= {want} as written.**" in readme
+    if "timeZone" in used:  # and how to run it on the release before
+        assert "On 1.6.x delete the timeZone line" in header
 
 
 def test_raycronjob_matches_the_rayjob_and_cleans_up_with_rules():
@@ -458,15 +489,32 @@ def test_dockerfile_builds_a_non_root_cuda_ray_image_with_salmap():
     m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu[\d.]+", base)
     assert m, base
     runs = [expand(rest, args) for ins, rest in instrs if ins == "RUN"]
-    # torch + torchvision: one pip call, pinned, from the PyTorch index of the base image's CUDA.
-    pins = {k: args[v] for k, v in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION"),
-                                     ("ray", "RAY_VERSION"))}
+    # One pinned set for the tests and the image: constraints.txt, used by every pip install of
+    # the image and by the Makefile's installs, and it is what this test environment runs.
+    pins = constraints()
+    assert set(pins) == {"torch", "torchvision", "ray"}
+    copies = [rest.split() for ins, rest in instrs if ins == "COPY"]
+    assert ["constraints.txt", "/tmp/constraints.txt"] in copies
+    installs = [r for r in runs if re.search(r"\bpip install\b", r)]
+    assert len(installs) == 3 and all("--constraint /tmp/constraints.txt" in r for r in installs)
+    assert not any(re.search(r"(torch|torchvision|ray)[\[\w,\]]*==", r) for r in installs), \
+        "versions come from constraints.txt only"
+    makefile = (ROOT / "Makefile").read_text()
+    assert len(re.findall(r"\$\(PIP\) install [^\n]*-c constraints\.txt", makefile)) == 2
+    import ray
+    import torch
+    import torchvision
+
+    for name, module in (("torch", torch), ("torchvision", torchvision), ("ray", ray)):
+        assert module.__version__.split("+")[0] == pins[name], (name, module.__version__)
+    # torch + torchvision: one pip call, from the PyTorch index of the base image's CUDA.
     (torch_run,) = [r for r in runs if "--index-url" in r]
-    assert f'"torch=={pins["torch"]}"' in torch_run
-    assert f'"torchvision=={pins["torchvision"]}"' in torch_run
+    assert re.search(r"\btorch torchvision\s*$", torch_run), torch_run
     index = re.search(r"--index-url \"?(\S+?)\"?(\s|$)", torch_run).group(1)
     assert index.endswith(f"/cu{m.group(1)}{m.group(2)}"), (index, base)
-    assert any(f'"ray[default,data]=={pins["ray"]}"' in r for r in runs), "dashboard for the head"
+    build = torch.__version__.partition("+")[2]  # the tests' CUDA build is the image's
+    assert not build.startswith("cu") or build == f"cu{m.group(1)}{m.group(2)}", (build, base)
+    assert any('"ray[default,data]"' in r for r in runs), "dashboard for the head"
     # The pins satisfy salmap's own requirements.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for dep in project["dependencies"]:
@@ -474,7 +522,6 @@ def test_dockerfile_builds_a_non_root_cuda_ray_image_with_salmap():
         if req.name in pins:
             assert req.specifier.contains(pins[req.name]), (dep, pins[req.name])
     # salmap from the repo: pyproject, its readme and both packages copied to one dir, installed.
-    copies = [rest.split() for ins, rest in instrs if ins == "COPY"]
     dest = next(c[-1] for c in copies if "pyproject.toml" in c[:-1]).rstrip("/")
     copied = {Path(c[-1], Path(src).name) if len(c) > 2 or c[-1].endswith("/") else Path(c[-1])
               for c in copies for src in c[:-1]}
@@ -488,10 +535,11 @@ def test_dockerfile_builds_a_non_root_cuda_ray_image_with_salmap():
     assert user.isdigit() and int(user) != 0, user
     head_pod = rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head_pod["securityContext"]["runAsUser"] == int(user)
-    workdir = [rest for ins, rest in instrs if ins == "WORKDIR"][-1]
-    # A bare `salmap run` finds configs/demo.yaml in the working directory.
-    assert any(c[0] == "configs" and Path(workdir, c[-1]).resolve() == Path(workdir, "configs")
-               for c in copies), "configs/ not copied to the working directory"
+    # The example configs land in the working directory: `salmap init` after WORKDIR (a bare
+    # `salmap run` finds configs/demo.yaml there, and the packaged copy anyway).
+    order = [(ins, rest) for ins, rest in instrs]
+    workdir_at = max(i for i, (ins, _) in enumerate(order) if ins == "WORKDIR")
+    assert ("RUN", "salmap init") in order[workdir_at:], "salmap init after WORKDIR"
     assert not any(ins == "ENTRYPOINT" for ins, _ in instrs), "KubeRay runs its own `ray start`"
 
 

@@ -202,8 +202,12 @@ def test_batched_equals_per_image_loop(tiny_model):
         one = compute_model_metrics(names, tiny_model, x[i:i + 1], maps[i:i + 1], t[i:i + 1],
                                     params, MEAN, STD, max_batch=64)
         for key, value in one.items():
+            if key == "_notes":
+                assert batched[key][i] == value[0]
+                continue
             np.testing.assert_allclose(np.asarray(batched[key][i]), np.asarray(value[0]),
                                        atol=1e-5, err_msg=key)
+        assert bool(batched["_notes"][i]) == (i == 2)  # the constant map
 
 
 def test_non_finite_map_gives_nan_and_unknown_options_fail(tiny_model):
@@ -221,3 +225,129 @@ def test_non_finite_map_gives_nan_and_unknown_options_fail(tiny_model):
         run(["deletion_auc"], tiny_model, x, maps, torch.tensor([0, 1]), step=3)
     with pytest.raises(MetricError, match="post"):
         run(["gini"], tiny_model, x, maps, torch.tensor([0, 1]))
+
+
+class PixelProbe(nn.Module):
+    """logits = channel 0 of the input, flattened: with ``score="logit"`` the deletion curve
+    of target k reads pixel k of each rendered image (1 until the pixel is replaced by the
+    zero substrate)."""
+
+    def forward(self, x):
+        return x[:, 0].flatten(1)
+
+
+def test_pixels_are_ranked_on_the_bilinearly_upsampled_map():
+    """A 2x2 map on an 8x8 input: the deletion order is the order of the bilinear
+    (align_corners=False) upsampling, read pixel by pixel through the probe."""
+    m = np.array([[0.1, 0.9], [0.45, 0.2]])
+    w = np.clip((np.arange(8) + 0.5) / 4 - 0.5, 0, 1)  # source coordinate of each output
+    rows = (1 - w)[:, None] * m[0] + w[:, None] * m[1]
+    up = (1 - w)[None, :] * rows[:, :1] + w[None, :] * rows[:, 1:]
+    # (ties where the border clamps the source coordinate; they follow the tie permutation)
+    x = torch.ones(64, 3, 8, 8)
+    maps = torch.tensor(m, dtype=torch.float32).expand(64, 2, 2).contiguous()
+    for kind in ("deletion", "insertion"):
+        out = run([f"{kind}_auc"], PixelProbe(), x, maps, torch.arange(64), steps=64,
+                  curves=True, score="logit", insertion_substrate="zero")
+        curves = np.asarray(out[f"{kind}_curve"])
+        # point i has the first i pixels replaced: pixel k of rank r changes at point r + 1
+        rank = (curves != curves[:, :1]).argmax(1) - 1
+        assert sorted(rank.tolist()) == list(range(64))
+        values = up.ravel()
+        assert (np.diff(values[np.argsort(rank)]) <= 1e-7).all()  # most salient first
+
+
+def test_one_step_and_blur_kernel_bounds():
+    assert step_counts(10, 1) == [0, 10]
+    with pytest.raises(MetricError, match="steps"):
+        step_counts(10, 0)
+    np.testing.assert_allclose(gaussian_kernel(1, 5.0), [[1.0]])
+    assert gaussian_kernel(3, 1e-3)[1, 1] == pytest.approx(1.0)  # a tiny sigma is a delta
+    for size, sigma in ((0, 5.0), (11, 0.0), (11, -1.0)):
+        with pytest.raises(MetricError, match="blur kernel"):
+            gaussian_kernel(size, sigma)
+
+
+def test_helper_defaults_are_the_registry_defaults():
+    """blur(), pixel_ranks() and impute() used without options follow the RISE / ROAD
+    defaults of the registry."""
+    from workers.metrics import METRICS
+    from workers.metrics.road import impute
+
+    ins, road = METRICS["insertion_auc"].defaults, METRICS["road"].defaults
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(blur(x), blur(x, ins["blur_kernel"], ins["blur_sigma"]))
+    assert np.array_equal(gaussian_kernel(), gaussian_kernel(ins["blur_kernel"], ins["blur_sigma"]))
+    s = torch.zeros(2, 5, 5)
+    assert torch.equal(pixel_ranks(s), pixel_ranks(s, ins["tie_seed"]))
+    keep = torch.rand(1, 1, 16, 16) > 0.5
+    assert torch.equal(impute(x, keep), impute(x, keep, road["road_tol"], road["road_max_iter"]))
+
+
+def test_nan_ranks_last_and_double_maps_rank_exactly():
+    s = torch.tensor([[[0.5, float("nan")], [2.0, -1.0]]])
+    assert pixel_ranks(s, 0).tolist() == [[1, 3, 0, 2]]
+    d = torch.tensor([[[1.0, 1.0 + 1e-12], [1.0 + 2e-12, 0.0]]], dtype=torch.float64)
+    assert pixel_ranks(d, 0).tolist() == [[2, 1, 0, 3]]  # not ties in float32
+    with pytest.raises(MetricError, match="map_sign"):
+        run(["deletion_auc"], nn.Identity(), torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4),
+            torch.tensor([0]), map_sign="square")
+
+
+def test_two_blur_substrates_in_one_call_do_not_share_a_cache_entry(tiny_model):
+    torch.manual_seed(9)
+    x = torch.randn(2, 3, 16, 16)
+    maps = torch.rand(2, 16, 16)
+    t = torch.tensor([0, 1])
+    params = {"deletion_auc": {"deletion_substrate": "blur", "blur_kernel": 5, "blur_sigma": 1.0,
+                               "steps": 4},
+              "insertion_auc": {"steps": 4}}
+    both = run(["deletion_auc", "insertion_auc"], tiny_model, x, maps, t, **params)
+    alone_del = run(["deletion_auc"], tiny_model, x, maps, t, **params)
+    alone_ins = run(["insertion_auc"], tiny_model, x, maps, t, **params)
+    torch.testing.assert_close(both["deletion_auc"], alone_del["deletion_auc"])
+    torch.testing.assert_close(both["insertion_auc"], alone_ins["insertion_auc"])
+    assert not torch.allclose(alone_del["deletion_auc"],
+                              run(["deletion_auc"], tiny_model, x, maps, t,
+                                  deletion_substrate="blur", steps=4)["deletion_auc"])
+
+
+@pytest.mark.parametrize("sign", ["signed", "abs", "relu"])
+def test_map_sign_decides_the_order(sign):
+    """Through the pixel probe: signed ranks -3 last, abs ranks it first, relu ties it with 0."""
+    m = torch.tensor([[[1.0, -3.0], [0.5, 0.0]]])
+    x = torch.ones(4, 3, 2, 2)
+    out = run(["deletion_auc"], PixelProbe(), x, m.expand(4, 2, 2).contiguous(),
+              torch.arange(4), steps=4, curves=True, score="logit", map_sign=sign)
+    curves = np.asarray(out["deletion_curve"])
+    rank = ((curves != curves[:, :1]).argmax(1) - 1).tolist()
+    expected = {"signed": [[0, 3, 1, 2]], "abs": [[1, 0, 2, 3]],
+                "relu": [[0, 2, 1, 3], [0, 3, 1, 2]]}[sign]  # relu: -3 and 0 tie
+    assert rank in expected
+
+
+def test_ties_follow_the_seeded_permutation_exactly():
+    from workers.metrics.faithfulness import tie_permutation
+
+    n = 64 * 64
+    perm = tie_permutation(n, 3, torch.device("cpu"))
+    ranks = pixel_ranks(torch.zeros(1, 64, 64), 3)[0]
+    assert torch.equal(ranks[perm], torch.arange(n))  # the k-th pixel of perm is deleted k-th
+
+
+def test_scores_are_float32_softmax_of_half_precision_logits(tiny_model):
+    """A model returning float16 logits (autocast) is scored in float32, as float32 tensors."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 3, 16, 16)
+    maps = torch.rand(3, 16, 16)
+    t = torch.tensor([0, 1, 2])
+
+    def half(z):
+        return (50 * tiny_model(z)).half()
+
+    out = run(["deletion_auc", "average_drop"], half, x, maps, t, steps=4, curves=True)
+    with torch.no_grad():
+        ref = torch.softmax(half(x).float(), 1)[torch.arange(3), t]
+    assert out["deletion_auc"].dtype == out["confidence_clean"].dtype == torch.float32
+    torch.testing.assert_close(out["confidence_clean"], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(out["deletion_curve"])[:, 0], ref, atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from workers.metrics import MetricError, compute_post_metrics, get_spec
 from workers.metrics.geometry import box_to_input, box_to_original, map_to_original
-from workers.metrics.pointing import energy_pointing, pointing_hit
+from workers.metrics.pointing import box_pixels, energy_pointing, pointing_hit
 from workers.metrics.pseudo_labels import box_iou, foreground
 from workers.metrics.sparseness import gini
 
@@ -74,6 +74,49 @@ def test_energy_pointing_properties():
     assert energy_pointing(m, None) is None
 
 
+def test_pointing_at_the_image_border_degenerate_boxes_and_nan():
+    h, w = 30, 40
+    last = point_map(h, w, w - 1, h - 1)  # the bottom-right pixel
+    past = [30, 20, 55, 45]  # runs past the right and bottom edges
+    assert pointing_hit(last, [past], tolerance=1) is True  # inside: distance 0 < 1
+    assert box_pixels(past, h, w) == (30, 20, w - 1, h - 1)  # clipped, inclusive
+    assert box_pixels([-5.0, -2.0, 3.0, 4.0], h, w) == (0, 0, 2, 3)
+    assert pointing_hit(point_map(h, w, 35, 25), [[30, 20, 40, 30]], tolerance=1) is True
+    assert pointing_hit(point_map(h, w, 29, 25), [[30, 20, 40, 30]], tolerance=1) is False
+    assert pointing_hit(point_map(h, w, 35, 19), [[30, 20, 40, 30]], tolerance=1) is False
+    edge = np.zeros((h, w))
+    edge[:, -1] = 1.0
+    edge[-1, :] = 1.0
+    assert energy_pointing(edge, [past]) == pytest.approx(19 / 69)  # 69 px, 19 in the box
+    # a box thinner than a pixel centre in either direction holds no pixel: no trial
+    for thin in ([10.0, 5.0, 10.4, 20.0], [10.0, 5.0, 20.0, 5.4]):
+        assert pointing_hit(last, [thin]) is None
+        assert energy_pointing(np.ones((h, w)), [thin]) == 0.0
+    # NaN never wins the argmax, and counts as no energy
+    m = point_map(h, w, 5, 5)
+    m[0, 0] = np.nan
+    assert pointing_hit(m, [[4, 4, 7, 7]], tolerance=1) is True
+    e = np.zeros((h, w))
+    e[5, 5] = 1.0
+    e[20, 20] = np.nan
+    assert energy_pointing(e, [[4, 4, 7, 7]]) == pytest.approx(1.0)
+
+
+def test_energy_pointing_of_signed_maps_uses_relu_by_default():
+    """Negative evidence outside the box must not count as energy (ReLU), unless asked (abs)."""
+    m = np.full((20, 20), -3.0)
+    m[5:10, 5:10] = 1.0
+    m[0, 0] = 2.0  # one positive pixel outside
+    box = [5, 5, 10, 10]
+    assert energy_pointing(m, [box]) == pytest.approx(25 / 27)
+    assert energy_pointing(m, [box], sign="abs") == pytest.approx(25 / (25 + 2 + 3 * 374))
+    out = compute_post_metrics(["energy_pointing"], m, [box], {})
+    assert out["energy_pointing"] == pytest.approx(25 / 27)
+    assert energy_pointing(-np.abs(m), [box]) is None  # no positive energy
+    with pytest.raises(ValueError, match="energy_sign"):
+        energy_pointing(m, [box], sign="square")
+
+
 # -- Gini ---------------------------------------------------------------------------------
 def test_gini_known_values():
     assert gini(np.full((20, 20), 3.0)) == pytest.approx(0.0, abs=1e-12)
@@ -88,6 +131,21 @@ def test_gini_known_values():
     assert gini(rng.random(200_000)) == pytest.approx(1 / 3, abs=0.005)
     assert gini(rng.exponential(size=200_000)) == pytest.approx(0.5, abs=0.01)
     assert gini(rng.normal(size=200_000)) == pytest.approx(np.sqrt(2) - 1, abs=0.01)
+
+
+def test_gini_degenerate_maps_and_the_scale_of_eps():
+    assert gini(np.zeros((6, 6))) == pytest.approx(0.0, abs=1e-12)  # constant, not NaN
+    assert gini(np.array([5.0])) == pytest.approx(0.0)
+    assert np.isnan(gini(np.zeros(0)))
+    # eps is added after scaling by the maximum: the cap does not depend on the map's units
+    n = 1000
+    tiny = np.zeros(n)
+    tiny[3] = 1e-4
+    assert gini(tiny) == pytest.approx((n - 1) / (n * (1 + n * 1e-7)), rel=1e-9)
+    # NaN counts as 0
+    m = np.array([0.0, 2.0, 1.0, np.nan, 4.0])
+    assert gini(m) == pytest.approx(gini(np.nan_to_num(m)))
+    assert gini(m, eps=0.0) == pytest.approx(gini(np.array([0.0, 2.0, 1.0, 0.0, 4.0]), eps=0.0))
 
 
 def test_gini_invariances():
@@ -108,12 +166,39 @@ def test_pseudo_box_of_largest_blob_and_rules():
     assert out["pseudo_box"] == {"x0": 5.0, "y0": 10.0, "x1": 25.0, "y1": 30.0}
     both = compute_post_metrics(["pseudo_box"], m, None, {"largest_component": False})
     assert both["pseudo_box"] == {"x0": 5.0, "y0": 10.0, "x1": 70.0, "y1": 50.0}
+    assert foreground(m).sum() == 400  # by default the largest component only
+    holey = m.copy()
+    holey[0, 0] = np.nan  # NaN is no evidence
+    assert not foreground(holey, 0.0, largest_component=False)[0, 0]
+    dots = np.zeros((5, 5))
+    dots[0, 0] = dots[4, 4] = 1.0  # one-pixel components: the first wins, never the background
+    assert foreground(dots).tolist() == (np.arange(25).reshape(5, 5) == 0).tolist()
+    assert foreground(m, largest_component=False).sum() == 500
     # diagonal neighbours are connected (8-connectivity)
     d = np.zeros((10, 10))
     d[2, 2] = d[3, 3] = d[4, 4] = 1
     assert foreground(d).sum() == 3
     assert compute_post_metrics(["pseudo_box", "box_iou"], np.zeros((5, 5)), [[0, 0, 2, 2]], {}) \
         == {"pseudo_box": None, "box_iou": 0.0}
+
+
+def test_pseudo_foreground_is_strictly_above_a_fraction_of_the_raw_maximum():
+    """CAM's rule on the ReLU'd map as it is (no min-max first): a floor of 0.5 under a
+    maximum of 4 is foreground at 0.1 x max; a value equal to threshold x max is not."""
+    m = np.full((10, 12), 0.5)
+    m[2:5, 3:7] = 4.0
+    m[7, 1] = 1.0  # exactly 0.25 x 4.0
+    fg = foreground(m, 0.1)
+    assert fg.all()  # 0.5 > 0.4: with min-max first the floor would drop to 0
+    fg = foreground(m, 0.25, largest_component=False)
+    assert not fg[7, 1] and fg[2:5, 3:7].all() and fg.sum() == 12
+    assert foreground(m, 0.2, largest_component=False)[7, 1]  # 1.0 > 0.8
+    signed = m.copy()
+    signed[0, :] = -9.0  # negative: never foreground, and the maximum is the positive one
+    assert not foreground(signed, 0.0)[0].any() and foreground(signed, 0.0)[1:].all()
+    assert not foreground(-m, 0.1).any()
+    box = compute_post_metrics(["pseudo_box"], m, None, {"pseudo_threshold": 0.1})["pseudo_box"]
+    assert box == {"x0": 0.0, "y0": 0.0, "x1": 12.0, "y1": 10.0}
 
 
 def test_threshold_monotone_and_otsu():
@@ -126,8 +211,12 @@ def test_threshold_monotone_and_otsu():
     bimodal[20:35, 10:30] = 0.9
     out = compute_post_metrics(["pseudo_box"], bimodal, None, {"pseudo_threshold": "otsu"})
     assert out["pseudo_box"] == {"x0": 10.0, "y0": 20.0, "x1": 30.0, "y1": 35.0}
-    with pytest.raises(ValueError, match="pseudo_threshold"):
-        foreground(m, 1.5)
+    for bad in (1.5, 1.0, -0.1, "half"):
+        with pytest.raises(ValueError, match="pseudo_threshold"):
+            foreground(m, bad)
+    assert foreground(m, 0.0, largest_component=False).all()  # 0 is allowed: every m > 0
+    # Otsu on a flat positive map: no split, every pixel is foreground
+    assert foreground(np.full((6, 6), 0.5), "otsu").all()
 
 
 def test_pseudo_mask_png_is_one_bit_at_original_size():
@@ -147,6 +236,13 @@ def test_box_iou():
     assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
     assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [0, 5, 10, 15]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)
+    assert box_iou([0, 0, 10, 10], [2, 3, 6, 8]) == pytest.approx(20 / 100)  # inside
+    assert box_iou([0, 0, 4, 4], [4, 4, 8, 8]) == 0.0 and box_iou([0, 0, 4, 4], [5, 0, 8, 4]) == 0
+    thin, flat = [0, 0, 0.5, 2], [0, 0, 2, 0.25]  # sub-pixel sides count as they are
+    assert box_iou(thin, thin) == pytest.approx(1.0) and box_iou(flat, flat) == pytest.approx(1.0)
+    assert box_iou(thin, [0, 0, 1, 2]) == pytest.approx(0.5)
     assert box_iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
     m = np.zeros((50, 50))
     m[10:20, 10:20] = 1
@@ -208,11 +304,11 @@ def test_pseudo_box_of_a_blob_survives_resize_and_crop(h0, w0):
 def test_compute_post_metrics_fills_exactly_the_registered_columns():
     m = np.zeros((40, 40), np.float32)
     m[10:20, 10:20] = 1
-    out = compute_post_metrics(ALL_POST, m, [[8, 8, 22, 22]], {})
+    out = compute_post_metrics(ALL_POST, m, [[8, 8, 22, 22]], {}, saliency_input=m)
     expected = {c for name in ALL_POST for c in get_spec(name).columns}
     assert set(out) == expected
     assert out["pointing_hit"] is True and isinstance(out["gini"], float)
-    no_boxes = compute_post_metrics(ALL_POST, m, None, {})
+    no_boxes = compute_post_metrics(ALL_POST, m, None, {}, saliency_input=m)
     assert no_boxes["pointing_hit"] is None and no_boxes["energy_pointing"] is None
     assert no_boxes["box_iou"] is None and no_boxes["pseudo_box"] is not None
     with pytest.raises(MetricError, match="did you mean 'gini'"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,15 @@ from workers.metrics.randomization import (
     plot_randomization,
     spearman,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Many small explanations: one OpenMP thread is faster on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -127,3 +138,245 @@ def test_plot_randomization_writes_png(tiny_model, tmp_path):
     path = tmp_path / "mprt.png"
     plot_randomization(res, str(path), title="tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- block granularity on real architectures ----------------------------------------------
+def _covers_every_parameter_once(model, steps):
+    """Every parameter of the model falls in exactly one step."""
+    from workers.metrics.randomization import _resolve
+
+    owner: dict[int, str] = {}
+    for step in steps:
+        target = _resolve(model, step)
+        params = [target] if isinstance(target, torch.nn.Parameter) else list(target.parameters())
+        for p in params:
+            assert id(p) not in owner, f"{step} and {owner.get(id(p))} share a parameter"
+            owner[id(p)] = step
+    assert set(owner) == {id(p) for p in model.parameters()}
+
+
+def test_block_layers_of_efficientnet_lite0_are_its_mbconv_blocks(lite0):
+    blocks = block_layers(lite0.model)
+    assert blocks == ["_fc", "_bn1", "_conv_head", *[f"_blocks.{i}" for i in range(15, -1, -1)],
+                      "_bn0", "_conv_stem"]
+    _covers_every_parameter_once(lite0.model, blocks)
+
+
+def test_block_layers_of_resnets_are_basic_and_bottleneck_blocks(resnet18):
+    import torchvision
+
+    blocks = block_layers(resnet18)
+    assert blocks == ["fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1",
+                      "layer2.0", "layer1.1", "layer1.0", "bn1", "conv1"]
+    _covers_every_parameter_once(resnet18, blocks)
+    r50 = torchvision.models.resnet50(weights=None)
+    stages = [f"layer{s}.{b}" for s, n in ((4, 3), (3, 6), (2, 4), (1, 3)) for b in range(n)[::-1]]
+    assert block_layers(r50) == ["fc", *stages, "bn1", "conv1"]
+
+
+def test_block_layers_of_vit_b_16_are_its_encoder_layers():
+    """ViT-B/16 (86M parameters, random weights): only the step list, no maps."""
+    import torchvision
+
+    vit = torchvision.models.vit_b_16(weights=None)
+    blocks = block_layers(vit)
+    layers = [f"encoder.layers.encoder_layer_{i}" for i in range(11, -1, -1)]
+    assert blocks == ["heads.head", "encoder.ln", *layers, "encoder.pos_embedding", "conv_proj",
+                      "class_token"]
+    _covers_every_parameter_once(vit, blocks)
+    modules = module_layers(vit)
+    assert "encoder" not in modules and "encoder.pos_embedding" in modules  # not all at once
+    _covers_every_parameter_once(vit, modules)
+
+
+def small_vit():
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=3,
+                                               num_heads=2, hidden_dim=16, mlp_dim=32,
+                                               num_classes=5).eval()
+    with torch.no_grad():  # move every parameter off its initial value, as training does
+        for p in vit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return vit
+
+
+def _changed(model, original):
+    """Names of the parameters / buffers that differ from ``original``."""
+    state = model.state_dict()
+    return {k for k, v in original.items() if not torch.equal(state[k], v)}
+
+
+@pytest.mark.parametrize("arch", ["lite0", "resnet18", "vit"])
+def test_block_cascade_randomizes_one_block_more_per_step(arch, request):
+    """After step k, exactly the parameters (and BatchNorm statistics) of the first k blocks
+    differ from the trained model's."""
+    model = {"lite0": lambda: request.getfixturevalue("lite0").model,
+             "resnet18": lambda: request.getfixturevalue("resnet18"), "vit": small_vit}[arch]()
+    size = 16 if arch == "vit" else 32
+    blocks = block_layers(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def recording_builder(m):
+        seen.append(_changed(m, original))
+        return intensity_method(m)
+
+    cascading_randomization(model, recording_builder, torch.randn(1, 3, size, size),
+                            torch.tensor([0]), layers="blocks")
+    assert seen[0] == set() and seen[1] == set()
+    for k in range(1, len(blocks) + 1):
+        expected = {key for key, v in original.items() if v.is_floating_point()
+                    and any(key == b or key.startswith(b + ".") for b in blocks[:k])}
+        assert seen[k + 1] == expected, blocks[k - 1]
+    assert seen[-1] == {k for k, v in original.items() if v.is_floating_point()}
+
+
+def gradcam_builder(target_layer):
+    from workers import methods
+
+    return lambda m: methods.build("gradcam", m, target_layer=target_layer)
+
+
+@pytest.mark.parametrize("arch", ["lite0", "resnet18"])
+def test_block_cascade_on_real_architectures(arch, request, photo_batch, lite0):
+    """Gradient maps lose their similarity as blocks are randomised, on the pretrained
+    EfficientNet-Lite0 (real photos) and a ResNet-18; the input-only control stays at 1."""
+    model = lite0.model if arch == "lite0" else request.getfixturevalue("resnet18")
+    x = torch.nn.functional.interpolate(photo_batch[:2], size=(96, 96), mode="bilinear",
+                                        antialias=True)
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    res = cascading_randomization(model, gradient_method, x, t, layers="blocks")
+    assert [r["layer"] for r in res] == ["original", *block_layers(model)]
+    rho = [r["spearman_mean"] for r in res]
+    assert rho[0] == pytest.approx(1.0)
+    assert max(rho[1:]) < 0.6 and res[-1]["ssim_mean"] < 0.5
+    if arch == "lite0":  # trained: similarity keeps falling as blocks go, down to about 0
+        assert rho[-1] < 0.15 and rho[-1] < rho[1] - 0.2
+    control = cascading_randomization(model, intensity_method, x, t, layers=["fc" if arch ==
+                                      "resnet18" else "_fc", block_layers(model)[5]])
+    for r in control:
+        np.testing.assert_allclose(r["spearman"], 1.0)
+
+
+# -- the comparison itself -----------------------------------------------------------------
+def low_res_method(maps_by_call):
+    """A 'method' that returns pre-set [B, 3, 3] maps, one set per call."""
+    calls = iter(maps_by_call)
+    return lambda model: (lambda x, t: next(calls))
+
+
+def test_maps_are_compared_at_the_input_resolution(tiny_model):
+    """A 3x3 map and its perturbation rank-correlate differently at 3x3 than at the 24x24
+    input (bilinear upsampling interpolates new values between the cells)."""
+    a = torch.tensor([[[0.0, 1.0, 0.2], [0.5, 3.0, 0.1], [0.9, 0.3, 2.0]]])
+    b = torch.tensor([[[0.3, 0.8, 0.0], [1.0, 2.5, 0.6], [0.1, 0.2, 2.2]]])
+    x = torch.randn(1, 3, 24, 24)
+    res = cascading_randomization(tiny_model, low_res_method([a, a, b]), x, torch.tensor([0]),
+                                  layers=["fc"])
+    up = torch.nn.functional.interpolate(torch.stack([a, b]), size=(24, 24), mode="bilinear",
+                                         align_corners=False)[:, 0].numpy()
+    assert res[1]["spearman"][0] == pytest.approx(spearmanr(up[0].ravel(), up[1].ravel())[0],
+                                                  abs=1e-9)
+    native = spearmanr(a.ravel(), b.ravel())[0]
+    assert abs(res[1]["spearman"][0] - native) > 0.05
+    from skimage.metrics import structural_similarity
+
+    ref = structural_similarity(up[0] / up[0].max(), up[1] / up[1].max(), data_range=1.0,
+                                win_size=7)
+    assert res[1]["ssim"][0] == pytest.approx(ref, abs=1e-6)
+
+
+def test_spearman_is_of_absolute_maps_and_the_signed_one_is_kept_apart(tiny_model):
+    m = torch.randn(2, 8, 8)
+    res = cascading_randomization(tiny_model, low_res_method([m, m, -m]), torch.randn(2, 3, 8, 8),
+                                  torch.tensor([0, 1]), layers=["fc"])
+    np.testing.assert_allclose(res[1]["spearman"], 1.0)
+    np.testing.assert_allclose(res[1]["spearman_signed"], -1.0)
+    np.testing.assert_allclose(res[1]["ssim"], 1.0)  # SSIM of |map| / max|map| too
+
+
+def test_ssim_is_skimage_on_absolute_max_normalised_maps_with_a_7px_window():
+    from skimage.metrics import structural_similarity
+
+    from workers.metrics.randomization import ssim
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(20, 20)), rng.normal(size=(20, 20))
+    b[5:12, 5:12] += 2 * a[5:12, 5:12]
+    ref = structural_similarity(np.abs(a) / np.abs(a).max(), np.abs(b) / np.abs(b).max(),
+                                data_range=1.0, win_size=7)
+    assert ssim(a, b) == pytest.approx(ref, abs=1e-12)
+    assert ssim(a, -a) == pytest.approx(1.0)
+    assert ssim(np.ones((5, 5)), np.ones((5, 5))) == pytest.approx(1.0)  # window shrinks to 5
+    assert np.isnan(ssim(np.ones((2, 9)), np.ones((2, 9))))
+
+
+def test_each_step_gets_its_own_random_stream_and_batchnorm_statistics_are_reset():
+    from workers.metrics.randomization import randomize_layer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6),
+                                torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2)).eval()
+    model[2].running_mean.fill_(0.7)
+    model[2].running_var.fill_(3.0)
+    model[2].weight.data.fill_(2.0)
+    state = []
+    cascading_randomization(model, lambda m: state.append(copy.deepcopy(m)) or
+                            (lambda x, t: x[:, :1, :, :].abs().sum(1)),
+                            torch.randn(2, 3, 4, 4), torch.tensor([0, 1]), seed=5,
+                            layers=["3", "2", "1", "0"])
+    done = state[-1]
+    assert not torch.equal(done[0].weight, done[1].weight)  # same shape, distinct draws
+    assert torch.equal(done[2].running_mean, torch.zeros(6))
+    assert torch.equal(done[2].running_var, torch.ones(6))
+    assert torch.equal(done[2].weight, torch.ones(6))
+    # the same (seed, step) gives the same draw; another seed does not
+    twin = copy.deepcopy(model)
+    randomize_layer(twin[1], 5, 2)
+    assert torch.equal(twin[1].weight, done[1].weight)
+    randomize_layer(twin[1], 6, 2)
+    assert not torch.equal(twin[1].weight, done[1].weight)
+    before = torch.get_rng_state()
+    randomize_layer(twin[0], 1, 0)
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream is untouched
+
+
+def test_a_bare_parameter_step_draws_from_its_own_spread():
+    from workers.metrics.randomization import randomize_layer
+
+    vit = small_vit()
+    pos = vit.encoder.pos_embedding
+    before = pos.detach().clone()
+    randomize_layer(pos, 0, 3)
+    after = pos.detach()
+    assert float(after.std()) == pytest.approx(float(before.std()), rel=0.25)
+    assert abs(float(after.mean())) < 4 * float(before.std()) / np.sqrt(pos.numel())
+    assert abs(np.corrcoef(before.ravel(), after.ravel())[0, 1]) < 0.3
+
+
+def test_salmap_sanity_cascades_blocks_and_stores_its_protocol(tmp_path, make_shards):
+    import json
+
+    import pyarrow.parquet as pq
+    from conftest import small_config
+
+    from pipeline.config import load_config
+    from pipeline.sanity import run_sanity
+
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(make_shards(n_shards=1, per_shard=2), str(tmp_path / "out"),
+                                methods=[{"name": "gradient"}]))
+    run_sanity(load_config(str(job), []), samples=2)
+    table = pq.read_table(tmp_path / "out" / "t" / "sanity" / "sanity.parquet")
+    blocks = ["fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0",
+              "layer1.1", "layer1.0", "bn1", "conv1"]
+    assert table.column("layer").to_pylist() == ["original", *blocks]
+    assert table.column("samples").to_pylist() == [2] * 12
+    signed = table.column("spearman_signed_mean").to_pylist()
+    assert signed[0] == pytest.approx(1.0) and signed[-1] < 0.9
+    proto = json.loads(table.schema.metadata[b"salmap.sanity.protocol"])["r18"]
+    assert proto["steps"] == blocks and proto["granularity"] == "blocks"
+    assert "64x64" in proto["compare_at"]

@@ -122,3 +122,148 @@ def test_road_rewards_keeping_the_evidence_on_a_linear_model():
     good = compute_model_metrics(["road"], model, x, s, t, kw, MEAN, STD)["road"].item()
     bad = compute_model_metrics(["road"], model, x, -s, t, kw, MEAN, STD)["road"].item()
     assert good > 0.3 and bad == pytest.approx(-good, abs=1e-6)
+
+
+class PixelProbe(torch.nn.Module):
+    """logits = the input's values (all channels, flattened): with ``score="logit"`` the score
+    of target k is value k of the image the metric rendered, so every rendered image can be
+    read back exactly."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def probe_road(x, s, percentiles, **params):
+    """ROAD of every (channel, pixel) of x as the probe's target: [C*H*W]."""
+    n = x[0].numel()
+    xs = x.expand(n, *x.shape[1:]).contiguous()
+    maps = s.expand(n, *s.shape[1:]).contiguous()
+    return compute_model_metrics(["road"], PixelProbe(), xs, maps, torch.arange(n),
+                                 {"score": "logit", "road_percentiles": percentiles, **params},
+                                 MEAN, STD, max_batch=128)["road"].view(x.shape[1:])
+
+
+def test_road_is_half_the_lerf_minus_morf_gap_of_exactly_imputed_images():
+    """Without noise, ROAD of probe target k is (LeRF_k - MoRF_k) / 2 where LeRF keeps the
+    top 70% of the map and MoRF the bottom 70%, the rest imputed (checked against a direct
+    sparse solve at the default CG tolerance)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, 10, 10, generator=g, dtype=torch.float64).float()
+    s = torch.rand(1, 10, 10, generator=g)
+    order = s.flatten().argsort(descending=True)
+    keep_top = torch.zeros(100, dtype=torch.bool)
+    keep_top[order[:70]] = True
+    keep_bottom = torch.zeros(100, dtype=torch.bool)
+    keep_bottom[order[30:]] = True
+    img = x[0].double().numpy()
+    lerf = direct_solve(img, keep_top.view(10, 10).numpy())
+    morf = direct_solve(img, keep_bottom.view(10, 10).numpy())
+    got = probe_road(x, s, (70,), road_noise=0.0).double().numpy()
+    np.testing.assert_allclose(got, (lerf - morf) / 2, atol=2e-5)
+    both = (keep_top & keep_bottom).view(10, 10).numpy()
+    assert np.abs(got[:, both]).max() == 0  # kept in both: untouched in both
+    assert np.abs(got[:, ~both]).min() > 1e-3  # the gap is not trivially small
+
+
+def test_road_noise_touches_only_imputed_pixels_with_the_default_spread():
+    """The default noise (std 0.01, model-input space) lands on the imputed pixels only: the
+    difference to a noise-free run is 0 where both images keep the pixel and +-noise/2 where
+    one of them imputes it."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 10, 10, generator=g)
+    s = torch.rand(1, 10, 10, generator=g)
+    order = s.flatten().argsort(descending=True)
+    both = torch.zeros(100, dtype=torch.bool)
+    both[order[30:70]] = True
+    both = both.view(10, 10)
+    diff = (probe_road(x, s, (70,)) - probe_road(x, s, (70,), road_noise=0.0)).numpy()
+    assert np.abs(diff[:, both.numpy()]).max() < 1e-6
+    noise = 2 * diff[:, ~both.numpy()]
+    assert noise.std() == pytest.approx(0.01, rel=0.2)
+    assert abs(noise.mean()) < 4 * 0.01 / np.sqrt(noise.size)
+
+
+def test_imputation_runs_in_float32_whatever_the_input_dtype():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 12, 12, generator=g)
+    keep = torch.rand(1, 1, 12, 12, generator=g) > 0.7
+    half = impute(x.half(), keep)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, impute(x.half().float(), keep))
+
+
+def residual(img: np.ndarray, keep: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    """Relative residual ||A v - b|| / ||b|| of the imputed values (per channel, worst)."""
+    from scipy.sparse import lil_matrix
+
+    c, h, w = img.shape
+    removed = np.argwhere(~keep)
+    index = {tuple(p): i for i, p in enumerate(removed)}
+    a = lil_matrix((len(removed), len(removed)))
+    rhs = np.zeros((len(removed), c))
+    for i, (r, q) in enumerate(removed):
+        for dr in (-1, 0, 1):
+            for dq in (-1, 0, 1):
+                rr, qq = r + dr, q + dq
+                if (dr, dq) == (0, 0) or not (0 <= rr < h and 0 <= qq < w):
+                    continue
+                wt = 1 / 6 if dr == 0 or dq == 0 else 1 / 12
+                a[i, i] += wt
+                if keep[rr, qq]:
+                    rhs[i] += wt * img[:, rr, qq]
+                else:
+                    a[i, index[(rr, qq)]] -= wt
+    v = out[:, removed[:, 0], removed[:, 1]].T
+    res = a.tocsr() @ v - rhs
+    return float(max(np.linalg.norm(res[:, k]) / np.linalg.norm(rhs[:, k]) for k in range(c))), \
+        float(min(np.linalg.norm(rhs[:, k]) for k in range(c)))
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_cg_stops_at_the_relative_tolerance_whatever_the_image_scale(scale):
+    """A large hole needs many CG iterations: the result meets ||A v - b|| <= tol ||b|| at
+    any brightness scale, and scales with the image (the stop rule is relative)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(1, 3, 32, 32, generator=g, dtype=torch.float64).float()
+    keep = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    keep[..., 3:29, 2:30] = False
+    for tol in (1e-3, 1e-5):
+        out = impute(scale * x, keep, tol=tol)
+        rel, _ = residual((scale * x)[0].double().numpy(), keep[0, 0].numpy(),
+                          out[0].double().numpy())
+        assert rel <= tol * 1.01
+    np.testing.assert_allclose(impute(scale * x, keep, tol=1e-5).numpy() / scale,
+                               impute(x, keep, tol=1e-5).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_imputation_of_one_image_does_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(3, 3, 20, 20, generator=g)
+    keep = torch.rand(3, 1, 20, 20, generator=g) > torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1, 1)
+    both = impute(x, keep)
+    for i in range(3):
+        assert torch.equal(both[i:i + 1], impute(x[i:i + 1], keep[i:i + 1])), i
+
+
+def test_percentiles_must_lie_in_0_to_100():
+    from workers.metrics import MetricError
+
+    assert keep_counts(10, [0.0, 100.0]) == [0, 10]
+    for bad in (100.5, -0.5):
+        with pytest.raises(MetricError, match="road_percentiles"):
+            keep_counts(10, [bad])
+
+
+def test_max_iter_caps_the_conjugate_gradient_iterations():
+    g = torch.Generator().manual_seed(14)
+    x = torch.rand(1, 3, 24, 24, generator=g)
+    keep = torch.ones(1, 1, 24, 24, dtype=torch.bool)
+    keep[..., 2:22, 2:22] = False
+    runs = [impute(x, keep, tol=0.0, max_iter=k) for k in (0, 1, 2, 3)]
+    start = x[..., 2:22, 2:22]
+    assert torch.equal(runs[0][..., 2:22, 2:22],
+                       (x * keep).sum((2, 3), keepdim=True).expand_as(x)[..., 2:22, 2:22]
+                       / keep.sum())  # 0 iterations: the start value, the kept pixels' mean
+    for a, b in zip(runs, runs[1:]):
+        assert not torch.equal(a, b)  # every iteration counts
+    assert not torch.equal(runs[-1][..., 2:22, 2:22], start)

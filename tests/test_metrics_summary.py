@@ -94,11 +94,12 @@ def test_model_metrics_fill_exactly_the_registered_columns(tiny_model):
                                 torch.tensor([0, 1]), {"steps": 2, "curves": True,
                                                        "road_percentiles": [50]})
     expected = {c for n in names for c in METRICS[n].columns}
-    assert set(out) == expected
+    assert set(out) == expected | {"_notes"}  # the columns, and one remark per sample
+    assert out["_notes"] == ["", ""]
     for key, value in out.items():
         assert len(value) == 2, key
         if isinstance(value, torch.Tensor):
             assert value.dtype == torch.float32 and value.device.type == "cpu"
     no_curves = compute_model_metrics(["deletion_auc"], tiny_model, torch.randn(1, 3, 8, 8),
                                       torch.rand(1, 2, 2), torch.tensor([0]), {"steps": 2})
-    assert set(no_curves) == {"deletion_auc"}
+    assert set(no_curves) == {"deletion_auc", "_notes"}

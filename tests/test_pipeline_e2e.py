@@ -123,7 +123,9 @@ def upload(endpoint: str, bucket: str, files: list[str], prefix: str) -> list[st
 def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     shards = make_shards(n_shards=2, per_shard=2)
     upload(s3_server, "data", shards, "wds")
-    job = _job(tmp_path, ["s3://data/wds/shard-{000000..000001}.tar"], "s3://data/runs",
+    local = make_shards(n_shards=1, per_shard=2, folder=tmp_path / "local", prefix="local")
+    # one wave mixes S3 and local shards: each read task opens its own filesystem
+    job = _job(tmp_path, ["s3://data/wds/shard-{000000..000001}.tar", local[0]], "s3://data/runs",
                storage={"endpoint": s3_server, "region": "us-east-1"})
     # the config itself from an s3:// URL, as a cluster entrypoint reads it
     (config_url,) = upload(s3_server, "data", [str(job)], "configs")
@@ -131,7 +133,13 @@ def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     result = run_job(cfg, out=lambda *a: None)
     assert result.exit_code == EXIT_OK
     df = read_run("s3://data/runs/t", storage={"endpoint": s3_server}).to_table().to_pandas()
-    assert len(df) == 4 * 2 and (df.status == "ok").all()
+    assert len(df) == 6 * 2 and (df.status == "ok").all()
+    assert set(df.shard) == {"shard-000000", "shard-000001", "local-000000"}
+    from pipeline.ledger import load_commits
+    from pipeline.storage import Store
+
+    commits = load_commits(Store.open("s3://data/runs/t", {"endpoint": s3_server}))
+    assert all(len(waves) == 1 for waves in commits.values())  # one wave per unit, no failures
     manifest = __import__("pipeline.storage", fromlist=["Store"]).Store.open(
         "s3://data/runs/t", {"endpoint": s3_server}).read_bytes("manifest.json")
     assert SECRET.encode() not in manifest

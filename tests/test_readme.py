@@ -19,10 +19,12 @@ from pipeline.schema import output_schema
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-TOP_LEVEL = ("run", "ray", "input", "storage", "models", "methods", "targets", "metrics", "resources")
+TOP_LEVEL = ("run", "ray", "input", "storage", "models", "methods", "targets", "metrics",
+             "pseudo_labels", "resources")
 SECTIONS = {
     "run": config_module.RunSection, "ray": config_module.RaySection,
     "input": config_module.InputSection, "storage": config_module.StorageSection,
+    "pseudo_labels": config_module.PseudoLabelsSection,
     "resources": config_module.ResourcesSection,
 }
 LISTS = {"models": config_module.ModelSection, "methods": config_module.MethodSection}
@@ -101,10 +103,8 @@ def test_reference_tables_name_everything_the_code_has():
             assert f"`{key}" in metrics, f"parameter {key} of {name} missing from the metrics table"
 
 
-def _snippets() -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", _section("Reading results"), flags=re.S)
-    assert len(blocks) >= 4, "expected the pyarrow, pandas, polars and DuckDB snippets"
-    return blocks
+def _snippets(section: str = "Reading results") -> list[str]:
+    return re.findall(r"```python\n(.*?)```", _section(section), flags=re.S)
 
 
 @pytest.fixture(scope="module")
@@ -131,29 +131,46 @@ def small_run(tmp_path_factory, ray_cluster):
 
 @pytest.mark.slow
 def test_reading_results_snippets_run(small_run, capsys):
+    """pandas, polars and DuckDB on the run's own data/ folder, and salmap's reader."""
     blocks = _snippets()
+    assert len(blocks) == 4, "expected the pandas, polars, DuckDB and salmap snippets"
     checked = set()
     for i, code in enumerate(blocks):
         assert README_RUN in code, f"snippet {i} does not set {README_RUN}"
         code = code.replace(README_RUN, f"RUN = {str(small_run)!r}")
         code = code.replace(README_UNIT, 'UNIT = "r18__gradcam"')
+        code = code.replace("/data/efficientnet_lite0/gradcam", "/data/r18/gradcam")
         ns: dict = {"__name__": f"readme_snippet_{i}"}
         exec(compile(code, f"README.md (Reading results, snippet {i})", "exec"), ns)
         out = capsys.readouterr().out
         assert out.strip(), f"snippet {i} printed nothing"
-        if "maps" in ns:  # gradcam on ResNet-18 at 64 px: a 2x2 grid, 3 decodable samples
-            assert ns["maps"].shape == (3, 2, 2)
+        if "stack" in ns:  # gradcam on ResNet-18 at 64 px: a 2x2 grid; 4 samples, 1 broken
+            assert ns["stack"].shape == (4, 2, 2)
+            assert [m is None for m in ns["df"]["saliency"]] == list(ns["df"]["status"] != "ok")
+            assert all(m.shape == (2, 2) for m in ns["df"]["saliency"] if m is not None)
             assert ns["full"].shape == (40, 48)  # the original image size (conftest jpeg_bytes)
-            checked.add("maps")
-        if "summary" in ns:  # polars
+            checked.add("salmap")
+        elif "summary" in ns:  # polars
             assert sorted(ns["summary"]["rows"].to_list()) == [3, 3]
             checked.add("polars")
-        if "df" in ns and "error" in ns["df"].columns:  # pandas: 4 samples x 2 units
+        elif "unit" in ns:  # pandas: one unit with its maps, then 4 samples x 2 units
+            assert len(ns["unit"]) == 4 and "saliency" in ns["unit"]
             df = ns["df"]
             assert len(df) == 8 and (df.status == "error").sum() == 2
-            assert "broken" in out
+            assert "broken" in out and "img0.jpg" in out
             checked.add("pandas")
-        if "duckdb" in ns:
-            assert "r18" in out and "gradcam" in out
+        elif "duckdb" in ns:
+            assert "r18" in out and "gradcam" in out and "gradient" in out
             checked.add("duckdb")
-    assert checked == {"maps", "polars", "pandas", "duckdb"}
+    assert checked == {"salmap", "polars", "pandas", "duckdb"}
+
+
+def test_python_api_snippet_runs(capsys):
+    """The in-memory part of the Python API section (no Ray): Lite0, Grad-CAM, two photos."""
+    code = _snippets("Python API")[0]
+    ns: dict = {"__name__": "readme_api"}
+    exec(compile(code, "README.md (Python API)", "exec"), ns)
+    assert len(ns["out"]) == 4 and list(ns["out"]["label"]) == [0, 1, 2, 3]  # the loader's
+    assert "(7, 7)" in capsys.readouterr().out
+    cat, espresso = ns["rows"]["target"]  # the pretrained model sees them
+    assert 281 <= cat <= 285 and espresso == 967

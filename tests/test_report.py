@@ -1,8 +1,9 @@
 """The HTML report: built from a synthetic run folder (no Ray), opened in headless Chromium.
 
-The run is written by hand following pipeline/schema.py: two units of one model, three
-samples in one real WebDataset shard (solid-colour JPEGs, so a photo can be recognised), one
-error row, curves stored by one unit only, and a manifest summary for one metric of one unit.
+The run is written by hand following pipeline/schema.py: two units of one model, four
+samples in one real WebDataset shard (solid-colour JPEGs, so a photo can be recognised) with
+its classes.json, error rows (one sample fails in every unit), curves stored by one unit only,
+a manifest summary for one metric of one unit, and a torchvision model (class names).
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.report import render_report, write_report
+from pipeline.post import encode_png
+from pipeline.report import render_pages, render_report, write_report
 from pipeline.schema import output_schema
 
 REPO = Path(__file__).resolve().parent.parent
-COLORS = {"a": (220, 30, 30), "b": (30, 200, 40), "c": (40, 60, 230)}  # red, green, blue
+COLORS = {"a": (220, 30, 30), "b": (30, 200, 40), "c": (40, 60, 230), "d": (200, 200, 40)}
 SIZE = (64, 48)  # original width, height
-# per (unit, sample): (deletion_auc, insertion_auc); a ranks best, c worst (score = ins - del)
+# per (unit, sample): (deletion_auc, insertion_auc); a ranks best, c worst (score = ins - del);
+# d has no ok row anywhere (its image is broken in both units)
 AUCS = {("grad", "a"): (0.1, 0.9), ("grad", "b"): (0.3, 0.5), ("grad", "c"): (0.6, 0.2),
         ("cam", "a"): (0.2, 0.8), ("cam", "b"): (0.4, 0.6)}
 ERROR = "image data is truncated or corrupt (OSError: broken data stream)"
 MANIFEST_DELETION = 0.4321  # the manifest summary's deletion_auc mean for unit m__grad
+LABEL_NAME = "my-own-class-three"  # classes.json next to the shard names label 3
+TARGET_NAME = "tiger shark"  # ImageNet class 3, from resnet18's torchvision weights
 
 
 def _jpeg(color: tuple[int, int, int]) -> bytes:
@@ -59,6 +64,8 @@ def _write_shard(path: Path) -> None:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    (path.parent / "classes.json").write_text(json.dumps({"zero": 0, "one": 1, "two": 2,
+                                                          LABEL_NAME: 3}))
 
 
 def _tensor(maps: list[np.ndarray | None], h: int, w: int) -> pa.Array:
@@ -71,7 +78,17 @@ def _tensor(maps: list[np.ndarray | None], h: int, w: int) -> pa.Array:
     return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [h, w]), storage)
 
 
-def _unit_table(method: str, hw: int, curves: bool) -> pa.Table:
+def signed_map(i: int) -> np.ndarray:
+    """A positive blob that moves right with i and a negative one, stronger, at the bottom
+    right corner; zero elsewhere (original pixels)."""
+    w, h = SIZE
+    yy, xx = np.mgrid[0:h, 0:w]
+    pos = np.exp(-((xx - 10 - 20 * i) ** 2 + (yy - 12) ** 2) / 30.0)
+    neg = 1.5 * np.exp(-((xx - 56) ** 2 + (yy - 40) ** 2) / 30.0)
+    return pos - neg
+
+
+def _unit_table(method: str, hw: int, curves: bool, signed: bool = False) -> pa.Table:
     schema = output_schema(hw, hw, curves=curves)
     rows, maps = [], []
     w, h = SIZE
@@ -79,18 +96,22 @@ def _unit_table(method: str, hw: int, curves: bool) -> pa.Table:
     for i, key in enumerate(COLORS):
         ok = (method, key) in AUCS
         dele, ins = AUCS.get((method, key), (None, None))
-        blob = np.exp(-((xx - 10 - 20 * i) ** 2 + (yy - 24) ** 2) / 60.0)  # moves right with i
         row = {f.name: None for f in schema}
-        row.update(sample_id=f"shard-000000/{key}", shard="shard-000000", key=key, model="m",
-                   method=method, target=3 if ok else None, target_source="label", label=3,
-                   orig_height=h, orig_width=w, status="ok" if ok else "error",
-                   error="" if ok else ERROR, elapsed_ms=5.0)
+        row.update(sample_id=f"shard-000000/{key}", shard="shard-000000", key=key,
+                   image_file=f"{key}.jpg", model="m", method=method,
+                   target=3 if ok else None, target_source="label", label=3,
+                   orig_height=h if key != "d" else None, orig_width=w if key != "d" else None,
+                   status="ok" if ok else "error", error="" if ok else ERROR, elapsed_ms=5.0)
         if ok:
+            if signed:
+                png, lo, hi = encode_png(signed_map(i).astype(np.float32))
+            else:
+                blob = np.exp(-((xx - 10 - 20 * i) ** 2 + (yy - 24) ** 2) / 60.0)  # moves right
+                png, lo, hi = _png((blob * 255).astype(np.uint8)), 0.0, 1.0
             row.update(pred=3, pred_prob=0.5, target_logit=1.0, target_prob=0.5,
                        crop_box={"x0": 8.0, "y0": 0.0, "x1": 56.0, "y1": 48.0},
-                       saliency_png=_png((blob * 255).astype(np.uint8)), saliency_min=0.0,
-                       saliency_max=1.0, pseudo_box={"x0": 2.0 + 20 * i, "y0": 16.0,
-                                                     "x1": 18.0 + 20 * i, "y1": 32.0},
+                       saliency_png=png, saliency_min=lo, saliency_max=hi,
+                       pseudo_box={"x0": 2.0 + 20 * i, "y0": 16.0, "x1": 18.0 + 20 * i, "y1": 32.0},
                        deletion_auc=dele, insertion_auc=ins, gini=0.5 + 0.1 * i,
                        pointing_hit=key == "a", box_iou=0.6 if key == "a" else None)
             if curves:
@@ -103,32 +124,38 @@ def _unit_table(method: str, hw: int, curves: bool) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def make_run(root: Path, shards: str, curves: bool = True) -> Path:
-    """A committed run folder at ``root/t``: units m__grad (16x16 maps) and m__cam (4x4)."""
+def make_run(root: Path, shards: str, curves: bool = True, signed: bool = False) -> Path:
+    """A committed run folder at ``root/t``: units m__grad (16x16 maps, signed ones with
+    ``signed``) and m__cam (4x4), in the layout data/<model>/<method>/<wave>/part-*.parquet."""
     run = root / "t"
     units = {}
     for method, hw, with_curves in (("grad", 16, curves), ("cam", 4, False)):
         uid = f"m__{method}"
-        rel = f"data/model=m/method={method}/wave=w0/part-000000.parquet"
+        rel = f"data/m/{method}/w0/part-000000.parquet"
         (run / rel).parent.mkdir(parents=True)
-        table = _unit_table(method, hw, with_curves)
+        table = _unit_table(method, hw, with_curves, signed=signed and method == "grad")
         pq.write_table(table, run / rel)
         errors = sum(s != "ok" for s in table.column("status").to_pylist())
-        record = {"unit": uid, "wave": "w0", "files": [rel], "rows": 3, "errors": errors}
+        record = {"unit": uid, "wave": "w0", "files": [rel], "rows": len(table), "errors": errors,
+                  "shards": ["shard-000000"], "samples": len(table)}
         (run / "_commits" / uid).mkdir(parents=True)
         (run / "_commits" / uid / "w0.json").write_text(json.dumps(record))
         summary = {"metrics": {"deletion_auc": {"mean": MANIFEST_DELETION, "ci_low": 0.1,
                                                 "ci_high": 0.6, "n": 3}}} if method == "grad" else None
-        units[uid] = {"model": "m", "method": method, "rows": 3, "errors": errors, "samples": 3,
-                      "files": [rel], "images_per_s": 12.5, "elapsed_s": 0.24, "summary": summary}
+        units[uid] = {"model": "m", "method": method, "rows": len(table), "errors": errors,
+                      "samples": len(table), "images_per_s": 12.5, "elapsed_s": 0.24,
+                      "summary": summary}
     manifest = {
         "run_id": "t", "status": "incomplete", "started": 1.7e9, "finished": 1.7e9 + 60,
         "config": {"input": {"shards": [shards], "image_keys": ["jpg"], "boxes_key": "json",
                              "label_key": "cls", "max_pixels": 10_000_000},
+                   "models": [{"name": "m", "source": "torchvision:resnet18",
+                               "weights": "DEFAULT"}],
                    "run": {"id": "t", "output": str(root)}},
         "versions": {"python": "3.x", "pyarrow": pa.__version__, "salmap": "test"},
-        "shards": ["shard-000000"], "units": units,
-        "failures": ["unit m__cam shard shard-000001: worker died (test failure line)"],
+        "shards_total": 2, "units": units,
+        "failures": ["m__cam: shard shard-000001: worker died (test failure line)"],
+        "failures_total": 1,
     }
     (run / "manifest.json").write_text(json.dumps(manifest))
     return run
@@ -146,19 +173,35 @@ def _data_uris(html: str, alt_prefix: str) -> list[Image.Image]:
     return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in found]
 
 
-def test_report_content_from_parquet_and_shards(run_dir):
+def _gallery(html: str) -> str:
+    return html[html.index("<section id=gallery>"):html.index("</section>", html.index("<section id=gallery>"))]
+
+
+def _mean_colour(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=float).reshape(-1, 3).mean(0)
+
+
+def test_report_shows_every_sample_with_class_names(run_dir):
     html = render_report(str(run_dir), per_side=1)
-    # gallery: one best and one worst item; the photo of the best (a) is red, the worst (c) blue
-    best_at, worst_at = html.index("best 1"), html.index("worst 1")
-    assert best_at < html.index("shard-000000/a", best_at) < worst_at < html.index("shard-000000/c", worst_at)
-    photos = _data_uris(html, "shard-000000/")
-    assert len(photos) == 2
-    for img, key in zip(photos, "ac"):
-        mean = np.asarray(img, dtype=float).reshape(-1, 3).mean(0)
-        assert int(np.argmax(mean)) == int(np.argmax(COLORS[key])), (key, mean)
-    # overlays: grad has a map for a and c, cam only for a (c is an error row shown as such)
-    assert len(_data_uris(html, "grad map of")) == 2 and len(_data_uris(html, "cam map of")) == 1
-    assert html.count(ERROR) == 2  # the gallery cell and the errors table
+    gallery = _gallery(html)
+    # all 4 samples fit one page: every one on the index, ranked a, b, c, then d (no ok row)
+    assert "all 4, best first" in gallery
+    at = [gallery.index(f"<span class=sid>shard-000000/{k}</span>") for k in "abcd"]
+    assert at == sorted(at), at
+    photos = _data_uris(gallery, "shard-000000/")
+    assert len(photos) == 4
+    for img, key in zip(photos, "abcd"):
+        assert int(np.argmax(_mean_colour(img))) == int(np.argmax(COLORS[key])), key
+    # overlays: grad has maps for a, b, c; cam for a and b (c and d: error cells)
+    assert len(_data_uris(gallery, "grad map of")) == 3 and len(_data_uris(gallery, "cam map of")) == 2
+    assert gallery.count(ERROR) == 3  # cam's c, and d in both units
+    # class names: the label's from classes.json, the prediction's and target's from the weights
+    assert f"label 3 ({LABEL_NAME})" in gallery and f"target 3 ({TARGET_NAME})" in gallery
+    assert f"pred 3 ({TARGET_NAME})" in gallery and "a.jpg" in gallery
+
+
+def test_report_summary_per_class_and_failures(run_dir):
+    html = render_report(str(run_dir), per_side=1)
     # summary (deletion_auc is the first metric column): the manifest's value where it has
     # one, else the mean of the unit's rows
     table = html[html.index("id=summary-table"):html.index("</table>", html.index("id=summary-table"))]
@@ -168,9 +211,109 @@ def test_report_content_from_parquet_and_shards(run_dir):
     assert cells["grad"][4].startswith(f"{MANIFEST_DELETION:.3f}<br>")
     cam_del = np.mean([AUCS[("cam", k)][0] for k in "ab"])
     assert cells["cam"][4].startswith(f"{cam_del:.3f}<br>")
-    assert cells["cam"][1] == "1"  # error rows
-    assert "worker died (test failure line)" in html
+    assert cells["cam"][1] == "2"  # error rows: c and d
+    # per class: class 3 with its name, 5 ok rows, deletion means per method
+    start = html.index("id='per-class-m'")
+    per_class = html[start:html.index("</table>", start)]
+    (row,) = re.findall(r"<tr><td>3 tiger shark</td>(.*?)</tr>", per_class)
+    values = re.findall(r"<td class=num>(.*?)</td>", row)
+    assert values[0] == "5"
+    grad_del = np.mean([AUCS[("grad", k)][0] for k in "abc"])
+    assert values[1:3] == [f"{grad_del:.3f}", f"{cam_del:.3f}"]  # deletion_auc: grad, cam
+    # failures with their reasons, and the error rows grouped by reason
+    errors = html[html.index("<section id=errors>"):]
+    assert "worker died (test failure line)" in errors
+    reasons = errors[errors.index("id=reasons-table"):errors.index("</table>", errors.index("id=reasons-table"))]
+    assert re.search(r"image data is truncated or corrupt \(OSError</td><td>error</td>"
+                     r"<td class=num>3</td><td class=num>2</td>", reasons), reasons
     assert "Deletion and insertion curves" in html and "alt='curves of m'" in html
+
+
+def test_report_pages_hold_every_sample(run_dir):
+    pages = render_pages(str(run_dir), per_side=1, page_size=1)
+    assert sorted(pages) == ["gallery-0001.html", "gallery-0002.html", "gallery-0003.html",
+                             "gallery-0004.html", "index.html"]
+    index = _gallery(pages["index.html"])
+    # more samples than a page: the index shows the best and the worst, and links every page
+    best_at, worst_at = index.index("best 1"), index.index("worst 1")
+    assert best_at < index.index("shard-000000/a", best_at) < worst_at < index.index("shard-000000/c", worst_at)
+    assert all(f"href='gallery-000{k}.html'" in index for k in range(1, 5))
+    # page k holds the k-th sample of the ranking, with its photo and maps
+    for k, key in enumerate("abcd", start=1):
+        page = pages[f"gallery-000{k}.html"]
+        assert re.findall(r"<span class=sid>(.*?)</span>", page) == [f"shard-000000/{key}"]
+        assert f"{k}–{k} of 4, best first" in page and "href='index.html'" in page
+    assert len(_data_uris(pages["gallery-0001.html"], "grad map of")) == 1
+    # max_samples keeps the two ends of the ranking
+    capped = render_pages(str(run_dir), per_side=1, page_size=1, max_samples=2)
+    assert sorted(capped) == ["gallery-0001.html", "gallery-0002.html", "index.html"]
+    assert "shard-000000/a" in capped["gallery-0001.html"]
+    assert "shard-000000/d" in capped["gallery-0002.html"]
+    assert "--max-samples 0" in capped["index.html"]
+
+
+def test_gallery_caption_states_one_direction(run_dir):
+    for rank_by, label in (("deletion_auc", "−deletion_auc"), (None, "insertion_auc − deletion_auc")):
+        gallery = _gallery(render_report(str(run_dir), rank_by=rank_by))
+        caption = gallery[:gallery.index("class='note legend'")]
+        assert f"ranked by the score <b>{label}</b>" in caption
+        assert "higher score is always better" in caption
+        assert "lower is better)" not in caption and "(higher is better" not in caption
+
+
+def test_signed_maps_are_centred_at_zero_or_drawn_as_magnitude(tmp_path):
+    (tmp_path / "shards").mkdir()
+    _write_shard(tmp_path / "shards" / "shard-000000.tar")
+    run = make_run(tmp_path / "runs", str(tmp_path / "moved-away"), signed=True)
+    # no photos (moved away): the overlay is the map alone on white, so colours are readable
+    diverging = _data_uris(_gallery(render_report(str(run))), "grad map of")
+    magnitude = _data_uris(_gallery(render_report(str(run), signed="abs")), "grad map of")
+    gallery = _gallery(render_report(str(run)))
+    assert "negative ← 0 → positive" in gallery and "Maps with negative values (grad)" in gallery
+    w, h = SIZE
+
+    def at(img: Image.Image, x: float, y: float) -> np.ndarray:  # original pixels -> colour
+        return np.asarray(img, dtype=float)[int(y * img.size[1] / h), int(x * img.size[0] / w)]
+
+    for i, (div, mag) in enumerate(zip(diverging, magnitude)):
+        pos, neg, zero = at(div, 10 + 20 * i, 12), at(div, 56, 40), at(div, 30, 44)
+        assert pos[0] > pos[2] + 60, pos  # positive evidence: red
+        assert neg[2] > neg[0] + 60, neg  # negative evidence: blue
+        assert zero.min() > 235, zero  # zero: no colour (white, or the photo)
+        # |value|: both blobs are "high" on jet (warm), the background "low" (dark blue)
+        mpos, mneg, mzero = at(mag, 10 + 20 * i, 12), at(mag, 56, 40), at(mag, 30, 44)
+        assert mneg[0] > mneg[2] and mpos[0] > 100, (mpos, mneg)
+        assert mzero[2] > mzero[0], mzero
+
+
+def test_encode_png_keeps_the_sign_of_a_signed_map():
+    m = signed_map(0).astype(np.float32)
+    m[np.abs(m) < 1e-3] = 0.0  # exact zeros where the blobs have faded out
+    png, lo, hi = encode_png(m)
+    assert lo == -hi == pytest.approx(-float(np.abs(m).max()))
+    level = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)
+    back = level / 255 * (hi - lo) + lo
+    assert np.abs(back - m).max() <= (hi - lo) / 255
+    # zero is the middle grey (128); beyond one 8-bit step, negatives are below, positives above
+    step = (hi - lo) / 255
+    assert level[m < -step].max() <= 127 < 128 <= level[m > step].min()
+    assert set(np.unique(level[m == 0])) == {128} and (m == 0).sum() > 100
+    big = np.abs(m) > step
+    assert np.array_equal(np.sign(back[big]), np.sign(m[big]))
+    # a map without negative values is min-max scaled as before
+    png, lo, hi = encode_png(np.abs(m))
+    level = np.asarray(Image.open(io.BytesIO(png)))
+    assert (lo, hi) == (0.0, pytest.approx(float(np.abs(m).max()))) and level.min() == 0
+    assert level.max() == 255
+
+
+def test_pseudo_box_of_a_signed_map_uses_the_positive_evidence():
+    from workers.metrics import compute_post_metrics
+
+    m = signed_map(1)  # positive blob at (30, 12); a stronger negative one at (56, 40)
+    box = compute_post_metrics(["pseudo_box"], m, None)["pseudo_box"]
+    assert box["x0"] < 30 < box["x1"] and box["y0"] < 12 < box["y1"]
+    assert box["x1"] < 50 and box["y1"] < 30  # nothing of the negative blob
 
 
 def test_report_without_curves_or_shards(tmp_path):
@@ -225,28 +368,44 @@ def _browser(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=90)
 
 
-@pytest.mark.timeout(240)
+def _check(url: str, profile: Path) -> dict:
+    dom = _browser(["--dump-dom", f"{url}?check=1"], profile)
+    match = re.search(r'<pre id="check">(.*?)</pre>', dom.stdout, re.S)
+    assert match, f"no check output; chromium said: {dom.stderr[-2000:]}"
+    return json.loads(unescape(match.group(1)))
+
+
+@pytest.mark.timeout(300)
 def test_report_in_headless_chromium(run_dir, tmp_path):
     if _chromium() is None:
         pytest.skip("chromium not installed: run scripts/install-chromium.sh (make test does)")
-    path = write_report(str(run_dir))
+    # a stale page of an earlier, longer report is removed
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "gallery-0009.html").write_text("old")
+    path = write_report(str(run_dir), per_side=1, page_size=2)
     assert path == os.path.abspath(run_dir / "report" / "index.html") and os.path.isfile(path)
-    url = Path(path).as_uri()
-    dom = _browser(["--dump-dom", f"{url}?check=1"], tmp_path / "profile")
-    match = re.search(r'<pre id="check">(.*?)</pre>', dom.stdout, re.S)
-    assert match, f"no check output; chromium said: {dom.stderr[-2000:]}"
-    check = json.loads(unescape(match.group(1)))
-    # 1 colour bar + 3 photos + 5 overlays + 1 curves chart + 1 distributions chart
-    assert check["images"] == 11 and check["all_loaded"], check
+    assert sorted(p.name for p in (run_dir / "report").iterdir()) == [
+        "gallery-0001.html", "gallery-0002.html", "index.html"]
+    check = _check(Path(path).as_uri(), tmp_path / "profile")
+    # 1 colour bar + best and worst: 2 photos, 2 grad and 1 cam overlay + 2 charts
+    assert check["images"] == 8 and check["all_loaded"], check
     assert check["tables"]["summary-table"] == 2  # one row per unit
-    assert check["tables"]["errors-table"] == 1  # the one error row
+    assert check["tables"]["errors-table"] == 3  # cam's c, d in both units
+    assert check["tables"]["reasons-table"] == 1
+    assert check["tables"]["per-class-m"] == 1  # class 3
     assert check["tables"]["versions-table"] == 3
-    assert {"summary", "gallery", "curves", "distributions", "errors", "config"} <= set(check["sections"])
+    assert {"summary", "per-class", "gallery", "curves", "distributions", "errors",
+            "config"} <= set(check["sections"])
+    # the second gallery page: c (grad map, cam error) and d (errors in both units)
+    page = _check((run_dir / "report" / "gallery-0002.html").as_uri(), tmp_path / "profile")
+    assert page["images"] == 1 + 2 + 1 and page["all_loaded"], page  # bar, 2 photos, 1 map
+    assert page["sections"] == ["gallery"]
 
     shot = REPO / "test-artifacts" / "report.png"
     shot.parent.mkdir(exist_ok=True)
     shot.unlink(missing_ok=True)
-    _browser([f"--screenshot={shot}", "--window-size=1400,2000", url], tmp_path / "profile2")
+    _browser([f"--screenshot={shot}", "--window-size=1400,2000", Path(path).as_uri()],
+             tmp_path / "profile2")
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(shot) as img:
         assert img.size == (1400, 2000)

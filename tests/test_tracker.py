@@ -112,3 +112,4 @@ def test_rows_without_the_shard_end_marker_are_not_enough():
     assert t.ready() == []
     t.add_marker("s-1", 2)
     assert len(t.ready()) == 1
+

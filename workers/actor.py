@@ -3,7 +3,8 @@
 Ray Data instantiates :class:`Explainer` once per actor (the model loads once) and calls it
 on batches of decoded samples. Each call returns one row per (sample, target); a sample that
 cannot be explained becomes an error row instead of failing the batch. Out-of-memory splits
-the batch in half and retries, down to one sample.
+the batch in half and retries, down to one sample; any other error fails the call's samples
+once (error rows with the reason), without retries.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .columns import (
     numpy_column,
 )
 from .models import LoadedModel, load_model
+from .progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +98,17 @@ def is_oom(err: BaseException) -> bool:
 class Explainer:
     """Callable class for ``map_batches``: decoded batch in, explained rows out."""
 
-    def __init__(self, spec: ActorSpec) -> None:
+    def __init__(self, spec: ActorSpec, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: a model already built (the Python API's in-memory use); else the spec's."""
         self.started_ms = int(time.time() * 1000)  # the device is held from here on
         self.actor_id = _actor_id()
         self.spec = spec
         self.map_np = MAP_DTYPES[spec.map_dtype][1]
         self.device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         m = spec.model
-        self.loaded: LoadedModel = load_model(
+        self.loaded: LoadedModel = loaded if loaded is not None else load_model(
             m["source"], m.get("weights"), m.get("target_layer"), m.get("input_size"), m.get("arch"),
-            reshape=m.get("reshape"),
+            m.get("params"), m.get("mean"), m.get("std"), reshape=m.get("reshape"),
         )
         self.model = self.loaded.model.to(self.device)
         if spec.channels_last:
@@ -123,6 +126,8 @@ class Explainer:
         self.std = torch.tensor(p.std, device=self.device).view(1, 3, 1, 1)
         self.forward_fn = self._make_forward()
         self.map_shape = self._probe_map_shape()
+        # in-batch progress for the driver (pipeline.progress); a no-op without its counter
+        self.progress = ProgressReporter.for_unit(f"{m['name']}__{spec.method}")
 
     # -- setup -------------------------------------------------------------------------
     def _make_forward(self):
@@ -169,6 +174,7 @@ class Explainer:
         n = len(batch["sample_id"])
         rows: list[dict[str, Any]] = []
         ok_idx = [i for i in range(n) if batch["status"][i] == "ok"]
+        self.progress.begin_batch()
         for i in range(n):
             if batch["status"][i] == SHARD_END:
                 rows.append(self._marker_row(batch, i))
@@ -176,6 +182,7 @@ class Explainer:
                 rows.append(self._error_row(batch, i, str(batch["error"][i]), target=None))
         if ok_idx:
             rows.extend(self._explain_indices(batch, ok_idx))
+        self.progress.end_batch(sum(1 for s in batch["status"] if s != SHARD_END))
         cols = self._to_columns(rows)
         end = time.time()
         m = len(rows)
@@ -187,6 +194,9 @@ class Explainer:
         return cols
 
     def _to_tensor(self, images: np.ndarray) -> Tensor:
+        if images.dtype != np.uint8:  # already the model's input: float [B, 3, H, W], normalised
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self.mean) / self.std
@@ -195,15 +205,22 @@ class Explainer:
         return x
 
     def _explain_indices(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
+        """Explain samples ``idx``; out of memory splits them in half and retries (down to one
+        sample). Any other error is taken as deterministic: every sample of the call gets an
+        error row with the reason, once, instead of 2n-1 calls that fail the same way."""
         try:
             return self._explain(batch, idx)
         except Exception as err:  # noqa: BLE001
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if not is_oom(err):
+                what = "" if len(idx) == 1 else f" on a batch of {len(idx)} samples"
+                message = " ".join(str(err).split())
+                reason = f"{self.spec.method} failed{what}: {type(err).__name__}: {message}"
+                return [self._error_row(batch, i, reason, target=None) for i in idx]
             if len(idx) == 1:
                 reason = ("out of memory even for a single sample; lower resources.batch_size or "
-                          "inner_batch_size, or use a bigger device" if is_oom(err)
-                          else f"{self.spec.method} failed: {type(err).__name__}: {err}")
+                          "inner_batch_size, or use a bigger device")
                 return [self._error_row(batch, idx[0], reason, target=None)]
             half = len(idx) // 2
             return self._explain_indices(batch, idx[:half]) + self._explain_indices(batch, idx[half:])
@@ -254,8 +271,12 @@ class Explainer:
         pos_t = torch.tensor([e[0] for e in expanded], device=self.device)
         tgt_t = torch.tensor([e[1] for e in expanded], device=self.device)
         xx = x[pos_t]
+        group = self.progress.group(len(idx), metrics=bool(self.spec.metrics))
+        self.method.progress = group.method_progress
         maps = self.method(xx, tgt_t)
-        metric_values = self._model_metrics(xx, maps, tgt_t)
+        group.method_done()
+        metric_values = self._model_metrics(xx, maps, tgt_t, group.metric_progress)
+        group.close()
         maps_cpu = maps.float().cpu().numpy()
         if maps_cpu.shape[1:] != tuple(self.map_shape):
             raise RuntimeError(f"method returned maps of shape {maps_cpu.shape[1:]}, expected {self.map_shape}")
@@ -279,12 +300,14 @@ class Explainer:
                 if name in metric_values:
                     row[name] = json.dumps([float(v) for v in metric_values[name][r]])
             notes = [n for n in (_annotation_note(batch, i, self.spec.targets),
-                                 metric_values.get("_metric_error", "")) if n]
+                                 metric_values.get("_metric_error", ""),
+                                 metric_values.get("_notes", [""] * len(expanded))[r]) if n]
             row["error"] = "; ".join(notes)
             rows.append(row)
         return errors + rows
 
-    def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor) -> dict[str, Any]:
+    def _model_metrics(self, x: Tensor, maps: Tensor, targets: Tensor,
+                       progress=None) -> dict[str, Any]:
         from .metrics import METRICS, compute_model_metrics
 
         names = [m for m in self.spec.metrics if m in METRICS and METRICS[m].kind == "model"]
@@ -298,7 +321,7 @@ class Explainer:
                 names, self.forward_fn, x, maps, targets, params,
                 mean=tuple(self.loaded.preprocess.mean), std=tuple(self.loaded.preprocess.std),
                 # a CPU runs small chunks faster (cache); a GPU wants large ones
-                max_batch=8 if self.device.type == "cpu" else 64,
+                max_batch=8 if self.device.type == "cpu" else 64, progress=progress,
             )
         except Exception as err:  # noqa: BLE001
             if is_oom(err):

@@ -14,6 +14,11 @@ import pyarrow as pa
 
 BOX = pa.struct([("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()),
                  ("y1", pa.float32())])
+# a label map's per-class counts against a ground-truth mask (workers.metrics.label_quality)
+LABEL_QUALITY = pa.struct([("classes", pa.list_(pa.int32())),
+                           ("intersection", pa.list_(pa.int64())),
+                           ("union", pa.list_(pa.int64())),
+                           ("valid_px", pa.int64()), ("labelled_px", pa.int64())])
 
 # Who fills a column:
 #   "decode"       decode stage; carried through the actor unchanged (pass-through)
@@ -24,7 +29,7 @@ BOX = pa.struct([("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()
 STAGES = ("decode", "actor", "model_metric", "post", "post_metric")
 
 # How a column travels between stages as a numpy batch column.
-KINDS = ("str", "int", "float", "bool", "map", "box", "binary", "curve")
+KINDS = ("str", "int", "float", "bool", "map", "box", "binary", "curve", "record")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,15 @@ COLUMNS: tuple[Column, ...] = (
     _c("saliency_max", "post", "float", pa.float32()),
     _c("pseudo_box", "post_metric", "box", BOX),
     _c("pseudo_mask_png", "post_metric", "binary", pa.binary()),
+    # weak supervision (pipeline.post with the pseudo_box metric / pseudo_labels.label_maps):
+    # the pseudo box's support in the map, its match with a ground-truth box of the target
+    # class, how many such boxes the image has (null: no box annotation); one label map per
+    # sample, on its first ok row, and its counts against a ground-truth mask
+    _c("pseudo_box_score", "post", "float", pa.float32()),
+    _c("pseudo_box_match", "post", "bool", pa.bool_()),
+    _c("gt_box_count", "post", "int", pa.int32()),
+    _c("label_map_png", "post", "binary", pa.binary()),
+    _c("label_map_quality", "post", "record", LABEL_QUALITY),
     _c("deletion_auc", "model_metric", "float", pa.float32()),
     _c("insertion_auc", "model_metric", "float", pa.float32()),
     _c("average_drop", "model_metric", "float", pa.float32()),
@@ -101,6 +115,12 @@ COLUMNS: tuple[Column, ...] = (
     _c("crop_h", "decode", "int"),
     _c("crop_w", "decode", "int"),
     _c("boxes_json", "decode", "str"),
+    # internal, only with label maps: the image's bytes (CRF refinement) and the ground-truth
+    # mask's (input.mask_key), kept on one row per sample (workers.metrics.label_maps); the
+    # packed maps of all of a sample's targets, on that row
+    _c("image_bytes", "decode", "binary"),
+    _c("gt_mask_bytes", "decode", "binary"),
+    _c("sample_maps", "actor", "binary"),
     # internal: on a shard-end marker row, how many samples the shard held and why it ended
     # early (a truncated tar); see pipeline.shard_reader
     _c("shard_samples", "decode", "int"),
@@ -123,6 +143,9 @@ PASS_THROUGH: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.stage == "dec
 MODEL_METRIC_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in COLUMNS if c.stage == "model_metric" and c.kind == "float")
 CURVE_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.kind == "curve")
+# columns the post stage fills for weak supervision (pipeline.post)
+LABEL_COLUMNS: tuple[str, ...] = ("pseudo_box_score", "pseudo_box_match", "gt_box_count",
+                                  "label_map_png", "label_map_quality")
 # the per-row metric values a summary averages (model- and post-side, scalars only)
 METRIC_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in COLUMNS if c.stage in ("model_metric", "post_metric")
@@ -136,9 +159,11 @@ MAP_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), n
 
 
 def numpy_column(kind: str, values: list) -> np.ndarray:
-    """A batch column of ``kind`` from Python values (None -> "", -1 or NaN by kind)."""
+    """A batch column of ``kind`` from Python values (None -> "", b"", -1 or NaN by kind)."""
     if kind in ("str", "curve"):
         return np.array(["" if v is None else v for v in values], dtype=object)
+    if kind == "binary":
+        return np.array([b"" if v is None else v for v in values], dtype=object)
     if kind == "int":
         return np.array([-1 if v is None else v for v in values], dtype=np.int64)
     if kind in ("float", "bool"):

@@ -127,16 +127,21 @@ def load_model(
     target_layer: str | None = None,
     input_size: int | None = None,
     arch: str | None = None,
+    params: dict | None = None,
+    mean: tuple[float, ...] | list[float] | None = None,
+    std: tuple[float, ...] | list[float] | None = None,
     reshape: str | None = None,
 ) -> LoadedModel:
     """Build a model in eval mode with frozen parameters, plus its preprocessing.
 
     ``source``: ``torchvision:<name>`` (``weights``: a weights enum name, ``DEFAULT`` or
     ``none``), ``file:<path>`` (state dict for torchvision architecture ``arch``),
-    ``efficientnet_lite0``, or ``package.module:callable`` (``weights``: a state-dict file,
-    or ``DEFAULT`` / ``none`` for the model as the factory returns it). ``weights: none``
-    gives seeded random weights, with zero-initialised heads redrawn (:func:`redraw_zero_heads`).
-    ``reshape``: the CAM target layer's output layout (:mod:`workers.methods.reshape`).
+    ``efficientnet_lite0``, or ``package.module:callable`` (called with ``params`` as keyword
+    arguments; ``weights``: a state-dict file, or ``DEFAULT`` / ``none`` for the model as the
+    factory returns it). ``weights: none`` gives seeded random weights, with
+    zero-initialised heads redrawn (:func:`redraw_zero_heads`). ``mean``/``std`` replace the
+    normalisation of any source. ``reshape``: the CAM target layer's output layout
+    (:mod:`workers.methods.reshape`).
     """
     from .methods.layers import resolve_layer
     from .methods.reshape import check_reshape
@@ -163,7 +168,7 @@ def load_model(
             factory = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as err:
             raise ModelError(f"cannot import model factory {source!r}: {err}") from err
-        model = factory()
+        model = factory(**dict(params or {}))
         if not isinstance(model, nn.Module):
             raise ModelError(f"{source} returned {type(model).__name__}, not a torch.nn.Module")
         if weights and weights not in ("none", "None", "DEFAULT"):  # DEFAULT: as the factory built it
@@ -181,6 +186,10 @@ def load_model(
             mean=preprocess.mean,
             std=preprocess.std,
         )
+    if mean is not None or std is not None:
+        preprocess = Preprocess(crop=preprocess.crop, resize=preprocess.resize,
+                                mean=tuple(mean or preprocess.mean),
+                                std=tuple(std or preprocess.std))
     model.eval()
     model.requires_grad_(False)
     layer_name, _ = resolve_layer(model, target_layer)

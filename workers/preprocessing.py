@@ -10,7 +10,8 @@ from __future__ import annotations
 from .models import LITE_MEAN, LITE_STD, ModelError, Preprocess
 
 
-def preprocess_of(source: str, weights: str | None = None, input_size: int | None = None) -> Preprocess:
+def preprocess_of(source: str, weights: str | None = None, input_size: int | None = None,
+                  mean=None, std=None) -> Preprocess:
     """The :class:`Preprocess` that :func:`~workers.models.load_model` would return."""
     pre = Preprocess()
     if source.startswith("torchvision:") and weights not in (None, "none", "None", ""):
@@ -31,4 +32,7 @@ def preprocess_of(source: str, weights: str | None = None, input_size: int | Non
         pre = Preprocess(crop=int(input_size),
                          resize=int(round(input_size * pre.resize / pre.crop)),
                          mean=pre.mean, std=pre.std)
+    if mean is not None or std is not None:
+        pre = Preprocess(crop=pre.crop, resize=pre.resize, mean=tuple(mean or pre.mean),
+                         std=tuple(std or pre.std))
     return pre

@@ -1,14 +1,17 @@
-"""The HTML report of a run (``salmap report RUN``): one self-contained ``index.html``.
+"""The HTML report of a run (``salmap report RUN``): one self-contained folder, ``report/``.
 
-Shows the run's config and versions, per-unit metric summaries (mean and 95% interval), a
-gallery of the best and worst samples with every method's map overlaid on the photo, mean
-deletion/insertion curves (when the run stored them), metric distributions per method, and
-the error rows with their reasons. Pictures are embedded as data URIs, so the one file can be
-copied, mailed or served from a bucket as it is.
+``index.html`` shows the run's config and versions, per-unit metric summaries (mean and 95%
+interval), a per-class breakdown, the gallery (every sample when there are few, else the
+best and worst), mean deletion/insertion curves (when the run stored them), metric
+distributions per method, and the failures and error rows with their reasons. When there are
+more samples than fit one page, ``gallery-0001.html``, ``gallery-0002.html``, ... show every
+sample, ranked, a page at a time. Pictures are embedded as data URIs, so the folder can be
+copied, mailed or served from a bucket as it is. Class names come from the model's weights
+and from ``classes.json`` next to the shards (:mod:`pipeline.report.classes`).
 
-Where it goes: ``<run>/report/index.html``. For an ``s3://`` run it is written there in the
-bucket *and* copied to a local file, whose path is returned so it can be opened in a browser:
-``$SALMAP_REPORT_DIR/<bucket>/<key>/report/index.html``, with ``SALMAP_REPORT_DIR``
+Where it goes: ``<run>/report/``. For an ``s3://`` run it is written there in the bucket
+*and* copied to a local folder, whose ``index.html`` path is returned so it can be opened in
+a browser: ``$SALMAP_REPORT_DIR/<bucket>/<key>/report/``, with ``SALMAP_REPORT_DIR``
 defaulting to ``$XDG_CACHE_HOME/salmap/reports`` (``~/.cache/salmap/reports``).
 """
 
@@ -23,23 +26,28 @@ import numpy as np
 from ..storage import Store
 from .charts import curves, distributions
 from .data import RunData, load_run
-from .gallery import build_galleries
+from .gallery import PAGE_SIZE, index_plan, page_plans, rank_items, render_galleries, scored_rows
 from .page import (
     actors_section,
     config_section,
     curves_section,
     distributions_section,
     errors_section,
+    gallery_page_header,
     gallery_section,
     header,
+    label_quality_section,
     page,
+    page_name,
+    per_class_section,
     summary_section,
 )
-from .render import colorbar, data_uri, png_uri
+from .render import DIVERGING, SIGNED_MODES, colorbar, data_uri, png_uri
 
 REPORT_KEY = "report/index.html"
+DEFAULT_MAX_SAMPLES = 5000  # gallery pages hold at most this many samples per model by default
 
-__all__ = ["REPORT_KEY", "local_copy_path", "render_report", "write_report"]
+__all__ = ["REPORT_KEY", "local_copy_path", "render_pages", "render_report", "write_report"]
 
 
 def local_copy_path(run: str) -> str:
@@ -64,13 +72,44 @@ def _distribution_values(data: RunData, model: str) -> dict[str, dict[str, np.nd
     return out
 
 
-def render_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
-                  cmap: str = "jet", side: int = 224) -> str:
-    """The report's HTML text (see :func:`write_report` for the parameters)."""
+def _class_names(run: str, storage: Any):
+    """model -> class-name function (names of known pretrained models, else class_<id>)."""
+    def names(model: str):
+        try:
+            from ..export import namer
+
+            return namer(Store.open(run, storage), model, None)
+        except Exception:  # noqa: BLE001 - names are a convenience
+            return lambda c: f"class_{c}"
+
+    return names
+
+
+def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
+                 cmap: str = "jet", side: int = 224, signed: str = "diverging",
+                 max_samples: int | None = DEFAULT_MAX_SAMPLES,
+                 page_size: int = PAGE_SIZE) -> dict[str, str]:
+    """Every page of the report: ``{"index.html": html, "gallery-0001.html": html, ...}``
+    (see :func:`write_report` for the parameters)."""
+    if signed not in SIGNED_MODES:
+        raise ValueError(f"signed must be one of {', '.join(SIGNED_MODES)}, got {signed!r}")
     t0 = time.perf_counter()
     data = load_run(run, storage)
-    rank_label, galleries, photos = build_galleries(data, storage, rank_by=rank_by,
-                                                    per_side=per_side, side=side, cmap=cmap)
+    rank_label, rows = scored_rows(data, rank_by)
+    ranked = {m: rank_items(rows[rows["model"] == m]) for m in data.models()} if len(rows) else {}
+    everything_fits = all(len(v) <= page_size for v in ranked.values())
+    pages = [] if everything_fits else page_plans(ranked, page_size, max_samples)
+    capped = ""
+    if not everything_fits and max_samples and any(len(v) > max_samples for v in ranked.values()):
+        capped = (f"The gallery pages show the best and worst {max_samples} samples per model "
+                  f"(of up to {max(len(v) for v in ranked.values())}); run `salmap report "
+                  f"{run} --max-samples 0` for every sample.")
+    legends = {"sequential": data_uri(colorbar(cmap), "PNG"),
+               "diverging": data_uri(colorbar(DIVERGING), "PNG")}
+    style = {"side": side, "cmap": cmap, "signed": signed}
+    galleries, photos = render_galleries(
+        data, rows, {m: index_plan(v, per_side, page_size) for m, v in ranked.items()},
+        storage, **style)
     curve_charts, dist_charts = [], []
     for model in data.models():
         units = [u for u in data.units if u.model == model]
@@ -83,37 +122,70 @@ def render_report(run: str, storage: Any = None, rank_by: str | None = None, per
         header(data),
         summary_section(data),
         actors_section(data),
-        gallery_section(galleries, rank_label, data_uri(colorbar(cmap), "PNG"), cmap, photos.problems),
+        gallery_section(galleries, rank_label, legends, cmap, photos.problems, len(pages),
+                        None, signed, capped),
+        label_quality_section(data, _class_names(run, storage)),
+        per_class_section(data),
         curves_section(curve_charts, data.has_curves),
         distributions_section(dist_charts),
         errors_section(data),
         config_section(data),
     ]
+    title = f"salmap report · {data.manifest.get('run_id', run)}"
+    out = {}
+    for k, plan in enumerate(pages, start=1):
+        g, ph = render_galleries(data, rows, plan, storage, **style)
+        out[page_name(k)] = page(f"{title} · gallery {k}", [
+            gallery_page_header(data, k, len(pages)),
+            gallery_section(g, rank_label, legends, cmap, ph.problems, len(pages), k, signed,
+                            capped)], "")
     footer = (f"Generated by salmap in {time.perf_counter() - t0:.1f} s on "
               f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
-    return page(f"salmap report · {data.manifest.get('run_id', run)}", parts, footer)
+    return {"index.html": page(title, parts, footer), **out}
+
+
+def render_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
+                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
+                  max_samples: int | None = DEFAULT_MAX_SAMPLES) -> str:
+    """The report's ``index.html`` text (see :func:`write_report` for the parameters)."""
+    return render_pages(run, storage, rank_by, per_side, cmap, side, signed,
+                        max_samples)["index.html"]
 
 
 def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
-                 cmap: str = "jet", side: int = 224) -> str:
-    """Write ``<run>/report/index.html`` and return the path of a local copy to open.
+                 cmap: str = "jet", side: int = 224, signed: str = "diverging",
+                 max_samples: int | None = DEFAULT_MAX_SAMPLES, page_size: int = PAGE_SIZE) -> str:
+    """Write ``<run>/report/`` (``index.html`` and the gallery pages) and return the path of
+    a local ``index.html`` to open.
 
     ``run``: ``<run.output>/<run.id>``, a local folder or ``s3://`` URL; ``storage``: the
     config's storage section or ``{"endpoint": ...}``. ``rank_by`` picks the gallery's order
     (default ``insertion_auc - deletion_auc``, else the first metric with values; a column
-    name or ``"a - b"``); ``per_side`` samples are shown from each end; ``cmap`` is any
-    matplotlib colormap; ``side`` is the thumbnail's longest side in pixels.
+    name or ``"a - b"``); ``per_side`` samples are shown from each end on the index when the
+    samples do not fit one page; ``cmap`` is any matplotlib colormap; ``side`` is the
+    thumbnail's longest side in pixels; ``signed`` draws maps with negative values on a
+    diverging scale centred at zero (``"diverging"``) or as their absolute value (``"abs"``);
+    ``max_samples`` caps the samples per model on the gallery pages (None or 0: all);
+    ``page_size``: samples per model on one gallery page.
 
     Returns the absolute path of ``<run>/report/index.html`` for a local run; for an s3 run
-    the report is written to ``<run>/report/index.html`` in the bucket and the returned path
-    is its local copy, :func:`local_copy_path`.
+    the report is written to ``<run>/report/`` in the bucket and the returned path is the
+    local copy's, :func:`local_copy_path`.
     """
-    html = render_report(run, storage, rank_by=rank_by, per_side=per_side, cmap=cmap, side=side)
-    body = html.encode("utf-8")
+    pages = render_pages(run, storage, rank_by=rank_by, per_side=per_side, cmap=cmap, side=side,
+                         signed=signed, max_samples=max_samples or None, page_size=page_size)
     store = Store.open(run, storage)
-    store.write_bytes(REPORT_KEY, body)
+    folder = REPORT_KEY.rsplit("/", 1)[0]
+    old = [k for k in store.list(folder) if k.rsplit("/", 1)[-1].startswith("gallery-")]
+    for name, html in pages.items():
+        store.write_bytes(f"{folder}/{name}", html.encode("utf-8"))
+    for key in old:  # pages of an earlier, longer report
+        if key.rsplit("/", 1)[-1] not in pages:
+            store.delete(key)
     if not store.is_s3:
         return os.path.abspath(store.path(REPORT_KEY))
     local = local_copy_path(run)
-    Store.open(os.path.dirname(local)).write_bytes(os.path.basename(local), body)
+    local_store = Store.open(os.path.dirname(local))
+    for name, html in pages.items():
+        local_store.write_bytes(name, html.encode("utf-8"))
     return os.path.abspath(local)

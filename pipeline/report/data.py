@@ -20,9 +20,11 @@ from ..ledger import MANIFEST_KEY, load_commits
 from ..read import read_run
 from ..schema import METRIC_COLUMNS
 from ..storage import Store
+from .classes import ClassNames, class_names
 
-ROW_COLUMNS = ("sample_id", "shard", "key", "model", "method", "target", "label", "pred",
-               "target_prob", "orig_height", "orig_width", "status", "error")
+ROW_COLUMNS = ("sample_id", "shard", "key", "image_file", "model", "method", "target",
+               "target_source", "label", "pred", "pred_prob", "target_prob", "orig_height",
+               "orig_width", "saliency_min", "saliency_max", "status", "error")
 CURVE_COLUMNS = ("deletion_curve", "insertion_curve")
 
 # +1 higher is better, -1 lower is better, 0 no preferred direction (metric docs in
@@ -50,6 +52,15 @@ class UnitData:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     read_error: str = ""
+    label_quality: dict[str, Any] | None = None  # pipeline.summary.label_quality, per class
+
+    @property
+    def signed(self) -> bool:
+        """Whether the unit's maps take negative values (its PNGs are centred at zero)."""
+        if "saliency_min" not in self.rows or self.rows.empty:
+            return False
+        lo = pd.to_numeric(self.rows["saliency_min"], errors="coerce").to_numpy(dtype=float)
+        return bool(np.nanmin(lo, initial=0.0) < 0)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class RunData:
     units: list[UnitData]
     metrics: list[str]
     has_curves: bool
+    classes: ClassNames = field(default_factory=ClassNames)
 
     @property
     def rows(self) -> pd.DataFrame:
@@ -88,8 +100,10 @@ def load_run(run: str, storage: Any = None) -> RunData:
         u.summary = _summary(u, metrics)
         if u.dataset is not None:
             u.curves = curve_stats(u.dataset)
+            u.label_quality = label_quality_of(u.dataset)
     return RunData(uri=run, manifest=manifest, units=units, metrics=metrics,
-                   has_curves=any(u.curves for u in units))
+                   has_curves=any(u.curves for u in units),
+                   classes=class_names(dict(manifest.get("config") or {}), storage))
 
 
 def _load_unit(run: str, storage: Any, uid: str, info: dict, commits: dict) -> UnitData:
@@ -134,6 +148,22 @@ def _summary(unit: UnitData, metrics: list[str]) -> dict[str, dict]:
     for m in computed:
         out[m] = bootstrap_mean(_float_values(unit.rows[m]))
     return out
+
+
+def label_quality_of(dataset: pads.Dataset) -> dict[str, Any] | None:
+    """Pseudo-label quality against the ground truth the rows carry, or None. Reads the
+    ground-truth columns first: runs without box or mask ground truth import nothing more
+    (the computation lives with the torch-based metrics)."""
+    names = dataset.schema.names
+    probe = [c for c in ("gt_box_count", "label_map_quality") if c in names]
+    if not probe:
+        return None
+    t = dataset.to_table(columns=probe)
+    if all(t.column(c).null_count == t.num_rows for c in probe):
+        return None
+    from ..summary import QUALITY_COLUMNS, label_quality
+
+    return label_quality(dataset.to_table(columns=[c for c in QUALITY_COLUMNS if c in names]))
 
 
 def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
@@ -207,7 +237,7 @@ def rank_expression(rows: pd.DataFrame, rank_by: str | None) -> tuple[str, pd.Se
     if rank_by not in rows:
         raise ValueError(f"rank_by {rank_by!r}: no such column in the run")
     sign = -1.0 if DIRECTION.get(rank_by, 1) < 0 else 1.0
-    label = rank_by if sign > 0 else f"−{rank_by} (lower is better)"
+    label = rank_by if sign > 0 else f"−{rank_by}"
     return label, pd.Series(sign * _float_values(rows[rank_by]), index=rows.index)
 
 

@@ -1,7 +1,10 @@
-"""The gallery: pick the best and worst samples of each model and render their maps.
+"""The gallery: every sample of each model, ranked, with every method's map overlaid.
 
 A gallery item is one (sample, target); its score is the mean of the ranking score over the
-model's methods, so the same photos are compared across methods side by side.
+model's methods, so the same photos are compared across methods side by side. Samples that
+no method could explain (no ok row) come last, with their error. The index page shows every
+item when there are few, else the best and worst few; the gallery pages show them all, a
+page at a time (:data:`PAGE_SIZE` per model and page).
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from .data import RunData, fmt, rank_expression
 from .photos import Photos, load_photos
 from .render import data_uri, overlay, photo_thumbnail
 
-MAP_COLUMNS = ("sample_id", "target", "saliency_png", "pseudo_box", "crop_box")
+PAGE_SIZE = 50  # items per model on one gallery page
+MAP_COLUMNS = ("sample_id", "target", "saliency_png", "saliency_min", "saliency_max",
+               "pseudo_box", "crop_box")
 CAPTION_METRICS = (("insertion_auc", "ins"), ("deletion_auc", "del"), ("box_iou", "IoU"),
                    ("pointing_hit", "hit"), ("average_drop", "drop"), ("road", "ROAD"))
+
+Entry = tuple[str, "int | None", float]  # (sample_id, target, score)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class ModelGallery:
     methods: list[str]
     sections: list[tuple[str, list[Item]]]
     note: str = ""
+    signed: dict[str, bool] = field(default_factory=dict)  # method -> draws a signed map
 
 
 def truth_boxes(boxes_json: str, target: int | None) -> list[list[float]]:
@@ -72,48 +80,93 @@ def _target_key(value: Any) -> int | None:
     return int(value)
 
 
-def select_items(rows: pd.DataFrame, per_side: int) -> list[tuple[str, list[tuple[str, int | None, float]]]]:
-    """Sections of (sample_id, target, score): best first and worst first, or all when few."""
-    scored = rows[np.isfinite(rows["score"].to_numpy(dtype=float))]
-    if scored.empty:
+def rank_items(rows: pd.DataFrame) -> list[Entry]:
+    """Every (sample, target) of one model's rows, best score first; samples with an ok row
+    but no score next, then samples without any ok row (target None)."""
+    if rows.empty:
         return []
-    means = scored.groupby(["sample_id", scored["target"].map(_target_key)], dropna=False)["score"].mean()
-    order = means.sort_values(ascending=False, kind="stable")
-    items = [(sid, tgt, float(s)) for (sid, tgt), s in order.items()]
-    if len(items) <= 2 * per_side:
+    ok = rows[rows["status"] == "ok"]
+    keys = ok.assign(_t=ok["target"].map(_target_key))
+    means = keys.groupby(["sample_id", "_t"], dropna=False, sort=True)["score"].mean()
+    scored = sorted(((sid, tgt, float(s)) for (sid, tgt), s in means.items()),
+                    key=lambda e: (not np.isfinite(e[2]), -e[2] if np.isfinite(e[2]) else 0.0))
+    explained = set(ok["sample_id"])
+    failed = sorted(set(rows["sample_id"]) - explained)
+    return [*scored, *((sid, None, float("nan")) for sid in failed)]
+
+
+def index_plan(items: list[Entry], per_side: int, page_size: int = PAGE_SIZE
+               ) -> list[tuple[str, list[Entry]]]:
+    """The index page's sections: every item when they fit one page, else best and worst."""
+    if not items:
+        return []
+    if len(items) <= page_size:
         return [(f"all {len(items)}, best first", items)]
-    return [(f"best {per_side}", items[:per_side]),
-            (f"worst {per_side}, worst first", items[::-1][:per_side])]
+    scored = [e for e in items if np.isfinite(e[2])]
+    return [(f"best {per_side}", scored[:per_side]),
+            (f"worst {per_side}, worst first", scored[::-1][:per_side])]
 
 
-def build_galleries(data: RunData, storage: Any, rank_by: str | None = None, per_side: int = 4,
-                    side: int = 224, cmap: str = "jet", alpha: float = 0.5) -> tuple[str, list[ModelGallery], Photos]:
-    """Rank label, one gallery per model, and the photos read (with their problems)."""
+def page_plans(items_by_model: dict[str, list[Entry]], page_size: int = PAGE_SIZE,
+               max_samples: int | None = None) -> list[dict[str, list[tuple[str, list[Entry]]]]]:
+    """Gallery pages: page k holds items ``k*page_size ..`` of every model's ranking. With
+    ``max_samples``, a model's ranking keeps its best and worst halves of that many."""
+    kept = {}
+    for model, items in items_by_model.items():
+        if max_samples and len(items) > max_samples:
+            half = max_samples // 2
+            items = items[:max_samples - half] + items[len(items) - half:]
+        kept[model] = items
+    n_pages = max((math.ceil(len(v) / page_size) for v in kept.values()), default=0)
+    pages = []
+    for p in range(n_pages):
+        plan = {}
+        for model, items in kept.items():
+            chunk = items[p * page_size:(p + 1) * page_size]
+            if chunk:
+                total = len(items_by_model[model])
+                plan[model] = [(f"{p * page_size + 1}–{p * page_size + len(chunk)} of {total}, "
+                                "best first", chunk)]
+        pages.append(plan)
+    return pages
+
+
+def scored_rows(data: RunData, rank_by: str | None) -> tuple[str, pd.DataFrame]:
     rows = data.rows
     if rows.empty:
-        return "", [], Photos()
+        return "", rows
     label, score = rank_expression(rows, rank_by)
-    rows = rows.assign(score=score.to_numpy())
-    plans = {}
-    for model in data.models():
-        plans[model] = select_items(rows[rows["model"] == model], per_side)
-    wanted_ids = {sid for sections in plans.values() for _, items in sections for sid, _, _ in items}
+    return label, rows.assign(score=score.to_numpy())
+
+
+def render_galleries(data: RunData, rows: pd.DataFrame,
+                     plans: dict[str, list[tuple[str, list[Entry]]]], storage: Any,
+                     side: int = 224, cmap: str = "jet", alpha: float = 0.5,
+                     signed: str = "diverging") -> tuple[list[ModelGallery], Photos]:
+    """One gallery per model for the planned items, and the photos read (with problems)."""
+    wanted_ids = {sid for sections in plans.values() for _, items in sections
+                  for sid, _, _ in items}
     shown = rows[rows["sample_id"].isin(wanted_ids)]
     photos = load_photos(set(zip(shown["shard"], shown["key"])),
                          dict(data.manifest.get("config", {}).get("input") or {}), storage)
     metrics = [(c, short) for c, short in CAPTION_METRICS if c in data.metrics][:4]
     galleries = []
-    for model, sections in plans.items():
+    for model in data.models():
+        sections = plans.get(model, [])
         units = [u for u in data.units if u.model == model]
-        maps = {u.method: _read_maps(u, wanted_ids) for u in units}
+        ids = {sid for _, items in sections for sid, _, _ in items}
+        maps = {u.method: _read_maps(u, ids) for u in units}
         by_row = {u.method: rows[rows["unit"] == u.id] for u in units}
+        modes = {u.method: signed if u.signed else None for u in units}
         rendered = []
         for title, items in sections:
-            rendered.append((title, [_item(sid, tgt, s, by_row, maps, photos, metrics, side, cmap, alpha)
+            rendered.append((title, [_item(data, model, sid, tgt, s, by_row, maps, photos,
+                                           metrics, side, cmap, alpha, modes)
                                      for sid, tgt, s in items]))
-        note = "" if sections else "no row of this model has a ranking score (all rows failed?)"
-        galleries.append(ModelGallery(model, [u.method for u in units], rendered, note))
-    return label, galleries, photos
+        note = "" if sections else "no rows for this model on this page"
+        galleries.append(ModelGallery(model, [u.method for u in units], rendered, note,
+                                      {u.method: u.signed for u in units}))
+    return galleries, photos
 
 
 def _read_maps(unit: Any, ids: set[str]) -> dict[tuple[str, int | None], dict]:
@@ -124,9 +177,15 @@ def _read_maps(unit: Any, ids: set[str]) -> dict[tuple[str, int | None], dict]:
     return {(r["sample_id"], _target_key(r.get("target"))): r for r in table.to_pylist()}
 
 
-def _item(sid: str, tgt: int | None, score: float, by_row: dict[str, pd.DataFrame],
-          maps: dict[str, dict], photos: Photos, metrics: list[tuple[str, str]], side: int,
-          cmap: str, alpha: float) -> Item:
+def _named(index: Any, name: str) -> str:
+    text = fmt(index, 0)
+    return f"{text} ({name})" if name else text
+
+
+def _item(data: RunData, model: str, sid: str, tgt: int | None, score: float,
+          by_row: dict[str, pd.DataFrame], maps: dict[str, dict], photos: Photos,
+          metrics: list[tuple[str, str]], side: int, cmap: str, alpha: float,
+          modes: dict[str, str | None]) -> Item:
     mine = pd.concat([df[df["sample_id"] == sid] for df in by_row.values()])
     first = mine.sort_values("status", key=lambda s: s != "ok", kind="stable").iloc[0]
     shard, key = str(first["shard"]), str(first["key"])
@@ -136,12 +195,20 @@ def _item(sid: str, tgt: int | None, score: float, by_row: dict[str, pd.DataFram
         ow, oh = photo.size
     truth = truth_boxes(photos.boxes_json.get((shard, key), ""), tgt)
     thumb = photo_thumbnail(photo, ow, oh, side, truth) if ow and oh else None
-    title = (f"{sid} · label {fmt(first.get('label'), 0)} · pred {fmt(first.get('pred'), 0)} · "
-             f"target {fmt(tgt, 0)} · score {fmt(score)}")
-    item = Item(sid, tgt, score, title, data_uri(thumb) if thumb is not None else "")
+    names = data.classes
+    parts = [f"label {_named(first.get('label'), names.label(model, first.get('label')))}",
+             f"pred {_named(first.get('pred'), names.target(model, first.get('pred')))}"]
+    if tgt is not None:
+        parts.append(f"target {_named(tgt, names.target(model, tgt))}")
+    parts.append(f"score {fmt(score)}")
+    image_file = first.get("image_file")
+    if isinstance(image_file, str) and image_file:
+        parts.insert(0, image_file)
+    item = Item(sid, tgt, score, " · ".join([sid, *parts]),
+                data_uri(thumb) if thumb is not None else "")
     for method, df in by_row.items():
         item.cells[method] = _cell(df, maps.get(method, {}), sid, tgt, photo, ow, oh, metrics,
-                                   side, cmap, alpha)
+                                   side, cmap, alpha, modes.get(method))
     return item
 
 
@@ -153,7 +220,8 @@ def _int(v: Any) -> int:
 
 
 def _cell(df: pd.DataFrame, maps: dict, sid: str, tgt: int | None, photo: Any, ow: int, oh: int,
-          metrics: list[tuple[str, str]], side: int, cmap: str, alpha: float) -> Cell:
+          metrics: list[tuple[str, str]], side: int, cmap: str, alpha: float,
+          signed: str | None) -> Cell:
     mine = df[(df["sample_id"] == sid) & (df["target"].map(_target_key) == tgt)]
     if mine.empty:
         failed = df[(df["sample_id"] == sid) & (df["status"] != "ok")]
@@ -172,5 +240,6 @@ def _cell(df: pd.DataFrame, maps: dict, sid: str, tgt: int | None, photo: Any, o
         else:
             parts.append(f"{short} {fmt(v)}")
     img = overlay(m["saliency_png"], ow, oh, side, photo, m.get("pseudo_box"), m.get("crop_box"),
-                  cmap=cmap, alpha=alpha)
+                  cmap=cmap, alpha=alpha,
+                  value_range=(m.get("saliency_min"), m.get("saliency_max")), signed=signed)
     return Cell(uri=data_uri(img), caption=" · ".join(parts))

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data import DIRECTION, RunData, fmt
+from .data import DIRECTION, RunData, _float_values, fmt
 from .gallery import ModelGallery
 
 MAX_ERROR_ROWS = 1000
+MAX_CLASSES = 100  # rows of the per-class table per model (the classes with most rows)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
@@ -44,6 +45,7 @@ img.chart{max-width:100%;background:#fff;border:1px solid #d5dbe3}
 .scroll{overflow-x:auto} #summary-table{font-size:13px} #summary-table th{font-size:12px}
 #summary-table td,#summary-table th{padding:3px 6px}
 td.msg{max-width:760px;white-space:pre-wrap;word-break:break-word}
+.pager a,.pager b{margin-right:8px} .pager{margin:8px 0}
 """
 
 CHECK_SCRIPT = """
@@ -92,10 +94,10 @@ def header(data: RunData, generated_s: float | None = None) -> str:
         f"<header><h1>salmap report · {escape(str(m.get('run_id', data.uri)))}</h1>"
         f"<p>{escape(data.uri)} · status <b>{escape(str(status))}</b> · "
         f"{len(data.units)} unit(s) · {rows} committed row(s) · {errors} error row(s) · "
-        f"{len(m.get('shards') or [])} shard(s)</p>"
+        f"{m.get('shards_total', len(m.get('shards') or []))} shard(s)</p>"
         f"<p>started {_when(m.get('started'))} · finished {_when(m.get('finished'))}</p>"
-        "<nav><a href='#summary'>Summary</a><a href='#actors'>Actors</a>"
-        "<a href='#gallery'>Gallery</a><a href='#curves'>Curves</a>"
+        "<nav><a href='#summary'>Summary</a><a href='#actors'>Actors</a><a href='#gallery'>Gallery</a>"
+        "<a href='#labels'>Pseudo-labels</a><a href='#per-class'>Per class</a><a href='#curves'>Curves</a>"
         "<a href='#distributions'>Distributions</a><a href='#errors'>Errors</a>"
         "<a href='#config'>Config</a></nav></header>"
     )
@@ -205,26 +207,146 @@ def _fixed(value: Any, digits: int) -> str:
     return "–" if v != v else f"{v:,.{digits}f}"
 
 
+def label_quality_section(data: RunData, names: Any = None) -> str:
+    """Pseudo-label quality per unit (box precision / recall, label-map mIoU and coverage),
+    with a per-class table each; ``names(model)`` gives a class-name function."""
+    units = [u for u in data.units if u.label_quality]
+    head = ("<section id=labels><h2>Pseudo-label quality</h2>")
+    if not units:
+        return (head + "<p class=note>No ground truth to score the pseudo-labels against: box "
+                "quality needs the <code>pseudo_box</code> metric and <code>.json</code> boxes in "
+                "the shards; label-map quality needs <code>pseudo_labels.label_maps: true</code> "
+                "and ground-truth masks (<code>input.mask_key</code>, e.g. "
+                "<code>seg.png</code>).</p></section>")
+    cols = [("boxes", "precision", "box precision"), ("boxes", "recall", "box recall"),
+            ("boxes", "precision_class_mean", "precision, class mean"),
+            ("boxes", "recall_class_mean", "recall, class mean"),
+            ("masks", "miou", "label-map mIoU"), ("masks", "miou_foreground", "mIoU w/o background"),
+            ("masks", "coverage", "coverage")]
+    best: dict[tuple[str, str, str], float] = {}
+    for u in units:
+        for part, key, _ in cols:
+            v = ((u.label_quality or {}).get(part) or {}).get(key)
+            if v is not None and key != "coverage":
+                k = (u.model, part, key)
+                best[k] = max(best.get(k, v), v)
+    rows = []
+    for u in units:
+        q = u.label_quality or {}
+        cells = [f"<td>{escape(u.model)}</td><td>{escape(u.method)}</td>"]
+        for part, key, _ in cols:
+            v = (q.get(part) or {}).get(key)
+            top = v is not None and sum(1 for w in units if w.model == u.model) > 1 and \
+                best.get((u.model, part, key)) == v
+            cells.append(f"<td class='num{' best' if top else ''}'>{fmt(v)}</td>")
+        b, m = q.get("boxes") or {}, q.get("masks") or {}
+        cells.append(f"<td class=num>{b.get('gt_boxes', '–')}</td>"
+                     f"<td class=num>{m.get('images', '–')}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    iou = next(((u.label_quality or {}).get("boxes") or {}).get("iou") for u in units)
+    th = "".join(f"<th>{escape(label)}</th>" for _, _, label in cols)
+    out = [head,
+           "<p class=note>Scored against the ground truth the shards carry. Boxes: a pseudo box "
+           f"is correct when its IoU with a ground-truth box of its class is at least "
+           f"{fmt(iou, 2) if iou is not None else '0.5'}; precision over the pseudo boxes made on "
+           "annotated images, recall over the ground-truth boxes of the explained classes. Label "
+           "maps: intersection and union per class summed over the dataset, over the pixels "
+           "neither side ignores (background counts as a class); coverage is the share of "
+           "ground-truth pixels the label maps do not ignore. The best value per model is "
+           "highlighted.</p>",
+           "<div class=scroll><table id=label-quality-table><thead><tr><th>model</th>"
+           f"<th>method</th>{th}<th>ground-truth boxes</th><th>images with masks</th></tr>"
+           f"</thead><tbody>{''.join(rows)}</tbody></table></div>"]
+    for u in units:
+        out.append(_per_class(u, names(u.model) if names else (lambda c: f"class_{c}")))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _per_class(u: Any, name: Any) -> str:
+    q = u.label_quality or {}
+    boxes = (q.get("boxes") or {}).get("per_class") or {}
+    masks = (q.get("masks") or {}).get("per_class") or {}
+    classes = sorted({int(c) for c in (*boxes, *masks)})
+    body = []
+    for c in classes:
+        b, m = boxes.get(str(c)) or {}, masks.get(str(c)) or {}
+        label = "background" if c == -1 else name(c)
+        body.append(f"<tr><td class=num>{c if c >= 0 else '–'}</td><td>{escape(str(label))}</td>"
+                    f"<td class=num>{fmt(b.get('precision'))}</td>"
+                    f"<td class=num>{fmt(b.get('recall'))}</td>"
+                    f"<td class=num>{b.get('tp', '–')} / {b.get('pseudo_boxes', '–')} / "
+                    f"{b.get('gt_boxes', '–')}</td><td class=num>{fmt(m.get('iou'))}</td></tr>")
+    return (f"<details><summary>{escape(u.id)}: per class ({len(classes)})</summary>"
+            "<table class=label-classes><thead><tr><th>class</th><th>name</th><th>box precision</th>"
+            "<th>box recall</th><th>matched / pseudo / ground-truth boxes</th><th>mask IoU</th>"
+            f"</tr></thead><tbody>{''.join(body)}</tbody></table></details>")
+
+
 def _mul(v: Any, k: float) -> float | None:
     return None if v is None else float(v) * k
 
 
-def gallery_section(galleries: list[ModelGallery], rank_label: str, legend_uri: str, cmap: str,
-                    photo_problems: list[str]) -> str:
+def _pager(n_pages: int, current: int | None) -> str:
+    """Links to the gallery pages (``current``: this page's number, None on the index)."""
+    if n_pages == 0:
+        return ""
+    links = []
+    if current is not None:
+        links.append("<a href='index.html#gallery'>index</a>")
+    for k in range(1, n_pages + 1):
+        links.append(f"<b>{k}</b>" if k == current else f"<a href='{page_name(k)}'>{k}</a>")
+    return f"<p class=pager>Every sample, ranked, page by page: {' '.join(links)}</p>"
+
+
+def page_name(k: int) -> str:
+    """The file name of gallery page ``k`` (1-based), next to index.html."""
+    return f"gallery-{k:04d}.html"
+
+
+def _legend(galleries: list[ModelGallery], legends: dict[str, str], cmap: str,
+            signed: str) -> str:
+    any_signed = any(any(g.signed.values()) for g in galleries)
+    any_plain = any(not all(g.signed.values()) for g in galleries if g.signed)
+    spans = []
+    if any_plain or not any_signed or signed == "abs":
+        spans.append(f"<span><img src='{legends['sequential']}' alt='{escape(cmap)} colour bar' "
+                     f"width=160 height=10> low → high ({escape(cmap)}"
+                     + (", signed maps: |value|" if any_signed and signed == "abs" else "")
+                     + ")</span>")
+    if any_signed and signed == "diverging":
+        spans.append(f"<span><img src='{legends['diverging']}' alt='diverging colour bar' "
+                     "width=160 height=10> signed maps: negative ← 0 → positive</span>")
+    spans += ["<span><i class=swatch style='border-color:#fff;background:#333'></i>pseudo box</span>",
+              "<span><i class=swatch style='border-color:#00e63c'></i>ground-truth box of the target</span>",
+              "<span><i class=swatch style='border-color:#c8c8c8;border-style:dashed'></i>"
+              "model input crop</span>"]
+    return f"<p class='note legend'>{''.join(spans)}</p>"
+
+
+def gallery_section(galleries: list[ModelGallery], rank_label: str, legends: dict[str, str],
+                    cmap: str, photo_problems: list[str], n_pages: int = 0,
+                    current: int | None = None, signed: str = "diverging",
+                    capped: str = "") -> str:
     out = ["<section id=gallery><h2>Gallery</h2>"]
     if not galleries:
         out.append("<p class=note>No rows to show.</p></section>")
         return "".join(out)
+    signed_methods = sorted({m for g in galleries for m, s in g.signed.items() if s})
+    how = ("Maps without negative values are min-max scaled on their own. "
+           + (f"Maps with negative values ({escape(', '.join(signed_methods))}) are drawn "
+              + ("on a diverging scale centred at zero, blue negative and red positive, more "
+                 "opaque where the evidence is stronger. " if signed == "diverging" else
+                 "as their absolute value. ") if signed_methods else ""))
     out.append(
-        f"<p class=note>Samples ranked by <b>{escape(rank_label or 'nothing (no metric values)')}</b>"
-        " (higher is better; an item's score is the mean over the model's methods). Each map is "
-        "min-max scaled on its own.</p><p class='note legend'>"
-        f"<span><img src='{legend_uri}' alt='{escape(cmap)} colour bar' width=160 height=10> "
-        f"low → high ({escape(cmap)})</span>"
-        "<span><i class=swatch style='border-color:#fff;background:#333'></i>pseudo box</span>"
-        "<span><i class=swatch style='border-color:#00e63c'></i>ground-truth box of the target</span>"
-        "<span><i class=swatch style='border-color:#c8c8c8;border-style:dashed'></i>model input crop</span>"
-        "</p>")
+        f"<p class=note>Samples ranked by the score <b>{escape(rank_label or 'none (no metric values)')}</b>, "
+        "best first. An item's score is the mean over the model's methods; metrics where lower "
+        "is better enter it with a minus sign, so a higher score is always better. Samples no "
+        f"method could explain come last, with the reason. {how}</p>"
+        + _legend(galleries, legends, cmap, signed))
+    if capped:
+        out.append(f"<p class='note warn'>{escape(capped)}</p>")
+    out.append(_pager(n_pages, current))
     if photo_problems:
         shown = photo_problems[:5]
         more = f" (and {len(photo_problems) - 5} more)" if len(photo_problems) > 5 else ""
@@ -239,8 +361,8 @@ def gallery_section(galleries: list[ModelGallery], rank_label: str, legend_uri: 
             out.append(f"<p class=note><b>{escape(title)}</b></p>")
             rows = []
             for it in items:
-                photo = (f"<img src='{it.photo_uri}' alt='{escape(it.sample_id)}'>" if it.photo_uri
-                         else "<div class=note>(photo unavailable)</div>")
+                photo = (f"<img src='{it.photo_uri}' alt='{escape(it.sample_id)}'>"
+                         if it.photo_uri else "<div class=note>(photo unavailable)</div>")
                 cells = [f"<td class=photo>{photo}<span class=sid>{escape(it.sample_id)}</span>"
                          f"<br>{escape(it.title.split(' · ', 1)[-1])}</td>"]
                 for m in g.methods:
@@ -253,6 +375,59 @@ def gallery_section(galleries: list[ModelGallery], rank_label: str, legend_uri: 
                 rows.append(f"<tr>{''.join(cells)}</tr>")
             out.append(f"<table class=gallery><thead><tr>{head}</tr></thead>"
                        f"<tbody>{''.join(rows)}</tbody></table>")
+    out.append(_pager(n_pages, current))
+    out.append("</section>")
+    return "".join(out)
+
+
+def per_class_section(data: RunData) -> str:
+    """Per model: each explained class (the target), its rows and each metric's mean per
+    method; the classes with the most rows first."""
+    out = ["<section id=per-class><h2>Per class</h2><p class=note>Rows grouped by the class "
+           "explained (the target); mean of each metric over the class's ok rows, per method. "
+           "Class names come from the model's weights"
+           + (f" and, for labels, {escape(data.classes.labels_source)}"
+              if data.classes.labels_source else "") + ".</p>"]
+    rows = data.rows
+    if rows.empty:
+        out.append("<p class=note>No rows.</p></section>")
+        return "".join(out)
+    ok = rows[rows["status"] == "ok"].copy()
+    ok["_t"] = pd.to_numeric(ok["target"], errors="coerce")
+    metrics = data.metrics or ["target_prob"]
+    for model in data.models():
+        mine = ok[ok["model"] == model]
+        methods = [u.method for u in data.units if u.model == model]
+        if mine.empty:
+            out.append(f"<h3>{escape(model)}</h3><p class=note>No ok rows.</p>")
+            continue
+        counts = mine.groupby("_t").size().sort_values(ascending=False, kind="stable")
+        classes = list(counts.index[:MAX_CLASSES])
+        head1 = "<th rowspan=2>class</th><th rowspan=2>rows</th>" + "".join(
+            f"<th colspan={len(methods)}>{escape(m).replace('_', '_<wbr>')}{_arrow(m)}</th>"
+            for m in metrics)
+        head2 = "".join(f"<th>{escape(meth)}</th>" for _ in metrics for meth in methods)
+        body = []
+        for c in classes:
+            sub = mine[mine["_t"] == c]
+            name = data.classes.target(model, c)
+            label = f"{int(c)}" + (f" {escape(name)}" if name else "")
+            cells = [f"<td>{label}</td><td class=num>{len(sub)}</td>"]
+            for m in metrics:
+                for meth in methods:
+                    vals = sub[sub["method"] == meth][m] if m in sub else pd.Series(dtype=float)
+                    v = _float_values(vals) if len(vals) else np.array([])
+                    v = v[np.isfinite(v)]
+                    text = "–" if not v.size else (f"{fmt(v.mean() * 100.0, 1)}%"
+                                                   if m == "pointing_hit" else fmt(v.mean()))
+                    cells.append(f"<td class=num>{text}</td>")
+            body.append(f"<tr>{''.join(cells)}</tr>")
+        more = len(counts) - len(classes)
+        out.append(f"<h3>{escape(model)}</h3><div class=scroll><table class=per-class "
+                   f"id='per-class-{escape(model)}'><thead><tr>{head1}</tr><tr>{head2}</tr></thead>"
+                   f"<tbody>{''.join(body)}</tbody></table></div>"
+                   + (f"<p class=note>and {more} more classes with fewer rows.</p>" if more > 0
+                      else ""))
     out.append("</section>")
     return "".join(out)
 
@@ -278,16 +453,36 @@ def distributions_section(charts: list[tuple[str, str]]) -> str:
 
 def errors_section(data: RunData) -> str:
     rows = data.rows
-    failures = list(data.manifest.get("failures") or [])
+    m = data.manifest
+    failures = list(m.get("failures") or [])
+    total = int(m.get("failures_total", len(failures)) or 0)
     out = ["<section id=errors><h2>Errors</h2>"]
     if failures:
         items = "".join(f"<li>{escape(str(f))}</li>" for f in failures)
-        out.append(f"<p class='note warn'>Shards or units that could not be completed:</p><ul>{items}</ul>")
+        more = f" ({total} in all; the first {len(failures)} are listed)" if total > len(failures) else ""
+        out.append(f"<p class='note warn'>Shards or units that could not be completed{more}:</p>"
+                   f"<ul id=failures>{items}</ul>")
+    else:
+        out.append("<p class=note>Every planned shard of every unit was completed.</p>")
     if rows.empty:
         bad = rows
     else:
         has_error = rows["error"].fillna("").astype(str).str.len() > 0
         bad = rows[(rows["status"] != "ok") | has_error]
+    if len(bad):
+        reasons = (bad.assign(reason=bad["error"].fillna("").astype(str).str.split(":").str[0]
+                              .str.slice(0, 120))
+                   .groupby(["reason", "status"]).agg(rows=("sample_id", "size"),
+                                                      units=("unit", "nunique"),
+                                                      example=("sample_id", "first"))
+                   .sort_values("rows", ascending=False).reset_index())
+        body = "".join(
+            f"<tr><td class=msg>{escape(r.reason or '(no message)')}</td><td>{escape(str(r.status))}"
+            f"</td><td class=num>{r.rows}</td><td class=num>{r.units}</td><td>"
+            f"{escape(str(r.example))}</td></tr>" for r in reasons.itertuples())
+        out.append("<h3>By reason</h3><table id=reasons-table><thead><tr><th>reason</th>"
+                   "<th>status</th><th>rows</th><th>units</th><th>e.g. sample</th></tr></thead>"
+                   f"<tbody>{body}</tbody></table>")
     shown = bad.head(MAX_ERROR_ROWS)
     body = "".join(
         f"<tr><td>{escape(str(r.unit))}</td><td>{escape(str(r.sample_id))}</td>"
@@ -319,6 +514,16 @@ def config_section(data: RunData) -> str:
         f"<table id=versions-table><thead><tr><th>package</th><th>version</th></tr></thead>"
         f"<tbody>{vrows}</tbody></table><pre>{escape(text)}</pre></section>"
     )
+
+
+def gallery_page_header(data: RunData, k: int, n_pages: int) -> str:
+    """The header of gallery page ``k``: the run and a way back to the index."""
+    m = data.manifest
+    return (f"<header><h1>salmap report · {escape(str(m.get('run_id', data.uri)))} · gallery page "
+            f"{k} of {n_pages}</h1><p>{escape(data.uri)}</p><nav><a href='index.html'>index</a>"
+            + (f"<a href='{page_name(k - 1)}'>previous</a>" if k > 1 else "")
+            + (f"<a href='{page_name(k + 1)}'>next</a>" if k < n_pages else "")
+            + "</nav></header>")
 
 
 def page(title: str, parts: list[str], footer: str) -> str:

@@ -1,7 +1,14 @@
 """Gallery pictures with Pillow: a photo thumbnail and each map overlaid on it, as data URIs.
 
-Maps come from ``saliency_png`` (8-bit, min-max scaled per map, at the original image size),
-so the overlay needs no model geometry: both images are resized to the same thumbnail.
+Maps come from ``saliency_png`` (8-bit at the original image size; ``saliency_min`` and
+``saliency_max`` turn it back into values), so the overlay needs no model geometry: both
+images are resized to the same thumbnail.
+
+Maps without negative values are min-max scaled onto a sequential colormap (``jet``). Signed
+maps (Integrated Gradients, Gradient x Input, ...) are drawn either on a diverging scale
+centred at zero (:data:`DIVERGING`: blue negative, red positive, more opaque where the
+evidence is stronger, so the photo shows through where the map is near zero) or as their
+absolute value on the sequential scale.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+DIVERGING = "RdBu_r"  # blue < 0 < red, white at zero
+SIGNED_MODES = ("diverging", "abs")
 PSEUDO_BOX_COLOR = (255, 255, 255)
 TRUTH_BOX_COLOR = (0, 230, 60)
 CROP_BOX_COLOR = (200, 200, 200)
@@ -95,17 +104,57 @@ def photo_thumbnail(photo: Image.Image | None, orig_w: int, orig_h: int, side: i
     return img
 
 
+def map_values(gray: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    """8-bit PNG levels back to map values (``value = level / 255 * (hi - lo) + lo``)."""
+    g = np.asarray(gray, dtype=np.float32) / 255.0
+    if lo is None or hi is None or not np.isfinite(lo) or not np.isfinite(hi):
+        return g
+    return g * (float(hi) - float(lo)) + float(lo)
+
+
+def colorize(gray: np.ndarray, lo: float | None = None, hi: float | None = None,
+             signed: str | None = None, cmap: str = "jet",
+             alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """RGB ``uint8 [h, w, 3]`` and per-pixel opacity ``[h, w]`` of a map's PNG levels.
+
+    ``signed``: None draws the levels as stored (min-max) on ``cmap``; ``"diverging"``
+    centres zero on :data:`DIVERGING` with opacity growing with ``|value|``; ``"abs"`` draws
+    ``|value| / max |value|`` on ``cmap``.
+    """
+    gray = np.asarray(gray)
+    if signed not in SIGNED_MODES:
+        return colormap_lut(cmap)[gray], np.full(gray.shape, alpha, np.float32)
+    v = map_values(gray, lo, hi)
+    m = max(abs(float(lo or 0.0)), abs(float(hi or 0.0))) or 1.0
+    t = np.clip(v / m, -1.0, 1.0)
+    if signed == "diverging":
+        idx = np.round((t + 1.0) * 127.5).astype(np.uint8)
+        return colormap_lut(DIVERGING)[idx], (np.abs(t) * min(1.0, alpha * 1.7)).astype(np.float32)
+    idx = np.round(np.abs(t) * 255.0).astype(np.uint8)
+    return colormap_lut(cmap)[idx], np.full(gray.shape, alpha, np.float32)
+
+
 def overlay(saliency_png: bytes, orig_w: int, orig_h: int, side: int,
             photo: Image.Image | None = None, pseudo_box: Any = None, crop_box: Any = None,
-            cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
+            cmap: str = "jet", alpha: float = 0.5, value_range: tuple[float, float] | None = None,
+            signed: str | None = None) -> Image.Image:
     """The colour-mapped map blended over the photo (the map alone when there is no photo),
-    with the pseudo box (solid) and the model's input crop (dashed) drawn on top."""
+    with the pseudo box (solid) and the model's input crop (dashed) drawn on top.
+
+    ``value_range``: the row's ``(saliency_min, saliency_max)``; ``signed``: how a map with
+    negative values is drawn (see :func:`colorize`; None: as stored, min-max).
+    """
     size = thumb_size(orig_w, orig_h, side)
     gray = Image.open(io.BytesIO(saliency_png)).convert("L").resize(size, Image.BILINEAR)
-    colored = colormap_lut(cmap)[np.asarray(gray)]
+    lo, hi = value_range if value_range is not None else (None, None)
+    colored, a = colorize(np.asarray(gray), lo, hi, signed, cmap, alpha)
     if photo is not None:
         base = np.asarray(photo.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32)
-        colored = (base * (1.0 - alpha) + colored.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        a = a[..., None]
+        colored = (base * (1.0 - a) + colored.astype(np.float32) * a + 0.5).astype(np.uint8)
+    elif signed == "diverging":  # no photo: the scale on white
+        a = a[..., None]
+        colored = (255.0 * (1.0 - a) + colored.astype(np.float32) * a + 0.5).astype(np.uint8)
     img = Image.fromarray(colored, mode="RGB")
     draw = ImageDraw.Draw(img)
     sx, sy = size[0] / orig_w, size[1] / orig_h

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +29,10 @@ class Method(abc.ABC):
     Common options every method accepts (set by :func:`workers.methods.build`):
     ``precision`` (fp32 | bf16 | fp16, autocast of the forward passes only) and
     ``inner_batch_size`` (the most images an iterative method puts through one forward).
+
+    ``progress``, when set, is called with the fraction (0..1) of the current call done by
+    the method's main loops (:meth:`track`, ``chunks(n, track=True)``); the model actor sets
+    it to tell the driver how far a long batch is.
     """
 
     name: ClassVar[str] = ""
@@ -41,6 +45,7 @@ class Method(abc.ABC):
 
     precision: str = "fp32"
     inner_batch_size: int = 64
+    progress: Callable[[float], None] | None = None
 
     def __init__(self, model: nn.Module) -> None:
         from .compat import check_model
@@ -50,6 +55,7 @@ class Method(abc.ABC):
 
     def __call__(self, images: Tensor, targets: Tensor | list[int]) -> Tensor:
         images, targets = check_inputs(images, targets)
+        self._spans: list[tuple[float, float]] = []
         with model_guard(self.model), torch.enable_grad():
             maps = self.attribute(images, targets)
         if maps.shape[0] != images.shape[0] or maps.dim() != 3:
@@ -72,11 +78,44 @@ class Method(abc.ABC):
             out = self.model(x)
         return out.float()
 
-    def chunks(self, n: int) -> Iterator[slice]:
-        """Slices of ``range(n)`` no longer than ``inner_batch_size``."""
+    def chunks(self, n: int, track: bool = False) -> Iterator[slice]:
+        """Slices of ``range(n)`` no longer than ``inner_batch_size``; ``track=True`` for the
+        method's main loop: it then reports progress like :meth:`track`."""
         step = max(1, int(self.inner_batch_size))
-        for start in range(0, n, step):
-            yield slice(start, min(n, start + step))
+        starts = range(0, n, step)
+        for i in (self.track(len(starts)) if track else range(len(starts))):
+            yield slice(starts[i], min(n, starts[i] + step))
+
+    def _span(self) -> tuple[float, float]:
+        spans = self.__dict__.setdefault("_spans", [])
+        return spans[-1] if spans else (0.0, 1.0)
+
+    def track(self, n: int) -> Iterator[int]:
+        """``range(n)`` that reports the call's progress after each step; a tracked loop
+        inside another one's step divides that step."""
+        lo, hi = self._span()
+        spans = self.__dict__.setdefault("_spans", [])
+        for i in range(n):
+            end = lo + (hi - lo) * (i + 1) / n
+            spans.append((lo + (hi - lo) * i / n, end))
+            try:
+                yield i
+            finally:
+                spans.pop()
+            if self.progress is not None:
+                self.progress(end)
+
+    @contextlib.contextmanager
+    def part(self, start: float, stop: float) -> Iterator[None]:
+        """Inside: the ``[start, stop)`` fraction of the current step, for sequential phases
+        of one step that each have their own tracked loop."""
+        lo, hi = self._span()
+        spans = self.__dict__.setdefault("_spans", [])
+        spans.append((lo + (hi - lo) * start, lo + (hi - lo) * stop))
+        try:
+            yield
+        finally:
+            spans.pop()
 
 
 def check_inputs(images: Tensor, targets: Tensor | list[int]) -> tuple[Tensor, Tensor]:

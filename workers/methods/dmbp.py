@@ -377,7 +377,7 @@ class DMBP(Method):
             bounds = (0.0, 1.0) if self.parameterisation == "clamp" else None
             opt = MaskOptimizer(params, self.optimizer, self.lr, bounds=bounds)
             losses = []
-            for _ in range(self.steps):
+            for _ in self.track(self.steps):
                 pos, neg = self._masks(params)
                 a_pos = x_val * mapping(pos, create_graph=True)
                 a_neg = x_val * mapping(neg, create_graph=True)

@@ -272,7 +272,7 @@ class HDM(Method):
         rows = torch.arange(b * n_masks, device=xt.device)
         img = rows // n_masks
         opt = MaskOptimizer(params, self.optimizer, self.lr, bounds=(0.0, 1.0))
-        for _ in range(self.steps):
+        for _ in self.track(self.steps):
             keep = keep_fn(params).reshape(b * n_masks, *xt.shape[-2:])
             values = keep.detach()
             g_keep = torch.zeros_like(values)
@@ -296,11 +296,12 @@ class HDM(Method):
         lam = self.area_weight
 
         bench = self.init_masks(xt.shape[0], self.benchmark_sizes, 0, xt.device)
-        self.optimise_phase(
-            xt, fill, ref, targets, bench,
-            keep_fn=lambda ps: torch.cat([_keep(p, size) for p in ps], 1),
-            penalty_fn=lambda ps: lam * sum(p.mean((1, 2, 3)).sum() for p in ps),
-        )
+        with self.part(0.0, 0.5 if self.auxiliary_sizes else 1.0):  # progress: phase 1
+            self.optimise_phase(
+                xt, fill, ref, targets, bench,
+                keep_fn=lambda ps: torch.cat([_keep(p, size) for p in ps], 1),
+                penalty_fn=lambda ps: lam * sum(p.mean((1, 2, 3)).sum() for p in ps),
+            )
         with torch.no_grad():
             bench_keep = torch.cat([_keep(p.detach(), size) for p in bench], 1)
         guide = bench_keep.mean(1, keepdim=True)  # B, [b,1,H,W]
@@ -324,11 +325,12 @@ class HDM(Method):
             return total
 
         if aux:
-            self.optimise_phase(
-                xt, fill, ref, targets, aux,
-                keep_fn=lambda ps: scale * torch.cat([_keep(p, size) for p in ps], 1),
-                penalty_fn=aux_penalty,
-            )
+            with self.part(0.5, 1.0):  # progress: phase 2
+                self.optimise_phase(
+                    xt, fill, ref, targets, aux,
+                    keep_fn=lambda ps: scale * torch.cat([_keep(p, size) for p in ps], 1),
+                    penalty_fn=aux_penalty,
+                )
         with torch.no_grad():
             keeps = [bench_keep]
             if aux:
@@ -351,7 +353,7 @@ class HDM(Method):
         if self.stop_fraction is not None:
             p_full = self.target_probability(x, targets)
         masks = []
-        for t in range(self.stages):
+        for t in self.track(self.stages):
             r = top_fraction(found, self.remove_fraction) if t else removed[:, 0]
             removed[:, t] = r
             xt = torch.where(r[:, None], fill, x)

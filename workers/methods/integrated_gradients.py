@@ -81,7 +81,7 @@ class IntegratedGradients(Method):
         x = images.detach().float()
         total = torch.zeros_like(x)
         rows = torch.arange(b * m, device=images.device)  # row r = image r // m, step r % m
-        for sl in self.chunks(b * m):
+        for sl in self.chunks(b * m, track=True):
             img, k = rows[sl] // m, rows[sl] % m
             scaled = x[img] * alphas[k, None, None, None]
             grad = input_gradient(self, scaled.to(images.dtype), targets[img])

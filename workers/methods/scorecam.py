@@ -86,7 +86,7 @@ class ScoreCAM(CAMMethod):
         else:
             live = torch.arange(b * k, device=images.device)
         with torch.no_grad():
-            for sl in self.chunks(live.numel()):
+            for sl in self.chunks(live.numel(), track=True):
                 rows = live[sl]
                 img, ch = rows // k, rows % k
                 mask = self.masks(acts[img, ch], tuple(images.shape[-2:]))

@@ -79,7 +79,7 @@ class SmoothGrad(Method):
         sigma = self.sigmas(images)
         total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
         rows = torch.arange(b * n, device=images.device)  # row r = image r // n, noise r % n
-        for sl in self.chunks(b * n):
+        for sl in self.chunks(b * n, track=True):
             img, k = rows[sl] // n, rows[sl] % n
             x = images[img].float() + sigma[img, None, None, None] * noise[k]
             grad = input_gradient(self, x.to(images.dtype), targets[img])

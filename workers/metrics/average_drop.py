@@ -2,8 +2,10 @@
 
 For each image: Y = p_c(image), O = p_c(explanation image), with the explanation image
 E = L * I, L the map upsampled bilinearly to the input size, made non-negative
-(``mult_sign``: ReLU by default) and min-max scaled to [0, 1] per image (pytorch-grad-cam
-``scale_cam_image``: (L - min) / (max - min + 1e-7)).
+(``mult_sign``: ReLU by default) and min-max scaled to [0, 1] per image, (L - min) / (max - min)
+(pytorch-grad-cam ``scale_cam_image`` adds 1e-7 to the denominator: a relative difference
+below 1e-7 on maps of magnitude 1, but it shrinks maps of magnitude 1e-7 and below, e.g. small
+gradients, toward 0; here the scaling is exact, so the metric is invariant to the map's scale).
 
 ``mult_space`` fixes where the product happens (record it with the numbers):
 ``"pixel"`` (default, the paper's E = L * I on the [0, 1] image, so L = 0 is black) computes
@@ -14,8 +16,10 @@ so L = 0 gives the mean colour.
 Per-image columns: ``average_drop`` = 100 * max(0, Y - O) / Y (the dataset mean is
 Average Drop %), ``confidence_increase`` = 100 if O > Y (strict) else 0 (the mean is
 Increase in Confidence %), and Y, O as ``confidence_clean`` / ``confidence_masked`` so that
-Win % and other aggregates can be recomputed offline. A constant map min-max scales to all
-zeros (the fully masked image): flag such maps. Cost: 1 forward per image plus the clean
+Win % and other aggregates can be recomputed offline. A map that is constant after
+``mult_sign`` explains nothing: min-max scaling turns it into all zeros (the fully masked
+image, a large drop), max scaling into all ones (the image itself, no drop); such samples
+get a note in ``_notes`` (the row's ``error`` text). Cost: 1 forward per image plus the clean
 forward shared with deletion/insertion.
 """
 
@@ -32,24 +36,23 @@ from .registry import MetricError
 
 NORMALIZE = ("minmax", "max", "none")
 SPACES = ("pixel", "normalized")
-EPS = 1e-7
 
 
 def scale_map(saliency: Tensor, sign: str, normalize: str) -> Tensor:
     """``[B, H, W]`` -> the multiplier L ``[B, H, W]`` (non-negative, scaled per image)."""
     if sign not in ("relu", "abs"):
         raise MetricError(f"mult_sign must be 'relu' or 'abs', got {sign!r}")
+    if normalize not in NORMALIZE:
+        raise MetricError(f"mult_normalize must be one of {', '.join(NORMALIZE)}, "
+                          f"got {normalize!r}")
     m = apply_sign(saliency, sign)
     if normalize == "none":
         return m
     flat = m.flatten(1)
     hi = flat.amax(1).view(-1, 1, 1)
-    if normalize == "max":
-        return m / (hi + EPS)
-    if normalize == "minmax":
-        lo = flat.amin(1).view(-1, 1, 1)
-        return (m - lo) / (hi - lo + EPS)
-    raise MetricError(f"mult_normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    lo = flat.amin(1).view(-1, 1, 1) if normalize == "minmax" else torch.zeros_like(hi)
+    # exact scaling: a map of any magnitude (even 1e-9) reaches 1; a flat map gives 0 / tiny = 0
+    return (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
 
 
 def explanation_images(x: Tensor, scale: Tensor, space: str, mean: Tensor, std: Tensor) -> Tensor:
@@ -77,6 +80,14 @@ def _masked_group(ctx: Context, params: dict[str, Any]) -> tuple[JobGroup, Tenso
     return JobGroup(key, torch.arange(ctx.batch, device=images.device), render), scale
 
 
+def _constant_notes(scale: Tensor) -> list[str]:
+    """One note per sample whose multiplier L is the same at every pixel, else ""."""
+    flat = scale.flatten(1)
+    lo, hi = flat.amin(1).tolist(), flat.amax(1).tolist()
+    return [f"average_drop: constant map (the explanation image is {a:.3g} x the image)"
+            if a == b else "" for a, b in zip(lo, hi)]
+
+
 def _y_o(scores: dict, group: JobGroup, scale: Tensor, params: dict[str, Any]
          ) -> tuple[Tensor, Tensor]:
     """Y and O; O is set to Y exactly where the multiplier is all ones (the explanation image
@@ -95,9 +106,10 @@ def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
         y, o = _y_o(scores, group, scale, params)
         drop = 100.0 * (y - o).clamp_min(0) / y
         return {
-            "average_drop": drop.float().cpu(),
-            "confidence_clean": y.float().cpu(),
-            "confidence_masked": o.float().cpu(),
+            "average_drop": drop.cpu(),
+            "confidence_clean": y.cpu(),
+            "confidence_masked": o.cpu(),
+            "_notes": _constant_notes(scale),
         }
 
     return Plan([ctx.clean_group(), group], finish)
@@ -109,6 +121,7 @@ def plan_confidence_increase(ctx: Context, params: dict[str, Any]) -> Plan:
 
     def finish(scores: dict) -> dict[str, Any]:
         y, o = _y_o(scores, group, scale, params)
-        return {"confidence_increase": (100.0 * (o > y).float()).cpu()}
+        return {"confidence_increase": (100.0 * (o > y)).cpu(),
+                "_notes": _constant_notes(scale)}
 
     return Plan([ctx.clean_group(), group], finish)

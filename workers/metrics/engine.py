@@ -13,6 +13,8 @@ from . import average_drop, faithfulness, road
 from .jobs import Context, Plan, run_groups
 from .registry import MetricError, get_spec, resolve_params
 
+NOTES = "_notes"  # per-sample remarks, not a column
+
 PLANNERS: dict[str, Callable[[Context, dict[str, Any]], Plan]] = {
     "deletion_auc": faithfulness.plan_deletion,
     "insertion_auc": faithfulness.plan_insertion,
@@ -40,6 +42,7 @@ def compute_model_metrics(
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     max_batch: int = 64,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Compute the model metrics ``names`` for one batch.
 
@@ -57,13 +60,16 @@ def compute_model_metrics(
         mean, std: the model's input normalisation (for pixel-space substrates/products).
         max_batch: the most images per forward (memory budget); jobs of all samples, steps
             and metrics share chunks.
+        progress: told the fraction (0..1) of the forwards done after each one.
 
     Returns:
         column -> per-sample float32 CPU tensor ``[B]`` (``deletion_auc``, ``insertion_auc``,
         ``average_drop``, ``confidence_clean``, ``confidence_masked``,
         ``confidence_increase``, ``road``), plus ``deletion_curve`` / ``insertion_curve``
-        (list of per-sample lists of ``steps + 1`` floats) when ``curves`` is true.
-        Samples whose map has a non-finite value get NaN (curves: None).
+        (list of per-sample lists of ``steps + 1`` floats) when ``curves`` is true, and
+        ``_notes``: one string per sample, what the numbers should be read with (e.g. a
+        constant map in average drop), "" when nothing. Samples whose map has a non-finite
+        value get NaN (curves: None).
     """
     names = list(dict.fromkeys(names))
     for name in names:
@@ -91,13 +97,22 @@ def compute_model_metrics(
         std=torch.tensor(std, dtype=torch.float32, device=device).view(shape),
     )
     plans = [PLANNERS[name](ctx, resolve_params(name, params)) for name in names]
-    scores = run_groups([g for p in plans for g in p.groups], forward, targets, max_batch)
+    scores = run_groups([g for p in plans for g in p.groups], forward, targets, max_batch,
+                        progress)
     out: dict[str, Any] = {}
+    notes = [[] for _ in range(images.shape[0])]
     for plan in plans:
-        out.update(plan.finish(scores))
+        done = plan.finish(scores)
+        for i, note in enumerate(done.pop(NOTES, [])):
+            if note and note not in notes[i]:
+                notes[i].append(note)
+        out.update(done)
+    out[NOTES] = ["; ".join(n) for n in notes]
     if bool(bad.any()):
         bad_list = bad.cpu().tolist()
         for key, value in out.items():
+            if key == NOTES:
+                continue
             if isinstance(value, Tensor):
                 value[bad.cpu()] = float("nan")
             else:

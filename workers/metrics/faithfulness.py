@@ -9,7 +9,10 @@ Protocol (defaults from eclique/RISE ``evaluation.py`` and ``Evaluation.ipynb``)
   not depend on its batch position);
 * ``steps`` equal steps (default 28 = 1792 px per step at 224 x 224); point i has the first
   ``floor(i * H * W / steps)`` pixels (all channels) replaced: deletion puts the substrate
-  there, insertion puts the image there on top of the substrate;
+  there, insertion puts the image there on top of the substrate. ``steps`` is a count, not a
+  step size: the pixels per step grow with the input (5,266 at 384 x 384), and the AUC's x
+  axis is always the fraction of the image. Scale ``steps`` with H * W to keep RISE's step
+  size (e.g. 82 at 384 x 384);
 * the score is the softmax probability of the explained class (``score="logit"`` for logits);
 * AUC = trapezoid rule on an x axis scaled to [0, 1]: (sum - first/2 - last/2) / steps;
 * substrates (model-input space): ``"zero"`` = 0 in normalised space, i.e. the mean colour
@@ -54,13 +57,13 @@ def step_counts(n_pixels: int, steps: int) -> list[int]:
 
 def apply_sign(saliency: Tensor, sign: str) -> Tensor:
     """The map used for ranking: as is, absolute value, or ReLU."""
-    if sign == "signed":
-        return saliency
+    if sign not in MAP_SIGNS:
+        raise MetricError(f"map_sign must be one of {', '.join(MAP_SIGNS)}, got {sign!r}")
     if sign == "abs":
         return saliency.abs()
     if sign == "relu":
         return saliency.clamp_min(0)
-    raise MetricError(f"map_sign must be one of {', '.join(MAP_SIGNS)}, got {sign!r}")
+    return saliency
 
 
 def tie_permutation(n: int, tie_seed: int, device: torch.device) -> Tensor:
@@ -74,7 +77,7 @@ def pixel_ranks(saliency: Tensor, tie_seed: int = 0) -> Tensor:
 
     Descending by value; exact ties in the order of a seeded random permutation; NaN ranks last.
     """
-    flat = saliency.flatten(1).float().nan_to_num(nan=float("-inf"))
+    flat = saliency.flatten(1).nan_to_num(nan=float("-inf"))
     b, n = flat.shape
     perm = tie_permutation(n, tie_seed, flat.device)
     order = perm[torch.sort(flat[:, perm], dim=1, descending=True, stable=True).indices]
@@ -138,7 +141,7 @@ def plan_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
     """Jobs and reduction for ``kind`` = "deletion" | "insertion"."""
     steps = int(params["steps"])
     sub_name = params[f"{kind}_substrate"]
-    h, w = ctx.images.shape[-2:]
+    _, _, h, w = ctx.images.shape
     counts = torch.tensor(step_counts(h * w, steps), device=ctx.images.device)
     ranks = ranks_for(ctx, params["map_sign"], params["tie_seed"])
     sub = substrate(ctx, sub_name, params["blur_kernel"], params["blur_sigma"])
@@ -166,9 +169,9 @@ def plan_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
         clean = scores[CLEAN][:, col].view(b, 1)
         body = scores[key][:, col].view(b, steps)
         curve = torch.cat([clean, body] if kind == "deletion" else [body, clean], dim=1)
-        out: dict[str, Any] = {f"{kind}_auc": auc(curve).float().cpu()}
+        out: dict[str, Any] = {f"{kind}_auc": auc(curve).cpu()}
         if want_curves:
-            out[f"{kind}_curve"] = curve.float().cpu().tolist()
+            out[f"{kind}_curve"] = curve.cpu().tolist()
         return out
 
     group = JobGroup(key, samples, render)

@@ -42,6 +42,15 @@ def _resize(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[0, 0]
 
 
+def _as_map(saliency: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A 2-D map as a float32 CPU tensor."""
+    m = torch.as_tensor(np.asarray(saliency, dtype=np.float32) if not isinstance(
+        saliency, torch.Tensor) else saliency.detach().float().cpu())
+    if m.dim() != 2:
+        raise ValueError(f"saliency must be [h, w], got shape {tuple(m.shape)}")
+    return m
+
+
 def map_to_original(saliency: np.ndarray | torch.Tensor, transform: dict[str, Any]) -> np.ndarray:
     """A map over the model input (any resolution) -> ``float32 [orig_h, orig_w]``.
 
@@ -49,10 +58,7 @@ def map_to_original(saliency: np.ndarray | torch.Tensor, transform: dict[str, An
     that frame to the original size. Values keep their scale (no normalisation).
     """
     t = _check(transform)
-    m = torch.as_tensor(np.asarray(saliency, dtype=np.float32) if not isinstance(
-        saliency, torch.Tensor) else saliency.detach().float().cpu())
-    if m.dim() != 2:
-        raise ValueError(f"saliency must be [h, w], got shape {tuple(m.shape)}")
+    m = _as_map(saliency)
     crop = _resize(m, (t["crop_h"], t["crop_w"]))
     frame = torch.zeros(t["resized_h"], t["resized_w"], dtype=torch.float32)
     top, left = t["crop_top"], t["crop_left"]
@@ -61,6 +67,15 @@ def map_to_original(saliency: np.ndarray | torch.Tensor, transform: dict[str, An
     if y0 < y1 and x0 < x1:
         frame[y0:y1, x0:x1] = crop[y0 - top:y1 - top, x0 - left:x1 - left]
     return _resize(frame, (t["orig_h"], t["orig_w"])).numpy().astype(np.float32)
+
+
+def map_to_input(saliency: np.ndarray | torch.Tensor, transform: dict[str, Any]) -> np.ndarray:
+    """A map over the model input (any resolution) -> ``float32 [crop_h, crop_w]``: the map at
+    the model input's resolution (bilinear, align_corners=False), the frame in which the
+    model metrics rank pixels and in which map-only statistics (Gini) are computed."""
+    t = _check(transform)
+    m = _as_map(saliency)
+    return _resize(m, (t["crop_h"], t["crop_w"])).numpy().astype(np.float32)
 
 
 def box_to_input(box: Sequence[float], transform: dict[str, Any]) -> list[float]:

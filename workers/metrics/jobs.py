@@ -84,14 +84,18 @@ def run_groups(
     forward: Callable[[Tensor], Tensor],
     targets: Tensor,
     max_batch: int,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[Hashable, Tensor]:
-    """Score every job: key -> Tensor[J, 2] (softmax probability, logit of the sample's target),
-    with at most ``max_batch`` images per forward; a chunk may span several groups."""
+    """Score every job: key -> float32 Tensor[J, 2] (softmax probability, logit of the sample's
+    target; the softmax in float32 whatever the model returns), with at most ``max_batch``
+    images per forward; a chunk may span several groups. ``progress`` is told the fraction of
+    the jobs scored after each forward."""
     unique: dict[Hashable, JobGroup] = {}
     for g in groups:
         unique.setdefault(g.key, g)
     todo = [g for g in unique.values() if len(g)]
-    out = {key: torch.empty(len(g), 2, device=targets.device) for key, g in unique.items()}
+    out = {key: torch.empty(len(g), 2, dtype=torch.float32, device=targets.device)
+           for key, g in unique.items()}
     total = sum(len(g) for g in todo)
     step = max(1, int(max_batch))
     offsets, acc = [], 0
@@ -117,4 +121,6 @@ def run_groups(
             for g, idx in where:
                 out[g.key][idx] = both[row:row + len(idx)]
                 row += len(idx)
+            if progress is not None:
+                progress(stop / total)
     return out

@@ -5,7 +5,8 @@ same frame, ``(x0, y0, x1, y1)`` with continuous pixel-edge coordinates (x1, y1 
 a pixel belongs to a box when its centre lies inside it, so an integer box covers columns
 x0 .. x1-1 (VOC 1-based inclusive boxes become ``(xmin - 1, ymin - 1, xmax, ymax)``, which
 gives the same pixels TorchRay fills). The GT region is the union of the class's boxes,
-clipped to the image.
+clipped to the image, difficult ones included; a pointing trial whose boxes are all flagged
+difficult (VOC) is skipped, as in TorchRay's ``PointingGameBenchmark``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,16 @@ def argmax_point(saliency: np.ndarray) -> tuple[int, int]:
 
 
 def pointing_hit(saliency: np.ndarray, boxes: Sequence[Box] | None,
-                 tolerance: float = 15.0) -> bool | None:
+                 tolerance: float = 15.0, difficult: Sequence[bool] | None = None) -> bool | None:
     """True when some GT pixel lies strictly within ``tolerance`` px of the map's argmax
-    (TorchRay tests du^2 + dv^2 < tau^2); None without boxes (no trial)."""
+    (TorchRay tests du^2 + dv^2 < tau^2); None (no trial) without boxes or when ``difficult``
+    (one flag per box) flags every box."""
+    if difficult is not None:
+        if len(difficult) != len(boxes or []):
+            raise ValueError(f"difficult needs one flag per box, got {len(difficult)} flags "
+                             f"for {len(boxes or [])} boxes")
+        if all(bool(d) for d in difficult):
+            return None
     h, w = saliency.shape
     ranges = [px for px in (box_pixels(b, h, w) for b in boxes or []) if px is not None]
     if not ranges:

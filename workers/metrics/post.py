@@ -1,4 +1,11 @@
-"""Post metrics entry point: CPU, numpy, one row (one map in original-image pixels) at a time."""
+"""Post metrics entry point: CPU, numpy, one row at a time.
+
+Two frames: the pointing games and the pseudo labels work on the map in original-image pixels
+(the GT boxes' frame); map-only statistics (Gini) work on the map over the model input, at the
+input's resolution, so that the part of the photo the model never saw (outside the centre
+crop, zero in the original-pixel map) does not count and the value does not depend on the
+photo's aspect ratio.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ def compute_post_metrics(
     saliency_orig: np.ndarray,
     boxes: Sequence[Sequence[float]] | None,
     params: dict[str, Any] | None = None,
+    *,
+    saliency_input: np.ndarray | None = None,
+    difficult: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Compute the post metrics ``names`` for one map.
 
@@ -29,6 +39,11 @@ def compute_post_metrics(
         boxes: GT boxes of the explained class, ``[x0, y0, x1, y1]`` in original pixels
             (continuous edges, x1/y1 exclusive), or None when the dataset has none.
         params: flat options and/or per-metric dicts (see the registry defaults).
+        saliency_input: the same map over the model input at the input's resolution
+            (:func:`workers.metrics.geometry.map_to_input`); required by ``gini``.
+        difficult: one flag per box (VOC ``difficult``): the pointing game skips the trial
+            (None) when every box is difficult, as TorchRay does on VOC; the other metrics use
+            every box.
 
     Returns:
         The requested columns only: ``pointing_hit`` (bool | None), ``energy_pointing``
@@ -52,11 +67,12 @@ def compute_post_metrics(
         get_spec(name, "post")
         p = resolve_params(name, params)
         if name == "pointing_game":
-            out["pointing_hit"] = pointing_hit(sal, gt, float(p["pointing_tolerance"]))
+            out["pointing_hit"] = pointing_hit(sal, gt, float(p["pointing_tolerance"]),
+                                               difficult)
         elif name == "energy_pointing":
             out["energy_pointing"] = energy_pointing(sal, gt, p["energy_sign"])
         elif name == "gini":
-            out["gini"] = gini(sal, float(p["gini_eps"]))
+            out["gini"] = gini(_input_map(saliency_input), float(p["gini_eps"]))
         elif name == "pseudo_box":
             out["pseudo_box"] = mask_box(fg(p))
         elif name == "pseudo_mask":
@@ -64,3 +80,13 @@ def compute_post_metrics(
         elif name == "box_iou":
             out["box_iou"] = best_iou(mask_box(fg(p)), gt)
     return out
+
+
+def _input_map(saliency_input: np.ndarray | None) -> np.ndarray:
+    if saliency_input is None:
+        raise MetricError("gini needs saliency_input, the map over the model input "
+                          "(workers.metrics.geometry.map_to_input)")
+    m = np.asarray(saliency_input, dtype=np.float32)
+    if m.ndim != 2:
+        raise MetricError(f"saliency_input must be [H, W], got shape {m.shape}")
+    return m

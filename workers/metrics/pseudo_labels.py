@@ -83,3 +83,18 @@ def best_iou(box: dict[str, float] | None, gt_boxes: Sequence[Sequence[float]] |
         return 0.0
     b = (box["x0"], box["y0"], box["x1"], box["y1"])
     return max(box_iou(b, g) for g in gt_boxes)
+
+
+def box_score(saliency: np.ndarray, box: dict[str, float] | None) -> float | None:
+    """The mean of ``relu(map) / max`` inside the box (in [0, 1]): how strongly the map
+    supports the box, the confidence a detector trained on it may use."""
+    if box is None:
+        return None
+    m = np.maximum(np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=0.0), 0.0)
+    top = m.max() if m.size else 0.0
+    if top <= 0:
+        return 0.0
+    y0, y1 = int(np.floor(box["y0"])), int(np.ceil(box["y1"]))
+    x0, x1 = int(np.floor(box["x0"])), int(np.ceil(box["x1"]))
+    region = m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)]
+    return float(region.mean() / top) if region.size else 0.0

@@ -18,7 +18,7 @@ from typing import Any
 
 # Shared by deletion and insertion (RISE protocol, eclique/RISE evaluation.py + Evaluation.ipynb)
 _CAUSAL = {
-    "steps": 28,  # 224*224 / 1792 px per step (RISE dataset-level setting)
+    "steps": 28,  # a count: 1792 px per step at 224*224 (RISE), more on larger inputs
     "score": "softmax",  # "softmax" probability of the target class, or "logit"
     "map_sign": "signed",  # order by the signed map ("signed"), by |map| ("abs") or relu(map)
     "tie_seed": 0,  # ties broken by a fixed random pixel permutation drawn from this seed
@@ -94,7 +94,8 @@ METRICS: dict[str, MetricSpec] = {
             "pointing_game", "post", ("pointing_hit",),
             {"pointing_tolerance": 15.0},
             "TorchRay pointing game: the map's argmax lies within 15 px (strict) of a GT box "
-            "of the class, in original pixels. None without boxes.",
+            "of the class, in original pixels. None without boxes or when every box of the "
+            "class is flagged difficult (VOC).",
         ),
         MetricSpec(
             "energy_pointing", "post", ("energy_pointing",),
@@ -105,7 +106,8 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(
             "gini", "post", ("gini",),
             {"gini_eps": 1e-7},
-            "Quantus Sparseness: Gini index of |map| / max|map| (+eps), in [0, 1).",
+            "Quantus Sparseness: Gini index of |map| / max|map| (+eps), in [0, 1), on the map "
+            "over the model input at the input's resolution (not the original-pixel map).",
         ),
         MetricSpec(
             "pseudo_box", "post", ("pseudo_box",),

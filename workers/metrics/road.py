@@ -36,8 +36,7 @@ from .faithfulness import ranks_for
 from .jobs import Context, JobGroup, Plan, score_index
 from .registry import MetricError
 
-_D, _C = 1.0 / 6.0, 1.0 / 12.0
-NEIGHBOUR_WEIGHTS = ((_C, _D, _C), (_D, 0.0, _D), (_C, _D, _C))
+_D, _C = 1.0 / 6.0, 1.0 / 12.0  # weight of a direct and of a diagonal neighbour
 
 
 def _neighbour_sum(v: Tensor) -> Tensor:
@@ -137,6 +136,6 @@ def plan_road(ctx: Context, params: dict[str, Any]) -> Plan:
     def finish(scores: dict) -> dict[str, Any]:
         keep_top = scores[lerf.key][:, col].view(b, n_p).mean(1)
         keep_bottom = scores[morf.key][:, col].view(b, n_p).mean(1)
-        return {"road": ((keep_top - keep_bottom) / 2).float().cpu()}
+        return {"road": ((keep_top - keep_bottom) / 2).cpu()}
 
     return Plan([lerf, morf], finish)

@@ -1,0 +1,133 @@
+"""The CLI around a run: --version, init (packaged example configs), shards' skipped files,
+and quiet output (salmap's own lines; Ray's with --verbose)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import jpeg_bytes, small_config, write_shard
+
+import pipeline
+from pipeline import cli
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+# the line Ray's C++ core worker writes for every Ray Data actor pool (Ray 2.60), verbatim
+CORE_WORKER_LINE = (
+    "[2026-11-30 02:15:08,587 E 15620 15620] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(Explainer))' and ID: 'eab3ed90a71fb4d2078dde7501000000' has "
+    "constructor arguments in the object store and max_restarts > 0. If the arguments in the "
+    "object store go out of scope or are lost, the actor restart will fail. See "
+    "https://github.com/ray-project/ray/issues/53727 for more details.")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    project = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{pipeline.__version__}"' in project
+    assert capsys.readouterr().out.strip() == f"salmap {pipeline.__version__}"
+
+
+def test_init_writes_the_packaged_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    packaged = Path(pipeline.__file__).parent / "configs"
+    for name in ("demo.yaml", "example.yaml"):
+        assert (tmp_path / "configs" / name).read_text() == (packaged / name).read_text()
+    # the checkout's configs/ is the packaged folder, so the two never differ
+    assert (REPO / "configs").resolve() == packaged.resolve()
+    (tmp_path / "configs" / "demo.yaml").write_text("# mine\n")
+    assert main(["init"]) == 0
+    assert (tmp_path / "configs" / "demo.yaml").read_text() == "# mine\n"
+    assert "kept" in capsys.readouterr().out
+    # outside a checkout (no configs/ here), a bare `salmap run` finds the packaged demo
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli._default_config() == str(packaged / "demo.yaml")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'pipeline = ["configs/*.yaml"]' in pyproject  # and the wheel carries them
+
+
+def test_shards_prints_what_it_skipped(tmp_path, capsys):
+    images = tmp_path / "images" / "cats"
+    images.mkdir(parents=True)
+    (images / "a.jpg").write_bytes(jpeg_bytes(0))
+    (images / "b.gif").write_bytes(b"GIF89a")
+    (images / "notes.txt").write_text("x")
+    assert main(["shards", str(tmp_path / "images"), str(tmp_path / "shards")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 file(s) that are not .jpeg/.jpg/.png/.webp images (.gif, .txt): " in out
+    assert "cats/b.gif" in out and "cats/notes.txt" in out
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as tar:
+        assert sorted(tar.getnames()) == ["cats__a.cls", "cats__a.jpg"]
+    assert json.loads((tmp_path / "shards" / "classes.json").read_text()) == {"cats": 0}
+
+
+def test_stderr_filter_drops_only_the_benign_lines():
+    """fd 2 as C++ code writes it: the known line is dropped, the rest passes in order."""
+    code = f"""
+import os, sys
+from pipeline.logs import StderrFilter, stderr_is_tty
+f = StderrFilter().start()
+os.write(2, b"first\\n")
+os.write(2, {CORE_WORKER_LINE + chr(10)!r}.encode())
+print("python stderr", file=sys.stderr, flush=True)
+os.write(2, b"[2026-11-30 E 1 1] core_worker.cc:99: a real error\\nlast without newline")
+f.stop()
+print(len(f.dropped), stderr_is_tty())
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ("first\npython stderr\n[2026-11-30 E 1 1] core_worker.cc:99: a real "
+                        "error\nlast without newline")
+    assert p.stdout.strip() == "1 False"
+
+
+def test_quiet_ray_logging_keeps_errors_and_verbose_brings_the_rest_back(capfd):
+    from pipeline.logs import quiet_ray_logging
+
+    data_log = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    try:
+        quiet_ray_logging(False)
+        data_log.info("noise: execution finished")
+        data_log.warning("noise: progress bars disabled")
+        data_log.error("a real ray data error")
+        assert not token_log.isEnabledFor(logging.WARNING)
+        err = capfd.readouterr().err
+        assert "noise" not in err and "a real ray data error" in err
+        quiet_ray_logging(True)
+        data_log.warning("back with --verbose")
+        assert "back with --verbose" in capfd.readouterr().err
+        assert token_log.isEnabledFor(logging.WARNING)
+    finally:
+        quiet_ray_logging(True)
+
+
+@pytest.mark.slow
+def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
+    samples = [{"__key__": f"img{i}", "jpg": jpeg_bytes(i)} for i in range(2)]
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "q-000000.tar", samples)
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config([str(tmp_path / "shards" / "q-000000.tar")], str(tmp_path / "runs"),
+                                run_id="quiet", methods=[{"name": "gradient"}]))
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job),
+                        f"ray.address={ray_cluster}"], capture_output=True, text=True,
+                       timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stderr == "", p.stderr  # no token notice, no Ray Data INFO, no core_worker line
+    salmap_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("salmap:")]
+    assert any("committed wave" in ln for ln in salmap_lines)
+    assert any(ln.startswith("salmap: r18__gradient: 2 samples") for ln in salmap_lines)
+    assert "INFO" not in p.stdout and "WARNING" not in p.stdout and "core_worker" not in p.stdout

@@ -1,0 +1,64 @@
+"""Config values that cannot run are config errors (exit 2) naming the key, before Ray starts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import small_config
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+
+
+@pytest.fixture
+def job(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(small_config([str(tmp_path / "shard-000000.tar")], str(tmp_path / "out")))
+    return str(path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("run.lock_lease_s=0", "run.lock_lease_s must be > 0"),
+    ("run.lock_lease_s=-5", "run.lock_lease_s must be > 0"),
+    ("resources.gpus_per_actor=-1", "resources.gpus_per_actor must be 'auto' or a number >= 0"),
+    ("resources.cpus_per_actor=0", "resources.cpus_per_actor must be > 0"),
+    ("storage.connect_timeout_s=0", "storage.connect_timeout_s must be > 0"),
+    ("storage.request_timeout_s=-1", "storage.request_timeout_s must be > 0"),
+    ("storage.retries=0", "storage.retries must be >= 1"),
+])
+def test_values_that_cannot_run(job, override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(job, [override])
+
+
+def test_good_values_pass(job):
+    cfg = load_config(job, ["run.lock_lease_s=0.5", "resources.gpus_per_actor=0.5",
+                            "resources.cpus_per_actor=0.25"])
+    assert cfg.run.lock_lease_s == 0.5
+
+
+def test_a_model_factory_is_imported_at_config_time(job, tmp_path, monkeypatch, capsys):
+    pkg = tmp_path / "mymodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "import torchvision\n\n"
+        "def build():\n    return torchvision.models.resnet18(weights=None)\n\n"
+        "NOT_CALLABLE = 3\n")
+    (pkg / "broken.py").write_text("import a_package_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_config(job, ["models.0.source=mymodels.nets:build"]).models[0].source
+    with pytest.raises(ConfigError, match=r"models\[0\]\.source: module 'mymodels.nets' has no "
+                                          r"'biuld' \(did you mean 'build'\?\)"):
+        load_config(job, ["models.0.source=mymodels.nets:biuld"])
+    with pytest.raises(ConfigError, match="not a callable"):
+        load_config(job, ["models.0.source=mymodels.nets:NOT_CALLABLE"])
+    with pytest.raises(ConfigError, match="No module named 'a_package_that_is_not_installed'"):
+        load_config(job, ["models.0.source=mymodels.broken:build"])
+    # from the command line: exit 2, one line naming the key, the module and where it must be
+    code = main(["run", job, "models.0.source=mymodelz.nets:build"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "models[0].source: cannot import module 'mymodelz.nets'" in err
+    assert "importable on the driver and on every Ray node" in err
