@@ -306,9 +306,6 @@ def validate(cfg: SalmapConfig) -> None:
     if r.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"resources.precision: {r.precision!r} is not fp32, bf16 or fp16")
     _check_gpus_per_actor(r.gpus_per_actor)
-    if isinstance(r.cpus_per_actor, bool) or not isinstance(r.cpus_per_actor, (int, float)) \
-            or not r.cpus_per_actor > 0:
-        raise ConfigError(f"resources.cpus_per_actor must be a number > 0, got {r.cpus_per_actor!r}")
     for key in ("actors_per_unit", "units_in_parallel"):
         value = getattr(r, key)
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -316,9 +313,6 @@ def validate(cfg: SalmapConfig) -> None:
     for key in ("batch_size", "decode_batch_size", "max_tasks_in_flight_per_actor"):
         if getattr(r, key) < 1:
             raise ConfigError(f"resources.{key} must be >= 1, got {getattr(r, key)}")
-    if isinstance(r.gpus_per_actor, (int, float)) and r.gpus_per_actor < 0:
-        raise ConfigError(f"resources.gpus_per_actor must be 'auto' or a number >= 0 (0: CPU "
-                          f"actors, 1: a GPU each, 0.5: two actors per GPU), got {r.gpus_per_actor}")
     if not r.cpus_per_actor > 0:
         raise ConfigError(f"resources.cpus_per_actor must be > 0 (CPUs each CPU actor reserves, "
                           f"e.g. 1 or 0.5), got {r.cpus_per_actor}")
@@ -351,7 +345,8 @@ def _check_gpus_per_actor(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"resources.gpus_per_actor: {value!r} is not 'auto' or a number")
     if value < 0:
-        raise ConfigError(f"resources.gpus_per_actor must be >= 0, got {value}")
+        raise ConfigError(f"resources.gpus_per_actor must be 'auto' or a number >= 0 (0: CPU "
+                          f"actors, 1: a GPU each, 0.5: two actors per GPU), got {value}")
     if value > 1 and float(value) != int(value):
         raise ConfigError(f"resources.gpus_per_actor: {value} GPUs per actor; above 1 it must be a "
                           "whole number (Ray shares a GPU only in fractions of one)")
