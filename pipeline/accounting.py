@@ -145,10 +145,12 @@ def actor_lifetimes(unit_id: str, since: float) -> dict[str, tuple[float, float 
         table = state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()))
     except Exception:  # noqa: BLE001 - accounting only: the batches' account stays
         return {}
-    want = f"MapWorker(MapBatches({pool_class_name(unit_id)}))"
+    # "MapWorker(MapBatches(Explainer[<unit>]))", or with a stage fused in front of it
+    # "MapWorker(MapBatches(_Decode)->MapBatches(Explainer[<unit>]))"
+    want = f"MapBatches({pool_class_name(unit_id)}))"
     out = {}
     for actor_id, info in table.items():
-        if info.get("ActorClassName") != want:
+        if not str(info.get("ActorClassName", "")).endswith(want):
             continue
         start = float(info.get("StartTime") or 0) / 1000.0
         end = float(info.get("EndTime") or 0) / 1000.0
