@@ -340,3 +340,28 @@ def test_a_resumed_run_shares_by_the_rates_measured_before(tmp_path, monkeypatch
     assert run.pools[cam]["measured_s_per_image"] == 1.0
     summary = run.accounting[cam].summary()  # earlier drivers' figures carry over
     assert summary["device_s"] == 50.0 and summary["samples"] == 40 and summary["actors"] == 2
+
+
+def test_actor_lifetimes_pick_the_units_actors_from_rays_table(monkeypatch):
+    import ray
+    from ray._private import state
+
+    from pipeline.accounting import actor_lifetimes
+
+    table = {
+        "a1": {"ActorClassName": "MapWorker(MapBatches(Explainer[m__gradcam]))",
+               "StartTime": 100_500, "EndTime": 110_000},
+        "a2": {"ActorClassName": "MapWorker(MapBatches(_Decode)->MapBatches(Explainer[m__gradcam]))",
+               "StartTime": 101_000, "EndTime": 0},  # alive, behind a fused stage
+        "old": {"ActorClassName": "MapWorker(MapBatches(Explainer[m__gradcam]))",
+                "StartTime": 50_000, "EndTime": 60_000},  # an earlier run in this process
+        "other": {"ActorClassName": "MapWorker(MapBatches(Explainer[m__gradcam_pp]))",
+                  "StartTime": 100_500, "EndTime": 110_000},
+    }
+    asked = {}
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: type("C", (), {"get_job_id": lambda self: "02000000"})())
+    monkeypatch.setattr(state, "actors", lambda job_id=None: asked.setdefault("job", job_id) and table)
+    got = actor_lifetimes("m__gradcam", since=100.0)
+    assert got == {"a1": (100.5, 110.0), "a2": (101.0, None)}
+    assert asked["job"] == ray.JobID.from_hex("02000000")  # this driver's job only
