@@ -29,8 +29,8 @@ Reconstructed [R2] (all constructor parameters; the first version [R1] is kept a
 * **Sizes**: benchmark masks (7, 14), auxiliary masks (56, 0), where 0 is the input
   resolution: the finest auxiliary mask has one value per pixel, which "captures fine-grained
   pixel importance". On EfficientNet-Lite0 [R1]'s (4, 7, 14)/(28, 56, 112) barely moved from
-  their all-ones start (means 1.0 / 0.999 / 0.95) and its maps ranked no better than random
-  pixels in the deletion metric.
+  their all-ones start (means 1.0 / 0.999 / 0.95), and maps stacking such coarse masks rank
+  pixels worse than a random order in the deletion metric (BENCHMARKS.md section 7.1).
 * **Guidance** ``guidance="loss"``: the auxiliary masks are pulled towards the benchmark map
   ``B = mean_j up(m_b,j)`` by ``guidance_weight * mean((up(m_a) - B)^2)`` (both phases start at
   all ones). [R1]'s ``"multiply"`` (effective mask ``B * up(m_a)``) makes the map a product of
