@@ -36,12 +36,13 @@ Reconstructed (every choice is a constructor parameter):
     0.5 A``, half its pixels negative); at 16 px regions the masks separate the evidence (the
     pooled ``A+`` is > 98 % positive, the pooled ``A-`` > 98 % negative, both keeping about
     half of the pooled mass) and switch most head filters fully on or off.
-  * why it cannot collapse: all-zero masks give ``A+ = A- = 0`` and loss exactly 1 (plus 0
-    sparsity), while scaling the all-ones masks to ``A+ = A- = A/2`` already gives about 0.5
-    (exactly ``2 p n / (p + n)^2 <= 0.5`` with ``p, n`` the squared pooled positive and
-    negative mass), so for ``sparsity_weight < 0.5`` the empty mapping is never optimal; near
-    zero masks the loss decreases along every direction whose mapping agrees with ``A``, so
-    zero is not even a local minimum. The first reconstruction, [R1] ``objective=
+  * why it cannot collapse: all-zero masks give ``A+ = A- = 0`` and a fit term of exactly 1,
+    while masks that halve the gradient (``A+ = A- = A/2``, e.g. the stem at 0.5) give
+    exactly 0.5, and the best such scalings ``2 p n / (p + n)^2 <= 0.5`` (``p, n``: the
+    squared pooled positive and negative evidence); with the sparsity cost of at most
+    ``2 * sparsity_weight`` the empty mapping is never optimal for ``sparsity_weight < 0.25``.
+    The optimisation starts near all ones, at about ``0.5 + 2 * sparsity_weight``, and goes
+    down from there. The first reconstruction, [R1] ``objective=
     "completeness"`` (``((sum A+ + sum A-) - sum A)^2 / S^2 + sign_weight * (sum relu(-A+) +
     sum relu(A-)) / S + sparsity``, ``S = sum |A|``) is minimised by all-zero masks whenever
     ``sum A ~ 0``, which is common: on EfficientNet-Lite0 it returned leftover noise
