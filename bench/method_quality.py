@@ -11,7 +11,8 @@ seeds; its deletion AUC is the denominator of ``del / random``) and ``centre`` (
 the image centre, sigma a quarter of the side: the photographer's bias).
 
 The explained class is each photo's label (as ``configs/demo.yaml``, ``targets: label``);
-photos are decoded, resized and cropped as the pipeline does (``pipeline.decode.preprocess``).
+photos are resized and cropped as the pipeline does (``pipeline.decode.preprocess``), from
+the arrays themselves (the demo shards hold them as quality-92 JPEGs).
 Deletion and insertion are averaged over the photos (a photo the model does not recognise
 scores near 0 for every method); ``del / random`` is the ratio of those averages.
 
