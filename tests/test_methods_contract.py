@@ -29,11 +29,13 @@ PARAMS: dict[str, dict] = {
     "smoothgrad": {"nsamples": 4, "inner_batch_size": 3},
     "integrated_gradients": {"steps": 6, "inner_batch_size": 4},
     "dmbp": {"steps": 3, "init_noise": 0.3, "inner_batch_size": 2},
-    # target-only consistency: the default full-logit loss ignores the target ([family] HSPI)
     "hdm": {"benchmark_sizes": (2, 4), "auxiliary_sizes": (8,), "steps": 3, "stages": 2,
-            "consistency": "target", "init_noise": 0.2, "inner_batch_size": 4},
+            "init_noise": 0.2, "inner_batch_size": 4},
 }
 ARCH_PX = {"tiny_model": 32, "resnet18": 64}
+# the optimisation methods: float noise of another batch composition (conv kernels pick other
+# algorithms) grows over the steps to ~1e-4 of the map; [R1] HDM's grew to 0.19
+ATOL = {"hdm": 2e-4, "dmbp": 2e-4}
 OVERRIDES: dict[tuple[str, str], tuple[dict, int]] = {
     # TinyNet's last conv feeds an in-place ReLU: its block output is the CAM layer
     **{(cam, "tiny_model"): ({"target_layer": "layer4"}, 32)
@@ -84,7 +86,7 @@ def test_batch_equals_one_by_one_and_the_model_is_left_as_found(name, arch, requ
     assert torch.isfinite(maps).all() and (maps.flatten(1).abs().amax(1) > 0).all()
     singles = torch.cat([method(x[i:i + 1], targets[i:i + 1]) for i in range(3)])
     scale = float(maps.abs().max())
-    torch.testing.assert_close(maps, singles, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(maps, singles, rtol=1e-4, atol=ATOL.get(name, 1e-5) * scale)
     other = method(x[:1], [2])
     assert (other - maps[:1]).abs().max() > 1e-4 * scale, "the target does not matter"
 
@@ -92,6 +94,29 @@ def test_batch_equals_one_by_one_and_the_model_is_left_as_found(name, arch, requ
     assert watch.seen and not any(watch.seen), "parameters required grad during the method"
     watch.handle.remove()
     assert_restored(model, before, x)
+
+
+# at the defaults, only the CAM layer chosen: TinyNet's last conv feeds an in-place ReLU
+DEFAULTS_ON_TINY = {cam: {"target_layer": "layer4"}
+                    for cam in ("gradcam", "gradcam_pp", "scorecam", "layercam")}
+
+
+@pytest.mark.parametrize("name", names())
+def test_default_parameters_give_batch_independent_maps(name, tiny_model):
+    """Every method at its DEFAULT parameters (iterative ones included: DMBP's 200 steps, HDM's
+    full hierarchy): an image's map is the same alone, in a batch of three, or as the first of
+    a pair, to float tolerance; a dataset job's maps do not depend on how it was cut."""
+    torch.manual_seed(6)
+    x = torch.randn(3, 3, 32, 32)
+    targets = torch.tensor([2, 0, 4])
+    method = build(name, tiny_model, **DEFAULTS_ON_TINY.get(name, {}))
+    maps = method(x, targets)
+    singles = torch.cat([method(x[i:i + 1], targets[i:i + 1]) for i in range(3)])
+    pair = method(x[1:], targets[1:])
+    scale = float(maps.abs().max())
+    assert scale > 0 and torch.isfinite(maps).all()
+    torch.testing.assert_close(singles, maps, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(pair, maps[1:], rtol=1e-4, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("arch", list(ARCH_PX))

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from method_checks import assert_restored, mixed_state, snapshot
 from torch import nn
 
@@ -108,6 +109,74 @@ def test_relevance_is_conserved_layer_by_layer(gamma, resnet18):
     for key in ["fc_in", *names, "map"]:
         torch.testing.assert_close(rel[key], want, rtol=1e-4, atol=2e-5 * float(p_t.max()),
                                    msg=key)
+
+
+class ReLU6Net(nn.Module):
+    """EfficientNet-Lite's pattern at toy size: bias-free convs + BN + ReLU6, a depthwise conv,
+    a linear-bottleneck residual block, GAP and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(10)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU6())
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16),
+                                    nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                                nn.BatchNorm2d(16), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU6())
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.project(self.dw(self.expand(h)))
+        return self.fc(F.adaptive_avg_pool2d(self.head(h), 1).flatten(1))
+
+
+def relevance_dropped(model: nn.Module, method, x, targets) -> tuple[torch.Tensor, dict]:
+    """The method's maps and, per sample, the relevance ``g * out`` (gradient under the rules
+    times the layer output) that the two leaks of tsgb.py's docstring drop: at ReLU6 units
+    saturated at 6 (key ``"relu6"``) and at BatchNorm units whose input is exactly 0
+    (``"bn"``)."""
+    store: dict[str, list] = {"relu6": [], "bn": []}
+
+    def capture(key: str, where):
+        def hook(_m, args, out):
+            mask, o = where(args[0]).detach(), out.detach().clone()
+            out.register_hook(lambda g: store[key].append((g * o * mask).flatten(1).sum(1)))
+        return hook
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.ReLU6):
+            handles.append(m.register_forward_hook(capture("relu6", lambda a: a > 6)))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_hook(capture("bn", lambda a: a == 0)))
+    try:
+        maps = method(x, targets)
+    finally:
+        for h in handles:
+            h.remove()
+    zero = torch.zeros(x.shape[0])
+    return maps, {k: torch.stack(v).sum(0) if v else zero for k, v in store.items()}
+
+
+def test_relu6_net_loses_exactly_the_saturated_and_zero_input_bn_relevance():
+    """On a ReLU6 net the map sums to minus the relevance dropped at saturated ReLU6 units and
+    at BN units with an all-zero input (tsgb.py), not to 0; both leaks really occur here."""
+    model = randomize_bn(ReLU6Net()).eval()
+    with torch.no_grad():
+        model.expand[1].bias.fill_(-2.0)  # sparse expansion: some all-zero depthwise windows
+    torch.manual_seed(11)
+    x = 4 * torch.randn(3, 3, 16, 16)
+    maps, dropped = relevance_dropped(model, build("tsgb", model), x, [0, 2, 4])
+    total, mass = maps.flatten(1).sum(1), maps.flatten(1).abs().sum(1)
+    torch.testing.assert_close(total, -(dropped["relu6"] + dropped["bn"]), rtol=0,
+                               atol=1e-4 * float(mass.max()))
+    assert dropped["relu6"].abs().sum() > 0.01 * mass.sum()  # saturation happens
+    assert dropped["bn"].abs().sum() > 0.01 * mass.sum()  # all-zero depthwise windows happen
+    assert (total.abs() > 0.01 * mass).all()  # so the map is not zero-sum
 
 
 def test_zero_sum_map_with_gamma_one(resnet18, tiny_model):
@@ -363,14 +432,20 @@ def test_model_restored_when_tsgb_raises(tiny_model, resnet18):
     assert_restored(model, before, x)
 
 
-def test_pretrained_lite0_on_photos(lite0, photo_batch):
+def test_pretrained_lite0_relevance_balance(lite0, photo_batch):
+    """EfficientNet-Lite0 (ReLU6, depthwise convs): every conv, BN and the head get the rules,
+    and the map's sum is exactly minus the relevance its saturated ReLU6 units and zero-input BN
+    units drop, a real share of the map's mass on real photos (the Lite0 map is not
+    zero-sum; figures: BENCHMARKS.md, method quality)."""
+    model, x = lite0.model, photo_batch[:2]
     with torch.no_grad():
-        targets = lite0.model(photo_batch).argmax(1)
-    method = build("tsgb", lite0.model)
-    maps = method(photo_batch, targets)
-    assert maps.shape == (4, 224, 224)
-    assert torch.isfinite(maps).all()
-    assert (maps.flatten(1).std(1) > 0).all()
+        targets = model(x).argmax(1)
+    method = build("tsgb", model)
+    maps, dropped = relevance_dropped(model, method, x, targets)
+    total, mass = maps.flatten(1).sum(1), maps.flatten(1).abs().sum(1)
+    torch.testing.assert_close(total, -(dropped["relu6"] + dropped["bn"]), rtol=0,
+                               atol=1e-4 * float(mass.max()))
+    assert (dropped["relu6"].abs() > 0.1 * mass).all() and (dropped["bn"].abs() > 0.1 * mass).all()
     touched = method.last_trace.touched
     convs = sum(1 for m in lite0.model.modules() if isinstance(m, nn.Conv2d))
     bns = sum(1 for m in lite0.model.modules() if isinstance(m, nn.BatchNorm2d))

@@ -1,41 +1,66 @@
 """HDM, Hierarchical Dynamic Masks (Peng, Yang, Liu & He, arXiv 2301.04970, 2023): optimise
-masks on the input that keep the model's output while covering as little as possible, coarse
-"benchmark" masks first, finer "auxiliary" masks guided by them, then again on the image with
-the regions already found removed; the stage maps are fused.
+masks on the input that keep the model's decision while covering as little as possible,
+coarse "benchmark" masks first, finer "auxiliary" masks guided by them, then again on the
+image with the regions already found removed; the stage maps are fused.
 
-PARTLY RECONSTRUCTED. Only the abstracts of HDM and its predecessor MDM could be read and no
-code is public; see specs/methods/hdm.md.
+RECONSTRUCTED. Only the abstracts of HDM and its predecessor MDM could be read and no code is
+public (specs/methods/hdm.md). Do not compare its numbers with the paper's.
 
 Faithful to the abstracts [known]: model-agnostic (forward passes and gradients to the masks
-only); a DM module optimises several small benchmark masks, which guide larger auxiliary masks;
-the DM map stacks the masks of all scales; HDM chains DM modules, each on the image with the
-previously found regions masked out, and fuses their maps.
+only); a DM module optimises several small benchmark masks, which guide larger auxiliary masks
+that capture fine-grained pixel importance; the DM map stacks masks; HDM chains DM modules,
+each on the image with the previously found regions masked out, and fuses their maps.
+From the same group's later HSPI method [family]: masks start at all ones; loss = consistency
+of the masked image's output with the image's + ``area_weight`` * mean of the mask.
 
-From the same group's later HSPI method [family], plausible for HDM but not confirmed: masks
-start at all ones; loss = L2 norm of (logits of the masked image - logits of the image)
-(``consistency="logits"``, ``norm="l2"``) + ``area_weight`` * mean of the mask.
+Reconstructed [R2] (all constructor parameters; the first version [R1] is kept as options):
 
-Reconstructed [R1], no source (all constructor parameters): benchmark sizes (4, 7, 14),
-auxiliary sizes (28, 56, 112), ``area_weight=1``, Adam with ``lr=0.1`` for ``steps=300`` per
-phase, clamping to [0, 1] after each step, masked-out pixels set to 0 in normalised space
-(``fill="zero"``, the dataset mean colour), benchmark mask ``B`` = mean of the upsampled
-benchmark masks, guidance by multiplication (``B * up(m_aux)``, B frozen), DM map = mean of all
-effective masks min-max scaled per image, ``stages=3``, stage t>1 removes the top
-``remove_fraction=0.2`` of ``max(S_1..S_{t-1})`` (only pixels with a value > 0), fusion
-``sum_t w_t * S_t * (1 - R_{t-1})`` with ``w_t = 1``. The L2 norm is smoothed at 0
-(``norm_eps``), see :func:`mask_opt.smooth_norm`.
+* **Objective: keep the target class** (``consistency="preserve"``). With ``d`` the drop of
+  the target logit from ``x~`` (the stage's image) to the masked image, in units of the drop
+  of removing everything, ``s = |f_t(x) - f_t(fill)|`` of the original image::
+
+      loss(m) = hinge(d / s) + area_weight * mean(m),   d = f_t(x~) - f_t(x~ * M + fill * (1 - M))
+
+  ``hinge`` is ``max(., 0)`` rounded over ``[0, hinge_width]`` (:func:`mask_opt.smooth_hinge`):
+  the masks may drop anything that does not lower the target logit (distractors included)
+  and the unit makes ``area_weight`` mean the same on every model and image. [R1]'s full
+  logit L2 (``"logits"``, HSPI) ignores the target class, so every class got the same map;
+  ``"target"`` is [R1]'s two-sided ``|f_t - f_t(x~)|``.
+* **Sizes**: benchmark masks (7, 14), auxiliary masks (56, 0), where 0 is the input
+  resolution: the finest auxiliary mask has one value per pixel, which "captures fine-grained
+  pixel importance". On EfficientNet-Lite0 [R1]'s (4, 7, 14)/(28, 56, 112) barely moved from
+  their all-ones start (means 1.0 / 0.999 / 0.95), and maps stacking such coarse masks rank
+  pixels worse than a random order in the deletion metric (BENCHMARKS.md section 7.1).
+* **Guidance** ``guidance="loss"``: the auxiliary masks are pulled towards the benchmark map
+  ``B = mean_j up(m_b,j)`` by ``guidance_weight * mean((up(m_a) - B)^2)`` (both phases start at
+  all ones). [R1]'s ``"multiply"`` (effective mask ``B * up(m_a)``) makes the map a product of
+  a coarse region and pixel detail, which ranks pixels region first: its deletion AUC on the
+  demo photos was twice that of ``"loss"`` (BENCHMARKS.md). ``"init"`` starts the auxiliary
+  masks at ``B``; ``"none"`` optimises them alone (for comparison).
+* **DM map** ``stack="auxiliary"``: the mean of the auxiliary masks (guided by B, so the
+  benchmark masks act through them), min-max scaled; ``"all"`` also stacks the benchmark
+  masks ([R1]), whose coarse cells then dominate the ranking of pixels.
+* **Hierarchy**: ``stages=2``; stage t > 1 removes (fills) the top ``remove_fraction=0.2`` of
+  ``max(S_1..S_{t-1})`` (pixels with a value > 0) and runs a DM module on the rest; fusion
+  ``sum_t w_t * S_t * (1 - R_{t-1})`` with ``w_t = 0.5^(t-1)`` (``stage_weights``), so what a
+  later stage finds ranks below what the first found.
+* Adam ``lr=0.1`` for ``steps=30`` per phase (a mask can travel from 1 to 0 in 10 steps),
+  masks clamped to [0, 1] after each step, ``area_weight=0.5``, masked-out pixels set to 0 in
+  normalised space (``fill="zero"``, the dataset mean colour).
+
+Batch independence: every image has its own masks and Adam moments, the loss is a sum of
+per-image terms, and the consistency term's gradient is exactly 0 at the all-ones start and
+grows continuously. That matters: a masked image equal to the image gives logits that differ
+from the reference by float noise that depends on the batch size; a loss with an O(1)
+gradient at 0 ([R1]'s L2 norm, a plain hinge) lets Adam, which normalises each step, turn that
+noise into full-size steps, and the map of an image then depends on its batch.
 
 Output: the fused map ``[B,H,W]`` at the input resolution, >= 0, un-normalised (at most
-``sum w_t``); the pipeline's min-max scaling gives the spec's final normalisation. With the
-default ``consistency="logits"`` the map does NOT depend on the target class (as in HSPI);
-``consistency="target"`` uses ``|f_t(masked) - f_t(image)|`` for class-specific maps.
+``sum w_t``); the pipeline's min-max scaling normalises it.
 
 Cost per image: ``stages`` x (1 forward + ``steps`` x (len(benchmark_sizes) +
-len(auxiliary_sizes)) x (1 forward + 1 backward to the masks)); 5,403 F+B with the defaults.
-The masks of one phase are optimised together, ``inner_batch_size`` masked images at a time.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread
-(scripts/method_timing.py): ~0.39 s per image and step of both phases (6 masked F+B), ~6 min
-per image with the defaults (300 steps x 3 stages; extrapolated from runs of 1 and 2 steps).
+len(auxiliary_sizes)) x (1 forward + 1 backward to the masks)) + 2 forwards; 2 x (1 + 30 x 4)
++ 2 = 244 with the defaults ([R1]: 5,403). Timings: BENCHMARKS.md (method quality).
 """
 
 from __future__ import annotations
@@ -49,11 +74,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Method, MethodError, check_inputs, model_guard
-from .mask_opt import MaskOptimizer, check_optimizer, shared_noise, smooth_norm
+from .mask_opt import MaskOptimizer, check_optimizer, shared_noise, smooth_hinge, smooth_norm
 
-CONSISTENCIES = ("logits", "target")
+CONSISTENCIES = ("preserve", "target", "logits")
 NORMS = ("l2", "l2_squared")
-GUIDANCES = ("multiply", "loss", "init")
+GUIDANCES = ("loss", "multiply", "init", "none")
+STACKS = ("auxiliary", "all")
 FILLS = ("zero", "blur")
 
 
@@ -67,12 +93,14 @@ class HDMResult:
     stage_maps: Tensor
     #: pixels removed before each stage (``R_{t-1}``; stage 1 removes none), ``[B,T,H,W]``
     removed: Tensor
-    #: per stage: sample indices that ran it, their benchmark masks ``[n,1,s,s]`` and
-    #: auxiliary masks ``[n,1,S,S]``
+    #: per stage: sample indices that ran it, their benchmark masks ``[n,1,s,s]``, auxiliary
+    #: masks ``[n,1,S,S]`` and the benchmark map ``B`` ``[n,1,H,W]``
     masks: list[dict[str, object]] = field(default_factory=list)
 
 
 def _up(m: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
     return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
 
 
@@ -94,45 +122,53 @@ def apply_keep(x: Tensor, fill: Tensor, keep: Tensor) -> Tensor:
 
 
 def top_fraction(s: Tensor, fraction: float) -> Tensor:
-    """Boolean ``[b,H,W]``: each sample's top ``fraction`` of pixels of ``s`` with ``s > 0``."""
+    """Boolean ``[b,H,W]``: each sample's top ``round(fraction * H * W)`` pixels of ``s``,
+    only those with ``s > 0``; ties (plateaus of saturated masks) are broken in a fixed
+    pseudo-random pixel order, the same for every image, so exactly that many are chosen."""
     flat = s.flatten(1)
     n = flat.shape[1]
-    k = int(round(fraction * n))
+    k = min(int(round(fraction * n)), n)
+    out = torch.zeros_like(flat, dtype=torch.bool)
     if k <= 0:
-        return torch.zeros_like(s, dtype=torch.bool)
-    theta = flat.kthvalue(n - min(k, n) + 1, dim=1, keepdim=True).values
-    return ((flat >= theta) & (flat > 0)).view_as(s)
+        return out.view_as(s)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(flat.device)
+    order = torch.sort(flat[:, perm], dim=1, descending=True, stable=True).indices[:, :k]
+    out.scatter_(1, perm[order], True)
+    return (out & (flat > 0)).view_as(s)
 
 
 class HDM(Method):
-    """Hierarchical dynamic masks (partly reconstructed; see the module docstring)."""
+    """Hierarchical dynamic masks (reconstructed; see the module docstring)."""
 
     name = "hdm"
     cost = (
         "stages x (1 forward + steps x (#benchmark + #auxiliary masks) x (1 forward + "
-        "1 backward to the masks)); 3 x (1 + 300 x 6) = 5,403 F+B per image by default"
+        "1 backward to the masks)) + 2 forwards; 2 x (1 + 30 x 4) + 2 = 244 passes per image"
     )
     defaults_source = (
-        "[family] HSPI (same group): all-ones init, L2 logit consistency + mean-mask loss. "
-        "RECONSTRUCTED [R1], no source: sizes (4,7,14)/(28,56,112), area_weight=1, Adam lr=0.1, "
-        "300 steps, zero fill, multiplicative guidance, 3 stages, top-20% removal, w_t=1"
+        "[family] HSPI (same group): all-ones init, consistency + mean-mask loss. "
+        "RECONSTRUCTED [R2], no source: target-logit preservation (normalised smooth hinge), "
+        "sizes (7,14)/(56,input), guidance loss, auxiliary stack, area_weight=0.5, Adam "
+        "lr=0.1, 30 steps, zero fill, 2 stages, top-20% removal, w_t=0.5^(t-1)"
     )
 
     def __init__(
         self,
         model: nn.Module,
-        benchmark_sizes: Sequence[int] = (4, 7, 14),
-        auxiliary_sizes: Sequence[int] = (28, 56, 112),
-        steps: int = 300,
+        benchmark_sizes: Sequence[int] = (7, 14),
+        auxiliary_sizes: Sequence[int] = (56, 0),
+        steps: int = 30,
         lr: float = 0.1,
         optimizer: str = "adam",
-        area_weight: float = 1.0,
-        consistency: str = "logits",
+        area_weight: float = 0.5,
+        consistency: str = "preserve",
+        hinge_width: float = 0.05,
         norm: str = "l2",
         norm_eps: float = 1e-3,
-        guidance: str = "multiply",
+        guidance: str = "loss",
         guidance_weight: float = 1.0,
-        stages: int = 3,
+        stack: str = "auxiliary",
+        stages: int = 2,
         remove_fraction: float = 0.2,
         stage_weights: Sequence[float] | None = None,
         stop_fraction: float | None = None,
@@ -144,18 +180,24 @@ class HDM(Method):
     ) -> None:
         """
         Args:
-            benchmark_sizes, auxiliary_sizes: side lengths of the square masks of each phase
-                ([R1]); auxiliary may be empty.
+            benchmark_sizes, auxiliary_sizes: side lengths of the square masks of each phase;
+                0 = the input's own resolution (one value per pixel); auxiliary may be empty.
             steps, lr, optimizer: per phase; ``"adam"`` (default) or ``"sgd"``; masks are
                 clamped to [0, 1] after each step.
             area_weight: lambda of the mean-mask term.
-            consistency: ``"logits"`` (full logit vector, [family]) or ``"target"`` (only the
-                target logit, class-specific).
-            norm: ``"l2"`` (smoothed by ``norm_eps``) or ``"l2_squared"``.
-            guidance: how the benchmark mask ``B`` guides the auxiliary masks: ``"multiply"``
-                (effective mask ``B * up(m)``), ``"loss"`` (extra ``guidance_weight *
-                mean((up(m) - B)^2)``), ``"init"`` (auxiliary masks start at ``B`` pooled).
-            stages, remove_fraction, stage_weights: the hierarchy; ``stage_weights`` None = 1s.
+            consistency: ``"preserve"`` (the target logit must not drop; default),
+                ``"target"`` (``|f_t(masked) - f_t(image)|``, [R1]) or ``"logits"`` (L2 of
+                the full logit vector, [family]; the map then ignores the target class).
+            hinge_width: where ``"preserve"``'s hinge is rounded (in units of ``s``).
+            norm, norm_eps: for ``"target"``/``"logits"``: ``"l2"`` (smoothed by
+                ``norm_eps``) or ``"l2_squared"``.
+            guidance: how the benchmark map ``B`` guides the auxiliary masks: ``"loss"``
+                (extra ``guidance_weight * mean((up(m) - B)^2)``), ``"multiply"`` (effective
+                mask ``B * up(m)``), ``"init"`` (auxiliary masks start at ``B`` pooled) or
+                ``"none"``.
+            stack: DM map = mean of the ``"auxiliary"`` (effective) masks, or of ``"all"``.
+            stages, remove_fraction, stage_weights: the hierarchy; ``stage_weights`` None =
+                ``0.5^(t-1)``.
             stop_fraction: stop a sample's hierarchy early when the softmax probability of its
                 target on the image with the found regions removed drops below
                 ``stop_fraction`` times that on the full image (None = always run ``stages``).
@@ -168,11 +210,11 @@ class HDM(Method):
         super().__init__(model)
         check_optimizer(optimizer, lr)
         sizes = [*benchmark_sizes, *auxiliary_sizes]
-        if not benchmark_sizes or any(int(s) < 1 for s in sizes):
-            raise MethodError("hdm: needs at least one benchmark size, and all sizes >= 1")
+        if not benchmark_sizes or any(int(s) < 0 for s in sizes):
+            raise MethodError("hdm: needs at least one benchmark size, and all sizes >= 0")
         for key, value, allowed in (("consistency", consistency, CONSISTENCIES),
                                     ("norm", norm, NORMS), ("guidance", guidance, GUIDANCES),
-                                    ("fill", fill, FILLS)):
+                                    ("stack", stack, STACKS), ("fill", fill, FILLS)):
             if value not in allowed:
                 raise MethodError(f"hdm: {key} must be one of {', '.join(allowed)}, got {value!r}")
         if steps < 0 or stages < 1:
@@ -186,11 +228,12 @@ class HDM(Method):
         self.benchmark_sizes = tuple(int(s) for s in benchmark_sizes)
         self.auxiliary_sizes = tuple(int(s) for s in auxiliary_sizes)
         self.steps, self.lr, self.optimizer = int(steps), float(lr), optimizer
-        self.area_weight, self.consistency, self.norm = float(area_weight), consistency, norm
-        self.norm_eps = float(norm_eps)
+        self.area_weight, self.consistency = float(area_weight), consistency
+        self.hinge_width, self.norm, self.norm_eps = float(hinge_width), norm, float(norm_eps)
         self.guidance, self.guidance_weight = guidance, float(guidance_weight)
+        self.stack = stack
         self.stages, self.remove_fraction = int(stages), float(remove_fraction)
-        self.stage_weights = [1.0] * self.stages if stage_weights is None else [
+        self.stage_weights = [0.5**t for t in range(self.stages)] if stage_weights is None else [
             float(w) for w in stage_weights]
         self.stop_fraction = None if stop_fraction is None else float(stop_fraction)
         self.fill, self.blur_sigma = fill, float(blur_sigma)
@@ -215,26 +258,43 @@ class HDM(Method):
             raise MethodError(f"hdm: the model returned shape {tuple(out.shape)}, expected [B, K]")
         return out
 
+    @staticmethod
+    def evidence_scale(ref: Tensor, ref_fill: Tensor, targets: Tensor) -> Tensor:
+        """``s = |f_t(x) - f_t(fill)|`` per sample ``[b]`` (at least 1e-3): the target-logit
+        drop of removing everything, the unit of the ``"preserve"`` consistency."""
+        t = targets.view(-1, 1)
+        return (ref.gather(1, t) - ref_fill.gather(1, t))[:, 0].abs().clamp_min(1e-3)
+
     def target_probability(self, x: Tensor, targets: Tensor) -> Tensor:
         """Softmax probability of each sample's target, ``[b]`` (for ``stop_fraction``)."""
         return torch.softmax(self.references(x), 1).gather(1, targets[:, None])[:, 0]
 
-    def consistency_loss(self, logits: Tensor, ref: Tensor, targets: Tensor) -> Tensor:
+    def consistency_loss(self, logits: Tensor, ref: Tensor, targets: Tensor,
+                         scale: Tensor) -> Tensor:
         """Per-row consistency ``[n]`` between masked-image logits and reference logits."""
         d = logits - ref
+        if self.consistency == "preserve":
+            drop = -d.gather(1, targets.view(-1, 1))[:, 0] / scale
+            return smooth_hinge(drop, self.hinge_width)
         if self.consistency == "target":
             d = d.gather(1, targets.view(-1, 1))
         if self.norm == "l2_squared":
             return d.square().sum(-1)
         return smooth_norm(d, self.norm_eps)
 
-    def init_masks(self, n: int, sizes: Sequence[int], offset: int, device) -> list[Tensor]:
+    def mask_shape(self, s: int, size: tuple[int, int]) -> tuple[int, int]:
+        return tuple(size) if s == 0 else (s, s)
+
+    def init_masks(self, n: int, sizes: Sequence[int], offset: int, size: tuple[int, int],
+                   device: torch.device) -> list[Tensor]:
         masks = []
         for i, s in enumerate(sizes):
-            m0 = torch.full((1, 1, s, s), self.init_value)
+            shape = (1, 1, *self.mask_shape(s, size))
+            m0 = torch.full(shape, self.init_value)
             if self.init_noise > 0:
-                m0 = m0 - self.init_noise * shared_noise(self.seed, (1, 1, s, s), offset + i)
-            masks.append(m0.clamp(0, 1).to(device).expand(n, 1, s, s).clone().requires_grad_(True))
+                m0 = m0 - self.init_noise * shared_noise(self.seed, shape, offset + i)
+            masks.append(m0.clamp(0, 1).to(device).expand(n, *shape[1:]).clone()
+                         .requires_grad_(True))
         return masks
 
     def benchmark_losses(self, x: Tensor, targets: Tensor, masks: Sequence[Tensor]) -> Tensor:
@@ -244,11 +304,12 @@ class HDM(Method):
         with model_guard(self.model), torch.enable_grad():
             x = images.detach().float()
             fill, ref = self.fill_image(x), self.references(x)
+            scale = self.evidence_scale(ref, self.references(fill), targets)
             out = []
             for m in masks:
                 keep = _keep(m, tuple(x.shape[-2:]))[:, 0]
                 logits = self.forward(apply_keep(x, fill, keep))
-                cons = self.consistency_loss(logits, ref, targets)
+                cons = self.consistency_loss(logits, ref, targets, scale)
                 out.append(cons + self.area_weight * m.flatten(1).mean(1))
             return torch.stack(out, 1).detach()
 
@@ -258,6 +319,7 @@ class HDM(Method):
         fill: Tensor,
         ref: Tensor,
         targets: Tensor,
+        scale: Tensor,
         params: list[Tensor],
         keep_fn: Callable[[list[Tensor]], Tensor],
         penalty_fn: Callable[[list[Tensor]], Tensor],
@@ -280,7 +342,8 @@ class HDM(Method):
                 leaf = values[sl].clone().requires_grad_(True)
                 i = img[sl]
                 masked = apply_keep(xt[i], fill[i], leaf)
-                loss = self.consistency_loss(self.forward(masked), ref[i], targets[i]).sum()
+                loss = self.consistency_loss(self.forward(masked), ref[i], targets[i],
+                                             scale[i]).sum()
                 (g_keep[sl],) = torch.autograd.grad(loss, leaf)
             penalty = penalty_fn(params)
             grads = torch.autograd.grad(
@@ -289,16 +352,17 @@ class HDM(Method):
             )
             opt.step([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
 
-    def dm(self, xt: Tensor, fill: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, object]]:
+    def dm(self, xt: Tensor, fill: Tensor, targets: Tensor, scale: Tensor
+           ) -> tuple[Tensor, dict[str, object]]:
         """One DM module on ``xt``: its min-max scaled map ``[b,H,W]`` and the final masks."""
         size = tuple(xt.shape[-2:])
         ref = self.references(xt)
         lam = self.area_weight
 
-        bench = self.init_masks(xt.shape[0], self.benchmark_sizes, 0, xt.device)
+        bench = self.init_masks(xt.shape[0], self.benchmark_sizes, 0, size, xt.device)
         with self.part(0.0, 0.5 if self.auxiliary_sizes else 1.0):  # progress: phase 1
             self.optimise_phase(
-                xt, fill, ref, targets, bench,
+                xt, fill, ref, targets, scale, bench,
                 keep_fn=lambda ps: torch.cat([_keep(p, size) for p in ps], 1),
                 penalty_fn=lambda ps: lam * sum(p.mean((1, 2, 3)).sum() for p in ps),
             )
@@ -307,12 +371,12 @@ class HDM(Method):
         guide = bench_keep.mean(1, keepdim=True)  # B, [b,1,H,W]
 
         aux = self.init_masks(xt.shape[0], self.auxiliary_sizes, len(self.benchmark_sizes),
-                              xt.device)
+                              size, xt.device)
         if self.guidance == "init":
             with torch.no_grad():
                 for p in aux:
                     p.copy_(F.adaptive_avg_pool2d(guide, p.shape[-2:]).clamp(0, 1))
-        scale = guide if self.guidance == "multiply" else 1.0
+        factor = guide if self.guidance == "multiply" else 1.0
 
         def aux_penalty(ps: list[Tensor]) -> Tensor:
             total = xt.new_zeros(())
@@ -327,24 +391,26 @@ class HDM(Method):
         if aux:
             with self.part(0.5, 1.0):  # progress: phase 2
                 self.optimise_phase(
-                    xt, fill, ref, targets, aux,
-                    keep_fn=lambda ps: scale * torch.cat([_keep(p, size) for p in ps], 1),
+                    xt, fill, ref, targets, scale, aux,
+                    keep_fn=lambda ps: factor * torch.cat([_keep(p, size) for p in ps], 1),
                     penalty_fn=aux_penalty,
                 )
         with torch.no_grad():
-            keeps = [bench_keep]
+            keeps = [] if aux and self.stack == "auxiliary" else [bench_keep]
             if aux:
-                keeps.append(scale * torch.cat([_keep(p.detach(), size) for p in aux], 1))
+                keeps.append(factor * torch.cat([_keep(p.detach(), size) for p in aux], 1))
             s = _minmax(torch.cat(keeps, 1).mean(1))
-        masks = {"benchmark": [p.detach() for p in bench], "auxiliary": [p.detach() for p in aux]}
+        masks = {"benchmark": [p.detach() for p in bench], "auxiliary": [p.detach() for p in aux],
+                 "guide": guide}
         return s, masks
 
     # -- the hierarchy --------------------------------------------------------------------
     def _explain(self, x: Tensor, targets: Tensor) -> HDMResult:
         """HDM on a batch; every masked forward goes through :meth:`optimise_phase` chunks."""
         x = x.detach().float()
-        b, size = x.shape[0], x.shape[-2:]
+        b, size = x.shape[0], tuple(x.shape[-2:])
         fill = self.fill_image(x)
+        scale = self.evidence_scale(self.references(x), self.references(fill), targets)
         active = torch.ones(b, dtype=torch.bool, device=x.device)
         found = torch.zeros(b, *size, device=x.device)  # max(S_1..S_{t-1})
         stage_maps = torch.zeros(b, self.stages, *size, device=x.device)
@@ -363,11 +429,14 @@ class HDM(Method):
             if idx.numel() == 0:
                 masks.append({
                     "samples": idx,
-                    "benchmark": [x.new_zeros(0, 1, s, s) for s in self.benchmark_sizes],
-                    "auxiliary": [x.new_zeros(0, 1, s, s) for s in self.auxiliary_sizes],
+                    "benchmark": [x.new_zeros(0, 1, *self.mask_shape(s, size))
+                                  for s in self.benchmark_sizes],
+                    "auxiliary": [x.new_zeros(0, 1, *self.mask_shape(s, size))
+                                  for s in self.auxiliary_sizes],
+                    "guide": x.new_zeros(0, 1, *size),
                 })
                 continue
-            s, m = self.dm(xt[idx], fill[idx], targets[idx])
+            s, m = self.dm(xt[idx], fill[idx], targets[idx], scale[idx])
             masks.append({"samples": idx, **m})
             stage_maps[idx, t] = s
             fused[idx] += self.stage_weights[t] * s * (~r[idx]).float()

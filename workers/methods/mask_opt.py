@@ -90,6 +90,18 @@ def smooth_norm(d: Tensor, eps: float) -> Tensor:
     return (sq + eps * eps).sqrt() - eps
 
 
+def smooth_hinge(d: Tensor, width: float) -> Tensor:
+    """``max(d, 0)`` with its kink rounded over ``[0, width]`` (a Huber-style hinge).
+
+    0 for ``d <= 0``, ``d^2 / (2 width)`` up to ``width``, ``d - width / 2`` beyond: the
+    gradient rises continuously from 0 to 1, so an optimum sitting at the hinge does not
+    flip between a zero and a full gradient from one step to the next (or from float noise).
+    """
+    if width <= 0:
+        return d.clamp_min(0)
+    return torch.where(d < width, d.clamp_min(0).square() / (2 * width), d - width / 2)
+
+
 def logit(p: float) -> float:
     """Inverse sigmoid of ``p`` in (0, 1)."""
     if not 0.0 < p < 1.0:

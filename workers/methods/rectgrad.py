@@ -33,6 +33,12 @@ class RectGrad(ModifiedBackprop):
       ``tau=0`` is Guided Backprop). The ordinary derivative is not applied (reference), so
       saturated ReLU6 units let the gradient through; ``and_relu_mask=True`` multiplies it
       in (changes results only for ``tau < 0`` or saturated ReLU6 units).
+    * ReLU6 nets (MobileNetV2, EfficientNet-Lite): the reference has ReLU only; here a ReLU6
+      call is scored like a ReLU (``a * g`` with ``a`` the clamped output, the same per-sample
+      percentile), so a unit saturated at 6 counts with ``a = 6`` and passes its gradient
+      when that score is in the top ``100 - q`` %. On EfficientNet-Lite0 photos saturated
+      units occur and some pass (tests/test_methods_backprop.py); Guided Backprop, which
+      keeps the ReLU6 derivative, passes none of them.
     * Padding trick: the gradient arriving at a conv output has its one-pixel border ring
       zeroed before the conv backward. ``padding_trick="padded"`` (default; convs that pad
       their input, PyTorch's counterpart of TF ``SAME``, including EfficientNet's

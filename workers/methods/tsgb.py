@@ -253,8 +253,22 @@ class TSGB(ModifiedBackprop):
       other linear layers (VGG fc6/fc7) keep ordinary gradients, as in the reference.
     * ``nn.AvgPool2d``/``F.avg_pool2d``: window relevance spread uniformly. ReLU, ReLU6,
       max-pool, adaptive/global average pool, residual adds, dropout: ordinary gradients
-      (relevance-conserving for ReLU, max-pool, GAP and adds; a ReLU6 unit saturated at 6
-      drops its relevance). Smooth activations, other norms and other convs raise.
+      (relevance-conserving for ReLU, max-pool, GAP and adds). Smooth activations, other
+      norms and other convs raise.
+
+    ReLU6 networks (MobileNetV2, EfficientNet-Lite, salmap's demo model). The reference code
+    has ReLU only; salmap gives ReLU6 its ordinary gradient, which is 0 above 6, and keeps the
+    BN rule as written. Two places then drop relevance, so the map is no longer zero-sum:
+
+    * a ReLU6 unit saturated at 6 passes no gradient: its relevance ``6 * g`` is lost;
+    * a BN unit whose input is exactly 0 (a depthwise window of all-zero ReLU6 outputs,
+      common in these nets) cannot pass on the relevance its shift creates, ``g * BN(0)``
+      (the rule divides by the input).
+
+    ``sum M = (1 - gamma) P_t - (both losses)``, exactly; tests/test_methods_tsgb.py checks it
+    on a toy ReLU6 net and on the pretrained EfficientNet-Lite0, where the losses are a large
+    share of the map's mass (per-photo balance ``|sum M| / sum |M|``: bench/method_quality.py,
+    figures in BENCHMARKS.md). Nets with ReLU and dense convs stay zero-sum.
     * ``epsilon`` (1e-10) stabilises the conv, BN, avg-pool and ``|N_k|`` denominators
       (``a + eps * sign(a)``, ``sign(0) = 1``).
 

@@ -1,0 +1,206 @@
+"""Which method explains the model best? Every registered method at its default parameters on
+the bundled demo photos with the pretrained EfficientNet-Lite0, scored with salmap's own
+metrics, next to two maps that know nothing about the model.
+
+For each method: deletion AUC (lower is better) and insertion AUC (higher is better) with the
+metric defaults (RISE protocol, 28 steps, zero / blur substrate, softmax probability), the
+deletion AUC relative to a random ranking's, pointing game (hits / photos with a box of the
+explained class, on the map in original pixels), Gini (sparseness, original pixels) and the
+wall time per image. Baselines: ``random`` (uniform noise maps, the mean over ``--seeds``
+seeds; its deletion AUC is the denominator of ``del / random``) and ``centre`` (a Gaussian at
+the image centre, sigma a quarter of the side: the photographer's bias).
+
+The explained class is each photo's label (as ``configs/demo.yaml``, ``targets: label``);
+photos are resized and cropped as the pipeline does (``pipeline.decode.preprocess``), from
+the arrays themselves (the demo shards hold them as quality-92 JPEGs).
+Deletion and insertion are averaged over the photos (a photo the model does not recognise
+scores near 0 for every method); ``del / random`` is the ratio of those averages.
+
+    PYTHONPATH=. python bench/method_quality.py                      # all 14 methods, 8 photos
+    PYTHONPATH=. python bench/method_quality.py --methods gradcam,tsgb --photos chelsea,coffee
+
+Also printed: the TSGB relevance balance on Lite0, whose ReLU6 units drop the relevance of
+saturated units (``workers/methods/tsgb.py``): ``|sum M| / sum |M|`` per photo (0 on a ReLU
+network with gamma=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import device_name, load_avg, table, versions  # noqa: E402
+
+BASELINES = ("random", "centre")
+
+
+def demo_photos(names: list[str] | None, resize: int, crop: int, mean, std):
+    """``(names, images [N,3,crop,crop], labels [N], boxes per photo, transforms)``."""
+    from PIL import Image
+
+    from pipeline.decode import preprocess
+    from pipeline.demo_data import PHOTOS, _photo
+
+    chosen = [n for n in PHOTOS if names is None or n in names]
+    unknown = sorted(set(names or ()) - set(PHOTOS))
+    if unknown:
+        raise SystemExit(f"unknown photo(s) {unknown}; the demo has {', '.join(PHOTOS)}")
+    images, labels, boxes, transforms = [], [], [], []
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    for name in chosen:
+        loader, label, annotated = PHOTOS[name]
+        img = Image.fromarray(_photo(loader)).convert("RGB")
+        arr, geo = preprocess(img, resize, crop)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+        images.append((x - m) / s)
+        labels.append(label)
+        boxes.append([b for b, c in annotated if c == label] or None)
+        transforms.append({"orig_h": img.height, "orig_w": img.width, **geo})
+    return chosen, torch.stack(images), torch.tensor(labels), boxes, transforms
+
+
+def centre_gaussian(n: int, h: int, w: int) -> torch.Tensor:
+    ys = torch.arange(h, dtype=torch.float32) - (h - 1) / 2
+    xs = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
+    g = torch.exp(-(ys[:, None] ** 2 / (2 * (h / 4) ** 2) + xs[None] ** 2 / (2 * (w / 4) ** 2)))
+    return g.expand(n, h, w).clone()
+
+
+def run_method(name: str, model, images, labels, batch: int, device) -> tuple[torch.Tensor, float]:
+    """Maps ``[N,h,w]`` on the CPU and wall seconds per image."""
+    from workers.methods import build
+
+    method = build(name, model)
+    parts = []
+    t0 = time.perf_counter()
+    for start in range(0, images.shape[0], batch):
+        sl = slice(start, start + batch)
+        parts.append(method(images[sl].to(device), labels[sl].to(device)).cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return torch.cat(parts), (time.perf_counter() - t0) / images.shape[0]
+
+
+def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> dict:
+    """Per-photo deletion/insertion AUC, pointing hits and Gini of ``maps``."""
+    from workers.metrics import compute_model_metrics, compute_post_metrics
+    from workers.metrics.geometry import map_to_original
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x).float()
+
+    with torch.inference_mode():
+        faith = compute_model_metrics(["deletion_auc", "insertion_auc"], forward,
+                                      images.to(device), maps.to(device), labels.to(device),
+                                      mean=mean, std=std)
+    hits, ginis = [], []
+    for i in range(maps.shape[0]):
+        orig = map_to_original(maps[i], transforms[i])
+        post = compute_post_metrics(["pointing_game", "gini"], orig, boxes[i])
+        hits.append(post["pointing_hit"])
+        ginis.append(post["gini"])
+    return {"deletion": faith["deletion_auc"].tolist(), "insertion": faith["insertion_auc"].tolist(),
+            "hits": hits, "gini": ginis}
+
+
+def tsgb_balance(model, images, labels, device) -> list[float]:
+    """``|sum M| / sum |M|`` of the TSGB map per photo."""
+    from workers.methods import build
+
+    maps = build("tsgb", model)(images.to(device), labels.to(device)).cpu().flatten(1)
+    return (maps.sum(1).abs() / maps.abs().sum(1)).tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workers.methods import names as method_names
+    from workers.models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--photos", default="", help="comma-separated demo photos (default: all)")
+    parser.add_argument("--batch", type=int, default=4, help="photos per method call")
+    parser.add_argument("--seeds", type=int, default=5, help="random maps averaged")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    methods = [m for m in args.methods.split(",") if m] or method_names()
+    bad = [m for m in methods if m not in method_names()]
+    if bad:
+        parser.error(f"unknown method(s) {bad}")
+
+    loaded = load_model("efficientnet_lite0")
+    model = loaded.model.to(device).eval()
+    p = loaded.preprocess
+    photos, images, labels, boxes, transforms = demo_photos(
+        [n for n in args.photos.split(",") if n] or None, p.resize, p.crop, p.mean, p.std)
+    n = len(photos)
+
+    print("## Method quality: every method at its defaults, EfficientNet-Lite0, demo photos\n")
+    print(f"date {time.strftime('%Y-%m-%d')}; device {device_name(device)}; {versions()}; "
+          f"{load_avg()}\n")
+    print(f"photos ({n}, explained class = label): {', '.join(photos)}\n")
+
+    warm = images[:1].to(device).requires_grad_(True)  # first-call costs out of the timings
+    model(warm)[0, 0].backward()
+    h, w = images.shape[-2:]
+    results: dict[str, dict] = {}
+    times: dict[str, float | None] = {}
+    rand = [score(torch.rand(n, h, w, generator=torch.Generator().manual_seed(s)), model,
+                  images, labels, boxes, transforms, p.mean, p.std, device)
+            for s in range(args.seeds)]
+    results["random"] = {k: [statistics.mean(r[k][i] for r in rand) if k != "hits" else
+                             rand[0][k][i] for i in range(n)] for k in rand[0]}
+    results["random"]["hits"] = [None if rand[0]["hits"][i] is None else
+                                 statistics.mean(float(r["hits"][i]) for r in rand)
+                                 for i in range(n)]
+    times["random"] = None
+    results["centre"] = score(centre_gaussian(n, h, w), model, images, labels, boxes,
+                              transforms, p.mean, p.std, device)
+    times["centre"] = None
+    for name in methods:
+        maps, per_image = run_method(name, model, images, labels, args.batch, device)
+        results[name] = score(maps, model, images, labels, boxes, transforms, p.mean, p.std,
+                              device)
+        times[name] = per_image
+        print(f"... {name}: {per_image:.2f} s per image", file=sys.stderr, flush=True)
+
+    random_deletion = statistics.mean(results["random"]["deletion"])
+    rows = []
+    for name in [*BASELINES, *methods]:
+        r = results[name]
+        trials = [float(v) for v in r["hits"] if v is not None]
+        rows.append({
+            "method": name,
+            "deletion AUC ↓": statistics.mean(r["deletion"]),
+            "del / random ↓": statistics.mean(r["deletion"]) / random_deletion,
+            "insertion AUC ↑": statistics.mean(r["insertion"]),
+            "pointing ↑": f"{sum(trials):.1f}/{len(trials)}" if name == "random" else
+                          f"{int(sum(trials))}/{len(trials)}",
+            "Gini": statistics.mean(r["gini"]),
+            "s / image": "" if times[name] is None else times[name],
+        })
+    table(rows)
+    print("Per photo deletion AUC (" + ", ".join(photos) + "):\n")
+    table([{"method": k, **{ph: v["deletion"][i] for i, ph in enumerate(photos)}}
+           for k, v in results.items()])
+    balance = tsgb_balance(model, images, labels, device)
+    print("TSGB relevance balance |sum M| / sum |M| on Lite0 (0 = zero-sum): "
+          + ", ".join(f"{ph} {b:.3f}" for ph, b in zip(photos, balance))
+          + f"; mean {np.mean(balance):.3f}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
