@@ -53,9 +53,10 @@ FORMULAS: dict[str, Callable[[dict[str, Any]], float]] = {
     "integrated_gradients": lambda p: float(p["steps"]),
     # 1 F + steps x (2 masked backwards with create_graph + 1 double backward ~ 2 B) + 3 B
     "dmbp": lambda p: FORWARD + (1 - FORWARD) * (4 * int(p["steps"]) + 3),
-    # stages x (1 F + steps x (#benchmark + #auxiliary masks) x (F + B))
+    # stages x (1 F + steps x (#benchmark + #auxiliary masks) x (F + B)) + 2 F
     "hdm": lambda p: int(p["stages"]) * (
-        FORWARD + int(p["steps"]) * (_n(p["benchmark_sizes"]) + _n(p["auxiliary_sizes"]))),
+        FORWARD + int(p["steps"]) * (_n(p["benchmark_sizes"]) + _n(p["auxiliary_sizes"])))
+    + 2 * FORWARD,
 }
 
 
