@@ -36,6 +36,7 @@ log = logging.getLogger("salmap")
 IO_TASK_CPUS = 0.25
 DECODE_TASK_CPUS = 0.5
 READ_CHUNK = 64  # samples per block the reader yields
+READ_GROUP_BYTES = 64 * 2**20  # shards read by one task: up to this many bytes (or one shard)
 POST_BATCH = 128  # rows per post + write task: at most one Parquet file per wave each
 
 
@@ -49,9 +50,34 @@ class _ReadShards:
 
         from .shard_reader import read_shard
 
-        for url in batch["shard"]:
-            for rows in read_shard(str(url), self.storage, chunk=READ_CHUNK):
-                yield pd.DataFrame(rows)
+        for group in batch["shards"]:
+            for url in json.loads(str(group)):
+                for rows in read_shard(url, self.storage, chunk=READ_CHUNK):
+                    yield pd.DataFrame(rows)
+
+
+def read_groups(waves: list[Wave], identity: dict[str, dict] | None = None,
+                target_bytes: int = READ_GROUP_BYTES) -> list[list[str]]:
+    """The shards of each wave in groups read by one task each: consecutive shards until the
+    group holds ``target_bytes`` (sizes from the listing). Big shards get a task each; a wave
+    of tiny shards is one task, not one per shard (a Ray task costs tens of ms to schedule)."""
+    from .decode import shard_name
+
+    identity = identity or {}
+    groups: list[list[str]] = []
+    for w in waves:
+        group: list[str] = []
+        size = 0
+        for s in w.shards:
+            n = identity.get(shard_name(s), {}).get("size")
+            group.append(s)
+            size += target_bytes if n is None else int(n)
+            if size >= target_bytes:
+                groups.append(group)
+                group, size = [], 0
+        if group:
+            groups.append(group)
+    return groups
 
 
 class _Decode:
@@ -185,6 +211,7 @@ class UnitExecution:
     max_tasks_in_flight_per_actor: int = 2
     decode_batch_size: int = 32
     storage: Any = None
+    identity: dict[str, dict] | None = None  # shard name -> size etc., to group small shards
 
 
 def build_dataset(ex: UnitExecution):
@@ -192,8 +219,9 @@ def build_dataset(ex: UnitExecution):
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    shards = [s for w in ex.waves for s in w.shards]
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    groups = read_groups(ex.waves, ex.identity)
+    ds = ray.data.from_items([{"shards": json.dumps(g)} for g in groups],
+                             override_num_blocks=len(groups))
     ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
                         num_cpus=IO_TASK_CPUS)
     ds = ds.map_batches(_Decode(ex.decode), batch_format="pandas",

@@ -511,6 +511,7 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         base = progress.committed_samples
         tracker = WaveTracker(unit.id, unit.config_hash, waves, identity, index)
         ex = unit_execution(run.cfg, unit, waves, run.store, actors)
+        ex.identity = identity
 
         def on_commit(record: dict, tracker=tracker) -> None:
             run.commit(unit, record)

@@ -113,3 +113,17 @@ def test_rows_without_the_shard_end_marker_are_not_enough():
     t.add_marker("s-1", 2)
     assert len(t.ready()) == 1
 
+
+
+def test_small_shards_are_read_several_per_task_big_ones_one_each():
+    from pipeline.execute import read_groups
+
+    waves = waves_of([f"/d/s-{i}.tar" for i in range(10)], 8)
+    small = {f"s-{i}": {"size": 10_000} for i in range(10)}
+    assert [len(g) for g in read_groups(waves, small)] == [8, 2]  # one task per wave
+    big = {f"s-{i}": {"size": 2**30} for i in range(10)}
+    assert [len(g) for g in read_groups(waves, big)] == [1] * 10
+    mixed = {**small, "s-1": {"size": 2**30}}
+    assert [len(g) for g in read_groups(waves, mixed)] == [2, 6, 2]
+    assert [len(g) for g in read_groups(waves, {})] == [1] * 10  # sizes unknown: one each
+    assert [s for g in read_groups(waves, small) for s in g] == [s for w in waves for s in w.shards]
