@@ -42,11 +42,13 @@ def commit_key(unit_id: str, wave_id: str) -> str:
 
 def load_commits(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
     """unit id -> wave id -> commit record: one listing of ``_commits/`` and parallel reads."""
-    keys = [k for k in store.list(COMMITS) if k.endswith(".json") and len(k.split("/")) == 3]
+    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
+             if k.endswith(".json") and len(k.split("/")) == 3}
+    keys = list(sizes)
     if not keys:
         return {}
     with ThreadPoolExecutor(max(1, min(threads, len(keys)))) as pool:
-        records = list(pool.map(store.read_json, keys))
+        records = list(pool.map(lambda k: store.read_json(k, sizes[k]), keys))
     out: dict[str, dict[str, dict]] = {}
     for key, rec in zip(keys, records):
         _, unit_id, fname = key.split("/")

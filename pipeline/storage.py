@@ -147,15 +147,23 @@ class Store:
         info = with_retries(lambda: self.fs.get_file_info(self.path(key)), f"stat {key}")
         return info.type != pafs.FileType.NotFound
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, size: int | None = None) -> bytes:
+        """The object's bytes. ``size`` (from a listing) sizes the read buffer: a stream's
+        read-all otherwise allocates 256 KiB per call, which adds up over parallel reads of
+        small objects."""
         def read() -> bytes:
             with self.fs.open_input_stream(self.path(key)) as f:
-                return f.read()
+                if size is None:
+                    return f.read()
+                chunks = []
+                while chunk := f.read(max(size, 1024)):
+                    chunks.append(chunk)
+                return b"".join(chunks)
 
         return with_retries(read, f"read {key}")
 
-    def read_json(self, key: str) -> Any:
-        return json.loads(self.read_bytes(key).decode("utf-8"))
+    def read_json(self, key: str, size: int | None = None) -> Any:
+        return json.loads(self.read_bytes(key, size).decode("utf-8"))
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write an object whole. On S3 one PUT is atomic; locally: temp file + rename."""
@@ -184,6 +192,14 @@ class Store:
         infos = with_retries(lambda: self.fs.get_file_info(sel), f"list {prefix}")
         n = len(self.root) + 1
         return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.File)
+
+    def list_sizes(self, prefix: str) -> dict[str, int]:
+        """Relative key -> size of the files under ``prefix``, from the same single listing."""
+        sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        infos = with_retries(lambda: self.fs.get_file_info(sel), f"list {prefix}")
+        n = len(self.root) + 1
+        return {i.path[n:]: i.size for i in sorted(infos, key=lambda i: i.path)
+                if i.type == pafs.FileType.File}
 
     def list_dirs(self, prefix: str) -> list[str]:
         sel = pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)

@@ -3,6 +3,7 @@ and quiet output (salmap's own lines; Ray's with --verbose)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -93,22 +94,24 @@ print(len(f.dropped), stderr_is_tty())
     assert p.stdout.strip() == "1 False"
 
 
-def test_quiet_ray_logging_keeps_errors_and_verbose_brings_the_rest_back(capfd):
+def test_quiet_ray_logging_keeps_errors_and_verbose_brings_the_rest_back(monkeypatch):
     from pipeline.logs import quiet_ray_logging
 
     data_log = logging.getLogger("ray.data._internal.execution.streaming_executor")
     token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    # Ray's console handlers write to whatever sys.stderr is when they emit
+    console = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", console)
     try:
         quiet_ray_logging(False)
         data_log.info("noise: execution finished")
         data_log.warning("noise: progress bars disabled")
         data_log.error("a real ray data error")
         assert not token_log.isEnabledFor(logging.WARNING)
-        err = capfd.readouterr().err
-        assert "noise" not in err and "a real ray data error" in err
+        assert "noise" not in console.getvalue() and "a real ray data error" in console.getvalue()
         quiet_ray_logging(True)
         data_log.warning("back with --verbose")
-        assert "back with --verbose" in capfd.readouterr().err
+        assert "back with --verbose" in console.getvalue()
         assert token_log.isEnabledFor(logging.WARNING)
     finally:
         quiet_ray_logging(True)

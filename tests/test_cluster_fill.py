@@ -87,7 +87,9 @@ def test_default_config_fills_four_gpus_with_cost_aware_shares(tmp_path, gpu_clu
     # shares in proportion to the declared work: 4 x 8.33 / 9.67 = 3.4 -> 3 of the 4 GPUs
     assert b["share"] > 3 > 1 > a["share"] > 0
     assert a["pool"] == [1, 4] and b["pool"] == [3, 4]  # min = share, max = every GPU
-    assert a["peak"] == 1 and b["peak"] >= 3
+    # the costly unit held more of the GPUs; the cheap one may borrow a free GPU for a while
+    # (its pool's max is every GPU), so its peak is not pinned to its share
+    assert b["peak"] >= 3 and a["peak"] < b["peak"]
     # both units held their actors at the same time (not one after the other)
     assert a["first_start"] < b["last_end"] and b["first_start"] < a["last_end"]
     assert b["actors"] >= 3 and a["actors"] >= 1
