@@ -186,26 +186,25 @@ class Store:
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
+    def _infos(self, prefix: str, recursive: bool) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)
+        return with_retries(lambda: self.fs.get_file_info(sel), f"list {prefix}")
+
     def list(self, prefix: str, recursive: bool = True) -> list[str]:
         """Relative keys of files under ``prefix`` (empty when it does not exist)."""
-        sel = pafs.FileSelector(self.path(prefix), recursive=recursive, allow_not_found=True)
-        infos = with_retries(lambda: self.fs.get_file_info(sel), f"list {prefix}")
-        n = len(self.root) + 1
-        return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.File)
+        return sorted(self.list_sizes(prefix, recursive))
 
-    def list_sizes(self, prefix: str) -> dict[str, int]:
-        """Relative key -> size of the files under ``prefix``, from the same single listing."""
-        sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
-        infos = with_retries(lambda: self.fs.get_file_info(sel), f"list {prefix}")
+    def list_sizes(self, prefix: str, recursive: bool = True) -> dict[str, int]:
+        """Relative key -> size of the files under ``prefix``, from one listing, in key order."""
         n = len(self.root) + 1
-        return {i.path[n:]: i.size for i in sorted(infos, key=lambda i: i.path)
-                if i.type == pafs.FileType.File}
+        files = sorted((i.path[n:], i.size) for i in self._infos(prefix, recursive)
+                       if i.type == pafs.FileType.File)
+        return dict(files)
 
     def list_dirs(self, prefix: str) -> list[str]:
-        sel = pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)
-        infos = with_retries(lambda: self.fs.get_file_info(sel), f"list {prefix}")
         n = len(self.root) + 1
-        return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.path[n:] for i in self._infos(prefix, recursive=False)
+                      if i.type == pafs.FileType.Directory)
 
     def delete(self, key: str) -> None:
         try:
