@@ -13,11 +13,10 @@ from workers.metrics.road import impute, keep_counts
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def direct_solve(img: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Reference: each removed pixel = weighted mean of its in-image 8-neighbours
-    (1/6 direct, 1/12 diagonal), assembled as a sparse system and solved directly."""
+def neighbour_system(img: np.ndarray, keep: np.ndarray):
+    """The imputation's linear system A v = b over the removed pixels: each = weighted mean of
+    its in-image 8-neighbours (1/6 direct, 1/12 diagonal). Returns (A as CSR, b, removed)."""
     from scipy.sparse import lil_matrix
-    from scipy.sparse.linalg import spsolve
 
     c, h, w = img.shape
     removed = np.argwhere(~keep)
@@ -27,10 +26,8 @@ def direct_solve(img: np.ndarray, keep: np.ndarray) -> np.ndarray:
     for i, (r, q) in enumerate(removed):
         for dr in (-1, 0, 1):
             for dq in (-1, 0, 1):
-                if (dr, dq) == (0, 0):
-                    continue
                 rr, qq = r + dr, q + dq
-                if not (0 <= rr < h and 0 <= qq < w):
+                if (dr, dq) == (0, 0) or not (0 <= rr < h and 0 <= qq < w):
                     continue
                 wt = 1 / 6 if dr == 0 or dq == 0 else 1 / 12
                 a[i, i] += wt
@@ -38,9 +35,17 @@ def direct_solve(img: np.ndarray, keep: np.ndarray) -> np.ndarray:
                     rhs[i] += wt * img[:, rr, qq]
                 else:
                     a[i, index[(rr, qq)]] -= wt
-    sol = spsolve(a.tocsr(), rhs)
+    return a.tocsr(), rhs, removed
+
+
+def direct_solve(img: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Reference: the neighbour system solved directly."""
+    from scipy.sparse.linalg import spsolve
+
+    a, rhs, removed = neighbour_system(img, keep)
+    sol = spsolve(a, rhs)
     out = img.copy()
-    out[:, removed[:, 0], removed[:, 1]] = np.asarray(sol).reshape(len(removed), c).T
+    out[:, removed[:, 0], removed[:, 1]] = np.asarray(sol).reshape(len(removed), img.shape[0]).T
     return out
 
 
@@ -194,27 +199,10 @@ def test_imputation_runs_in_float32_whatever_the_input_dtype():
 
 def residual(img: np.ndarray, keep: np.ndarray, out: np.ndarray) -> tuple[float, float]:
     """Relative residual ||A v - b|| / ||b|| of the imputed values (per channel, worst)."""
-    from scipy.sparse import lil_matrix
-
-    c, h, w = img.shape
-    removed = np.argwhere(~keep)
-    index = {tuple(p): i for i, p in enumerate(removed)}
-    a = lil_matrix((len(removed), len(removed)))
-    rhs = np.zeros((len(removed), c))
-    for i, (r, q) in enumerate(removed):
-        for dr in (-1, 0, 1):
-            for dq in (-1, 0, 1):
-                rr, qq = r + dr, q + dq
-                if (dr, dq) == (0, 0) or not (0 <= rr < h and 0 <= qq < w):
-                    continue
-                wt = 1 / 6 if dr == 0 or dq == 0 else 1 / 12
-                a[i, i] += wt
-                if keep[rr, qq]:
-                    rhs[i] += wt * img[:, rr, qq]
-                else:
-                    a[i, index[(rr, qq)]] -= wt
+    a, rhs, removed = neighbour_system(img, keep)
     v = out[:, removed[:, 0], removed[:, 1]].T
-    res = a.tocsr() @ v - rhs
+    res = a @ v - rhs
+    c = img.shape[0]
     return float(max(np.linalg.norm(res[:, k]) / np.linalg.norm(rhs[:, k]) for k in range(c))), \
         float(min(np.linalg.norm(rhs[:, k]) for k in range(c)))
 
