@@ -58,7 +58,7 @@ TARGETS: dict[str, list[str]] = {
     f"{M}/post.py": [f"{T}/test_metrics_post.py", f"{T}/test_metrics_post_stage.py"],
     f"{M}/engine.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
                        f"{T}/test_metrics_road.py", f"{T}/test_metrics_summary.py"],
-    f"{M}/jobs.py": [f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
+    f"{M}/jobs.py": [f"{T}/test_metrics_jobs.py", f"{T}/test_metrics_faithfulness.py", f"{T}/test_metrics_average_drop.py",
                      f"{T}/test_metrics_road.py"],
     f"{M}/randomization.py": [f"{T}/test_metrics_randomization.py"],
     f"{M}/summary.py": [f"{T}/test_metrics_summary.py"],

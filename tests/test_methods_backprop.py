@@ -426,3 +426,52 @@ def test_pretrained_lite0_relu6_rules(name, lite0, photo_batch, lite0_targets):
         assert torch.equal(c["g_in"][kept], c["g_out"][kept])  # passed as is, never scaled
         passed_saturated += int((kept & sat).sum())
     assert passed_saturated > 0
+
+
+def test_rectgrad_percentile_defaults_and_range():
+    """q = 98 by default (the authors'); any percentile in [0, 100] is accepted, ends included."""
+    model = bias_free_relu_net()
+    assert build("rectgrad", model).q == 98.0
+    for q in (0.0, 100.0):
+        assert build("rectgrad", model, q=q).q == q
+    for q in (-0.5, 100.5):
+        with pytest.raises(MethodError, match="q must be a percentile in"):
+            build("rectgrad", model, q=q)
+
+
+@pytest.mark.parametrize("name", ["rectgrad", "nobias_rectgrad"])
+def test_rectgrad_thresholds_are_per_sample_without_tau(name):
+    """Without a fixed tau each sample's threshold is its own percentile: an image's map does
+    not change when a much brighter image shares its batch."""
+    torch.manual_seed(0)
+    model = not_inplace(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval())
+    x = torch.randn(2, 3, 8, 8)
+    x[1] *= 50.0
+    targets = torch.tensor([0, 1])
+    alone = build(name, model)(x[:1], targets[:1])
+    together = build(name, model)(x, targets)[:1]
+    assert torch.allclose(alone, together, rtol=1e-5, atol=1e-7)
+    # a shared threshold (a fixed tau) is what couples samples; the check above would see it
+    shared = build(name, model, tau=float(x[1].abs().max()))(x, targets)[:1]
+    assert not torch.allclose(alone, shared, rtol=1e-5, atol=1e-7)
+
+
+def test_rectgrad_refuses_an_activation_that_does_not_lead_with_the_batch():
+    """Per-sample percentiles need the batch on dim 0; a fixed tau needs no statistics."""
+
+    class Folded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = F.relu(h.reshape(-1, *h.shape[2:])).reshape(h.shape)  # [B*C, H, W] at the ReLU
+            return self.fc(h.mean(dim=(2, 3)))
+
+    model, x = Folded().eval(), torch.randn(2, 3, 6, 6)
+    with pytest.raises(MethodError, match="does not lead with the batch"):
+        build("rectgrad", model)(x, [0, 1])
+    assert build("rectgrad", model, tau=0.0)(x, [0, 1]).shape == (2, 6, 6)

@@ -307,3 +307,19 @@ def test_a_reused_target_layer_is_cut_at_its_last_call_only(name):
     assert first.shape == (2, 6, 6)  # the head call's activation
     # nothing below the head call records a graph, from the first batch on
     assert records and not any(records)
+
+
+def test_gradcam_pp_refuses_any_non_positive_denominator_and_only_those():
+    """The check is per position: one position with 2 + S_k g <= 0 (exactly 0 included) is an
+    error; denominators in (0, 1] are valid (alpha = 1 / denominator >= 1)."""
+    model = nn.Sequential(nn.Conv2d(3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(1, 2)).eval()
+    method = build("gradcam_pp", model, target_layer="0")
+    acts = torch.full((1, 1, 2, 2), -1.0)  # S_k = -4: denominator 2 - 4 g
+    for g in ([[0.25, 0.5], [1.0, 0.1]],  # one position at -2, one at exactly 0
+              [[0.5, 0.25], [0.25, 0.25]]):  # only one position, at exactly 0
+        with pytest.raises(MethodError, match="not positive"):
+            method.weights(acts, torch.tensor(g).view(1, 1, 2, 2))
+    # every denominator 2 - 4 x 0.25 = 1: alpha = 1, weight = sum of alpha x g = 1
+    w = method.weights(acts, torch.full((1, 1, 2, 2), 0.25))
+    assert w.shape == (1, 1) and float(w) == pytest.approx(1.0)

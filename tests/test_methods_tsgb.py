@@ -450,3 +450,87 @@ def test_pretrained_lite0_relevance_balance(lite0, photo_batch):
     convs = sum(1 for m in lite0.model.modules() if isinstance(m, nn.Conv2d))
     bns = sum(1 for m in lite0.model.modules() if isinstance(m, nn.BatchNorm2d))
     assert sum(touched.values()) == convs + bns + 1 and touched["_fc"] == 1
+
+
+def test_stabilize_moves_every_value_away_from_zero_and_zero_up():
+    from workers.methods.tsgb import stabilize
+
+    a = torch.tensor([-2e-3, -1e-4, 0.0, 1e-4, 0.5], dtype=torch.float64)
+    expected = torch.tensor([-3e-3, -1.1e-3, 1e-3, 1.1e-3, 0.501], dtype=torch.float64)
+    torch.testing.assert_close(stabilize(a, 1e-3), expected)
+
+
+def test_group_rule_keeps_each_groups_relevance_inside_it():
+    """A depthwise conv whose channel-1 filter is zero: channel 1 is no evidence, so under the
+    'group' rule it gets no relevance (the map ignores what it holds); the 'slim' rule spreads
+    every group's relevance over all channels, channel 1 included."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].weight[1].zero_()
+        model[4].weight.copy_(torch.tensor([[1.0, 0.5, 2.0], [-1.0, 0.3, -0.5]]))
+    x = torch.rand(1, 3, 6, 6)
+    x_without_1 = x.clone()
+    x_without_1[:, 1] = 0.0
+    group = build("tsgb", model, grouped_rule="group")
+    torch.testing.assert_close(group(x, [0]), group(x_without_1, [0]))
+    slim = build("tsgb", model, grouped_rule="slim")
+    assert (slim(x, [0]) - slim(x_without_1, [0])).abs().max() > 1e-3 * slim(x, [0]).abs().max()
+
+
+def test_functional_avg_pool_uses_torchs_defaults():
+    """``F.avg_pool2d(x, 2)`` in a forward (no stride, padding or ceil_mode given): the rule
+    pools as torch does, so the map equals that of the ``nn.AvgPool2d(2)`` model."""
+
+    class Functional(nn.Module):
+        def __init__(self, conv: nn.Conv2d, fc: nn.Linear) -> None:
+            super().__init__()
+            self.conv, self.fc = conv, fc
+
+        def forward(self, x):
+            return self.fc(F.avg_pool2d(self.conv(x).relu(), 2).flatten(1))
+
+    torch.manual_seed(4)
+    conv, fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 3 * 3, 2)
+    modular = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), fc).eval()
+    x = torch.randn(2, 3, 7, 7)  # odd: ceil_mode or padding would change the pooled size
+    expected = build("tsgb", modular)(x, [0, 1])
+    torch.testing.assert_close(build("tsgb", Functional(conv, fc).eval())(x, [0, 1]), expected)
+
+
+def test_batchnorm_without_running_statistics_and_a_zero_epsilon_are_refused(tiny_model):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(MethodError, match="BatchNorm without running statistics"):
+        build("tsgb", model)(torch.randn(2, 3, 8, 8), [0, 1])
+    with pytest.raises(MethodError, match="epsilon must be > 0"):
+        build("tsgb", tiny_model, epsilon=0.0)
+
+
+def test_functional_batch_norm_uses_torchs_defaults():
+    """``F.batch_norm(x, mean, var)`` in a forward (training, momentum and eps not given): the
+    rule normalises as torch does (eval statistics, eps 1e-5), so the map equals that of the
+    ``nn.BatchNorm2d`` model with the same statistics."""
+
+    class Functional(nn.Module):
+        def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, fc: nn.Linear) -> None:
+            super().__init__()
+            self.conv, self.fc = conv, fc
+            self.register_buffer("mean", bn.running_mean.clone())
+            self.register_buffer("var", bn.running_var.clone())
+
+        def forward(self, x):
+            h = F.batch_norm(self.conv(x), self.mean, self.var).relu()
+            return self.fc(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(5)
+    conv, bn, fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.Linear(4, 2)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.01, 0.05)  # small: eps 1e-5 vs 1 would change everything
+    modular = nn.Sequential(conv, bn, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = build("tsgb", modular)(x, [0, 1])
+    torch.testing.assert_close(build("tsgb", Functional(conv, bn, fc).eval())(x, [0, 1]), expected)

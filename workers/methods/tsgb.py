@@ -149,8 +149,9 @@ class TSGBAvgPool(torch.autograd.Function):
 
 
 def _bn_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-             weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-             momentum: float | None = 0.1, eps: float = 1e-5) -> tuple:
+             weight: Tensor | None, bias: Tensor | None, training: bool,
+             momentum: float | None, eps: float) -> tuple:
+    # no defaults: F.batch_norm hands every argument to a __torch_function__ handler
     return input, running_mean, running_var, weight, bias, training, eps
 
 
