@@ -103,3 +103,131 @@ def test_model_metrics_fill_exactly_the_registered_columns(tiny_model):
     no_curves = compute_model_metrics(["deletion_auc"], tiny_model, torch.randn(1, 3, 8, 8),
                                       torch.rand(1, 2, 2), torch.tensor([0]), {"steps": 2})
     assert set(no_curves) == {"deletion_auc", "_notes"}
+
+
+# -- bootstrap, pointing and Win % details ---------------------------------------------------
+def reference_interval(v: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap written plainly: n_boot resamples of size n, one draw."""
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    lo, hi = np.percentile(v[idx].mean(axis=1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@pytest.mark.parametrize("n", [7, 5000])  # 5000 values: the resamples are drawn in chunks
+def test_summarize_is_the_95_percent_percentile_bootstrap_with_seed_0(n):
+    v = np.random.default_rng(1).exponential(size=n)
+    out = summarize(list(v))  # the defaults: 1000 resamples, seed 0
+    lo, hi = reference_interval(v)
+    assert out["ci_low"] == pytest.approx(lo, rel=1e-12) and out["ci_high"] == pytest.approx(hi, rel=1e-12)
+    assert out["mean"] == pytest.approx(float(v.mean())) and out["n"] == n
+
+
+def test_summarize_with_one_or_no_resample():
+    one = summarize([1.0, 2.0, 4.0], n_boot=1)
+    lo, hi = reference_interval(np.array([1.0, 2.0, 4.0]), n_boot=1)
+    assert one["ci_low"] == one["ci_high"] == pytest.approx(lo) == pytest.approx(hi)
+    none = summarize([1.0, 2.0, 4.0], n_boot=0)
+    assert np.isnan(none["ci_low"]) and np.isnan(none["ci_high"])
+    assert none["mean"] == pytest.approx(7 / 3)
+
+
+def test_pointing_accuracy_takes_float_hits_and_averages_rates_over_classes():
+    # float hits as Parquet gives them back; class a: 1 of 2, class b: 2 of 2 -> (50 + 100) / 2
+    hits = [1.0, 0.0, float("nan"), 1.0, 1.0]
+    assert pointing_accuracy_per_class(hits, ["a", "a", "a", "b", "b"]) == pytest.approx(75.0)
+
+
+def test_win_percent_on_one_image_and_on_no_method():
+    one = win_percent({"a": [1.0], "b": [2.0]})
+    assert one["pairwise"]["a"]["b"] == 100.0 and one["pairwise"]["b"]["a"] == 0.0
+    assert one["best"] == {"a": 100.0, "b": 0.0, "tie": 0.0} and one["n"] == 1
+    assert win_percent({}) == {"pairwise": {}, "ties": {}, "best": {}, "n": 0}
+
+
+# -- the registry --------------------------------------------------------------------------
+def test_default_parameters_are_the_published_protocols():
+    """Each default, with where it comes from (shared/specs/metrics)."""
+    d = {name: spec.defaults for name, spec in METRICS.items()}
+    assert d["road"]["road_percentiles"] == (10, 20, 30, 40, 50, 60, 70, 80, 90)  # ROADCombined
+    assert d["road"]["road_seed"] == 0 and d["road"]["tie_seed"] == 0
+    assert d["deletion_auc"]["tie_seed"] == 0 and d["deletion_auc"]["score"] == "softmax"
+    assert d["road"]["score"] == "softmax" and d["average_drop"]["score"] == "softmax"
+    assert d["average_drop"]["mult_normalize"] == "minmax"  # pytorch-grad-cam scale_cam_image
+    assert d["pointing_game"]["pointing_tolerance"] == 15.0  # TorchRay
+    assert d["gini"]["gini_eps"] == 1e-7  # Quantus Sparseness
+    for name in ("pseudo_box", "pseudo_mask", "box_iou"):
+        assert d[name]["largest_component"] is True and d[name]["pseudo_threshold"] == 0.2
+
+
+def test_specs_are_immutable_and_listed_by_kind():
+    import dataclasses
+
+    from workers.metrics.registry import names
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        METRICS["gini"].kind = "model"  # type: ignore[misc]
+    assert names("model") == ["deletion_auc", "insertion_auc", "average_drop",
+                              "confidence_increase", "road"]
+    assert set(names("post")) == set(METRICS) - set(names("model"))
+    assert names() == list(METRICS)
+
+
+def test_unknown_names_get_one_suggestion_and_own_params_are_checked():
+    with pytest.raises(MetricError) as info:
+        resolve_params("delition_auc", {})
+    assert "(did you mean 'deletion_auc'?)" in str(info.value)
+    assert str(info.value).count("did you mean") == 1
+    with pytest.raises(MetricError, match="metric 'gini'.*'gini_epsilon'"):
+        check_params({"gini": {"gini_epsilon": 1.0}})
+    check_params({"gini": None, "road": {"road_seed": 3}})  # nothing to complain about
+
+
+# -- the engine ----------------------------------------------------------------------------
+def counting(model):
+    sizes: list[int] = []
+
+    def forward(x):
+        sizes.append(int(x.shape[0]))
+        return model(x)
+
+    return forward, sizes
+
+
+def test_engine_defaults_imagenet_normalisation_and_64_images_per_forward(tiny_model):
+    torch.manual_seed(0)
+    x, maps, t = torch.randn(3, 3, 8, 8), torch.rand(3, 4, 4), torch.tensor([0, 1, 2])
+    forward, sizes = counting(tiny_model)
+    names = ["average_drop", "deletion_auc"]
+    params = {"steps": 28, "deletion_substrate": "blur"}
+    default = compute_model_metrics(names, forward, x, maps, t, params)
+    assert max(sizes) == 64 and sizes.count(64) == sum(sizes) // 64
+    explicit = compute_model_metrics(names, tiny_model, x, maps, t, params,
+                                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    for key in ("average_drop", "confidence_masked", "deletion_auc"):
+        torch.testing.assert_close(default[key], explicit[key])
+    # each channel's statistics matter: moving any one changes the pixel-space product
+    for k in range(3):
+        mean = [0.485, 0.456, 0.406]
+        mean[k] += 1.0
+        other = compute_model_metrics(["average_drop"], tiny_model, x, maps, t, params, mean=mean)
+        assert not torch.allclose(other["confidence_masked"], default["confidence_masked"])
+        std = [0.229, 0.224, 0.225]
+        std[k] += 1.0
+        other = compute_model_metrics(["average_drop"], tiny_model, x, maps, t, params, std=std)
+        assert not torch.allclose(other["confidence_masked"], default["confidence_masked"])
+
+
+def test_engine_checks_shapes_upsamples_to_float32_and_keeps_notes_once(tiny_model):
+    from workers.metrics.engine import upsample_maps
+
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    for maps in (torch.rand(2, 8), torch.rand(3, 8, 8), torch.rand(1, 2, 8, 8)):
+        with pytest.raises(MetricError, match="expected images"):
+            compute_model_metrics(["average_drop"], tiny_model, x, maps, t)
+    same = upsample_maps(torch.rand(2, 8, 8, dtype=torch.float64), (8, 8))
+    assert same.dtype == torch.float32
+    # a constant map: average drop and confidence increase both remark on it, once
+    maps = torch.stack([torch.ones(4, 4), torch.rand(4, 4)])
+    out = compute_model_metrics(["average_drop", "confidence_increase"], tiny_model, x, maps, t)
+    assert out["_notes"][0].startswith("average_drop: constant map") and ";" not in out["_notes"][0]
+    assert out["_notes"][1] == ""

@@ -10,11 +10,8 @@ import numpy as np
 
 
 def _as_float(values: Iterable[Any]) -> np.ndarray:
-    """Values (possibly with None / bool) -> float64 array, None -> NaN."""
-    arr = np.asarray(values)
-    if arr.dtype == object:
-        arr = np.array([np.nan if v is None else float(v) for v in arr.ravel()], dtype=np.float64)
-    return arr.astype(np.float64).ravel()
+    """Values (possibly with None / bool) -> float64 array, None -> NaN (numpy's own cast)."""
+    return np.asarray(values).astype(np.float64).ravel()
 
 
 def summarize(values: Iterable[Any], n_boot: int = 1000, seed: int = 0) -> dict[str, float | int]:
