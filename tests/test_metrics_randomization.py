@@ -380,3 +380,146 @@ def test_salmap_sanity_cascades_blocks_and_stores_its_protocol(tmp_path, make_sh
     proto = json.loads(table.schema.metadata[b"salmap.sanity.protocol"])["r18"]
     assert proto["steps"] == blocks and proto["granularity"] == "blocks"
     assert "64x64" in proto["compare_at"]
+
+
+# -- details the mutation runs asked for ---------------------------------------------------
+def test_spearman_runs_in_double_precision_and_stays_within_minus_one_and_one():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(3, 4000)).astype(np.float32)
+    b = (a + rng.normal(size=a.shape)).astype(np.float32)
+    for i in range(3):
+        ref = spearmanr(a[i].astype(np.float64), b[i].astype(np.float64)).statistic
+        assert spearman(a[i], b[i]) == pytest.approx(ref, rel=1e-13, abs=1e-15)
+    for n in range(2, 120):
+        x = rng.normal(size=n)
+        assert -1.0 <= spearman(x, -x) <= -1.0 + 1e-15 and 1.0 - 1e-15 <= spearman(x, x) <= 1.0
+    assert spearman([1.0, 2.0], [1.0, 2.0]) == pytest.approx(1.0, abs=1e-15)
+    assert spearman([1.0, 2.0], [2.0, 1.0]) == pytest.approx(-1.0, abs=1e-15)
+    rows = np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]])
+    out = spearman(rows, np.array([[1.0, 2.0, 3.0]] * 2))
+    assert np.isnan(spearman(np.array([[1.0, 2.0, 3.0]] * 2), rows)[0])
+    assert np.isnan(out[0]) and out[1] == pytest.approx(1.0)  # one NaN value makes its row NaN, not the others
+
+
+def test_ssim_reads_nan_as_zero_and_handles_flat_and_3px_maps():
+    from workers.metrics.randomization import ssim
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(9, 9))
+    with_nan, with_zero = a.copy(), a.copy()
+    with_nan[4, 4], with_zero[4, 4] = np.nan, 0.0
+    assert ssim(with_nan, with_zero) == pytest.approx(1.0)
+    assert ssim(np.zeros((8, 8)), np.zeros((8, 8))) == pytest.approx(1.0)  # no 0 / 0
+    assert np.isfinite(ssim(rng.normal(size=(3, 3)), rng.normal(size=(3, 3))))  # a 3x3 window
+
+
+def test_steps_include_norm_layers_without_affine_and_skip_stateless_ones():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(4, affine=False), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    assert module_layers(model) == ["4", "2", "0"]
+
+    class Normalize(torch.nn.Module):  # constants in buffers, nothing to re-initialise
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(1, 3, 1, 1))
+
+        def forward(self, x):
+            return x - self.mean
+
+    stateless = torch.nn.Sequential(Normalize(), torch.nn.Conv2d(3, 4, 3),
+                                    torch.nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+                                    torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    assert module_layers(stateless) == ["4", "1"]
+
+    class Wrapper(torch.nn.Module):  # its own parameter, and a child with parameters
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+            self.inner = torch.nn.Linear(4, 4)
+
+    assert module_layers(torch.nn.Sequential(Wrapper())) == ["0.inner", "0.scale"]
+
+
+def test_two_blocks_of_one_class_are_blocks():
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), Block(), Block(), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    assert block_layers(model) == ["4", "2", "1", "0"]
+
+
+def test_the_stream_of_step_k_is_seed_times_1000003_plus_k():
+    """Stored as (seed, step names): the draws are reproducible from the protocol alone."""
+    from workers.metrics.randomization import randomize_layer
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, 64))
+            self.inner = torch.nn.Linear(4, 4)
+
+    layer = Wrapper()
+    spread = float(layer.scale.detach().std())
+    randomize_layer(layer, 5, 2)
+    inner = torch.nn.Linear(4, 4)
+    torch.manual_seed(5 * 1_000_003 + 2)
+    scale = torch.empty(64).normal_(0.0, spread)  # the wrapper's own parameter first
+    inner.reset_parameters()  # then the child's reset_parameters, from the same stream
+    assert torch.equal(layer.scale.detach(), scale)
+    assert torch.equal(layer.inner.weight.detach(), inner.weight.detach())
+
+
+def test_bare_parameters_of_one_two_or_constant_values_get_sane_draws():
+    from workers.metrics.randomization import randomize_layer
+
+    one = torch.nn.Parameter(torch.tensor([0.3]))
+    randomize_layer(one, 0, 0)
+    assert torch.isfinite(one).all()  # std of one value is no number: N(0, 1) instead
+    two = torch.nn.Parameter(torch.tensor([0.001, 0.002]))
+    randomize_layer(two, 0, 0)
+    assert float(two.abs().max()) < 0.01  # N(0, their std = 7e-4)
+    flat = torch.nn.Parameter(torch.ones(4096))  # a constant: N(0, 1)
+    randomize_layer(flat, 0, 0)
+    assert float(flat.std()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_entries_average_over_finite_samples_and_count_the_nans():
+    from workers.metrics.randomization import _entry
+
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(3, 8, 8))
+    maps = ref + 0.5 * rng.normal(size=ref.shape)
+    ref[1], ref[2] = 1.0, 2.0  # constant maps: no rank correlation
+    e = _entry("x", ref, maps)
+    assert e["n_nan"] == 2 and np.isnan(e["spearman"][1]) and np.isnan(e["spearman"][2])
+    assert e["spearman_mean"] == pytest.approx(e["spearman"][0])
+    assert e["ssim_mean"] == pytest.approx(float(np.mean(e["ssim"])))
+
+
+def test_protocol_granularity_default_seed_and_maps_that_need_grad(tiny_model):
+    from workers.metrics.randomization import protocol
+
+    assert protocol(None, 0, ["a"], (8, 8))["granularity"] == "modules"
+    assert protocol("blocks", 0, ["a"], (8, 8))["granularity"] == "blocks"
+    assert protocol(["a"], 0, ["a"], (8, 8))["granularity"] == "explicit"
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+
+    def builder(m):  # maps that still carry the graph, as an unwary method might return
+        return lambda images, targets: m(images)[:, :1, None].expand(-1, 4, 4) * images[:, 0, :4, :4]
+
+    assert cascading_randomization(tiny_model, builder, x, t, layers=["fc"])[-1]["n_nan"] == 0
+
+    from workers.methods import build
+
+    def gradient(m):
+        return build("gradient", m)
+
+    default = cascading_randomization(tiny_model, gradient, x, t, layers=["fc", "conv2"])
+    assert default == cascading_randomization(tiny_model, gradient, x, t, layers=["fc", "conv2"],
+                                              seed=0)
+    assert default != cascading_randomization(tiny_model, gradient, x, t, layers=["fc", "conv2"],
+                                              seed=1)
