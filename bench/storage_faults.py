@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.faults import unanswered_port  # noqa: E402
 from pipeline.storage import (  # noqa: E402
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -53,23 +54,6 @@ def silent_port() -> tuple[int, list]:
     return server.getsockname()[1], held
 
 
-def syn_dropping_port() -> tuple[int, list]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    held: list = [server]
-    for _ in range(4):  # fill the accept queue; later SYNs are dropped
-        conn = socket.socket()
-        conn.setblocking(False)
-        try:
-            conn.connect(server.getsockname())
-        except BlockingIOError:
-            pass
-        held.append(conn)
-    time.sleep(0.2)
-    return server.getsockname()[1], held
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="ignored: no model runs here")
@@ -85,7 +69,7 @@ def main() -> None:
     print("|---|---|---|")
     for name, make in (("closed port (refused)", closed_port), ("accepts, never answers",
                                                                 silent_port),
-                       ("SYNs unanswered", syn_dropping_port)):
+                       ("SYNs unanswered", unanswered_port)):
         port, keep = make()
         t0 = time.monotonic()
         try:

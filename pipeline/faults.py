@@ -1,4 +1,5 @@
-"""Fault injection for resilience tests: a filesystem whose first N writes fail transiently.
+"""Fault injection for resilience tests and benches: a filesystem whose first N writes fail
+transiently, and a port that never answers (:func:`unanswered_port`).
 
 Enabled only by the environment variable ``SALMAP_INJECT_WRITE_FAULTS=<n>:<state folder>``
 (read on the driver). The failures look like S3 throttling (``SLOW_DOWN``), which Ray's Parquet
@@ -9,6 +10,8 @@ through files in the state folder, so exactly ``n`` writes fail in the whole job
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import pyarrow.fs as pafs
 
@@ -97,3 +100,22 @@ def maybe_flaky(fs: pafs.FileSystem) -> pafs.FileSystem:
         return fs
     n, state = spec.split(":", 1)
     return pafs.PyFileSystem(FlakyWrites(fs, int(n), state))
+
+
+def unanswered_port() -> tuple[int, list[socket.socket]]:
+    """A loopback port whose SYNs go unanswered (its accept queue is full), like a firewalled
+    host; returns the port and the sockets to close when done."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    held = [server]
+    for _ in range(4):  # fill the accept queue; later SYNs are dropped
+        conn = socket.socket()
+        conn.setblocking(False)
+        try:
+            conn.connect(server.getsockname())
+        except BlockingIOError:
+            pass
+        held.append(conn)
+    time.sleep(0.2)
+    return server.getsockname()[1], held

@@ -9,6 +9,7 @@ import time
 import pytest
 from conftest import small_config
 
+from pipeline.faults import unanswered_port
 from pipeline.storage import StorageCheckError, check_storage
 
 
@@ -48,23 +49,10 @@ def silent_endpoint():
 @pytest.fixture
 def unanswered_endpoint():
     """A port whose SYNs go unanswered (its accept queue is full), like a firewalled host."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    fillers = []
-    for _ in range(4):
-        conn = socket.socket()
-        conn.setblocking(False)
-        try:
-            conn.connect(server.getsockname())
-        except BlockingIOError:
-            pass
-        fillers.append(conn)
-    time.sleep(0.2)
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    for conn in fillers:
-        conn.close()
-    server.close()
+    port, held = unanswered_port()
+    yield f"http://127.0.0.1:{port}"
+    for sock in held:
+        sock.close()
 
 
 @pytest.fixture
