@@ -15,14 +15,19 @@ import time
 
 import pyarrow.fs as pafs
 
+from .delegating_fs import DelegatingHandler
+
 ENV = "SALMAP_INJECT_WRITE_FAULTS"
 
 
-class FlakyWrites(pafs.FileSystemHandler):
+class FlakyWrites(DelegatingHandler):
     """Delegates to ``inner``; the first ``n`` output streams opened raise a transient error."""
 
+    prefix = "flaky"
+
     def __init__(self, inner: pafs.FileSystem, n: int, state: str) -> None:
-        self.inner, self.n, self.state = inner, n, state
+        super().__init__(inner)
+        self.n, self.state = n, state
 
     def _should_fail(self) -> bool:
         os.makedirs(self.state, exist_ok=True)
@@ -35,57 +40,10 @@ class FlakyWrites(pafs.FileSystemHandler):
             return True
         return False
 
-    def _maybe_fail(self, path: str) -> None:
+    def open_output_stream(self, path, metadata):
         if self._should_fail():
             raise OSError(f"AWS Error SLOW_DOWN during PutObject operation: injected fault for {path}")
-
-    # writes
-    def open_output_stream(self, path, metadata):
-        self._maybe_fail(path)
-        return self.inner.open_output_stream(path, metadata=metadata)
-
-    def open_append_stream(self, path, metadata):
-        return self.inner.open_append_stream(path, metadata=metadata)
-
-    # everything else delegates
-    def get_type_name(self):
-        return "flaky+" + self.inner.type_name
-
-    def get_file_info(self, paths):
-        return self.inner.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.inner.get_file_info(selector)
-
-    def create_dir(self, path, recursive):
-        return self.inner.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        return self.inner.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        return self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        return self.inner.delete_dir_contents("", accept_root_dir=True)
-
-    def delete_file(self, path):
-        return self.inner.delete_file(path)
-
-    def move(self, src, dest):
-        return self.inner.move(src, dest)
-
-    def copy_file(self, src, dest):
-        return self.inner.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        return self.inner.open_input_stream(path)
-
-    def open_input_file(self, path):
-        return self.inner.open_input_file(path)
-
-    def normalize_path(self, path):
-        return self.inner.normalize_path(path)
+        return super().open_output_stream(path, metadata)
 
     def __eq__(self, other):
         return isinstance(other, FlakyWrites) and other.state == self.state

@@ -7,76 +7,71 @@ from collections import Counter
 
 import pyarrow.fs as pafs
 
+from .delegating_fs import DelegatingHandler
 
-class CountingHandler(pafs.FileSystemHandler):
+
+class CountingHandler(DelegatingHandler):
     """Delegates to ``inner``; ``counts`` holds the number of calls per kind."""
 
+    prefix = "counting"
+
     def __init__(self, inner: pafs.FileSystem) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.counts: Counter[str] = Counter()
 
-    def _n(self, kind: str) -> None:
-        self.counts[kind] += 1
-
-    def get_type_name(self):
-        return "counting+" + self.inner.type_name
-
     def get_file_info(self, paths):
-        self._n("stat")
-        return self.inner.get_file_info(paths)
+        self.counts["stat"] += 1
+        return super().get_file_info(paths)
 
     def get_file_info_selector(self, selector):
-        self._n("list")
-        return self.inner.get_file_info(selector)
+        self.counts["list"] += 1
+        return super().get_file_info_selector(selector)
 
     def create_dir(self, path, recursive):
-        self._n("mkdir")
-        return self.inner.create_dir(path, recursive=recursive)
+        self.counts["mkdir"] += 1
+        return super().create_dir(path, recursive)
 
     def delete_dir(self, path):
-        self._n("delete")
-        return self.inner.delete_dir(path)
+        self.counts["delete"] += 1
+        return super().delete_dir(path)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
-        self._n("delete")
-        return self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+        self.counts["delete"] += 1
+        return super().delete_dir_contents(path, missing_dir_ok)
 
     def delete_root_dir_contents(self):
-        self._n("delete")
-        return self.inner.delete_dir_contents("", accept_root_dir=True)
+        self.counts["delete"] += 1
+        return super().delete_root_dir_contents()
 
     def delete_file(self, path):
-        self._n("delete")
-        return self.inner.delete_file(path)
+        self.counts["delete"] += 1
+        return super().delete_file(path)
 
     def move(self, src, dest):
-        self._n("move")
-        return self.inner.move(src, dest)
+        self.counts["move"] += 1
+        return super().move(src, dest)
 
     def copy_file(self, src, dest):
-        self._n("copy")
-        return self.inner.copy_file(src, dest)
+        self.counts["copy"] += 1
+        return super().copy_file(src, dest)
 
     def open_input_stream(self, path):
-        self._n("get")
-        return self.inner.open_input_stream(path)
+        self.counts["get"] += 1
+        return super().open_input_stream(path)
 
     def open_input_file(self, path):
-        self._n("get")
-        return self.inner.open_input_file(path)
+        self.counts["get"] += 1
+        return super().open_input_file(path)
 
     def open_output_stream(self, path, metadata):
-        self._n("put")
+        self.counts["put"] += 1
         # object-store semantics: a PUT needs no parent "directory" (not counted)
         self.inner.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        return self.inner.open_output_stream(path, metadata=metadata)
+        return super().open_output_stream(path, metadata)
 
     def open_append_stream(self, path, metadata):
-        self._n("put")
-        return self.inner.open_append_stream(path, metadata=metadata)
-
-    def normalize_path(self, path):
-        return self.inner.normalize_path(path)
+        self.counts["put"] += 1
+        return super().open_append_stream(path, metadata)
 
 
 def counting_memory_store(uri: str = "mem://runs/run"):

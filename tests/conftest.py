@@ -68,9 +68,11 @@ def bias_free_relu_net() -> nn.Module:
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread_in_method_tests(request):
-    """One torch thread in the saliency-method tests: their ops are small, and on a shared
-    2-core machine two OpenMP threads made them 5-10x slower (measured), not faster."""
-    if not request.module.__name__.startswith(("test_methods_", "test_parity_")):
+    """One torch thread in the saliency-method tests (and those running many small
+    explanations): their ops are small, and on a shared 2-core machine two OpenMP threads
+    made them 5-10x slower (measured), not faster."""
+    if not request.module.__name__.startswith(("test_methods_", "test_parity_",
+                                               "test_metrics_randomization", "test_transformers")):
         yield
         return
     before = torch.get_num_threads()

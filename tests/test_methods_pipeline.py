@@ -7,15 +7,13 @@ finite and non-constant for every (photo, method) row.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
+from pipeline import api
 from pipeline.demo_data import write_demo_shards
 from pipeline.read import read_run
-from pipeline.run import EXIT_OK, run_job
+from pipeline.run import EXIT_OK
 from workers.methods import get_class, names
 
 pytestmark = pytest.mark.slow
@@ -44,9 +42,7 @@ def test_all_fourteen_methods_in_one_job(tmp_path, ray_session, ray_cluster):
         "resources": {"batch_size": 2, "actors_per_unit": 1, "cpus_per_actor": 1,
                       "units_in_parallel": 2},
     }
-    job = tmp_path / "job.yaml"
-    job.write_text(json.dumps(cfg))
-    result = run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
+    result = api.run(cfg, [f"ray.address={ray_cluster}"], verbose=True, out=lambda *a: None)
     assert result.exit_code == EXIT_OK
 
     run = str(out / "all14")

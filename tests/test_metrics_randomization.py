@@ -18,15 +18,6 @@ from workers.metrics.randomization import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Many small explanations: one OpenMP thread is faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 6, size=(8, 300)).astype(float)

@@ -40,14 +40,6 @@ RULE_BASED = ["guided_backprop", "rectgrad", "nobias_rectgrad", "tsgb", "dmbp"]
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- layouts: the grid the right way round ------------------------------------------------------
 class TokenNet(nn.Module):
     """8 px patches -> ``[prefix tokens, patch tokens row by row]`` -> ``mix`` (a linear layer
@@ -450,8 +442,9 @@ def test_random_vit_has_a_drawn_head_so_maps_are_not_zero(monkeypatch):
 # -- end to end (slow) ---------------------------------------------------------------------------
 def _demo_job(tmp_path, ray_cluster, arch: str, methods: list[dict], metrics: list,
               photos: list[str], run_id: str, targets: str = "label") -> str:
+    from pipeline.api import run
     from pipeline.demo_data import write_demo_shards
-    from pipeline.run import EXIT_OK, run_job
+    from pipeline.run import EXIT_OK
 
     shards = write_demo_shards(str(tmp_path / "photos"), per_shard=len(photos), names=photos)
     cfg = {
@@ -462,9 +455,7 @@ def _demo_job(tmp_path, ray_cluster, arch: str, methods: list[dict], metrics: li
         "resources": {"batch_size": 2, "actors_per_unit": 1, "cpus_per_actor": 1,
                       "units_in_parallel": 2},
     }
-    job = tmp_path / "job.yaml"
-    job.write_text(json.dumps(cfg))
-    result = run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
+    result = run(cfg, [f"ray.address={ray_cluster}"], verbose=True, out=lambda *a: None)
     assert result.exit_code == EXIT_OK
     return str(tmp_path / "out" / run_id)
 
