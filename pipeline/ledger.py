@@ -78,14 +78,16 @@ class UnitTotals:
     elapsed_s: float = 0.0
     config_hash: str | None = None
 
-    def add(self, record: dict) -> None:
-        self.rows += int(record["rows"])
-        self.errors += int(record["errors"])
-        self.samples += int(record["samples"])
-        self.waves += 1
-        self.shards += len(record["shards"])
-        self.elapsed_s += float(record.get("elapsed_s", 0.0))
-        self.config_hash = record.get("config_hash", self.config_hash)
+    def add(self, record: dict, sign: int = 1) -> None:
+        """Extend the totals by a commit record (``sign=-1``: take a withdrawn one out)."""
+        self.rows += sign * int(record["rows"])
+        self.errors += sign * int(record["errors"])
+        self.samples += sign * int(record["samples"])
+        self.waves += sign
+        self.shards += sign * len(record["shards"])
+        self.elapsed_s += sign * float(record.get("elapsed_s", 0.0))
+        if sign > 0:
+            self.config_hash = record.get("config_hash", self.config_hash)
 
 
 @dataclass
@@ -155,14 +157,8 @@ class Ledger:
         record = self.store.read_json(commit_key(unit_id, wave_id))
         self.store.delete(commit_key(unit_id, wave_id))
         self.store.delete_dir(f"{data_prefix}/{wave_id}")
-        totals = self.totals.get(unit_id)
-        if totals is not None:
-            totals.rows -= int(record["rows"])
-            totals.errors -= int(record["errors"])
-            totals.samples -= int(record["samples"])
-            totals.waves -= 1
-            totals.shards -= len(record["shards"])
-            totals.elapsed_s -= float(record.get("elapsed_s", 0.0))
+        if unit_id in self.totals:
+            self.totals[unit_id].add(record, sign=-1)
         waves = self.shard_wave.get(unit_id, {})
         for shard in record["shards"]:
             waves.pop(shard, None)
