@@ -88,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             from .report import write_report
 
-            result.report = write_report(result.output, storage=cfg.storage)
+            result.report = write_report(result.output, storage=cfg.storage,
+                                         commits=result.commits)
             print(f"report: {result.report}")
         except ImportError:
             pass

@@ -60,6 +60,8 @@ class RunResult:
     failures: list[str] = field(default_factory=list)
     did_work: bool = False
     report: str | None = None
+    # the commit records read at the end of the run, for the report (not read a third time)
+    commits: dict | None = field(default=None, repr=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -342,7 +344,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         m["finished"] = time.time()
         lock.check()
         store.write_json(MANIFEST_KEY, m)
-        result.units, result.failures = m["units"], failures
+        result.units, result.failures, result.commits = m["units"], failures, commits
         result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
         return result
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt

@@ -360,3 +360,19 @@ def test_salmap_read_leaves_the_label_map_bytes_out(tmp_path, capsys):
     assert main(["read", run, "--head", "20"]) == 0
     out = capsys.readouterr().out
     assert "18 committed rows" in out and "PNG" not in out and "label_map_quality" in out
+
+
+def test_the_report_uses_the_commit_records_it_is_given(tmp_path):
+    """``salmap run`` hands the records it read for the summaries to the report, which then
+    reads no commit record itself (it would otherwise list and read them all once more)."""
+    import shutil
+
+    from pipeline.ledger import load_commits
+    from pipeline.report.data import load_run
+
+    run = write_run(str(tmp_path / "t"))
+    commits = load_commits(Store.open(run))
+    assert sum(len(u.rows) for u in load_run(run).units) == 18
+    shutil.rmtree(os.path.join(run, "_commits"))
+    assert sum(len(u.rows) for u in load_run(run, commits=commits).units) == 18
+    assert sum(len(u.rows) for u in load_run(run).units) == 0

@@ -88,13 +88,13 @@ def _class_names(run: str, storage: Any):
 def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
-                 page_size: int = PAGE_SIZE) -> dict[str, str]:
+                 page_size: int = PAGE_SIZE, commits: dict | None = None) -> dict[str, str]:
     """Every page of the report: ``{"index.html": html, "gallery-0001.html": html, ...}``
     (see :func:`write_report` for the parameters)."""
     if signed not in SIGNED_MODES:
         raise ValueError(f"signed must be one of {', '.join(SIGNED_MODES)}, got {signed!r}")
     t0 = time.perf_counter()
-    data = load_run(run, storage)
+    data = load_run(run, storage, commits)
     rank_label, rows = scored_rows(data, rank_by)
     ranked = {m: rank_items(rows[rows["model"] == m]) for m in data.models()} if len(rows) else {}
     everything_fits = all(len(v) <= page_size for v in ranked.values())
@@ -154,7 +154,8 @@ def render_report(run: str, storage: Any = None, rank_by: str | None = None, per
 
 def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
-                 max_samples: int | None = DEFAULT_MAX_SAMPLES, page_size: int = PAGE_SIZE) -> str:
+                 max_samples: int | None = DEFAULT_MAX_SAMPLES, page_size: int = PAGE_SIZE,
+                 commits: dict | None = None) -> str:
     """Write ``<run>/report/`` (``index.html`` and the gallery pages) and return the path of
     a local ``index.html`` to open.
 
@@ -166,14 +167,16 @@ def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_
     thumbnail's longest side in pixels; ``signed`` draws maps with negative values on a
     diverging scale centred at zero (``"diverging"``) or as their absolute value (``"abs"``);
     ``max_samples`` caps the samples per model on the gallery pages (None or 0: all);
-    ``page_size``: samples per model on one gallery page.
+    ``page_size``: samples per model on one gallery page; ``commits``: the run's commit records
+    when the caller has them already (:func:`pipeline.ledger.load_commits`), else read here.
 
     Returns the absolute path of ``<run>/report/index.html`` for a local run; for an s3 run
     the report is written to ``<run>/report/`` in the bucket and the returned path is the
     local copy's, :func:`local_copy_path`.
     """
     pages = render_pages(run, storage, rank_by=rank_by, per_side=per_side, cmap=cmap, side=side,
-                         signed=signed, max_samples=max_samples or None, page_size=page_size)
+                         signed=signed, max_samples=max_samples or None, page_size=page_size,
+                         commits=commits)
     store = Store.open(run, storage)
     folder = REPORT_KEY.rsplit("/", 1)[0]
     old = [k for k in store.list(folder) if k.rsplit("/", 1)[-1].startswith("gallery-")]

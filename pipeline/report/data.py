@@ -84,12 +84,14 @@ class RunData:
         return list(dict.fromkeys(u.model for u in self.units))
 
 
-def load_run(run: str, storage: Any = None) -> RunData:
-    """Read a run's manifest and the scalar columns of every committed row."""
+def load_run(run: str, storage: Any = None, commits: dict | None = None) -> RunData:
+    """Read a run's manifest and the scalar columns of every committed row (``commits``: the
+    commit records, read here, once for the whole report, unless given)."""
     store = Store.open(run, storage)
     manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}
     infos: dict[str, dict] = dict(manifest.get("units") or {})
-    commits = load_commits(store)  # once for the whole report
+    if commits is None:
+        commits = load_commits(store)
     for uid in commits:  # a manifest-less run: the commit records still name the units
         model, _, method = uid.partition("__")
         infos.setdefault(uid, {"model": model, "method": method})
