@@ -50,9 +50,9 @@ def quality_totals(q: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def unit_summary(store: Store, files: list[str]) -> dict[str, Any]:
-    cols = ["sample_id", "target", "status", *METRIC_COLUMNS]
+    cols = dict.fromkeys(["sample_id", "target", "status", *METRIC_COLUMNS, *QUALITY_COLUMNS])
     dset = pads.dataset([store.path(f) for f in files], filesystem=store.fs, format="parquet")
-    table = dset.to_table(columns=[c for c in cols if c in dset.schema.names])
+    table = dset.to_table(columns=[c for c in cols if c in dset.schema.names])  # one scan
     status = table.column("status").to_pylist()
     ok = [s == "ok" for s in status]
     out: dict[str, Any] = {"rows": len(status), "errors": len(status) - sum(ok), "metrics": {}}
@@ -67,8 +67,7 @@ def unit_summary(store: Store, files: list[str]) -> dict[str, Any]:
         hits = [v for v, good in zip(table.column("pointing_hit").to_pylist(), ok) if good]
         classes = [v for v, good in zip(table.column("target").to_pylist(), ok) if good]
         out["pointing_accuracy_class_mean"] = pointing_accuracy_per_class(hits, classes)
-    have = [c for c in QUALITY_COLUMNS if c in dset.schema.names]
-    quality = quality_totals(label_quality(dset.to_table(columns=have)))
+    quality = quality_totals(label_quality(table))
     if quality:
         out["label_quality"] = quality
     return out
