@@ -45,11 +45,10 @@ def split_member(name: str) -> tuple[str, str] | None:
 def describe(err: BaseException) -> str:
     """``module.Type: message`` for an exception, e.g. ``tarfile.ReadError: unexpected end of
     data``."""
-    t = type(err)
-    mod = t.__module__
-    name = t.__name__ if mod in ("builtins", "__main__") else f"{mod}.{t.__name__}"
+    from .errors import type_name
+
     msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{name}: {msg}" if msg else name
+    return f"{type_name(err)}: {msg}" if msg else type_name(err)
 
 
 def iter_samples(stream: Any) -> Iterator[dict[str, Any]]:
