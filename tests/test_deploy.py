@@ -489,18 +489,20 @@ def test_dockerfile_builds_a_non_root_cuda_ray_image_with_salmap():
     m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu[\d.]+", base)
     assert m, base
     runs = [expand(rest, args) for ins, rest in instrs if ins == "RUN"]
-    # One pinned set for the tests and the image: constraints.txt, used by every pip install of
-    # the image and by the Makefile's installs, and it is what this test environment runs.
+    # One pinned set for the tests and the image: constraints-lock.txt (the whole resolved set,
+    # generated under constraints.txt's hand-kept pins), used by every pip install of the image
+    # and by the Makefile's installs, and it is what this test environment runs.
     pins = constraints()
     assert set(pins) == {"torch", "torchvision", "ray"}
     copies = [rest.split() for ins, rest in instrs if ins == "COPY"]
-    assert ["constraints.txt", "/tmp/constraints.txt"] in copies
+    assert ["constraints-lock.txt", "/tmp/constraints.txt"] in copies
     installs = [r for r in runs if re.search(r"\bpip install\b", r)]
     assert len(installs) == 3 and all("--constraint /tmp/constraints.txt" in r for r in installs)
     assert not any(re.search(r"(torch|torchvision|ray)[\[\w,\]]*==", r) for r in installs), \
         "versions come from constraints.txt only"
     makefile = (ROOT / "Makefile").read_text()
-    assert len(re.findall(r"\$\(PIP\) install [^\n]*-c constraints\.txt", makefile)) == 2
+    assert re.search(r"^LOCK := constraints-lock\.txt$", makefile, re.M)
+    assert len(re.findall(r"\$\(PIP\) install [^\n]*-c \$\(LOCK\)", makefile)) == 3
     import ray
     import torch
     import torchvision

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from importlib import metadata
 
 import pytest
 from conftest import small_config
@@ -148,20 +149,37 @@ def test_no_credentials(moto, monkeypatch, tmp_path):
 
 def test_credentials_without_write_permission(moto, monkeypatch):
     import boto3
+    from botocore.exceptions import ClientError
 
     iam = boto3.client("iam", endpoint_url=moto, region_name="us-east-1")
     iam.create_user(UserName="reader")
+    # A read-only user. On AWS, listing a bucket (ListObjectsV2) needs s3:ListBucket; moto 5.2
+    # evaluates the policy against the operation's own name (s3:ListObjectsV2), so the policy
+    # grants the read families by wildcard, valid on both: s3:List* and s3:Get*, no s3:Put*.
     iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=(
         '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", '
-        '"Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}]}'))
+        '"Action": ["s3:List*", "s3:Get*"], "Resource": "*"}]}'))
     key = iam.create_access_key(UserName="reader")["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
 
+    # moto enforces IAM only after INITIAL_NO_AUTH_ACTION_COUNT requests (default: never)
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
     monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    # The premise, checked with boto3 before salmap is asked: this user may read, not write.
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1",
+                      aws_access_key_id=key["AccessKeyId"],
+                      aws_secret_access_key=key["SecretAccessKey"])
+    try:
+        s3.list_objects_v2(Bucket="out", Prefix="wds/")
+    except ClientError as err:  # pragma: no cover - says why on another moto
+        pytest.fail(f"moto {metadata.version('moto')} denies the read-only user a listing "
+                    f"({err}): its IAM evaluation changed; see constraints-lock.txt for the "
+                    "version this test is pinned to")
+    with pytest.raises(ClientError, match="AccessDenied"):
+        s3.put_object(Bucket="out", Key="runs/probe", Body=b"x")
     check_storage("s3://out/wds", {"endpoint": moto}, key="input.shards")  # may read
     message, _ = _fails("s3://out/runs", {"endpoint": moto}, write=True)
     assert f"access denied to s3://out/runs (run.output) at {moto}" in message

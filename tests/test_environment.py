@@ -1,0 +1,84 @@
+"""The installed test environment is the locked one (constraints-lock.txt).
+
+A fresh ``make test`` resolves every package from the lock, so an upgrade upstream (moto's
+policy evaluation, a new numpy) cannot change what the suite runs against without a commit of
+the lock. These tests fail when the venv drifts: a package at another version, or one the lock
+does not know (installed by hand).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "constraints-lock.txt"
+OURSELVES = {"salmap"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{path.name}: {line!r} is not an exact pin"
+        pins[canonical(req.name)] = spec.version
+    return pins
+
+
+def installed() -> dict[str, str]:
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+
+
+def drift(pins: dict[str, str], have: dict[str, str]) -> list[str]:
+    """What differs between the lock and the installed set, one line each."""
+    out = []
+    for name, version in sorted(have.items()):
+        if name in OURSELVES:
+            continue
+        if name not in pins:
+            out.append(f"{name}=={version} is installed but not in the lock")
+        elif pins[name] != version.split("+")[0]:
+            out.append(f"{name}=={version} is installed, the lock says {pins[name]}")
+    return out
+
+
+def test_the_installed_environment_is_the_locked_one():
+    problems = drift(read_pins(LOCK), installed())
+    assert not problems, (
+        "the venv differs from constraints-lock.txt (rebuild it with `make clean test`, or, for a "
+        "deliberate upgrade, `make lock` and commit the file):\n  " + "\n  ".join(problems))
+
+
+def test_drift_is_detected():
+    pins = {"numpy": "2.4.6", "moto": "5.2.6"}
+    assert drift(pins, {"numpy": "2.4.6", "moto": "5.2.6", "salmap": "0.1.0"}) == []
+    assert drift(pins, {"numpy": "2.5.0", "moto": "5.2.6"}) == [
+        "numpy==2.5.0 is installed, the lock says 2.4.6"]
+    assert drift(pins, {"numpy": "2.4.6", "moto": "5.2.6", "left-pad": "1.0"}) == [
+        "left-pad==1.0 is installed but not in the lock"]
+
+
+def test_the_lock_covers_the_declared_dependencies_and_keeps_the_hand_pins():
+    import tomllib
+
+    pins = read_pins(LOCK)
+    hand = read_pins(ROOT / "constraints.txt")
+    assert {k: pins.get(k) for k in hand} == hand, "constraints.txt and the lock disagree: make lock"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    for line in declared:
+        req = Requirement(line)
+        name = canonical(req.name)
+        assert name in pins, f"{req.name} is declared in pyproject.toml but not locked: make lock"
+        assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
