@@ -150,6 +150,9 @@ def photo_batch(photos, lite0) -> torch.Tensor:
     return torch.stack(out)
 
 
+RAY_DASHBOARD = ""
+
+
 def _free_port() -> int:
     import socket
 
@@ -167,10 +170,13 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    global RAY_DASHBOARD
+    port = _free_port()
+    RAY_DASHBOARD = f"http://127.0.0.1:{port}"
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                        "dashboard_port": _free_port(),
+                        "dashboard_port": port,
                         "object_store_memory": 256 * 1024 * 1024},
     )
     cluster.add_node(num_cpus=2, object_store_memory=256 * 1024 * 1024)
@@ -179,6 +185,14 @@ def ray_cluster():
     yield cluster.address
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster) -> str:
+    """The shared cluster's dashboard (state API) address: pass it as ``address=`` to
+    ``ray.util.state`` calls, whose default ("auto") finds whichever Ray instances run on the
+    machine and fails when there are several."""
+    return RAY_DASHBOARD
 
 
 @pytest.fixture(scope="session")

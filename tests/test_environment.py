@@ -82,3 +82,42 @@ def test_the_lock_covers_the_declared_dependencies_and_keeps_the_hand_pins():
         name = canonical(req.name)
         assert name in pins, f"{req.name} is declared in pyproject.toml but not locked: make lock"
         assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
+
+
+# -- no test joins whatever Ray it finds ---------------------------------------------------------
+STATE_CALLS = {"list_actors", "list_nodes", "list_tasks", "list_jobs", "list_objects",
+               "list_workers", "list_placement_groups", "summarize_tasks",
+               "summarize_actors"}
+
+
+def auto_connections(source: str) -> list[int]:
+    """Lines that connect to a Ray found on the machine: ``ray.init(address="auto")`` or a state
+    API call without ``address=`` (its default is "auto")."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
+            node.func, "id", "")
+        kwargs = {k.arg: k.value for k in node.keywords}
+        if name == "init" and isinstance(kwargs.get("address"), ast.Constant) and \
+                kwargs["address"].value == "auto":
+            lines.append(node.lineno)
+        elif name in STATE_CALLS and "address" not in kwargs:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_test_or_benchmark_connects_to_the_ray_it_happens_to_find():
+    found = {str(p.relative_to(ROOT)): auto_connections(p.read_text())
+             for folder in ("tests", "bench", "pipeline", "workers") for p in (ROOT / folder).rglob("*.py")}
+    assert not {k: v for k, v in found.items() if v}, (
+        "a second Ray instance on the machine makes these fail: pass the cluster's address")
+
+
+def test_auto_connections_are_found():
+    assert auto_connections("import ray\nray.init(address='auto')\n") == [2]
+    assert auto_connections("from ray.util.state import list_actors\nlist_actors(detail=True)\n") == [2]
+    assert auto_connections("list_actors(address=a)\nray.init(address=x)\n") == []

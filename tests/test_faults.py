@@ -118,7 +118,7 @@ def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_clust
     assert manifest["status"] == "incomplete"
 
 
-def test_worker_killed_mid_run_exactly_once(tmp_path, make_shards, ray_cluster):
+def test_worker_killed_mid_run_exactly_once(tmp_path, make_shards, ray_cluster, ray_dashboard):
     import ray
     from ray.util.state import list_actors
 
@@ -131,7 +131,8 @@ def test_worker_killed_mid_run_exactly_once(tmp_path, make_shards, ray_cluster):
     killed = 0
     deadline = time.time() + 240
     while time.time() < deadline and killed == 0 and proc.poll() is None:
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+        for a in list_actors(address=ray_dashboard, filters=[("state", "=", "ALIVE")],
+                               detail=True):
             if "Explainer" in a.class_name and a.pid:
                 time.sleep(2.0)  # let it take a batch
                 node_ips = {n["NodeManagerAddress"] for n in ray.nodes()}
