@@ -17,6 +17,7 @@ import re
 
 # S3 keys are at most 1024 bytes; a sample key leaves room for the export's prefixes
 MAX_KEY_BYTES = 512
+MAX_PATH_BYTES = 1024  # a part of a path a writer joins (S3's limit for a whole key)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -25,16 +26,17 @@ class UnsafePath(ValueError):
     """A key that would leave its folder, or is not a usable name (the message says why)."""
 
 
-def key_problem(key: str) -> str | None:
-    """Why ``key`` is not a safe relative name (``a/b/c``), or None when it is."""
+def key_problem(key: str, max_bytes: int = MAX_KEY_BYTES) -> str | None:
+    """Why ``key`` is not a safe relative name (``a/b/c``) of at most ``max_bytes``, or None
+    when it is."""
     if not key:
         return "the key is empty"
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
         return "the key is not valid UTF-8"
-    if size > MAX_KEY_BYTES:
-        return f"the key is longer than {MAX_KEY_BYTES} bytes"
+    if size > max_bytes:
+        return f"the key is longer than {max_bytes} bytes"
     if m := _CONTROL.search(key):
         return f"the key holds a control character ({m.group(0)!r})"
     if "\\" in key:
@@ -62,9 +64,9 @@ def shown_key(key: str) -> str:
     return text
 
 
-def check_key(key: str, what: str = "key") -> str:
+def check_key(key: str, what: str = "key", max_bytes: int = MAX_KEY_BYTES) -> str:
     """``key`` unchanged when safe, else :class:`UnsafePath` naming it."""
-    problem = key_problem(key)
+    problem = key_problem(key, max_bytes)
     if problem:
         raise UnsafePath(f"{what} '{shown_key(key)}': {problem}")
     return key
@@ -74,7 +76,7 @@ def join_inside(folder: str, *parts: str) -> str:
     """``folder/part/...`` as a relative key that stays inside ``folder``; raises
     :class:`UnsafePath` for a part that is not a safe relative name."""
     for part in parts:
-        check_key(part, "path part")
+        check_key(part, "path part", MAX_PATH_BYTES)
     joined = posixpath.join(folder, *parts) if folder else posixpath.join(*parts)
     norm = posixpath.normpath(joined)
     base = posixpath.normpath(folder) if folder else ""
