@@ -15,7 +15,10 @@ class CountingMotoServer(ThreadedMotoServer):
     """``requests``: ``(method, path, Range header)`` of every request, in order."""
 
     def __init__(self) -> None:
+        import logging
+
         super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
 
