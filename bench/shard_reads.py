@@ -16,8 +16,6 @@ import io
 import os
 import sys
 import tarfile
-import time
-import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +26,6 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from counting_moto import CountingMotoServer  # noqa: E402
-
-from pipeline.shard_reader import iter_samples, read_shard  # noqa: E402
-from pipeline.storage import s3_filesystem  # noqa: E402
 
 
 def shard(size_mb: float, sample_kb: int = 100) -> bytes:
@@ -46,17 +41,39 @@ def shard(size_mb: float, sample_kb: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def count(server, path: str, fn) -> tuple[int, float, int, float]:
-    """(GETs of ``path``, seconds, samples, peak MB of Python allocations) of ``fn()``."""
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from pipeline.shard_reader import iter_samples, read_shard
+from pipeline.storage import s3_client, s3_filesystem
+storage = {storage!r}
+client, fs = s3_client(storage), s3_filesystem(storage)  # made once per worker process
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+if {buffer!r} == "salmap":
+    n = sum(1 for chunk in read_shard({url!r}, storage) for r in chunk if not r["shard_end"])
+else:
+    with fs.open_input_stream({path!r}, buffer_size={buffer!r}) as f:
+        n = sum(1 for _ in iter_samples(f))
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"n": n, "s": dt, "rss_mb": (peak - base) / 1024}}))
+"""
+
+
+def count(server, url: str, storage: dict, buffer) -> tuple[int, float, int, float]:
+    """(GETs of the shard, seconds, samples, peak RSS growth in MB) of one read of ``url``
+    in a fresh process (the server's own copies of the object stay out of the figure)."""
+    import json
+    import subprocess
+
+    path = url[len("s3://"):]
     before = len(server.requests)
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    n = fn()
-    dt = time.perf_counter() - t0
-    peak = tracemalloc.get_traced_memory()[1] / 1e6
-    tracemalloc.stop()
-    gets = sum(m == "GET" and p == path for m, p, _ in server.requests[before:])
-    return gets, dt, n, peak
+    code = CHILD.format(root=str(ROOT), storage=storage, buffer=buffer, url=url, path=path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    gets = sum(m == "GET" and p == "/" + path for m, p, _ in server.requests[before:])
+    return gets, res["s"], res["n"], res["rss_mb"]
 
 
 def main() -> None:
@@ -67,36 +84,24 @@ def main() -> None:
     server = CountingMotoServer()
     server.start()
     storage = {"endpoint": server.endpoint, "region": "us-east-1"}
-    fs = s3_filesystem(storage)
     import boto3
 
     client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="wds")
-    print("| shard | samples | reader | GETs | s | peak Python MB |")
+    print("| shard | samples | reader | GETs | s | peak RSS growth, MB |")
     print("|---|---|---|---|---|---|")
     for size in (float(s) for s in args.sizes.split(",")):
         data = shard(size)
         key = f"s-{size}.tar"
         client.put_object(Bucket="wds", Key=key, Body=data)
-        url, path = f"s3://wds/{key}", f"/wds/{key}"
-
-        def new() -> int:
-            return sum(1 for chunk in read_shard(url, storage) for r in chunk
-                       if not r["shard_end"])
-
-        def pyarrow(buffer: int | None):
-            def read() -> int:
-                with fs.open_input_stream(f"wds/{key}", buffer_size=buffer) as f:
-                    return sum(1 for _ in iter_samples(f))
-            return read
-
-        runs = [("salmap (one streaming GET)", new),
-                ("pyarrow stream, 8 MiB buffer", pyarrow(8 << 20))]
+        url = f"s3://wds/{key}"
+        runs = [("salmap (one streaming GET)", "salmap"),
+                ("pyarrow stream, 8 MiB buffer", 8 << 20)]
         if size <= args.old_max:
-            runs.append(("previous: pyarrow stream, unbuffered", pyarrow(None)))
-        for name, fn in runs:
-            gets, dt, n, peak = count(server, path, fn)
-            print(f"| {len(data) / 1e6:.1f} MB | {n} | {name} | {gets} | {dt:.2f} | {peak:.1f} |",
+            runs.append(("previous: pyarrow stream, unbuffered", None))
+        for name, buffer in runs:
+            gets, dt, n, rss = count(server, url, storage, buffer)
+            print(f"| {len(data) / 1e6:.1f} MB | {n} | {name} | {gets} | {dt:.2f} | {rss:.0f} |",
                   flush=True)
         if size > args.old_max:
             print(f"| {len(data) / 1e6:.1f} MB | | previous (not run) | ~{len(data) // 10240} | | |")

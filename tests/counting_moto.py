@@ -6,8 +6,12 @@ from __future__ import annotations
 import threading
 from urllib.parse import unquote
 
-from moto.server import DomainDispatcherApplication, MotoRequestHandler, ThreadedMotoServer, \
-    create_backend_app
+from moto.server import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    ThreadedMotoServer,
+    create_backend_app,
+)
 from werkzeug.serving import make_server
 
 
