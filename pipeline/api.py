@@ -34,11 +34,12 @@ __all__ = ["Explainer", "maps", "read", "run"]
 
 
 def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose: bool = False,
-        out=print):
+        out=print, allow_remote_code: bool = False):
     """Run (or resume) a job from a config file or a dict of the same keys; returns the
     :class:`pipeline.run.RunResult` (``exit_code``, ``output``, ``units``, ``failures``,
     ``report``). Ray starts as the config says (``ray.address``); its log lines are kept off
-    the console unless ``verbose``."""
+    the console unless ``verbose``. ``allow_remote_code``: run an ``s3://`` config that names
+    custom code (README, Security)."""
     from .config import load_config
     from .logs import quiet_ray_logging
     from .run import run_job
@@ -51,7 +52,7 @@ def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose
         finally:
             os.unlink(f.name)
     else:
-        cfg = load_config(str(config), list(overrides))
+        cfg = load_config(str(config), list(overrides), allow_remote_code=allow_remote_code)
     quiet_ray_logging(verbose)
     result = run_job(cfg, out=out)
     if cfg.run.report and result.did_work:

@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config and "=" in config and not os.path.exists(config):
         overrides.insert(0, config)
         config = None
-    cfg = load_config(config or _default_config(), overrides)
+    cfg = load_config(config or _default_config(), overrides,
+                      allow_remote_code=getattr(args, "allow_remote_code", False))
     verbose = bool(getattr(args, "verbose", False))
     quiet_ray_logging(verbose)
     noise = StderrFilter() if not verbose else None
@@ -214,10 +215,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_sanity(args: argparse.Namespace) -> int:
     from .sanity import run_sanity
 
-    cfg = load_config(args.config or _default_config(), list(args.overrides))
+    cfg = load_config(args.config or _default_config(), list(args.overrides),
+                      allow_remote_code=getattr(args, "allow_remote_code", False))
     out = run_sanity(cfg, samples=args.samples)
     print(f"sanity check written: {out}")
     return EXIT_OK
+
+
+REMOTE_CODE_HELP = ("run a config read from s3:// even though it names code to import and run "
+                    "(a package.module:callable model source); only for configs you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) a job; no config: the embedded demo")
     r.add_argument("config", nargs="?", help="config YAML (local path or s3:// URL)")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. resources.batch_size=8")
+    r.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="also show Ray's own log lines (hidden by default)")
     r.set_defaults(func=cmd_run)
@@ -269,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sanity", help="model-parameter randomization check")
     sa.add_argument("config", nargs="?")
     sa.add_argument("overrides", nargs="*")
+    sa.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     sa.add_argument("--samples", type=int, default=8)
     sa.set_defaults(func=cmd_sanity)
     it = sub.add_parser("init", help="write the example configs to ./configs (to use salmap "

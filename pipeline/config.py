@@ -190,8 +190,38 @@ def read_text(path: str, storage: dict | None = None) -> str:
     return p.read_text()
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> SalmapConfig:
-    """Merge schema defaults, the YAML file and ``key=value`` overrides; validate."""
+REMOTE_CODE_FLAG = "--allow-remote-code"
+
+
+def _is_code(source: Any) -> bool:
+    """A model source that names code to import and call (``package.module:callable``)."""
+    src = str(source or "")
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", src)) and not src.startswith(
+        ("torchvision:", "file:"))
+
+
+def _refuse_remote_code(path: str, loaded: DictConfig, cfg: SalmapConfig) -> None:
+    """A config read from object storage may not name code to run unless the caller opts in:
+    ``package.module:callable`` is imported on the driver while checking the config and
+    called on every worker (README, Security)."""
+    named = OmegaConf.select(loaded, "models")
+    for i, m in enumerate(cfg.models):
+        from_file = named[i].get("source") if isinstance(named, ListConfig) and i < len(named) \
+            and isinstance(named[i], DictConfig) else None
+        if _is_code(m.source) and m.source == from_file:
+            raise ConfigError(
+                f"models[{i}].source: {m.source!r} names code to import and run, in a config "
+                f"read from {path}; a config is code: run it only if you trust whoever can "
+                f"write that object, and then pass {REMOTE_CODE_FLAG} (salmap run / sanity) or "
+                "allow_remote_code=True (pipeline.api.run, load_config)")
+
+
+def load_config(path: str | None, overrides: list[str] | None = None,
+                allow_remote_code: bool = False) -> SalmapConfig:
+    """Merge schema defaults, the YAML file and ``key=value`` overrides; validate.
+
+    A config read from ``s3://`` that names custom code (a ``package.module:callable`` model
+    source) is refused before anything is imported unless ``allow_remote_code``."""
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item:
@@ -201,6 +231,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> SalmapC
         parsed = [(k, _parse_value(k, v)) for k, v in (item.split("=", 1) for item in overrides)]
         storage_hint = {k.split(".", 1)[1]: v for k, v in parsed if k.startswith("storage.")}
         merged = schema
+        loaded = None
         if path:
             try:
                 loaded = OmegaConf.create(read_text(path, storage_hint))
@@ -220,6 +251,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> SalmapC
         cfg: SalmapConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain_omegaconf(err) from None
+    if path and path.startswith("s3://") and loaded is not None and not allow_remote_code:
+        _refuse_remote_code(path, loaded, cfg)
     validate(cfg)
     return cfg
 

@@ -248,6 +248,16 @@ def parse_boxes(raw: Any) -> dict:
     return out
 
 
+def _sidecar_error(err: Exception, what: str) -> str:
+    """Why a ``.cls`` / ``.json`` was ignored: the parser's message, or for any other failure
+    (a ``.json`` nested 10^6 deep raises RecursionError) its type; never raised further."""
+    if isinstance(err, DecodeError):
+        return str(err)
+    if isinstance(err, RecursionError):
+        return f"annotation ({what}) is nested too deeply to parse; ignored"
+    return f"annotation ({what}) cannot be parsed ({type(err).__name__}: {str(err)[:120]}); ignored"
+
+
 def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     """One WebDataset sample (raw bytes per suffix) -> one decoded row (ok or error)."""
     shard = shard_name(row.get("__url__", ""))
@@ -267,14 +277,14 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     if raw_label is not None:
         try:
             out["label"] = parse_label(raw_label)
-        except DecodeError as err:
-            out["label_error"] = str(err)
+        except Exception as err:  # noqa: BLE001 - a sidecar fails only its sample
+            out["label_error"] = _sidecar_error(err, f".{spec.label_key}")
     raw_boxes = _suffix_value(row, spec.boxes_key) if spec.boxes_key else None
     if raw_boxes is not None:
         try:
             out["boxes_json"] = json.dumps(parse_boxes(raw_boxes))
-        except DecodeError as err:
-            out["boxes_error"] = str(err)
+        except Exception as err:  # noqa: BLE001 - RecursionError, MemoryError, ...: this sample's
+            out["boxes_error"] = _sidecar_error(err, f".{spec.boxes_key}")
     raw_mask = _suffix_value(row, spec.mask_key) if spec.mask_key else None
     if isinstance(raw_mask, (bytes, bytearray)):
         out["gt_mask_bytes"] = bytes(raw_mask)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .ledger import MANIFEST_KEY, load_commits
+from .safe_path import UnsafePath, join_inside, shown_key
 from .storage import Store
 
 FORMATS = ("coco", "voc-masks", "parquet")
@@ -305,9 +306,13 @@ def export_voc(store: Store, commits: dict, unit: str, out: Store, names: Callab
                             raise ExportError(f"{unit}: label map of {shard}/{key} holds classes "
                                               f"{sorted(unknown)} that no row explains")
                         name = f"{shard}/{key}"
+                        try:  # keys are data: one that would leave the folder is refused
+                            dest = join_inside(f"{unit}/SegmentationClass", shard, f"{key}.png")
+                        except UnsafePath as err:
+                            raise ExportError(f"{unit}: sample {shard}/{shown_key(key)} cannot be "
+                                              f"written inside the export: {err}") from None
                         data = voc_png(lm, lut, palette)
-                        pending.append(pool.submit(out.write_bytes,
-                                                   f"{unit}/SegmentationClass/{name}.png", data))
+                        pending.append(pool.submit(out.write_bytes, dest, data))
                         names_out.write(name + "\n")
                         written += 1
                         if len(pending) >= 2 * WRITE_THREADS:

@@ -146,7 +146,7 @@ def label_columns(batch: dict[str, np.ndarray], i: int, t: dict[str, int], map_o
     if mask:
         try:
             out["label_map_quality"] = mask_counts(lm, decode_gt_mask(mask, lm.shape))
-        except ValueError as err:
+        except Exception as err:  # noqa: BLE001 - a bad mask (sidecar) fails only its sample
             notes.append(f"ground-truth mask ignored: {err}")
     return out, notes
 

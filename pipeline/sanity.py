@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -33,29 +32,26 @@ from .config import SalmapConfig
 from .decode import DecodeSpec, decode_row
 from .plan import expand_shards
 from .run import resolve_run_id
-from .storage import Store, open_filesystem
+from .storage import Store
 
 
 def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]:
-    """The first ``samples`` decodable samples of the dataset, read straight from the tars."""
+    """The first ``samples`` decodable samples of the dataset, read with the pipeline's shard
+    reader (one streaming GET, keys checked, a damaged tar read up to the damage)."""
+    from .decode import _unpack
+    from .shard_reader import read_shard
+
     out: list[dict] = []
     for shard in expand_shards(cfg.input.shards, cfg.storage):
-        fs, path = open_filesystem(shard, cfg.storage)
-        with fs.open_input_stream(path) as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
-            current: dict = {}
-            members = [m for m in tar.getmembers() if m.isfile()]
-            for m in members + [None]:
-                key = m.name.split(".", 1)[0] if m is not None else None
-                if current and (m is None or current["__key__"] != key):
-                    row = decode_row(current, spec)
-                    if row["status"] == "ok":
-                        out.append(row)
-                        if len(out) >= samples:
-                            return out
-                    current = {}
-                if m is not None:
-                    current.update({"__key__": key, "__url__": shard,
-                                    m.name.split(".", 1)[1]: tar.extractfile(m).read()})
+        for chunk in read_shard(shard, cfg.storage, chunk=8):
+            for r in chunk:
+                if r["shard_end"]:
+                    continue
+                row = decode_row(_unpack(r), spec)
+                if row["status"] == "ok":
+                    out.append(row)
+                    if len(out) >= samples:
+                        return out
     return out
 
 

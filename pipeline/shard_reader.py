@@ -12,8 +12,18 @@ task per shard and never loses what it could read:
   root cause (``tarfile.ReadError: unexpected end of data``) and the shard is reported failed;
 * a shard that cannot be opened at all (missing, access denied, not found on S3) yields only
   a marker whose ``unreadable`` flag tells the driver not to commit it;
-* an I/O error in the middle of a shard (after pyarrow's own retries) raises: the unit's
-  execution fails and the driver retries the uncommitted work.
+* a sample whose key is not a safe relative name (``..`` segments, absolute or drive paths,
+  control characters, over :data:`pipeline.safe_path.MAX_KEY_BYTES`) is an error row naming
+  the member: keys are data and are never trusted as paths;
+* a tar that ends without its end-of-archive block (cut at a member boundary, which Python's
+  tarfile reads as a clean end) is reported truncated like one cut inside a member;
+* an I/O error in the middle of a shard (after the resumes of :mod:`pipeline.shard_stream`)
+  raises: the unit's execution fails and the driver retries the uncommitted work.
+
+The bytes come through :func:`pipeline.shard_stream.open_shard`: one streaming GET per S3
+shard, read in 8 MiB pieces, however large the shard. The tar iteration is the standard
+library's; the webdataset package's iterator was not used (README, Design: it loses the
+sample being read when a tar is damaged and splits a repeated key into two samples).
 
 Every output row is ``__key__``, ``__url__``, ``members`` (a pickled ``{suffix: bytes}``),
 ``__error__`` and the marker fields ``shard_end`` / ``shard_samples`` / ``unreadable``.
@@ -26,6 +36,8 @@ import re
 import tarfile
 from collections.abc import Iterator
 from typing import Any
+
+from .safe_path import key_problem, shown_key
 
 # key = the member path up to the first dot of its file name; suffix = the rest (the rule
 # Ray's read_webdataset and the webdataset package use)
@@ -51,11 +63,26 @@ def describe(err: BaseException) -> str:
     return f"{type_name(err)}: {msg}" if msg else type_name(err)
 
 
-def iter_samples(stream: Any) -> Iterator[dict[str, Any]]:
-    """Samples ``{"__key__", "members": {suffix: bytes}}`` of a tar stream, in order.
+def _refused(name: str, key: str, problem: str) -> str:
+    return (f"sample key refused: tar member '{shown_key(name)}' gives the key '{shown_key(key)}', "
+            f"and {problem}; rename the member (keys are names, never paths)")
 
-    Raises :class:`ShardDataError` (with the samples so far already yielded) when the tar is
-    damaged; the exception's ``partial`` attribute holds the key of the sample being read.
+
+def _ends_early(tar: tarfile.TarFile, size: int | None) -> bool:
+    """True when an uncompressed tar stopped where no end-of-archive block was: Python's
+    tarfile takes a file cut at a member boundary (or inside a header) as a clean end."""
+    comptype = getattr(tar.fileobj, "comptype", "tar")
+    return size is not None and comptype == "tar" and tar.offset + tarfile.BLOCKSIZE > size
+
+
+def iter_samples(stream: Any, size: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``{"__key__", "members": {suffix: bytes}}`` of a tar stream, in order; a sample
+    whose key is not a safe name has ``"__error__"`` (naming the member) and no members.
+
+    ``size``: the stream's length in bytes, to tell a tar cut at a member boundary from a
+    complete one. Raises :class:`ShardDataError` (with the samples so far already yielded)
+    when the tar is damaged; the exception's ``partial`` attribute holds the key of the sample
+    being read.
     """
     current: dict[str, Any] | None = None
     finished: set[str] = set()
@@ -65,6 +92,7 @@ def iter_samples(stream: Any) -> Iterator[dict[str, Any]]:
         raise ShardDataError(describe(err)) from err
     try:
         for info in tar:
+            tar.members = []  # stream mode keeps every header otherwise: memory grows per member
             if not info.isreg():
                 continue
             parts = split_member(info.name)
@@ -78,14 +106,22 @@ def iter_samples(stream: Any) -> Iterator[dict[str, Any]]:
             if current is None:
                 if key in finished:
                     err = ShardDataError(
-                        f"members of sample {key!r} are not contiguous in the tar (it appears "
-                        "again after other samples); repack the shard sorted by name "
+                        f"members of sample '{shown_key(key)}' are not contiguous in the tar (it "
+                        "appears again after other samples); repack the shard sorted by name "
                         "(tar --sort=name, or salmap shards)")
                     err.partial = None  # type: ignore[attr-defined]
                     raise err
                 current = {"__key__": key, "members": {}}
+                problem = key_problem(key)
+                if problem:
+                    current["__error__"] = _refused(info.name, key, problem)
+            if "__error__" in current:
+                continue  # a refused sample's bytes are never read
             f = tar.extractfile(info)
             current["members"][suffix] = f.read() if f is not None else b""
+        if _ends_early(tar, size):
+            raise tarfile.ReadError("unexpected end of data: the tar ends without its "
+                                    "end-of-archive block")
     except (tarfile.TarError, EOFError, ShardDataError) as err:
         if isinstance(err, ShardDataError):
             err.partial = current["__key__"] if current else None  # type: ignore[attr-defined]
@@ -98,6 +134,8 @@ def iter_samples(stream: Any) -> Iterator[dict[str, Any]]:
 
 
 def _row(url: str, key: str, members: dict[str, bytes] | None, error: str = "") -> dict[str, Any]:
+    if key_problem(key):  # a refused key is stored escaped (it may not even be valid UTF-8)
+        key = shown_key(key)
     return {"__key__": key, "__url__": url, "members": pickle.dumps(members or {}),
             "__error__": error, "shard_end": False, "shard_samples": -1, "unreadable": False}
 
@@ -109,20 +147,20 @@ def _marker(url: str, samples: int, error: str = "", unreadable: bool = False) -
 
 def read_shard(url: str, storage: Any = None, chunk: int = 64) -> Iterator[list[dict[str, Any]]]:
     """Lists of up to ``chunk`` rows for one shard, the last one ending with its marker."""
-    from .storage import open_filesystem
+    from .shard_stream import ShardOpenError, open_shard
 
-    fs, path = open_filesystem(url, storage)
     try:
-        stream = fs.open_input_stream(path)
-    except OSError as err:  # missing, access denied, bucket gone: nothing read, nothing lost
-        yield [_marker(url, 0, f"cannot open the shard: {describe(err)}", unreadable=True)]
+        stream, size = open_shard(url, storage)
+    except ShardOpenError as err:  # missing, access denied, bucket gone: nothing read, nothing lost
+        yield [_marker(url, 0, f"cannot open the shard: {err}", unreadable=True)]
         return
     rows: list[dict[str, Any]] = []
     n = 0
     with stream:
         try:
-            for sample in iter_samples(stream):
-                rows.append(_row(url, sample["__key__"], sample["members"]))
+            for sample in iter_samples(stream, size):
+                rows.append(_row(url, sample["__key__"], sample["members"],
+                                 sample.get("__error__", "")))
                 n += 1
                 if len(rows) >= chunk:
                     yield rows
