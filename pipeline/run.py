@@ -199,6 +199,8 @@ class _Run:
     # commit, what its record does not list is deleted
     dirty: set[tuple[str, str]] = field(default_factory=set)
     in_flight: int = 0  # commits between their lock check and their roll-up
+    # a test's seam: called between the lock check and the record write (the fencing window)
+    after_check: Any = None
 
     def __post_init__(self) -> None:
         self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
@@ -264,6 +266,8 @@ class _Run:
         try:
             if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
+            if self.after_check is not None:
+                self.after_check(unit, record)
             written = record
             if record["shards"]:
                 written = self.ledger.write(unit.id, record,

@@ -41,8 +41,9 @@ class RequestLog:
         with self.lock:
             return list(self.entries[mark:])
 
-    def counts(self, mark: int = 0) -> Counter[str]:
-        return Counter(k for k, _ in self.since(mark))
+    def counts(self, mark: int = 0, under: str = "") -> Counter[str]:
+        """Requests by kind since ``mark`` (only those whose path contains ``under``)."""
+        return Counter(k for k, p in self.since(mark) if under in p)
 
 
 class CountingS3:
@@ -65,8 +66,10 @@ class CountingS3:
         log = self.log
 
         def counted(environ, start_response):
-            log.add(_kind(environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")),
-                    environ.get("PATH_INFO", ""))
+            kind = _kind(environ["REQUEST_METHOD"], environ.get("QUERY_STRING", ""))
+            if kind == "PUT" and environ.get("HTTP_IF_NONE_MATCH") == "*":
+                kind = "PUT-IF-NONE-MATCH"  # a conditional create
+            log.add(kind, environ.get("PATH_INFO", ""))
             return app(environ, start_response)
 
         self.server = make_server("127.0.0.1", 0, counted, threaded=True,
