@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+RECENT_BATCHES = 1024  # per actor: the batch end times remembered to dedupe split batches
 # one entry per actor batch: [actor id, device, actor start ms, batch end ms, batch ms, samples]
 Entry = tuple[str, str, int, int, int, int]
 
@@ -26,6 +27,10 @@ class _Actor:
     end: float
     busy: float = 0.0
     samples: int = 0
+    # end times (ms) of this actor's latest batches: a batch split over several post batches
+    # comes back close together, so a bounded window dedupes it (memory does not grow with
+    # the run)
+    recent: dict[int, None] = field(default_factory=dict)
 
 
 def peak_concurrency(intervals: Iterable[tuple[float, float]]) -> int:
@@ -52,7 +57,6 @@ class UnitAccounting:
     per_actor: float = 1.0  # how much of it
     before: dict = field(default_factory=dict)
     actors: dict[str, _Actor] = field(default_factory=dict)
-    _batches: set[tuple[str, int]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, entries: Iterable[Entry]) -> None:
@@ -70,8 +74,10 @@ class UnitAccounting:
                 a = self.actors[actor_id] = _Actor(str(device), start_ms / 1000.0, start_ms / 1000.0)
             a.end = max(a.end, end_ms / 1000.0)
             a.samples += int(samples)
-            if (actor_id, end_ms) not in self._batches:
-                self._batches.add((actor_id, end_ms))
+            if end_ms not in a.recent:
+                a.recent[end_ms] = None
+                if len(a.recent) > RECENT_BATCHES:
+                    del a.recent[next(iter(a.recent))]
                 a.busy += batch_ms / 1000.0
 
     def set_lifetimes(self, lifetimes: dict[str, tuple[float, float | None]]) -> None:
@@ -175,17 +181,35 @@ def held_summary(samples: list[tuple[float, float, float]]) -> dict:
 class HeldSampler:
     """Samples, every ``interval`` seconds while the driver works, how much of ``resource``
     the cluster's actors and tasks hold (total minus available): whether every GPU holds an
-    actor while work remains. Cluster-wide: other jobs on the same cluster count too."""
+    actor while work remains. Cluster-wide: other jobs on the same cluster count too.
+
+    Keeps running totals, not the samples: :meth:`summary` (asked at every commit) costs the
+    same after ten days as after a minute, and memory does not grow."""
 
     def __init__(self, resource: str, interval: float = 1.0) -> None:
         self.resource, self.interval = resource, interval
-        self.samples: list[tuple[float, float, float]] = []
+        self._lock = threading.Lock()
+        self._first: float | None = None
+        self._last: tuple[float, float, float] | None = None
+        self._held_s = self._total_s = self._peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="salmap-held", daemon=True)
 
     def start(self) -> HeldSampler:
         self._thread.start()
         return self
+
+    def add(self, t: float, held: float, total: float) -> None:
+        """One sample: the previous sample's value counts until ``t`` (as :func:`held_summary`)."""
+        with self._lock:
+            if self._last is None:
+                self._first = t
+            else:
+                t0, h0, tot0 = self._last
+                self._held_s += h0 * (t - t0)
+                self._total_s += tot0 * (t - t0)
+            self._last = (t, held, total)
+            self._peak = max(self._peak, held)
 
     def _run(self) -> None:
         import time
@@ -196,7 +220,7 @@ class HeldSampler:
             try:
                 total = float(ray.cluster_resources().get(self.resource, 0.0))
                 free = float(ray.available_resources().get(self.resource, 0.0))
-                self.samples.append((time.time(), max(0.0, total - free), total))
+                self.add(time.time(), max(0.0, total - free), total)
             except Exception:  # noqa: BLE001 - accounting only
                 pass
             self._stop.wait(self.interval)
@@ -207,4 +231,9 @@ class HeldSampler:
         return self.summary()
 
     def summary(self) -> dict:
-        return held_summary(list(self.samples))
+        with self._lock:
+            span = self._last[0] - self._first if self._last and self._first is not None else 0.0
+            return {"device_s": round(self._held_s, 3), "peak": self._peak,
+                    "sampled_s": round(span, 3),
+                    "mean_share": round(self._held_s / self._total_s, 4)
+                    if self._total_s > 0 else None}

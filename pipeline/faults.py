@@ -42,7 +42,7 @@ class FlakyWrites(DelegatingHandler):
 
     def open_output_stream(self, path, metadata):
         if self._should_fail():
-            raise OSError(f"AWS Error SLOW_DOWN during PutObject operation: injected fault for {path}")
+            raise _fault(path)
         return super().open_output_stream(path, metadata)
 
     def __eq__(self, other):
@@ -50,6 +50,20 @@ class FlakyWrites(DelegatingHandler):
 
     def __ne__(self, other):
         return not self == other
+
+
+def _fault(path: str) -> OSError:
+    return OSError(f"AWS Error SLOW_DOWN during PutObject operation: injected fault for {path}")
+
+
+def maybe_fail_write(path: str) -> None:
+    """The same injected faults for writes that bypass the filesystem (salmap's single-PUT
+    small objects on S3): raise the transient error while the job's budget of faults lasts."""
+    spec = os.environ.get(ENV)
+    if spec:
+        n, state = spec.split(":", 1)
+        if FlakyWrites(pafs.LocalFileSystem(), int(n), state)._should_fail():
+            raise _fault(path)
 
 
 def maybe_flaky(fs: pafs.FileSystem) -> pafs.FileSystem:

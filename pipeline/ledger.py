@@ -15,18 +15,22 @@ counts. Readers that go through the commit records (``salmap read``, :func:`read
 partial or duplicate data. A driver that starts work first deletes wave folders that have no
 commit record (leftovers of a crashed attempt).
 
-Costs: the driver reads the commit records once when it starts (one listing, parallel reads)
-and keeps the roll-up in memory; a commit is two PUTs (its record and the manifest, which holds
-per-unit totals only), whatever came before. Per-wave detail stays in the commit records.
+Costs: the driver reads the commit records once when it starts (one listing, one GET per
+record in parallel) and keeps the roll-up in memory; a commit is two single PUTs (its record,
+created conditionally so that it never replaces another, and the manifest, which holds per-unit
+totals only) plus the run lock's check, whatever came before. Per-wave detail stays in the
+commit records (:mod:`pipeline.commit_record`: the one reader and writer, validated on load).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .commit_record import DamagedRecord, decode_record, encode_record
 from .storage import Store
 
 MANIFEST_KEY = "manifest.json"
@@ -41,18 +45,35 @@ def commit_key(unit_id: str, wave_id: str) -> str:
 
 
 def load_commits(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
-    """unit id -> wave id -> commit record: one listing of ``_commits/`` and parallel reads."""
+    """unit id -> wave id -> commit record: one listing of ``_commits/`` and one read per record
+    (in parallel), each validated (:func:`pipeline.commit_record.decode_record`); a shard
+    committed by two records of a unit is damage too. Raises :class:`DamagedRecord`."""
     sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
              if k.endswith(".json") and len(k.split("/")) == 3}
     keys = list(sizes)
     if not keys:
         return {}
+
+    def read(key: str) -> dict:
+        return decode_record(store.read_bytes(key, sizes[key]), key, store.url(key))
+
     with ThreadPoolExecutor(max(1, min(threads, len(keys)))) as pool:
-        records = list(pool.map(lambda k: store.read_json(k, sizes[k]), keys))
+        records = list(pool.map(read, keys))
     out: dict[str, dict[str, dict]] = {}
     for key, rec in zip(keys, records):
         _, unit_id, fname = key.split("/")
         out.setdefault(unit_id, {})[fname[:-5]] = rec
+    for unit_id, waves in out.items():
+        seen: dict[str, str] = {}
+        for wave_id, rec in waves.items():
+            for shard in rec["shards"]:
+                if shard in seen:
+                    raise DamagedRecord(
+                        store.url(commit_key(unit_id, wave_id)),
+                        f"shard {shard} is committed by it and by "
+                        f"{store.url(commit_key(unit_id, seen[shard]))} too (its rows would be "
+                        "read twice)")
+                seen[shard] = wave_id
     return out
 
 
@@ -103,6 +124,8 @@ class Ledger:
     identity: dict[str, dict] = field(default_factory=dict)
     # (unit id, shard name) -> why the shard was committed incomplete (truncated tar, ...)
     shard_failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    # unit id -> how many of its shards are in shard_failures (kept as they change)
+    failed_shards: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, store: Store, commits: dict[str, dict[str, dict]] | None = None) -> Ledger:
@@ -122,7 +145,17 @@ class Ledger:
                 self.identity[shard] = identities[shard]
         for shard, info in (record.get("per_shard") or {}).items():
             if info.get("failure"):
-                self.shard_failures[(unit_id, shard)] = info["failure"]
+                self._set_failure(unit_id, shard, info["failure"])
+
+    def _set_failure(self, unit_id: str, shard: str, why: str | None) -> None:
+        had = (unit_id, shard) in self.shard_failures
+        if why is None:
+            self.shard_failures.pop((unit_id, shard), None)
+        else:
+            self.shard_failures[(unit_id, shard)] = why
+        now = (unit_id, shard) in self.shard_failures
+        if had != now:
+            self.failed_shards[unit_id] = self.failed_shards.get(unit_id, 0) + (1 if now else -1)
 
     # -- queries -----------------------------------------------------------------------
     def committed(self, unit_id: str) -> dict[str, str]:
@@ -145,16 +178,72 @@ class Ledger:
         return [f"{unit}: shard {shard} committed incomplete: {why}"
                 for (unit, shard), why in sorted(self.shard_failures.items())]
 
+    def first_failures(self, n: int) -> list[str]:
+        """Up to ``n`` failure lines in the order they were found: the running manifest's
+        list, at a cost that does not grow with the failures (the count is
+        ``len(shard_failures)``)."""
+        return [f"{unit}: shard {shard} committed incomplete: {why}"
+                for (unit, shard), why in itertools.islice(self.shard_failures.items(), n)]
+
     # -- changes -----------------------------------------------------------------------
-    def commit(self, unit_id: str, record: dict) -> None:
-        """Make one wave visible: write its commit record (one PUT), extend the roll-up."""
-        self.store.write_json(commit_key(unit_id, record["wave"]), record)
+    def commit(self, unit_id: str, record: dict, fence: Callable[[], None] | None = None) -> dict:
+        """Make one wave visible: create its commit record (one conditional PUT: it never
+        replaces a record), extend the roll-up; returns the record now committed.
+
+        When the record exists already: the same bytes are this driver's own earlier write
+        (a retried request that had landed); else ``fence()`` runs (it raises when this
+        driver lost the run's lock: the record there stands) and the record, written by a
+        driver that had lost the lock, is adopted when it covers the same shards and its
+        files exist, or replaced."""
+        record = self.write(unit_id, record, fence)
         self._apply(unit_id, record)
+        return record
+
+    def write(self, unit_id: str, record: dict, fence: Callable[[], None] | None = None) -> dict:
+        """:meth:`commit`'s storage part (no change in memory); :meth:`apply` is the other."""
+        key = commit_key(unit_id, record["wave"])
+        data = encode_record(record)
+        try:
+            created = self.store.create_exclusive(key, data)
+        except Exception as err:
+            raise CommitWriteError(
+                f"{unit_id}: could not write the commit record {self.store.url(key)} of wave "
+                f"{record['wave']}: {type(err).__name__}: {err}") from err
+        if not created:
+            record = self._settle(unit_id, key, record, data, fence)
+        return record
+
+    def apply(self, unit_id: str, record: dict) -> None:
+        """Extend the roll-up by a record written with :meth:`write`."""
+        self._apply(unit_id, record)
+
+    def _settle(self, unit_id: str, key: str, record: dict, data: bytes,
+                fence: Callable[[], None] | None) -> dict:
+        raw = self.store.read_bytes(key)
+        if raw == data:
+            return record
+        if fence is not None:
+            fence()
+        try:
+            other = decode_record(raw, key, self.store.url(key))
+        except DamagedRecord:
+            other = None
+        if other is not None and sorted(other["shards"]) == sorted(record["shards"]):
+            folder = key_folder(other["files"][0]) if other["files"] else None
+            there = set(self.store.list(folder)) if folder else set()
+            if all(f in there for f in other["files"]):
+                return other
+        self.store.delete(key)
+        if not self.store.create_exclusive(key, data):
+            raise CommitWriteError(f"{unit_id}: the commit record {self.store.url(key)} of wave "
+                                   f"{record['wave']} keeps being written by another driver")
+        return record
 
     def uncommit(self, unit_id: str, wave_id: str, data_prefix: str) -> list[str]:
         """Withdraw a committed wave (its shard changed): the record goes first, then the rows.
         Returns the shards that become pending again."""
-        record = self.store.read_json(commit_key(unit_id, wave_id))
+        key = commit_key(unit_id, wave_id)
+        record = decode_record(self.store.read_bytes(key), key, self.store.url(key))
         self.store.delete(commit_key(unit_id, wave_id))
         self.store.delete_dir(f"{data_prefix}/{wave_id}")
         if unit_id in self.totals:
@@ -162,7 +251,7 @@ class Ledger:
         waves = self.shard_wave.get(unit_id, {})
         for shard in record["shards"]:
             waves.pop(shard, None)
-            self.shard_failures.pop((unit_id, shard), None)
+            self._set_failure(unit_id, shard, None)
         return list(record["shards"])
 
     def forget_identity(self, shards: Iterable[str]) -> None:
@@ -183,21 +272,54 @@ def same_identity(old: dict, new: dict) -> bool:
     return True
 
 
-def remove_uncommitted(store: Store, ledger: Ledger, unit_prefixes: dict[str, str]) -> list[str]:
-    """Delete wave folders that have no commit record; return what was removed."""
+def key_folder(key: str) -> str:
+    return key.rsplit("/", 1)[0]
+
+
+class CommitWriteError(RuntimeError):
+    """A wave's commit record could not be written (after the storage's retries)."""
+
+
+def remove_uncommitted(store: Store, ledger: Ledger, unit_prefixes: dict[str, str],
+                       keep: dict[str, set[str]] | None = None,
+                       kept: set[tuple[str, str]] | None = None) -> list[str]:
+    """Delete wave folders that have no commit record; return what was removed.
+
+    ``keep``: unit id -> waves this driver will redo. Their folders stay (a driver that lost
+    the run's lock may still commit such a wave pointing at its files there); what the
+    committed record does not list is deleted after the commit (:func:`remove_unlisted`);
+    ``kept`` receives (unit id, wave id) of those that exist."""
     removed = []
     for unit_id, prefix in unit_prefixes.items():
         done = ledger.committed_waves(unit_id)
+        kept_waves = (keep or {}).get(unit_id, set())
         for d in store.list_dirs(prefix):
-            if d.rsplit("/", 1)[-1] not in done:
-                store.delete_dir(d)
-                removed.append(d)
+            wave_id = d.rsplit("/", 1)[-1]
+            if wave_id in done:
+                continue
+            if wave_id in kept_waves:
+                if kept is not None:
+                    kept.add((unit_id, wave_id))
+                continue
+            store.delete_dir(d)
+            removed.append(d)
     return removed
+
+
+def remove_unlisted(store: Store, folder: str, record: dict) -> list[str]:
+    """Delete the files of a committed wave's folder that its record does not list (what an
+    earlier attempt left there); returns them."""
+    listed = set(record["files"])
+    gone = [k for k in store.list(folder) if k not in listed]
+    for k in gone:
+        store.delete(k)
+    return gone
 
 
 def manifest(run_id: str, status: str, output: str, config: dict, config_hash: str,
              versions: dict, ledger: Ledger, units: dict[str, dict], shards_total: int,
-             failures: list[str], started: float, extra: dict | None = None) -> dict:
+             failures: list[str], started: float, extra: dict | None = None,
+             failures_total: int | None = None) -> dict:
     """The small roll-up: per-unit totals and pointers, never per-shard or per-file lists.
 
     ``units``: unit id -> its static fields (model, method, config_hash, data, summary, ...).
@@ -205,7 +327,7 @@ def manifest(run_id: str, status: str, output: str, config: dict, config_hash: s
     out_units = {}
     for uid, info in units.items():
         t = ledger.totals.get(uid, UnitTotals())
-        failed = sum(1 for (u, _s) in ledger.shard_failures if u == uid)
+        failed = ledger.failed_shards.get(uid, 0)
         out_units[uid] = {
             **info,
             "rows": t.rows, "errors": t.errors, "samples": t.samples, "waves": t.waves,
@@ -219,7 +341,7 @@ def manifest(run_id: str, status: str, output: str, config: dict, config_hash: s
         "run_id": run_id, "status": status, "salmap_format": MANIFEST_FORMAT, "output": output,
         "config": config, "config_hash": config_hash, "versions": versions,
         "shards_total": shards_total, "plan": PLAN_KEY, "units": out_units,
-        "failures": failures[:MAX_FAILURE_LINES], "failures_total": len(failures),
+        "failures": failures[:MAX_FAILURE_LINES], "failures_total": len(failures) if failures_total is None else failures_total,
         "started": started, "updated": time.time(),
         "read_rule": "committed rows = the files listed in _commits/<unit>/<wave>.json",
         **(extra or {}),

@@ -33,16 +33,19 @@ from .execute import UnitExecution, WriteSpec, run_unit
 from .interrupt import interrupt_reason, mark_interrupted
 from .ledger import (
     MANIFEST_KEY,
+    MAX_FAILURE_LINES,
     PLAN_KEY,
     Ledger,
     committed_files,
     load_commits,
     manifest,
     remove_uncommitted,
+    remove_unlisted,
 )
 from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressLine
+from .resume_check import redo_waves_with_missing_files
 from .storage import Store, check_job_storage
 from .tracker import WaveTracker
 
@@ -192,9 +195,20 @@ class _Run:
     actors_before: dict[str, dict] = field(default_factory=dict)
     driver_started: float = field(default_factory=time.time)
     held: HeldSampler | None = None
+    # (unit id, wave id) whose folder holds files of an earlier attempt: after the wave's
+    # commit, what its record does not list is deleted
+    dirty: set[tuple[str, str]] = field(default_factory=set)
+    in_flight: int = 0  # commits between their lock check and their roll-up
+    # a test's seam: called between the lock check and the record write (the fencing window)
+    after_check: Any = None
 
     def __post_init__(self) -> None:
         self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
+        self.commit_lock_idle = threading.Condition(self.commit_lock)
+        self.manifest_seq = 0
+        self._manifest_guard = threading.Lock()
+        self._manifest_next: tuple[int, dict] | None = None
+        self._manifest_writing = False
 
     def unit_info(self) -> dict[str, dict]:
         info = {u.id: {"model": u.model.name, "method": u.method.name,
@@ -216,16 +230,25 @@ class _Run:
     def all_failures(self) -> list[str]:
         return [*self.failures, *self.ledger.failures()]
 
-    def manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
+    def manifest(self, status: str, units: dict[str, dict] | None = None,
+                 running: bool = False) -> dict:
+        """The manifest; ``running``: the per-commit one, whose failure list is the first
+        lines found (the count exact) at a cost that does not grow with the failures."""
         units = units or self.unit_info()
         if "cluster" in self.extra:
             self.extra["cluster"]["peak_actors"] = job_peak(self.accounting.values())
             if self.held is not None:
                 self.extra["cluster"]["held"] = self.held.summary()
+        if running:
+            failures = [*self.failures[:MAX_FAILURE_LINES],
+                        *self.ledger.first_failures(max(0, MAX_FAILURE_LINES - len(self.failures)))]
+            total = len(self.failures) + len(self.ledger.shard_failures)
+        else:
+            failures, total = self.all_failures(), None
         return manifest(self.run_id, status, self.store.uri, self.public_config,
                         stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(),
-                        self.ledger, units, self.shards_total, self.all_failures(), self.started,
-                        self.extra)
+                        self.ledger, units, self.shards_total, failures, self.started,
+                        self.extra, failures_total=total)
 
     def write_manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
         m = self.manifest(status, units)
@@ -233,24 +256,71 @@ class _Run:
         return m
 
     def commit(self, unit: Unit, record: dict) -> None:
-        """One wave: its commit record, then the manifest (two PUTs)."""
+        """One wave: the run lock's check, its record (one conditional PUT), the manifest (one
+        PUT): three requests, none of them under ``commit_lock`` (which the other units'
+        threads wait on; it guards the roll-up in memory only)."""
         with self.commit_lock:
             if self.stopping.is_set():  # interrupted: the lock is about to be released
                 raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
+            self.in_flight += 1
+        try:
             if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
+            if self.after_check is not None:
+                self.after_check(unit, record)
+            written = record
             if record["shards"]:
-                self.ledger.commit(unit.id, record)
-            for shard, why in record.get("unreadable", {}).items():
-                self._fail(f"{unit.id}: shard {shard} could not be read: {why}")
-            for shard, info in record.get("per_shard", {}).items():
-                if info.get("failure"):
-                    self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
-                             f"{info['failure']}")
-            self.write_manifest("running")
-            self.waves_done += 1
-            self.out(f"salmap: [{self.waves_done}/{self.waves_total}] {unit.id}: committed wave "
-                     f"{record['wave']} ({record['rows']} rows, {len(record['shards'])} shard(s))")
+                written = self.ledger.write(unit.id, record,
+                                            self.lock.check if self.lock is not None else None)
+                if written is not record or (unit.id, record["wave"]) in self.dirty:
+                    remove_unlisted(self.store, f"{unit.data_prefix}/{record['wave']}", written)
+                    self.dirty.discard((unit.id, record["wave"]))
+            with self.commit_lock:
+                if written["shards"]:
+                    self.ledger.apply(unit.id, written)
+                for shard, why in written.get("unreadable", {}).items():
+                    self._fail(f"{unit.id}: shard {shard} could not be read: {why}")
+                for shard, info in written.get("per_shard", {}).items():
+                    if info.get("failure"):
+                        self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
+                                 f"{info['failure']}")
+                self.waves_done += 1
+                self.out(f"salmap: [{self.waves_done}/{self.waves_total}] {unit.id}: committed "
+                         f"wave {written['wave']} ({written['rows']} rows, "
+                         f"{len(written['shards'])} shard(s))")
+                self.manifest_seq += 1
+                snapshot = (self.manifest_seq, self.manifest("running", running=True))
+            self._publish(snapshot)
+        finally:
+            with self.commit_lock:
+                self.in_flight -= 1
+                self.commit_lock_idle.notify_all()
+
+    def _publish(self, snapshot: tuple[int, dict]) -> None:
+        """Write the newest manifest; a thread that finds another writing leaves its snapshot
+        to that one (written right after), so no thread waits on another's PUT."""
+        with self._manifest_guard:
+            if self._manifest_next is None or snapshot[0] > self._manifest_next[0]:
+                self._manifest_next = snapshot
+            if self._manifest_writing:
+                return
+            self._manifest_writing = True
+        while True:
+            with self._manifest_guard:
+                snapshot, self._manifest_next = self._manifest_next, None
+                if snapshot is None:
+                    self._manifest_writing = False
+                    return
+            try:
+                self.store.write_json(MANIFEST_KEY, snapshot[1])
+            except Exception as err:  # noqa: BLE001 - the record is durable: the wave is done
+                self.out(f"salmap: warning: manifest.json not updated ({type(err).__name__}: "
+                         f"{err}); it is rewritten at the next commit and at the end")
+
+    def wait_for_commits(self, timeout: float = 60.0) -> None:
+        """After ``stopping`` is set: wait (bounded) until no commit is in flight."""
+        with self.commit_lock:
+            self.commit_lock_idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def _fail(self, line: str) -> None:
         self.failures.append(line)
@@ -271,18 +341,25 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
     run: _Run | None = None
     try:
-        previous = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else None
+        previous = store.read_json_if_exists(MANIFEST_KEY)
         if previous and previous.get("salmap_format", 1) < 2:
             raise ConfigError(f"run {run_id!r} was written by an older salmap (format "
                               f"{previous.get('salmap_format', 1)}); use a new run.id")
-        plan_before = store.read_json(PLAN_KEY) if store.exists(PLAN_KEY) else None
-        ledger = Ledger.load(store)
+        plan_before = store.read_json_if_exists(PLAN_KEY)
+        commits = load_commits(store)
+        ledger = Ledger.load(store, commits)
+        lost = redo_waves_with_missing_files(store, ledger, commits, {u.id for u in units}, out)
         check_compatible(run_id, ledger, plan_before, cfg, units, shards)
         index = load_shard_index(shards, cfg.storage)
         for name, n in index.items():
             identity.setdefault(name, {})["samples"] = n
         reconcile_changed_shards(ledger, cfg, run_id, identity, out)
-        removed = remove_uncommitted(store, ledger, {u.id: u.data_prefix for u in units})
+        redo = {u.id: {w.id for w in waves_of([s for s in shards if shard_name(s) not in
+                                               ledger.committed(u.id)], cfg.run.shards_per_wave,
+                                              cfg.run.samples_per_wave, index)} for u in units}
+        kept: set[tuple[str, str]] = set()
+        removed = remove_uncommitted(store, ledger, {u.id: u.data_prefix for u in units}, redo,
+                                     kept)
         if removed:
             out(f"salmap: removed {len(removed)} uncommitted wave folder(s) left by an "
                 "interrupted attempt")
@@ -291,6 +368,8 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
                                                           *map(shard_name, shards)}),
                    [f"shard {shard_name(m)} is missing: {m} does not exist" for m in missing],
                    (previous or {}).get("started", time.time()), out, lock)
+        run.failures.extend(lost)
+        run.dirty = kept
         for f in run.failures:
             out(f"salmap: FAILED {f}")
         todo: list[tuple[Unit, list[Wave]]] = []
@@ -349,8 +428,9 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         return result
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
         if run is not None:
-            with run.commit_lock:  # from here on no unit thread can commit
+            with run.commit_lock:  # from here on no unit thread starts a commit
                 run.stopping.set()
+            run.wait_for_commits()  # and those in flight end before the lock is released
         mark_interrupted(store, interrupt_reason(err))
         raise
     finally:
@@ -516,7 +596,11 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         ex.identity = identity
 
         def on_commit(record: dict, tracker=tracker) -> None:
-            run.commit(unit, record)
+            try:
+                run.commit(unit, record)
+            except Exception:  # not durable: the wave stays pending for the unit's retry
+                tracker.not_committed(record["wave"])
+                raise
             progress.wave_done(record)
 
         try:
@@ -528,9 +612,10 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         except Exception as err:  # noqa: BLE001 - reported with its root cause below
             reason = root_cause(err)
             waves = tracker.pending()
-            for w in waves:  # what the failed attempt wrote for these is not committed
-                run.store.delete_dir(f"{unit.data_prefix}/{w.id}")
-            if tracker.done and attempt < MAX_ATTEMPTS and waves:
+            # what the failed attempt wrote for these is not committed: deleted after their
+            # commit (now, a driver that lost the lock could still commit them)
+            run.dirty.update((unit.id, w.id) for w in waves)
+            if (tracker.done or tracker.failed_commits) and attempt < MAX_ATTEMPTS and waves:
                 run.out(f"salmap: {unit.id}: execution failed after committing "
                         f"{len(tracker.done)} wave(s) ({reason}); retrying the other "
                         f"{len(waves)} wave(s)")

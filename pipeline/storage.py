@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 T = TypeVar("T")
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_REQUEST_TIMEOUT_S = 5.0
+SINGLE_PUT_MAX = 16 * 2**20  # larger objects go through the filesystem's multipart upload
 
 
 class StorageError(RuntimeError):
@@ -150,7 +151,10 @@ class Store:
     def read_bytes(self, key: str, size: int | None = None) -> bytes:
         """The object's bytes. ``size`` (from a listing) sizes the read buffer: a stream's
         read-all otherwise allocates 256 KiB per call, which adds up over parallel reads of
-        small objects."""
+        small objects. On S3: one GET (a filesystem stream would HEAD the object first)."""
+        if self.is_s3:
+            return self._s3_get(key)
+
         def read() -> bytes:
             with self.fs.open_input_stream(self.path(key)) as f:
                 if size is None:
@@ -165,9 +169,21 @@ class Store:
     def read_json(self, key: str, size: int | None = None) -> Any:
         return json.loads(self.read_bytes(key, size).decode("utf-8"))
 
+    def read_json_if_exists(self, key: str) -> Any:
+        """The object's JSON, or None when it does not exist: one request, not a HEAD first."""
+        try:
+            data = self.read_bytes(key)
+        except FileNotFoundError:
+            return None
+        return json.loads(data.decode("utf-8"))
+
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Write an object whole. On S3 one PUT is atomic; locally: temp file + rename."""
+        """Write an object whole. On S3 one PUT (atomic; a filesystem stream would make it a
+        three-request multipart upload; above ``SINGLE_PUT_MAX``, multipart); locally: temp file + rename."""
         path = self.path(key)
+        if self.is_s3 and len(data) <= SINGLE_PUT_MAX:
+            self._s3_put(key, data)
+            return
         if not self.is_local_disk:
             def put() -> None:
                 with self.fs.open_output_stream(path) as f:
@@ -182,6 +198,45 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    # -- small objects on S3: one boto3 request each, retried by botocore's policy
+    # (storage.retries, standard mode) and, for injected faults, by with_retries
+    def _s3_call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn()
+        except ClientError as err:
+            code = s3_error_code(err)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+            if code in PRECONDITION_CODES:
+                raise
+            message = err.response.get("Error", {}).get("Message") or code
+            raise StorageError(f"cannot {what} {self.url(key)}: {code}: {message}") from err
+        except BotoCoreError as err:
+            raise StorageError(f"cannot {what} {self.url(key)}: {type(err).__name__}: "
+                               f"{err}") from err
+
+    def _s3_get(self, key: str) -> bytes:
+        bucket, _, k = self.path(key).partition("/")
+
+        def get() -> bytes:
+            return s3_client(self.storage).get_object(Bucket=bucket, Key=k)["Body"].read()
+
+        return self._s3_call("read", key, get)
+
+    def _s3_put(self, key: str, data: bytes, **cond: str) -> None:
+        from .faults import maybe_fail_write
+
+        bucket, _, k = self.path(key).partition("/")
+
+        def put() -> None:
+            maybe_fail_write(self.path(key))
+            s3_client(self.storage).put_object(Bucket=bucket, Key=k, Body=data, **cond)
+
+        with_retries(lambda: self._s3_call("write", key, put), f"write {key}",
+                     attempts=_attempts(self.storage))
 
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
@@ -230,32 +285,34 @@ class Store:
         """Create ``key`` only if it does not exist; True when this call created it.
 
         Local: the content goes to a temp file that is then hard-linked to the name (the link
-        fails if the name exists), so nobody ever sees the object without its content. S3: a conditional PUT (``If-None-Match: *``) through boto3
-        when it is installed; otherwise write-then-read-back (best effort, documented).
+        fails if the name exists), so nobody ever sees the object without its content. S3: one
+        conditional PUT (``If-None-Match: *``). Other filesystems (the in-memory test store)
+        have no conditional create: a plain write there.
         """
-        path = self.path(key)
-        if not self.is_s3:
-            return create_exclusive_local(path, data)
-        try:
-            import boto3  # noqa: F401
-        except ImportError:
-            if self.exists(key):
-                return False
-            self.write_bytes(key, data)
-            return self.read_bytes(key) == data
-        return self._s3_conditional_put(path, data)
+        if self.is_s3:
+            from botocore.exceptions import ClientError
 
-    def _s3_conditional_put(self, path: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
+            try:
+                self._s3_put(key, data, IfNoneMatch="*")
+                return True
+            except ClientError as err:
+                if s3_error_code(err) in PRECONDITION_CODES:
+                    return False
+                raise
+        if self.is_local_disk:
+            from .faults import maybe_fail_write
 
-        bucket, _, key = path.partition("/")
-        try:
-            s3_client(self.storage).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as err:
-            if s3_error_code(err) in PRECONDITION_CODES:
-                return False
-            raise
+            def create() -> bool:
+                maybe_fail_write(self.path(key))
+                return create_exclusive_local(self.path(key), data)
+
+            return with_retries(create, f"create {key}", attempts=_attempts(self.storage))
+        self.write_bytes(key, data)
+        return True
+
+
+def _attempts(storage: Any) -> int:
+    return max(1, int(_storage_dict(storage).get("retries") or 5))
 
 
 # what S3 and S3-compatible stores answer when a conditional request loses

@@ -59,6 +59,7 @@ class WaveTracker:
         self.done: set[str] = set()
         self.touched: set[str] = set()  # waves that got news since the last ready()
         self.samples_written = 0
+        self.failed_commits = 0
 
     def _shard(self, shard: str) -> tuple[_WaveState, _ShardState]:
         wave_id = self.shard_of.get(shard)
@@ -121,7 +122,8 @@ class WaveTracker:
         return True
 
     def ready(self) -> list[dict]:
-        """Commit records of the waves that just became complete (each handed out once)."""
+        """Commit records of the waves that just became complete (each handed out once; one
+        whose commit fails goes back to pending with :meth:`not_committed`)."""
         out = []
         touched, self.touched = self.touched, set()
         for wave_id in sorted(touched, key=self.order.__getitem__):
@@ -134,6 +136,12 @@ class WaveTracker:
             for s in w.shards.values():
                 s.samples = set()
         return out
+
+    def not_committed(self, wave_id: str) -> None:
+        """The record of a handed-out wave could not be made durable: the wave is pending
+        again (for the unit's retry, which redoes it), and counted in ``failed_commits``."""
+        self.done.discard(wave_id)
+        self.failed_commits += 1
 
     def unreadable(self) -> dict[str, str]:
         """Shards of handed-out waves that could not be opened: name -> reason."""
