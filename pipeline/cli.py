@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from .report import write_report
 
             result.report = write_report(result.output, storage=cfg.storage,
-                                         commits=result.commits)
+                                         aggregates=result.aggregates)
             print(f"report: {result.report}")
         except ImportError:
             pass
