@@ -147,7 +147,7 @@ def of_table(table: pa.Table, file: str = "", keep: int = WAVE_SAMPLE) -> dict[s
                     str(status[i]), _py(errors[i])])
     out["reasons"] = reasons
     out["bad"] = sorted(bad, key=lambda b: (b[0], b[1]))[:BAD_SAMPLE]
-    cols = [c for c in SAMPLE_COLUMNS if c in names] + metrics
+    cols = [c for c in SAMPLE_COLUMNS if c in names] + [m for m in metrics if m not in SAMPLE_COLUMNS]
     data = {c: table.column(c).to_pylist() for c in cols}
     rows = [[sample_hash(sids[i]), file, *(_py(data[c][i]) for c in cols)] for i in range(n)]
     out["sample"] = {"cols": cols, "rows": rows}
