@@ -91,9 +91,25 @@ def reason_of(error: Any) -> str:
     return ("" if error is None else str(error)).split(":")[0][:120]
 
 
+def _class_keys(table: pa.Table) -> np.ndarray:
+    """Each row's explained class as the aggregate's key ("3"; "None" without a target)."""
+    if "target" not in table.column_names:
+        return np.full(table.num_rows, "None", dtype=object)
+    keys = pc.fill_null(pc.cast(table.column("target"), pa.string()), "None")
+    return np.asarray(keys.to_pylist(), dtype=object)
+
+
+def _by_class(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct classes of ``rows`` (indices) and each row's position among them."""
+    if rows.size == 0:
+        return np.asarray([], dtype=object), np.asarray([], dtype=np.int64)
+    return np.unique(keys[rows], return_inverse=True)
+
+
 def of_table(table: pa.Table, file: str = "", keep: int = WAVE_SAMPLE) -> dict[str, Any]:
     """The aggregate of one table of output rows (``file``: where they are, kept in the
-    sample so the report reads maps from that file only)."""
+    sample so the report reads maps from that file only). Column-wise work, so the post/write
+    tasks pay little for it."""
     names = set(table.column_names)
     out = empty()
     n = table.num_rows
@@ -102,7 +118,7 @@ def of_table(table: pa.Table, file: str = "", keep: int = WAVE_SAMPLE) -> dict[s
     status = np.asarray(table.column("status").to_pylist(), dtype=object)
     ok = status == "ok"
     out["rows"], out["errors"] = int(n), int(n - ok.sum())
-    targets = table.column("target").to_pylist() if "target" in names else [None] * n
+    keys = _class_keys(table)
     metrics = [m for m in AGG_METRICS if m in names]
     values = {m: _floats(table, m) for m in metrics}
     for m in metrics:
@@ -115,64 +131,80 @@ def of_table(table: pa.Table, file: str = "", keep: int = WAVE_SAMPLE) -> dict[s
                              float(fin.min()) if fin.size else None,
                              float(fin.max()) if fin.size else None]
     cm = out["class_metrics"] = sorted(out["metrics"])
-    classes: dict[str, list] = {}
-    for i in np.flatnonzero(ok):
-        acc = classes.setdefault(str(targets[i]), [0] + [0.0] * (2 * len(cm)))
-        acc[0] += 1
-        for j, m in enumerate(cm):
-            x = values[m][i]
-            if math.isfinite(x):
-                acc[1 + 2 * j] += 1
-                acc[2 + 2 * j] += float(x)
-    out["classes"] = classes
-    out["boxes"] = _box_counts(table, ok, targets)
+    ok_rows = np.flatnonzero(ok)
+    classes, where = _by_class(keys, ok_rows)
+    k = len(classes)
+    vectors = [np.bincount(where, minlength=k).astype(np.float64)]
+    for m in cm:
+        v = values[m][ok_rows]
+        fin = np.isfinite(v)
+        vectors.append(np.bincount(where[fin], minlength=k).astype(np.float64))
+        vectors.append(np.bincount(where[fin], weights=v[fin], minlength=k))
+    table_ = np.stack(vectors, axis=1) if k else np.zeros((0, 1 + 2 * len(cm)))
+    out["classes"] = {str(c): [int(r[0]), *(int(x) if j % 2 == 0 else float(x)
+                                            for j, x in enumerate(r[1:]))]
+                      for c, r in zip(classes, table_)}
+    out["boxes"] = _box_counts(table, ok, keys)
     out["masks"] = _mask_counts(table, ok)
     out["curves"] = _curve_sums(table)
     if "saliency_min" in names:
         lo = _floats(table, "saliency_min")
         lo = lo[np.isfinite(lo)]
         out["sal_min"] = float(lo.min()) if lo.size else None
-    errors = table.column("error").to_pylist() if "error" in names else [None] * n
     sids = table.column("sample_id").to_pylist()
+    has_error = np.zeros(n, dtype=bool)
+    if "error" in names:
+        has_error = np.asarray(pc.fill_null(pc.greater(pc.utf8_length(table.column("error")), 0),
+                                            False).to_pylist(), dtype=bool)
+    bad_rows = np.flatnonzero(~ok | has_error)
     reasons: dict[str, list] = {}
     bad = []
-    for i in range(n):
-        if ok[i] and not errors[i]:
-            continue
-        key = f"{reason_of(errors[i])}\x1f{status[i]}"
-        r = reasons.setdefault(key, [0, sids[i]])
-        r[0] += 1
-        r[1] = min(r[1], sids[i], key=str)
-        bad.append([sample_hash(f"{sids[i]}\x1f{targets[i]}"), sids[i], _py(targets[i]),
-                    str(status[i]), _py(errors[i])])
+    if bad_rows.size:
+        errors = table.column("error").take(pa.array(bad_rows)).to_pylist() if "error" in names \
+            else [None] * bad_rows.size
+        targets = table.column("target").take(pa.array(bad_rows)).to_pylist() \
+            if "target" in names else [None] * bad_rows.size
+        for i, err, tgt in zip(bad_rows, errors, targets):
+            r = reasons.setdefault(f"{reason_of(err)}\x1f{status[i]}", [0, sids[i]])
+            r[0] += 1
+            r[1] = min(r[1], sids[i], key=str)
+            bad.append([sample_hash(f"{sids[i]}\x1f{tgt}"), sids[i], _py(tgt), str(status[i]),
+                        _py(err)])
     out["reasons"] = reasons
     out["bad"] = sorted(bad, key=lambda b: (b[0], b[1]))[:BAD_SAMPLE]
+    # the sample: the rows of the ``keep`` samples with the smallest hash, picked first
+    ranked = sorted((sample_hash(s), s) for s in set(sids))
+    if len(ranked) > keep:
+        out["complete"] = False
+        ranked = ranked[:keep]
+    rank = dict((s, h) for h, s in ranked)
+    picked = [i for i, s in enumerate(sids) if s in rank]
     cols = [c for c in SAMPLE_COLUMNS if c in names] + [m for m in metrics if m not in SAMPLE_COLUMNS]
-    data = {c: table.column(c).to_pylist() for c in cols}
-    rows = [[sample_hash(sids[i]), file, *(_py(data[c][i]) for c in cols)] for i in range(n)]
+    part = table.select(cols).take(pa.array(picked, type=pa.int64()))
+    data = [part.column(c).to_pylist() for c in cols]
+    rows = [[rank[sids[i]], file, *(_py(col[j]) for col in data)] for j, i in enumerate(picked)]
     out["sample"] = {"cols": cols, "rows": rows}
     return _cap(out, keep)
 
 
-def _box_counts(table: pa.Table, ok: np.ndarray, targets: list) -> dict | None:
+def _box_counts(table: pa.Table, ok: np.ndarray, keys: np.ndarray) -> dict | None:
     if "gt_box_count" not in table.column_names:
         return None
-    gt = table.column("gt_box_count").to_pylist()
-    made = (table.column("pseudo_box").is_valid().to_pylist() if "pseudo_box" in table.column_names
-            else [False] * len(gt))
-    match = (table.column("pseudo_box_match").to_pylist()
-             if "pseudo_box_match" in table.column_names else [None] * len(gt))
-    per: dict[str, list[int]] = {}
-    rows = 0
-    for i in np.flatnonzero(ok):
-        if gt[i] is None or targets[i] is None:
-            continue
-        rows += 1
-        acc = per.setdefault(str(int(targets[i])), [0, 0, 0])
-        acc[0] += int(bool(match[i]) and bool(made[i]))
-        acc[1] += int(bool(made[i]))
-        acc[2] += int(gt[i])
-    return {"rows": rows, "per": per} if rows else None
+    gt = _floats(table, "gt_box_count")
+    made = (np.asarray(table.column("pseudo_box").is_valid().to_pylist(), dtype=bool)
+            if "pseudo_box" in table.column_names else np.zeros(len(gt), dtype=bool))
+    match = (np.nan_to_num(_floats(table, "pseudo_box_match")) > 0
+             if "pseudo_box_match" in table.column_names else np.zeros(len(gt), dtype=bool))
+    rows = np.flatnonzero(ok & np.isfinite(gt) & (keys != "None"))
+    if rows.size == 0:
+        return None
+    classes, where = _by_class(keys, rows)
+    k = len(classes)
+    tp = np.bincount(where, weights=(match[rows] & made[rows]).astype(float), minlength=k)
+    mk = np.bincount(where, weights=made[rows].astype(float), minlength=k)
+    g = np.bincount(where, weights=gt[rows], minlength=k)
+    return {"rows": int(rows.size),
+            "per": {str(c): [int(a), int(b), int(x)] for c, a, b, x in zip(classes, tp, mk, g)}}
 
 
 def _mask_counts(table: pa.Table, ok: np.ndarray) -> dict | None:

@@ -69,6 +69,22 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
     return out
 
 
+def committed_file_lists(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
+    """unit id -> wave id -> ``{"files": [...]}``: what readers and exports need of the commit
+    records, read a chunk at a time with the rest (aggregates, shard detail) let go."""
+    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
+             if k.endswith(".json") and len(k.split("/")) == 3}
+    keys = sorted(sizes)
+    out: dict[str, dict[str, dict]] = {}
+    with ThreadPoolExecutor(max(1, min(threads, len(keys) or 1))) as pool:
+        for start in range(0, len(keys), READ_CHUNK):
+            chunk = keys[start:start + READ_CHUNK]
+            for key, rec in zip(chunk, pool.map(lambda k: store.read_json(k, sizes[k]), chunk)):
+                _, uid, fname = key.split("/")
+                out.setdefault(uid, {})[fname[:-5]] = {"files": list(rec["files"])}
+    return out
+
+
 def ledger_aggregates(store: Store, ledger: Ledger) -> dict[str, dict]:
     """unit id -> aggregate: the ledger's, merged as the run committed; units whose records
     could not be merged as they came (one without an aggregate, a withdrawn wave) are folded
