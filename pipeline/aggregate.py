@@ -379,6 +379,26 @@ def merge_all(parts: Iterable[dict | None], keep: int = UNIT_SAMPLE) -> dict[str
     return out
 
 
+# -- in a commit record ----------------------------------------------------------------------
+def pack(agg: dict[str, Any]) -> dict[str, Any]:
+    """The aggregate as a commit record carries it: ``{"v", "rows", "complete", "packed":
+    compact JSON}``; records are written indented, which would double the size of the
+    aggregate's long lists."""
+    import json
+
+    return {"v": VERSION, "rows": agg["rows"], "complete": agg["complete"],
+            "packed": json.dumps(agg, separators=(",", ":"), allow_nan=False)}
+
+
+def unpack(payload: dict[str, Any]) -> dict[str, Any]:
+    """A record's aggregate (packed or not) as a dict :func:`merge` takes."""
+    if "packed" in payload:
+        import json
+
+        return json.loads(payload["packed"])
+    return payload
+
+
 # -- reading -----------------------------------------------------------------------------------
 def sample_table(agg: dict) -> dict[str, list]:
     """The sample as columns (``file`` and every kept column)."""

@@ -88,9 +88,9 @@ class UnitTotals:
         if sign < 0 or "aggregate" not in record:
             self.aggregated, self.aggregate = False, None
         elif self.aggregated:
-            from .aggregate import merge
+            from .aggregate import merge, unpack
 
-            self.aggregate = merge(self.aggregate, record["aggregate"])
+            self.aggregate = merge(self.aggregate, unpack(record["aggregate"]))
         self.rows += sign * int(record["rows"])
         self.errors += sign * int(record["errors"])
         self.samples += sign * int(record["samples"])

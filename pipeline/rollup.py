@@ -16,6 +16,10 @@ from .ledger import COMMITS, Ledger
 from .storage import Store
 
 READ_CHUNK = 64  # commit records read (in parallel) and folded at a time
+# a unit with at most this many rows whose records' samples do not hold every row is
+# aggregated again from its rows (bounded work), so small runs get exact figures and a full
+# gallery even when their waves are larger than the records' samples
+REFOLD_ROWS = 100_000
 BATCH_ROWS = 8192  # rows per batch when a record's files are aggregated from the rows
 
 
@@ -39,7 +43,7 @@ def files_aggregate(store: Store, files: Iterable[str], keep: int = agg_mod.UNIT
 def record_aggregate(store: Store, record: dict) -> dict[str, Any]:
     """A commit record's aggregate (from its files where it carries none)."""
     if "aggregate" in record:
-        return record["aggregate"]
+        return agg_mod.unpack(record["aggregate"])
     return files_aggregate(store, record.get("files") or [], agg_mod.WAVE_SAMPLE)
 
 
@@ -59,13 +63,24 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
              and (wanted is None or k.split("/")[1] in wanted)}
     keys = sorted(sizes)
     out: dict[str, dict] = {}
+    files: dict[str, list[str] | None] = {}  # while a unit is small enough to refold
+
+    def read(key: str) -> tuple[dict, list[str]]:
+        rec = store.read_json(key, sizes[key])
+        return record_aggregate(store, rec), list(rec.get("files") or [])
+
     with ThreadPoolExecutor(max(1, min(threads, len(keys) or 1))) as pool:
         for start in range(0, len(keys), READ_CHUNK):
             chunk = keys[start:start + READ_CHUNK]
-            aggs = pool.map(lambda k: record_aggregate(store, store.read_json(k, sizes[k])), chunk)
-            for key, a in zip(chunk, aggs):
+            for key, (a, fs) in zip(chunk, pool.map(read, chunk)):
                 uid = key.split("/")[1]
                 out[uid] = agg_mod.merge(out.get(uid), a)
+                kept = files.setdefault(uid, [])
+                files[uid] = kept + fs if kept is not None and out[uid]["rows"] <= REFOLD_ROWS \
+                    else None
+    for uid, a in out.items():
+        if not a["complete"] and files.get(uid) is not None:
+            out[uid] = files_aggregate(store, files[uid])
     return out
 
 
@@ -87,11 +102,12 @@ def committed_file_lists(store: Store, threads: int = 16) -> dict[str, dict[str,
 
 def ledger_aggregates(store: Store, ledger: Ledger) -> dict[str, dict]:
     """unit id -> aggregate: the ledger's, merged as the run committed; units whose records
-    could not be merged as they came (one without an aggregate, a withdrawn wave) are folded
-    again from their records."""
+    could not be merged as they came (one without an aggregate, a withdrawn wave), and small
+    units whose sample lost rows (:data:`REFOLD_ROWS`), are folded again from their records."""
     out = {uid: t.aggregate or agg_mod.empty() for uid, t in ledger.totals.items()
            if t.aggregated and t.waves > 0}
-    stale = [uid for uid, t in ledger.totals.items() if t.waves > 0 and not t.aggregated]
+    stale = [uid for uid, t in ledger.totals.items() if t.waves > 0 and (
+        not t.aggregated or (t.rows <= REFOLD_ROWS and not (t.aggregate or {}).get("complete", True)))]
     if stale:
         out.update(unit_aggregates(store, stale))
     return dict(sorted(out.items()))

@@ -174,11 +174,11 @@ class WaveTracker:
             "errors": sum(s.errors for s in committed.values()),
             "samples": sum(len(s.samples) for s in committed.values()),
             "per_shard": per_shard, "elapsed_s": round(elapsed, 3), "committed_at": now,
-            **({"aggregate": w.aggregate or _empty_aggregate()} if w.aggregated else {}),
+            **({"aggregate": _packed(w.aggregate)} if w.aggregated else {}),
         }
 
 
-def _empty_aggregate() -> dict:
-    from .aggregate import empty
+def _packed(aggregate: dict | None) -> dict:
+    from .aggregate import empty, pack
 
-    return empty()
+    return pack(aggregate or empty())
