@@ -115,13 +115,13 @@ def _table(start: int, n: int, method_seed: int, png: bytes):
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def generate(run: str, rows: int, file_rows: int, files_per_wave: int) -> dict:
-    """Write the synthetic run; returns its size on disk and the commit records' sizes."""
+def generate(run: str, rows: int, file_rows: int, files_per_wave: int, unit: int) -> None:
+    """Write unit number ``unit`` of the synthetic run (its files and commit records)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.aggregate import of_table
-    from pipeline.ledger import MANIFEST_KEY, Ledger
+    from pipeline.ledger import Ledger
     from pipeline.plan import Wave
     from pipeline.storage import Store
     from pipeline.tracker import WaveTracker
@@ -132,6 +132,8 @@ def generate(run: str, rows: int, file_rows: int, files_per_wave: int) -> dict:
     per_unit = rows // len(UNITS)
     n_files = -(-per_unit // file_rows)
     for seed, (model, method) in enumerate(UNITS):
+        if seed != unit:
+            continue
         uid = f"{model}__{method}"
         for w0 in range(0, n_files, files_per_wave):
             chunk = range(w0, min(n_files, w0 + files_per_wave))
@@ -154,6 +156,14 @@ def generate(run: str, rows: int, file_rows: int, files_per_wave: int) -> dict:
             tracker.add_marker(shard.removesuffix(".tar"), samples)
             for record in tracker.ready():
                 ledger.commit(uid, record)
+
+
+def finish(run: str) -> dict:
+    """The manifest; returns the data's size on disk and the commit records' sizes."""
+    from pipeline.ledger import MANIFEST_KEY
+    from pipeline.storage import Store
+
+    store = Store.open(run)
     units = {f"{m}__{me}": {"model": m, "method": me} for m, me in UNITS}
     store.write_json(MANIFEST_KEY, {"run_id": os.path.basename(run), "status": "complete",
                                     "config": {"run": {"id": os.path.basename(run)}},
@@ -212,13 +222,21 @@ def stage(name: str, run: str, work: str) -> dict:
             "above_imports_mb": _peak_mb() - base, **extra}
 
 
-def _child(args: list[str]) -> dict:
+def _start(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
-                          text=True, check=False)
+    return subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(proc.args[2:])} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _child(args: list[str]) -> dict:
+    return _result(_start(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         kind, run, *rest = a.child
         if kind == "generate":
-            t0 = time.perf_counter()
-            out = generate(run, int(rest[0]), a.file_rows, a.files_per_wave)
-            out.update(seconds=time.perf_counter() - t0, peak_mb=_peak_mb())
+            generate(run, int(rest[0]), a.file_rows, a.files_per_wave, int(rest[1]))
+            out = {"peak_mb": _peak_mb()}
         else:
             out = stage(kind, run, a.work)
         print(json.dumps(out))
@@ -253,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     for size in (int(s) for s in a.sizes.split(",")):
         run = os.path.join(a.work, f"run-{size}")
         shutil.rmtree(run, ignore_errors=True)
-        gen = _child(["--file-rows", str(a.file_rows), "--files-per-wave", str(a.files_per_wave),
-                      "--child", "generate", run, str(size)])
+        t0 = time.perf_counter()  # one generator per unit, side by side
+        procs = [_start(["--file-rows", str(a.file_rows), "--files-per-wave", str(a.files_per_wave),
+                         "--child", "generate", run, str(size), str(u)]) for u in range(len(UNITS))]
+        peaks = [_result(pr)["peak_mb"] for pr in procs]
+        gen = {**finish(run), "seconds": time.perf_counter() - t0, "peak_mb": max(peaks)}
         rec = f"{gen['records']} ({gen['record_kb_mean']:.0f} / {gen['record_kb_max']:.0f})"
         print(f"| {size:,} | {rec} | {gen['data_mb']:.0f} | (generate) | {gen['seconds']:.1f} | "
               f"{gen['peak_mb']:.0f} | | |", flush=True)
