@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files-per-wave", type=int, default=8)
     p.add_argument("--work", default="/tmp/salmap-end-of-run")
     p.add_argument("--keep", action="store_true", help="keep the synthetic runs")
+    p.add_argument("--device", default="cpu", help="ignored: the end of a run uses no device")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
