@@ -58,7 +58,7 @@ def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose
     if cfg.run.report and result.did_work:
         from .report import write_report
 
-        result.report = write_report(result.output, storage=cfg.storage, commits=result.commits)
+        result.report = write_report(result.output, storage=cfg.storage, aggregates=result.aggregates)
     return result
 
 

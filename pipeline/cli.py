@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from .report import write_report
 
             result.report = write_report(result.output, storage=cfg.storage,
-                                         commits=result.commits)
+                                         aggregates=result.aggregates)
             print(f"report: {result.report}")
         except ImportError:
             pass
@@ -131,7 +131,9 @@ def cmd_read(args: argparse.Namespace) -> int:
         dtype = str(typ.value_type).replace("halffloat", "float16") if typ is not None else "?"
         n = ds.count_rows()
         print(f"{u}: {n} committed rows, maps {shape} ({dtype})")
-        frames.append(ds.to_table(columns=[c for c in ds.schema.names if c not in HEAVY_COLUMNS]))
+        # the first rows only: ``salmap read`` prints a head, it never loads the unit
+        frames.append(ds.head(args.head, columns=[c for c in ds.schema.names
+                                                  if c not in HEAVY_COLUMNS]))
     if args.maps:
         if len(datasets) != 1:
             print("salmap: --maps needs one unit (--unit)", file=sys.stderr)

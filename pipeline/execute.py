@@ -122,6 +122,7 @@ class _PostWrite:
         self.spec = spec
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .aggregate import of_table
         from .post import post_batch
 
         spec = self.spec
@@ -134,7 +135,8 @@ class _PostWrite:
                 out.append({"kind": "end", "wave": spec.wave_of.get(shard, ""), "path": "",
                             "shard": shard, "samples": int(batch["shard_samples"][i]),
                             "error": str(batch["shard_error"][i]),
-                            "unreadable": str(batch["error"][i]) == "unreadable", "keys": ""})
+                            "unreadable": str(batch["error"][i]) == "unreadable", "keys": "",
+                            "aggregate": ""})
             else:
                 by_wave.setdefault(spec.wave_of.get(shard, ""), []).append(i)
         for wave_id, rows in by_wave.items():
@@ -151,7 +153,8 @@ class _PostWrite:
             data = sink.getvalue().to_pybytes()
             store.write_bytes(key, data)  # retried with backoff inside
             out.append({"kind": "file", "wave": wave_id, "path": key, "shard": "", "samples": 0,
-                        "error": "", "unreadable": False, "keys": json.dumps(keys)})
+                        "error": "", "unreadable": False, "keys": json.dumps(keys),
+                        "aggregate": json.dumps(of_table(table, key))})
         for r in out:
             r["actors"] = ""
         if out:
@@ -159,7 +162,8 @@ class _PostWrite:
         return {c: np.array([r[c] for r in out], dtype=object) for c in RECORD_COLUMNS}
 
 
-RECORD_COLUMNS = ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys", "actors")
+RECORD_COLUMNS = ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys",
+                  "actors", "aggregate")
 
 
 def actor_entries(batch: dict[str, np.ndarray]) -> str:
@@ -257,7 +261,8 @@ def run_unit(ex: UnitExecution, tracker: WaveTracker, on_commit: Callable[[dict]
         for i, kind in enumerate(batch["kind"]):
             if kind == "file":
                 keys = [tuple(k) for k in json.loads(str(batch["keys"][i]))]
-                tracker.add_file(str(batch["path"][i]), keys)
+                agg = str(batch["aggregate"][i]) if "aggregate" in batch else ""
+                tracker.add_file(str(batch["path"][i]), keys, json.loads(agg) if agg else None)
             else:
                 tracker.add_marker(str(batch["shard"][i]), int(batch["samples"][i]),
                                    str(batch["error"][i]), bool(batch["unreadable"][i]))

@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .ledger import MANIFEST_KEY, load_commits
+from .ledger import MANIFEST_KEY
+from .rollup import committed_file_lists
 from .safe_path import UnsafePath, join_inside, shown_key
 from .storage import Store
 
@@ -367,7 +368,7 @@ def export_run(run: str, fmt: str, output: str | None = None, unit: str | None =
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     store = Store.open(run, storage)
-    commits = load_commits(store)
+    commits = committed_file_lists(store)  # the records' file lists; rows stream batch by batch
     if not commits:
         raise ExportError(f"{run} has no committed rows")
     if unit is not None:  # <model>__<method>, or the method (or model) alone when unambiguous

@@ -98,9 +98,20 @@ class UnitTotals:
     shards: int = 0
     elapsed_s: float = 0.0
     config_hash: str | None = None
+    # pipeline.aggregate of the unit's committed rows, merged record by record; ``aggregated``
+    # turns False when a record has none or one is withdrawn (a bottom-k sample cannot give
+    # rows back): then the end of the run merges the unit's records again
+    aggregate: dict | None = field(default=None, repr=False)
+    aggregated: bool = True
 
     def add(self, record: dict, sign: int = 1) -> None:
         """Extend the totals by a commit record (``sign=-1``: take a withdrawn one out)."""
+        if sign < 0 or "aggregate" not in record:
+            self.aggregated, self.aggregate = False, None
+        elif self.aggregated:
+            from .aggregate import merge, unpack
+
+            self.aggregate = merge(self.aggregate, unpack(record["aggregate"]))
         self.rows += sign * int(record["rows"])
         self.errors += sign * int(record["errors"])
         self.samples += sign * int(record["samples"])

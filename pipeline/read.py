@@ -1,7 +1,8 @@
 """Reading committed output: only files listed in commit records, never partial waves.
 
 :func:`read_run` gives a pyarrow dataset; :func:`read_frame` a pandas DataFrame, optionally
-with each row's map as a float32 ``[h, w]`` array; :func:`maps` one unit's maps as one
+with each row's map as a float32 ``[h, w]`` array; :func:`read_batches` the same rows as
+DataFrames of bounded size, for runs too large to hold; :func:`maps` one unit's maps as one
 ``[N, h, w]`` array. A unit can be named ``<model>__<method>``, or by its method (or model)
 alone when that is unambiguous.
 """
@@ -9,13 +10,15 @@ alone when that is unambiguous.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from .ledger import COMMITS, MANIFEST_KEY, committed_files, load_commits
+from .ledger import COMMITS, MANIFEST_KEY, committed_files
+from .rollup import committed_file_lists
 from .storage import Store
 
 MAP_COLUMN = "saliency"
@@ -42,7 +45,7 @@ def _commits(run: str, store: Store, commits: dict | None) -> dict:
     if not store.exists(MANIFEST_KEY) and not store.list(COMMITS):
         raise RunNotFound(f"{run}: not found (no salmap run there: no {MANIFEST_KEY}, "
                           f"no {COMMITS}/)")
-    return load_commits(store)
+    return committed_file_lists(store)  # the records' file lists only, not their aggregates
 
 
 def resolve_unit(name: str, units: list[str]) -> str:
@@ -174,3 +177,25 @@ def read_frame(run: str, unit: str | None = None, columns: list[str] | None = No
     if not frames:
         raise ValueError(f"{run} has no committed rows yet")
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def read_batches(run: str, unit: str | None = None, columns: list[str] | None = None,
+                 batch_rows: int = 65_536, endpoint: str | None = None,
+                 storage: object = None) -> Iterator[Any]:
+    """The committed rows as pandas DataFrames of at most ``batch_rows`` rows, one unit after
+    the other: :func:`read_frame` for runs too large to hold at once (memory stays that of one
+    batch). ``columns`` as in :func:`read_frame` (no maps)."""
+    store = _store(run, endpoint, storage)
+    commits = _commits(run, store, None)
+    wanted = [resolve_unit(unit, list(commits))] if unit is not None else \
+        sorted(u for u, w in commits.items() if w)
+    for u in wanted:
+        ds = read_run(run, unit=u, endpoint=endpoint, storage=storage, commits=commits)
+        names = ds.schema.names
+        cols = [c for c in (columns or names) if c in names and (columns or c not in HEAVY_COLUMNS)]
+        if columns and [c for c in columns if c not in names]:
+            missing = ", ".join(c for c in columns if c not in names)
+            raise KeyError(f"{u}: no column {missing}; columns: {', '.join(names)}")
+        for batch in ds.to_batches(columns=cols, batch_size=batch_rows):
+            if batch.num_rows:
+                yield batch.to_pandas()

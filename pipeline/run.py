@@ -36,7 +36,6 @@ from .ledger import (
     MAX_FAILURE_LINES,
     PLAN_KEY,
     Ledger,
-    committed_files,
     load_commits,
     manifest,
     remove_uncommitted,
@@ -46,6 +45,7 @@ from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressLine
 from .resume_check import redo_waves_with_missing_files
+from .rollup import ledger_aggregates
 from .storage import Store, check_job_storage
 from .tracker import WaveTracker
 
@@ -63,8 +63,9 @@ class RunResult:
     failures: list[str] = field(default_factory=list)
     did_work: bool = False
     report: str | None = None
-    # the commit records read at the end of the run, for the report (not read a third time)
-    commits: dict | None = field(default=None, repr=False)
+    # unit id -> aggregate of its committed rows (pipeline.aggregate), for the report, which
+    # then reads neither the commit records nor the rows for its tables
+    aggregates: dict | None = field(default=None, repr=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -411,19 +412,20 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         finally:
             run.held.stop()
         failures = run.all_failures()
-        commits = load_commits(store)  # the records, read once more for the summaries
-        info = add_summaries(store, run.unit_info(), commits)
+        # the units' aggregates, merged by the ledger as the waves committed: no row is read
+        aggregates = ledger_aggregates(store, run.ledger)
+        info = add_summaries(run.unit_info(), aggregates)
         m = run.manifest("complete" if not failures else "incomplete", info)
         try:
             from .summary import run_win_percent
 
-            m["win_percent_average_drop"] = run_win_percent(store, m["units"], commits)
+            m["win_percent_average_drop"] = run_win_percent(m["units"], aggregates)
         except Exception as err:  # noqa: BLE001 - a summary never fails a run
             m["win_percent_average_drop"] = {"error": f"{type(err).__name__}: {err}"}
         m["finished"] = time.time()
         lock.check()
         store.write_json(MANIFEST_KEY, m)
-        result.units, result.failures, result.commits = m["units"], failures, commits
+        result.units, result.failures, result.aggregates = m["units"], failures, aggregates
         result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
         return result
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
@@ -633,16 +635,17 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
     progress.finish()
 
 
-def add_summaries(store: Store, units: dict[str, dict], commits: dict) -> dict[str, dict]:
-    """Per unit: mean and 95% bootstrap interval of every metric column, error counts."""
-    from .summary import unit_summary
+def add_summaries(units: dict[str, dict], aggregates: dict[str, dict]) -> dict[str, dict]:
+    """Per unit: mean and 95% interval of every metric column, error counts, from the unit's
+    aggregate (:mod:`pipeline.aggregate`)."""
+    from .summary import summary_from_aggregate
 
     for uid, u in units.items():
-        files = committed_files(commits, uid)
-        if not files:
+        agg = aggregates.get(uid)
+        if not agg or not agg.get("rows"):
             continue
         try:
-            u["summary"] = unit_summary(store, files)
+            u["summary"] = summary_from_aggregate(agg)
         except Exception as err:  # noqa: BLE001 - a summary must never fail a run
             u["summary"] = {"error": f"{type(err).__name__}: {err}"}
     return units

@@ -1,16 +1,21 @@
 """The dataset summary at the end of a run: per unit, every metric's mean with a 95% bootstrap
 interval, pointing-game accuracy averaged per class (TorchRay), error counts, and Win % of
-average drop across the run's methods (Grad-CAM++)."""
+average drop across the run's methods (Grad-CAM++).
+
+Everything is computed from the units' aggregates (:mod:`pipeline.aggregate`), which the
+commit records carry, so the end of a run reads no row and its memory does not grow with the
+run: means, counts, per-class figures and label quality are exact; the interval is the
+bootstrap while a unit's sample holds every row, the normal interval beyond; the win rate is
+computed on the units' shared hash-selected sample (exact while it holds every row)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-import pyarrow.dataset as pads
+import numpy as np
 
-from workers.metrics.summary import pointing_accuracy_per_class, summarize, win_percent
-
+from .aggregate import UNIT_SAMPLE
 from .schema import METRIC_COLUMNS
 from .storage import Store
 
@@ -50,61 +55,144 @@ def quality_totals(q: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def unit_summary(store: Store, files: list[str]) -> dict[str, Any]:
-    cols = dict.fromkeys(["sample_id", "target", "status", *METRIC_COLUMNS, *QUALITY_COLUMNS])
-    dset = pads.dataset([store.path(f) for f in files], filesystem=store.fs, format="parquet")
-    table = dset.to_table(columns=[c for c in cols if c in dset.schema.names])  # one scan
-    status = table.column("status").to_pylist()
-    ok = [s == "ok" for s in status]
-    out: dict[str, Any] = {"rows": len(status), "errors": len(status) - sum(ok), "metrics": {}}
+    """A unit's summary computed from its rows (read a batch at a time, bounded memory)."""
+    from .rollup import files_aggregate
+
+    return summary_from_aggregate(files_aggregate(store, files))
+
+
+def _normal_interval(n: int, total: float, squares: float) -> tuple[float, float, float]:
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0) * (n / max(n - 1, 1))
+    half = 1.96 * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
+def metric_summary(agg: dict[str, Any], name: str, bootstrap: Any = None
+                   ) -> dict[str, Any] | None:
+    """Mean and 95% interval of one metric of a unit's aggregate (:mod:`pipeline.aggregate`).
+
+    While the aggregate's sample holds every row, exactly ``summarize`` (the percentile
+    bootstrap) over the ok rows' values, in sorted order so the result does not depend on the
+    order the rows were written in. Beyond that, the exact mean (sum / count) with the normal
+    interval mean ± 1.96·sd/√n from the exact sum of squares (``"ci": "normal"``): for the
+    thousands of rows where the sample stops holding them all, the bootstrap interval of a mean
+    and the normal one agree to well under the interval's width. ``bootstrap``: the bootstrap
+    function (default ``workers.metrics.summary.summarize``; the report passes its own copy,
+    which imports no torch).
+    """
+    from .aggregate import sample_table
+
+    stats = (agg.get("metrics") or {}).get(name)
+    if not stats or stats[0] == 0:
+        return None
+    n, n_nan, total, squares = int(stats[0]), int(stats[1]), float(stats[2]), float(stats[3])
+    if agg.get("complete"):
+        cols = sample_table(agg)
+        values = [v for v, st in zip(cols.get(name, []), cols.get("status", [])) if st == "ok"]
+        v = np.sort(np.asarray([np.nan if x is None else float(x) for x in values], dtype=float))
+        if bootstrap is None:
+            from workers.metrics.summary import summarize as bootstrap
+        return {**bootstrap(v), "ci": "bootstrap"}
+    mean, lo, hi = _normal_interval(n, total, squares)
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": n, "n_nan": n_nan, "ci": "normal"}
+
+
+def summary_from_aggregate(agg: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a unit (rows, errors, per-metric mean and interval, pointing accuracy
+    averaged per class, pseudo-label quality) from its aggregate, whatever the run's size."""
+    out: dict[str, Any] = {"rows": int(agg["rows"]), "errors": int(agg["errors"]), "metrics": {}}
     for name in METRIC_COLUMNS:
-        if name not in table.column_names:
-            continue
-        values = [v for v, good in zip(table.column(name).to_pylist(), ok) if good]
-        if all(v is None for v in values):
-            continue
-        out["metrics"][name] = summarize([None if v is None else float(v) for v in values])
+        s = metric_summary(agg, name)
+        if s is not None:
+            out["metrics"][name] = s
     if "pointing_hit" in out["metrics"]:
-        hits = [v for v, good in zip(table.column("pointing_hit").to_pylist(), ok) if good]
-        classes = [v for v, good in zip(table.column("target").to_pylist(), ok) if good]
-        out["pointing_accuracy_class_mean"] = pointing_accuracy_per_class(hits, classes)
-    quality = quality_totals(label_quality(table))
+        out["pointing_accuracy_class_mean"] = pointing_from_aggregate(agg)
+    quality = quality_totals(label_quality_from_aggregate(agg))
     if quality:
         out["label_quality"] = quality
     return out
 
 
-def run_win_percent(store: Store, units: dict[str, dict], commits: dict) -> dict[str, Any] | None:
-    """Win % of average drop between the methods of each model (same samples and targets)."""
-    from .ledger import committed_files
+def pointing_from_aggregate(agg: dict[str, Any]) -> float:
+    """TorchRay pointing accuracy in %, the mean over classes of each class's hit rate."""
+    cm = agg.get("class_metrics") or []
+    if "pointing_hit" not in cm:
+        return float("nan")
+    j = cm.index("pointing_hit")
+    rates = [v[2 + 2 * j] / v[1 + 2 * j] for v in (agg.get("classes") or {}).values()
+             if v[1 + 2 * j] > 0]
+    return float(100.0 * np.mean(rates)) if rates else float("nan")
+
+
+def label_quality_from_aggregate(agg: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`label_quality` (with its per-class detail) from a unit's aggregate: precision,
+    recall and mIoU are ratios of sums, so they are exact whatever the run's size."""
+    from workers.metrics.label_quality import BOX_IOU, _mean, _ratio, mask_quality
+
+    b, m = agg.get("boxes"), agg.get("masks")
+    boxes = masks = None
+    if b and b.get("rows"):
+        per = {int(c): v for c, v in b["per"].items()}
+        tp, made, gt = (sum(v[i] for v in per.values()) for i in range(3))
+        per_class = {str(c): {"tp": v[0], "pseudo_boxes": v[1], "gt_boxes": v[2],
+                              "precision": _ratio(v[0], v[1]), "recall": _ratio(v[0], v[2])}
+                     for c, v in sorted(per.items())}
+        boxes = {"iou": float(BOX_IOU), "precision": _ratio(tp, made), "recall": _ratio(tp, gt),
+                 "precision_class_mean": _mean(p["precision"] for p in per_class.values()),
+                 "recall_class_mean": _mean(p["recall"] for p in per_class.values()),
+                 "tp": tp, "pseudo_boxes": made, "gt_boxes": gt, "rows": b["rows"],
+                 "per_class": per_class}
+    if m and m.get("images"):
+        classes = sorted(m["union"], key=int)
+        masks = mask_quality([{"classes": [int(c) for c in classes],
+                               "intersection": [m["inter"].get(c, 0) for c in classes],
+                               "union": [m["union"][c] for c in classes],
+                               "valid_px": m["valid"], "labelled_px": m["labelled"]}])
+        masks["images"] = int(m["images"])
+    if boxes is None and masks is None:
+        return None
+    return {"boxes": boxes, "masks": masks}
+
+
+def run_win_percent(units: dict[str, dict], aggregates: dict[str, dict]) -> dict[str, Any] | None:
+    """Win % of average drop between the methods of each model, on the (sample, target) pairs
+    that every method's aggregate sample holds: the same hash-selected samples in every unit,
+    so every pair when the samples are complete (``"exact": true``), else up to
+    :data:`pipeline.aggregate.UNIT_SAMPLE` samples (``"exact": false``, ``n`` says how many)."""
+    from workers.metrics.summary import win_percent
+
+    from .aggregate import sample_table
 
     by_model: dict[str, dict[str, dict]] = {}
     for uid, u in units.items():
-        files = committed_files(commits, uid)
-        if files:
-            by_model.setdefault(u["model"], {})[u["method"]] = {**u, "files": files}
+        a = aggregates.get(uid)
+        if a and a.get("rows"):
+            by_model.setdefault(u["model"], {})[u["method"]] = a
     result = {}
     for model, methods in by_model.items():
         if len(methods) < 2:
             continue
         drops: dict[str, dict] = {}
-        for method, u in methods.items():
-            dset = pads.dataset([store.path(f) for f in u["files"]], filesystem=store.fs, format="parquet")
-            if "average_drop" not in dset.schema.names:
+        for method, a in methods.items():
+            t = sample_table(a)
+            if "average_drop" not in t:
                 return None
-            t = dset.to_table(columns=["sample_id", "target", "average_drop"])
-            drops[method] = {(s, g): d for s, g, d in zip(*(t.column(c).to_pylist()
-                                                           for c in ("sample_id", "target", "average_drop")))}
+            drops[method] = {(s, g): d for s, g, d in zip(t["sample_id"], t["target"],
+                                                          t["average_drop"])}
         keys = sorted(set.intersection(*(set(d) for d in drops.values())), key=str)
         if not keys:
             continue
-        result[model] = win_percent({m: [d[k] for k in keys] for m, d in drops.items()})
+        result[model] = {**win_percent({m: [d[k] for k in keys] for m, d in drops.items()}),
+                         "exact": all(a.get("complete") for a in methods.values())}
     return result or None
 
 
 def _fmt(s: dict | None) -> str:
     if not s or s.get("n", 0) == 0 or math.isnan(s.get("mean", float("nan"))):
         return "-"
-    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+    mark = "*" if s.get("ci") == "normal" else ""
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]{mark}"
 
 
 def quality_line(q: dict[str, Any] | None) -> str:
@@ -143,6 +231,9 @@ def print_summaries(units: dict[str, dict], out=print) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if any(c.endswith("*") for r in rows for c in r):
+        out(f"* normal interval (mean ± 1.96 sd/√n from the exact sums): the unit has more than "
+            f"the {UNIT_SAMPLE} samples its bootstrap sample holds")
     _print_quality(units, out)
     pg = {uid: (u.get("summary") or {}).get("pointing_accuracy_class_mean") for uid, u in units.items()}
     if any(v is not None for v in pg.values()):

@@ -34,6 +34,8 @@ class _WaveState:
     shards: dict[str, _ShardState]
     files: list[str] = field(default_factory=list)
     keys: set[tuple[str, int]] = field(default_factory=set)
+    aggregate: dict | None = None  # pipeline.aggregate of the wave's files (None: one had none)
+    aggregated: bool = True
 
 
 class WaveTracker:
@@ -71,8 +73,10 @@ class WaveTracker:
         w = self.waves[wave_id]
         return w, w.shards[shard]
 
-    def add_file(self, path: str, keys: list[tuple[str, str, int, str]]) -> None:
-        """A written file and its rows' ``(sample_id, shard, target, status)``."""
+    def add_file(self, path: str, keys: list[tuple[str, str, int, str]],
+                 aggregate: dict | None = None) -> None:
+        """A written file, its rows' ``(sample_id, shard, target, status)`` and their
+        aggregate (:mod:`pipeline.aggregate`), merged into the wave's commit record."""
         waves = set()
         for sample_id, shard, target, status in keys:
             w, s = self._shard(shard)
@@ -90,7 +94,14 @@ class WaveTracker:
         if len(waves) > 1:
             raise ReconcileError(f"{self.unit_id}: file {path} holds rows of several waves")
         for wave_id in waves:
-            self.waves[wave_id].files.append(path)
+            w = self.waves[wave_id]
+            w.files.append(path)
+            if aggregate is None:
+                w.aggregated, w.aggregate = False, None
+            elif w.aggregated:
+                from .aggregate import WAVE_SAMPLE, merge
+
+                w.aggregate = merge(w.aggregate, aggregate, WAVE_SAMPLE)
         self.touched |= waves
 
     def add_marker(self, shard: str, samples: int, error: str = "", unreadable: bool = False) -> None:
@@ -133,6 +144,7 @@ class WaveTracker:
             self.done.add(wave_id)
             out.append(self._record(w))
             w.keys = set()  # a committed wave keeps only its counts
+            w.aggregate = None
             for s in w.shards.values():
                 s.samples = set()
         return out
@@ -170,4 +182,11 @@ class WaveTracker:
             "errors": sum(s.errors for s in committed.values()),
             "samples": sum(len(s.samples) for s in committed.values()),
             "per_shard": per_shard, "elapsed_s": round(elapsed, 3), "committed_at": now,
+            **({"aggregate": _packed(w.aggregate)} if w.aggregated else {}),
         }
+
+
+def _packed(aggregate: dict | None) -> dict:
+    from .aggregate import empty, pack
+
+    return pack(aggregate or empty())

@@ -116,9 +116,11 @@ def test_run_a_dict_config_then_read_it_with_maps(tmp_path, ray_cluster, monkeyp
     lines: list[str] = []
     result = api.run(config, out=lines.append)
     assert result.exit_code == 0, lines
-    # the records read for the summaries, kept for the report: the run's one commit
-    assert list(result.commits) == ["r18__integrated_gradients"]
-    assert len(result.commits["r18__integrated_gradients"]) == 1
+    # the unit's aggregate, merged by the ledger from the commit record (no row re-read), for
+    # the summaries and the report: both samples' rows, every one of them in its sample
+    (agg,) = result.aggregates.values()
+    assert list(result.aggregates) == ["r18__integrated_gradients"]
+    assert agg["rows"] == 2 and agg["complete"] and len(agg["sample"]["rows"]) == 2
     committed = next(i for i, ln in enumerate(lines) if "committed wave" in ln)
     inside = [float(m.group(1)) for ln in lines[:committed]
               if (m := re.match(r"salmap: r18__integrated_gradients: (\d+\.\d) samples", ln))]

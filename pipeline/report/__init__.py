@@ -25,7 +25,7 @@ import numpy as np
 
 from ..storage import Store
 from .charts import curves, distributions
-from .data import RunData, load_run
+from .data import RunData, load_run, sample_note
 from .gallery import PAGE_SIZE, index_plan, page_plans, rank_items, render_galleries, scored_rows
 from .page import (
     actors_section,
@@ -88,13 +88,14 @@ def _class_names(run: str, storage: Any):
 def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
-                 page_size: int = PAGE_SIZE, commits: dict | None = None) -> dict[str, str]:
+                 page_size: int = PAGE_SIZE, commits: dict | None = None,
+                 aggregates: dict | None = None) -> dict[str, str]:
     """Every page of the report: ``{"index.html": html, "gallery-0001.html": html, ...}``
     (see :func:`write_report` for the parameters)."""
     if signed not in SIGNED_MODES:
         raise ValueError(f"signed must be one of {', '.join(SIGNED_MODES)}, got {signed!r}")
     t0 = time.perf_counter()
-    data = load_run(run, storage, commits)
+    data = load_run(run, storage, commits, aggregates)
     rank_label, rows = scored_rows(data, rank_by)
     ranked = {m: rank_items(rows[rows["model"] == m]) for m in data.models()} if len(rows) else {}
     everything_fits = all(len(v) <= page_size for v in ranked.values())
@@ -104,6 +105,9 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
         capped = (f"The gallery pages show the best and worst {max_samples} samples per model "
                   f"(of up to {max(len(v) for v in ranked.values())}); run `salmap report "
                   f"{run} --max-samples 0` for every sample.")
+    sampled = sample_note(data.units)
+    if sampled:
+        capped = f"{sampled} {capped}".strip()
     legends = {"sequential": data_uri(colorbar(cmap), "PNG"),
                "diverging": data_uri(colorbar(DIVERGING), "PNG")}
     style = {"side": side, "cmap": cmap, "signed": signed}
@@ -127,7 +131,7 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
         label_quality_section(data, _class_names(run, storage)),
         per_class_section(data),
         curves_section(curve_charts, data.has_curves),
-        distributions_section(dist_charts),
+        distributions_section(dist_charts, sampled),
         errors_section(data),
         config_section(data),
     ]
@@ -155,7 +159,7 @@ def render_report(run: str, storage: Any = None, rank_by: str | None = None, per
 def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
                  max_samples: int | None = DEFAULT_MAX_SAMPLES, page_size: int = PAGE_SIZE,
-                 commits: dict | None = None) -> str:
+                 commits: dict | None = None, aggregates: dict | None = None) -> str:
     """Write ``<run>/report/`` (``index.html`` and the gallery pages) and return the path of
     a local ``index.html`` to open.
 
@@ -167,8 +171,10 @@ def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_
     thumbnail's longest side in pixels; ``signed`` draws maps with negative values on a
     diverging scale centred at zero (``"diverging"``) or as their absolute value (``"abs"``);
     ``max_samples`` caps the samples per model on the gallery pages (None or 0: all);
-    ``page_size``: samples per model on one gallery page; ``commits``: the run's commit records
-    when the caller has them already (:func:`pipeline.ledger.load_commits`), else read here.
+    ``page_size``: samples per model on one gallery page; ``aggregates``: the units'
+    aggregates when the caller has them (``salmap run``: the ledger's), or ``commits``: the
+    run's commit records already in memory; else the records are read here, a chunk at a time.
+    Either way no row is read but the gallery's maps (:mod:`pipeline.report.data`).
 
     Returns the absolute path of ``<run>/report/index.html`` for a local run; for an s3 run
     the report is written to ``<run>/report/`` in the bucket and the returned path is the
@@ -176,7 +182,7 @@ def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_
     """
     pages = render_pages(run, storage, rank_by=rank_by, per_side=per_side, cmap=cmap, side=side,
                          signed=signed, max_samples=max_samples or None, page_size=page_size,
-                         commits=commits)
+                         commits=commits, aggregates=aggregates)
     store = Store.open(run, storage)
     folder = REPORT_KEY.rsplit("/", 1)[0]
     old = [k for k in store.list(folder) if k.rsplit("/", 1)[-1].startswith("gallery-")]

@@ -1,7 +1,11 @@
-"""What the report shows, read from a run: manifest, per-row metrics, summaries, curve means.
+"""What the report shows, read from a run: manifest, summaries, per-class means, curve means,
+error reasons, and a bounded sample of rows for the gallery and the distributions.
 
-Only committed rows are read (through :func:`pipeline.read.read_run`), and only scalar columns
-for the whole run; maps are read later for the few gallery samples.
+Everything comes from the units' aggregates (:mod:`pipeline.aggregate`), which the commit
+records carry: the report reads the records (a chunk at a time, none kept), not the rows, so
+its memory does not grow with the run. ``UnitData.rows`` is the unit's hash-selected sample of
+rows (every row while the unit has at most :data:`pipeline.aggregate.UNIT_SAMPLE` samples);
+maps are read later, for the gallery's samples only, from the files that hold them.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from ..ledger import MANIFEST_KEY, load_commits
-from ..read import read_run
+from ..aggregate import UNIT_SAMPLE, sample_samples, sample_table
+from ..ledger import MANIFEST_KEY
 from ..schema import METRIC_COLUMNS
 from ..storage import Store
 from .classes import ClassNames, class_names
@@ -41,7 +45,8 @@ RANK_FALLBACK = ("insertion_auc", "deletion_auc", "road", "box_iou", "energy_poi
 
 @dataclass
 class UnitData:
-    """One (model, method) unit: its manifest entry, its rows, and where to read more."""
+    """One (model, method) unit: its manifest entry, its aggregate, its sample of rows (all
+    rows while ``complete``) and the files that hold the sample's maps."""
 
     id: str
     model: str
@@ -53,14 +58,29 @@ class UnitData:
     curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     read_error: str = ""
     label_quality: dict[str, Any] | None = None  # pipeline.summary.label_quality, per class
+    agg: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_rows(self) -> int:
+        """Committed rows of the unit (all of them, not the sample's)."""
+        return int(self.agg.get("rows", len(self.rows)))
+
+    @property
+    def n_errors(self) -> int:
+        if "errors" in self.agg:
+            return int(self.agg["errors"])
+        return int((self.rows["status"] != "ok").sum()) if len(self.rows) else 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``rows`` holds every committed row (else a hash-selected sample)."""
+        return bool(self.agg.get("complete", True))
 
     @property
     def signed(self) -> bool:
         """Whether the unit's maps take negative values (its PNGs are centred at zero)."""
-        if "saliency_min" not in self.rows or self.rows.empty:
-            return False
-        lo = pd.to_numeric(self.rows["saliency_min"], errors="coerce").to_numpy(dtype=float)
-        return bool(np.nanmin(lo, initial=0.0) < 0)
+        lo = self.agg.get("sal_min")
+        return lo is not None and float(lo) < 0
 
 
 @dataclass
@@ -84,41 +104,84 @@ class RunData:
         return list(dict.fromkeys(u.model for u in self.units))
 
 
-def load_run(run: str, storage: Any = None, commits: dict | None = None) -> RunData:
-    """Read a run's manifest and the scalar columns of every committed row (``commits``: the
-    commit records, read here, once for the whole report, unless given)."""
+def load_run(run: str, storage: Any = None, commits: dict | None = None,
+             aggregates: dict[str, dict] | None = None) -> RunData:
+    """Read a run's manifest and its units' aggregates: ``aggregates`` when the caller has
+    them (``salmap run`` hands over the ledger's), else from ``commits`` (records already in
+    memory), else from the commit records, read a chunk at a time (:mod:`pipeline.rollup`)."""
+    from ..rollup import from_commits, unit_aggregates
+
     store = Store.open(run, storage)
     manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}
     infos: dict[str, dict] = dict(manifest.get("units") or {})
-    if commits is None:
-        commits = load_commits(store)
-    for uid in commits:  # a manifest-less run: the commit records still name the units
+    if aggregates is None:
+        aggregates = from_commits(store, commits) if commits is not None else unit_aggregates(store)
+    for uid in aggregates:  # a manifest-less run: the commit records still name the units
         model, _, method = uid.partition("__")
         infos.setdefault(uid, {"model": model, "method": method})
-    units = [_load_unit(run, storage, uid, info, commits) for uid, info in infos.items()]
+    units = [_load_unit(store, uid, info, aggregates.get(uid)) for uid, info in infos.items()]
     metrics = [m for m in METRIC_COLUMNS
-               if any(m in u.rows and u.rows[m].notna().any() for u in units)]
+               if any((u.agg.get("metrics") or {}).get(m, [0])[0] > 0 for u in units)]
     for u in units:
         u.summary = _summary(u, metrics)
-        if u.dataset is not None:
-            u.curves = curve_stats(u.dataset)
-            u.label_quality = label_quality_of(u.dataset)
+        u.curves = curves_of(u.agg)
+        u.label_quality = _label_quality(u.agg)
     return RunData(uri=run, manifest=manifest, units=units, metrics=metrics,
                    has_curves=any(u.curves for u in units),
                    classes=class_names(dict(manifest.get("config") or {}), storage))
 
 
-def _load_unit(run: str, storage: Any, uid: str, info: dict, commits: dict) -> UnitData:
+def _load_unit(store: Store, uid: str, info: dict, agg: dict | None) -> UnitData:
     model = info.get("model") or uid.partition("__")[0]
     method = info.get("method") or uid.partition("__")[2]
-    empty = pd.DataFrame(columns=[*ROW_COLUMNS, *METRIC_COLUMNS])
-    try:
-        ds = read_run(run, unit=uid, storage=storage, commits=commits)
-    except (ValueError, FileNotFoundError) as err:
-        return UnitData(uid, model, method, info, empty, None, read_error=str(err))
-    cols = [c for c in (*ROW_COLUMNS, *METRIC_COLUMNS) if c in ds.schema.names]
-    rows = ds.to_table(columns=cols).to_pandas()
-    return UnitData(uid, model, method, info, rows, ds)
+    if not agg or not agg.get("rows"):
+        empty = pd.DataFrame(columns=[*ROW_COLUMNS, *METRIC_COLUMNS])
+        return UnitData(uid, model, method, info, empty, None,
+                        read_error=f"no committed rows for unit {uid!r}", agg=agg or {})
+    cols = sample_table(agg)
+    files = sorted(set(cols.pop("file")))
+    rows = pd.DataFrame(cols)
+    rows.insert(rows.columns.get_loc("sample_id") + 1, "model", model)
+    rows.insert(rows.columns.get_loc("model") + 1, "method", method)
+    ds = pads.dataset([store.path(f) for f in files], filesystem=store.fs, format="parquet") \
+        if files else None
+    return UnitData(uid, model, method, info, rows, ds, agg=agg)
+
+
+def sample_note(units: list[UnitData]) -> str:
+    """What the sample-based parts of the report show, when a unit's sample is not every row."""
+    partial = [u for u in units if not u.complete]
+    if not partial:
+        return ""
+    sizes = ", ".join(f"{u.id}: {sample_samples(u.agg)} of {u.n_rows} rows' samples"
+                      for u in partial[:6])
+    return (f"These units have more samples than the report keeps per unit ({UNIT_SAMPLE}): "
+            f"the gallery, the distributions, the error rows listed and the win rate use the "
+            f"samples with the smallest hash of their sample id (the same samples in every "
+            f"unit), {sizes}{', ...' if len(partial) > 6 else ''}. Counts, means, per-class "
+            f"means, curves and pseudo-label quality are over every row.")
+
+
+def _label_quality(agg: dict) -> dict[str, Any] | None:
+    if not agg or not (agg.get("boxes") or agg.get("masks")):
+        return None  # runs without box or mask ground truth import nothing more
+    from ..summary import label_quality_from_aggregate
+
+    return label_quality_from_aggregate(agg)
+
+
+def curves_of(agg: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per curve column: mean, 95% normal interval half-width and count, from the sums."""
+    out = {}
+    for name, c in (agg.get("curves") or {}).items():
+        n = int(c["n"])
+        if n == 0:
+            continue
+        s, s2 = np.asarray(c["sum"], dtype=float), np.asarray(c["sumsq"], dtype=float)
+        mean = s / n
+        var = np.maximum(s2 / n - mean ** 2, 0.0) * (n / max(n - 1, 1))
+        out[name] = {"mean": mean, "ci": 1.96 * np.sqrt(var / n), "n": np.asarray(n)}
+    return out
 
 
 def _float_values(series: pd.Series) -> np.ndarray:
@@ -143,12 +206,17 @@ def _manifest_summary(info: dict) -> dict[str, dict]:
 
 
 def _summary(unit: UnitData, metrics: list[str]) -> dict[str, dict]:
-    """The manifest's summary where it has a metric, else computed from the unit's rows."""
+    """The manifest's summary where it has a metric, else computed from the unit's aggregate
+    (:func:`pipeline.summary.metric_summary`)."""
+    from ..summary import metric_summary
+
     found = _manifest_summary(unit.info)
     out = {m: {**found[m], "from_manifest": True} for m in metrics if m in found}
-    computed = [m for m in metrics if m not in out and m in unit.rows]
-    for m in computed:
-        out[m] = bootstrap_mean(_float_values(unit.rows[m]))
+    for m in metrics:
+        if m not in out:
+            s = metric_summary(unit.agg, m, bootstrap_mean)
+            if s is not None:
+                out[m] = s
     return out
 
 

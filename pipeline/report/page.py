@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data import DIRECTION, RunData, _float_values, fmt
+from ..aggregate import BAD_SAMPLE, UNIT_SAMPLE
+from .data import DIRECTION, RunData, fmt
 from .gallery import ModelGallery
 
 MAX_ERROR_ROWS = 1000
@@ -87,8 +88,8 @@ def _arrow(metric: str) -> str:
 
 def header(data: RunData, generated_s: float | None = None) -> str:
     m = data.manifest
-    rows = sum(len(u.rows) for u in data.units)
-    errors = sum(int((u.rows["status"] != "ok").sum()) for u in data.units if len(u.rows))
+    rows = sum(u.n_rows for u in data.units)
+    errors = sum(u.n_errors for u in data.units)
     status = m.get("status", "unknown (no manifest)")
     return (
         f"<header><h1>salmap report · {escape(str(m.get('run_id', data.uri)))}</h1>"
@@ -121,8 +122,8 @@ def summary_section(data: RunData) -> str:
         info = u.info
         rate = info.get("images_per_s")
         cells = [f"<td>{escape(u.model)}</td><td>{escape(u.method)}</td>",
-                 f"<td class=num>{len(u.rows)}</td>",
-                 f"<td class=num>{int((u.rows['status'] != 'ok').sum()) if len(u.rows) else 0}</td>",
+                 f"<td class=num>{u.n_rows}</td>",
+                 f"<td class=num>{u.n_errors}</td>",
                  f"<td class=num>{fmt(rate, 2)}</td><td class=num>{fmt(info.get('elapsed_s'), 1)}</td>"]
         for m in metrics:
             s = u.summary.get(m) or {}
@@ -137,8 +138,11 @@ def summary_section(data: RunData) -> str:
                   f"{fmt(_mul(hi, scale), digits)}]</span>"
                   if lo is not None and hi is not None else "")
             where = "manifest" if s.get("from_manifest") else "rows"
-            cells.append(f"<td class='{cls}' title='n={escape(str(s.get('n', '?')))}, from the {where}'>"
-                         f"{fmt(float(mean) * scale, digits)}{unit}{ci}</td>")
+            normal = s.get("ci") == "normal"
+            how = "normal interval" if normal else "bootstrap interval"
+            cells.append(f"<td class='{cls}' title='n={escape(str(s.get('n', '?')))}, from the {where}, "
+                         f"{how}'>{fmt(float(mean) * scale, digits)}{unit}{ci}"
+                         f"{'*' if normal else ''}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     missing = [u for u in data.units if u.read_error]
     notes = "".join(f"<p class='note warn'>{escape(u.id)}: {escape(u.read_error)}</p>" for u in missing)
@@ -148,7 +152,10 @@ def summary_section(data: RunData) -> str:
         "<p class=note>Mean and 95% interval [low, high] of each metric over the rows with a value: "
         "the run's manifest summary where it has one, else computed here from the Parquet rows "
         "(percentile bootstrap of the mean); ↑ higher is better, ↓ lower is better; "
-        "the best mean per model is highlighted. pointing_hit is the hit rate in %.</p>"
+        "the best mean per model is highlighted. pointing_hit is the hit rate in %. "
+        "Means are over every row; the interval is the percentile bootstrap while a unit has at "
+        f"most {UNIT_SAMPLE} samples, else (marked *) the normal interval mean ± 1.96·sd/√n "
+        "from the exact sums.</p>"
         "<div class=scroll><table id=summary-table><thead><tr><th>model</th><th>method</th><th>rows</th><th>errors</th>"
         f"<th>images/s</th><th>elapsed s</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
         + (f"<p class=note>Not computed in this run: {escape(', '.join(not_computed))}.</p>"
@@ -388,38 +395,40 @@ def per_class_section(data: RunData) -> str:
            "Class names come from the model's weights"
            + (f" and, for labels, {escape(data.classes.labels_source)}"
               if data.classes.labels_source else "") + ".</p>"]
-    rows = data.rows
-    if rows.empty:
+    if not any(u.n_rows for u in data.units):
         out.append("<p class=note>No rows.</p></section>")
         return "".join(out)
-    ok = rows[rows["status"] == "ok"].copy()
-    ok["_t"] = pd.to_numeric(ok["target"], errors="coerce")
     metrics = data.metrics or ["target_prob"]
     for model in data.models():
-        mine = ok[ok["model"] == model]
-        methods = [u.method for u in data.units if u.model == model]
-        if mine.empty:
+        units = [u for u in data.units if u.model == model]
+        methods = [u.method for u in units]
+        per = {u.method: _class_stats(u.agg) for u in units}
+        ok_rows: dict[str, int] = {}
+        for stats in per.values():
+            for c, (n_ok, _) in stats.items():
+                ok_rows[c] = ok_rows.get(c, 0) + n_ok
+        if not ok_rows:
             out.append(f"<h3>{escape(model)}</h3><p class=note>No ok rows.</p>")
             continue
-        counts = mine.groupby("_t").size().sort_values(ascending=False, kind="stable")
-        classes = list(counts.index[:MAX_CLASSES])
+        order = sorted(ok_rows, key=lambda c: (-ok_rows[c], _class_order(c)))
+        counts = pd.Series([ok_rows[c] for c in order], index=order)
+        classes = order[:MAX_CLASSES]
         head1 = "<th rowspan=2>class</th><th rowspan=2>rows</th>" + "".join(
             f"<th colspan={len(methods)}>{escape(m).replace('_', '_<wbr>')}{_arrow(m)}</th>"
             for m in metrics)
         head2 = "".join(f"<th>{escape(meth)}</th>" for _ in metrics for meth in methods)
         body = []
         for c in classes:
-            sub = mine[mine["_t"] == c]
-            name = data.classes.target(model, c)
-            label = f"{int(c)}" + (f" {escape(name)}" if name else "")
-            cells = [f"<td>{label}</td><td class=num>{len(sub)}</td>"]
+            target = _class_order(c)[1]
+            name = data.classes.target(model, target) if target is not None else ""
+            label = (f"{int(target)}" if target is not None else escape(c)) + \
+                (f" {escape(name)}" if name else "")
+            cells = [f"<td>{label}</td><td class=num>{ok_rows[c]}</td>"]
             for m in metrics:
                 for meth in methods:
-                    vals = sub[sub["method"] == meth][m] if m in sub else pd.Series(dtype=float)
-                    v = _float_values(vals) if len(vals) else np.array([])
-                    v = v[np.isfinite(v)]
-                    text = "–" if not v.size else (f"{fmt(v.mean() * 100.0, 1)}%"
-                                                   if m == "pointing_hit" else fmt(v.mean()))
+                    n, total = per[meth].get(c, (0, {}))[1].get(m, (0, 0.0))
+                    text = "–" if not n else (f"{fmt(total / n * 100.0, 1)}%"
+                                              if m == "pointing_hit" else fmt(total / n))
                     cells.append(f"<td class=num>{text}</td>")
             body.append(f"<tr>{''.join(cells)}</tr>")
         more = len(counts) - len(classes)
@@ -430,6 +439,21 @@ def per_class_section(data: RunData) -> str:
                       else ""))
     out.append("</section>")
     return "".join(out)
+
+
+def _class_order(c: str) -> tuple[int, float | None]:
+    """Sort key and numeric target of a class key of an aggregate ("3", "None")."""
+    try:
+        return (0, float(c))
+    except ValueError:
+        return (1, None)
+
+
+def _class_stats(agg: dict) -> dict[str, tuple[int, dict[str, tuple[int, float]]]]:
+    """class -> (ok rows, {metric: (values, sum)}) of a unit's aggregate."""
+    cm = agg.get("class_metrics") or []
+    return {c: (int(v[0]), {m: (int(v[1 + 2 * j]), float(v[2 + 2 * j])) for j, m in enumerate(cm)})
+            for c, v in (agg.get("classes") or {}).items()}
 
 
 def curves_section(charts: list[tuple[str, str]], stored: bool) -> str:
@@ -444,15 +468,15 @@ def curves_section(charts: list[tuple[str, str]], stored: bool) -> str:
             f"score per step with a 95% band, over the rows that stored a curve.</p>{imgs}</section>")
 
 
-def distributions_section(charts: list[tuple[str, str]]) -> str:
+def distributions_section(charts: list[tuple[str, str]], note: str = "") -> str:
     imgs = "".join(f"<h3>{escape(model)}</h3><img class=chart src='{uri}' "
                    f"alt='metric distributions of {escape(model)}'>" for model, uri in charts)
     return ("<section id=distributions><h2>Metric distributions per method</h2>"
+            + (f"<p class='note warn'>{escape(note)}</p>" if note else "")
             + (imgs or "<p class=note>No metric values.</p>") + "</section>")
 
 
 def errors_section(data: RunData) -> str:
-    rows = data.rows
     m = data.manifest
     failures = list(m.get("failures") or [])
     total = int(m.get("failures_total", len(failures)) or 0)
@@ -464,33 +488,37 @@ def errors_section(data: RunData) -> str:
                    f"<ul id=failures>{items}</ul>")
     else:
         out.append("<p class=note>Every planned shard of every unit was completed.</p>")
-    if rows.empty:
-        bad = rows
-    else:
-        has_error = rows["error"].fillna("").astype(str).str.len() > 0
-        bad = rows[(rows["status"] != "ok") | has_error]
-    if len(bad):
-        reasons = (bad.assign(reason=bad["error"].fillna("").astype(str).str.split(":").str[0]
-                              .str.slice(0, 120))
-                   .groupby(["reason", "status"]).agg(rows=("sample_id", "size"),
-                                                      units=("unit", "nunique"),
-                                                      example=("sample_id", "first"))
-                   .sort_values("rows", ascending=False).reset_index())
+    reasons: dict[tuple[str, str], list] = {}  # (reason, status) -> [rows, units, example]
+    bad_rows, total_bad, other = [], 0, 0
+    for u in data.units:
+        other += int(u.agg.get("other_reasons", 0))
+        total_bad += int(u.agg.get("other_reasons", 0))
+        for key, (n, example) in (u.agg.get("reasons") or {}).items():
+            reason, _, status = key.partition("\x1f")
+            r = reasons.setdefault((reason, status), [0, 0, example])
+            r[0] += int(n)
+            r[1] += 1
+            total_bad += int(n)
+        bad_rows += [(u.id, *b[1:]) for b in u.agg.get("bad") or []]
+    if reasons:
+        order = sorted(reasons.items(), key=lambda kv: (-kv[1][0], kv[0]))
         body = "".join(
-            f"<tr><td class=msg>{escape(r.reason or '(no message)')}</td><td>{escape(str(r.status))}"
-            f"</td><td class=num>{r.rows}</td><td class=num>{r.units}</td><td>"
-            f"{escape(str(r.example))}</td></tr>" for r in reasons.itertuples())
+            f"<tr><td class=msg>{escape(reason or '(no message)')}</td><td>{escape(str(status))}"
+            f"</td><td class=num>{n}</td><td class=num>{units}</td><td>"
+            f"{escape(str(example))}</td></tr>" for (reason, status), (n, units, example) in order)
         out.append("<h3>By reason</h3><table id=reasons-table><thead><tr><th>reason</th>"
                    "<th>status</th><th>rows</th><th>units</th><th>e.g. sample</th></tr></thead>"
-                   f"<tbody>{body}</tbody></table>")
-    shown = bad.head(MAX_ERROR_ROWS)
+                   f"<tbody>{body}</tbody></table>"
+                   + (f"<p class=note>and {other} row(s) with other reasons.</p>" if other else ""))
+    shown = bad_rows[:MAX_ERROR_ROWS]
     body = "".join(
-        f"<tr><td>{escape(str(r.unit))}</td><td>{escape(str(r.sample_id))}</td>"
-        f"<td class=num>{fmt(r.target, 0)}</td><td>{escape(str(r.status))}</td>"
-        f"<td class=msg>{escape('' if pd.isna(r.error) else str(r.error))}</td></tr>"
-        for r in shown.itertuples())
-    out.append(f"<p class=note>{len(bad)} row(s) with an error or a warning"
-               + (f"; the first {MAX_ERROR_ROWS} are listed" if len(bad) > MAX_ERROR_ROWS else "")
+        f"<tr><td>{escape(str(unit))}</td><td>{escape(str(sid))}</td>"
+        f"<td class=num>{fmt(target, 0)}</td><td>{escape(str(status))}</td>"
+        f"<td class=msg>{escape('' if error is None else str(error))}</td></tr>"
+        for unit, sid, target, status, error in shown)
+    out.append(f"<p class=note>{total_bad} row(s) with an error or a warning"
+               + (f"; {len(shown)} are listed (per unit, those of the {BAD_SAMPLE} samples with "
+                  "the smallest hash)" if total_bad > len(shown) else "")
                + ".</p>")
     out.append("<table id=errors-table><thead><tr><th>unit</th><th>sample</th><th>target</th>"
                f"<th>status</th><th>reason</th></tr></thead><tbody>{body}</tbody></table></section>")
