@@ -57,8 +57,12 @@ def _default_config() -> str:
 
 
 def _state(uid: str, u: dict, result) -> str:
-    if u.get("shards_pending") or u.get("shards_incomplete"):
-        return "INCOMPLETE"
+    """done, INCOMPLETE (shards pending, failed or missing) or ERRORS (above max_error_rate)."""
+    units = getattr(result, "units", {})
+    blamed = [f for f in result.failures if f.split(":", 1)[0] in units]
+    if u.get("shards_pending") or u.get("shards_incomplete") or \
+            any(f.startswith(f"{uid}:") for f in blamed) or len(blamed) < len(result.failures):
+        return "INCOMPLETE"  # a failure naming no unit (a missing shard) concerns them all
     return "ERRORS" if uid in getattr(result, "over_error_rate", ()) else "done"
 
 

@@ -32,6 +32,9 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune",
 BENIGN_STDERR = (
     re.compile(r"core_worker\.cc:\d+: Actor with class name: '.*' .*has constructor arguments "
                r"in the object store and max_restarts > 0"),
+    # Ray recovering objects on its own (after a worker or node loss; it succeeds or the
+    # failure surfaces as an exception that salmap reports)
+    re.compile(r"core_worker\.cc:\d+: :info_message: Attempting to recover \d+ lost objects"),
 )
 
 _tty_before_filter: bool | None = None

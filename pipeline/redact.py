@@ -16,6 +16,8 @@ from typing import Any
 MASK = "***"
 # userinfo of a URL: everything between "scheme://" and the "@" before the host
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@'\"]+)@")
+# the same without the scheme, as a library quotes a URL's parts ("user:secret@bucket")
+_BARE_USERINFO = re.compile(r"(?<![\w/:@.\-])[^\s/@'\"():]+:[^\s/@'\"]+@(?=[\w\-])")
 # query parameters whose value is a credential (case-insensitive, any position in the query)
 _SECRET_PARAMS = (r"x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
                   r"x-goog-credential|signature|sig|token|access_token|sas|password|passwd|"
@@ -29,9 +31,10 @@ def redact(text: str) -> str:
     >>> redact("s3://AKIA:hunter2@bucket/a.tar failed")
     's3://***@bucket/a.tar failed'
     """
-    if not isinstance(text, str) or ("://" not in text and "=" not in text):
+    if not isinstance(text, str) or ("@" not in text and "=" not in text):
         return text
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    text = _BARE_USERINFO.sub(f"{MASK}@", text)
     return _QUERY.sub(lambda m: f"{m['lead']}{MASK}", text)
 
 
