@@ -54,12 +54,7 @@ def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose
     else:
         cfg = load_config(str(config), list(overrides), allow_remote_code=allow_remote_code)
     quiet_ray_logging(verbose)
-    result = run_job(cfg, out=out)
-    if cfg.run.report and result.did_work:
-        from .report import write_report
-
-        result.report = write_report(result.output, storage=cfg.storage, aggregates=result.aggregates)
-    return result
+    return run_job(cfg, out=out, report=True)  # the report too (run.report), under the lock
 
 
 def read(run: str, unit: str | None = None, columns: list[str] | None = None, maps: bool = False,

@@ -1,12 +1,15 @@
 """``salmap run | read | report | export | shards | sanity | init``, ``salmap --version``.
 
-Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
-2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
-could not be completed, a missing shard among existing ones included (one line per failure is
-printed, and listed in manifest.json), or the run was interrupted (Ctrl-C or SIGTERM); 4 the run
-is locked by another driver. The start-up storage probe exits 1 when the endpoint does not
-answer (may be transient; a retry resumes) and 2 for credentials, permissions or a missing
-bucket; nothing was started either way.
+Exit codes: 0 every sample has a row and no unit has more error rows than
+``run.max_error_rate``; 1 unexpected internal error; 2 config error (bad key, type or name; no
+shard of input.shards exists; a changed config for committed rows); 3 some shard or unit could
+not be completed, a missing shard among existing ones included (restated in one closing block,
+and listed in manifest.json), or the run was interrupted (Ctrl-C, SIGTERM, or Ray failing under
+it: a raylet, the GCS or a node that died); 4 the run is locked by another driver; 5 every
+shard is done but some unit's share of error rows is above ``run.max_error_rate`` (default
+0.1). The start-up storage probe exits 1 when the endpoint does not answer (may be transient; a
+retry resumes) and 2 for credentials, permissions or a missing bucket; nothing was started
+either way. Every line passes :func:`pipeline.redact.redact` (no credentials in URLs).
 """
 
 from __future__ import annotations
@@ -19,8 +22,24 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, load_config
 from .interrupt import interrupt_reason, sigterm_as_interrupt
-from .run import EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_LOCKED, EXIT_OK
+from .redact import redact
+from .run import (
+    EXIT_CONFIG,
+    EXIT_ERROR_RATE,
+    EXIT_INCOMPLETE,
+    EXIT_INTERNAL,
+    EXIT_LOCKED,
+    EXIT_OK,
+)
 from .storage import StorageCheckError
+from .supervise import note, run_supervised, supervised
+
+NO_SUPERVISOR = "SALMAP_NO_SUPERVISOR"  # 1: run the driver in this process (debugging)
+
+
+def say(line: str, err: bool = True) -> None:
+    """One line to stderr (or stdout), credentials in URLs redacted."""
+    print(redact(line), file=sys.stderr if err else sys.stdout, flush=True)
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # demo.yaml, example.yaml
 
@@ -37,16 +56,48 @@ def _default_config() -> str:
                       "(salmap init writes the examples)")
 
 
+def _state(uid: str, u: dict, result) -> str:
+    """done, INCOMPLETE (shards pending, failed or missing) or ERRORS (above max_error_rate)."""
+    units = getattr(result, "units", {})
+    blamed = [f for f in result.failures if f.split(":", 1)[0] in units]
+    if u.get("shards_pending") or u.get("shards_incomplete") or \
+            any(f.startswith(f"{uid}:") for f in blamed) or len(blamed) < len(result.failures):
+        return "INCOMPLETE"  # a failure naming no unit (a missing shard) concerns them all
+    return "ERRORS" if uid in getattr(result, "over_error_rate", ()) else "done"
+
+
 def _print_units(result, out=print) -> None:
     rows = []
     for uid, u in result.units.items():
         rate = u.get("images_per_s")
-        rows.append((uid, str(u["rows"]), str(u["errors"]), f"{rate:.2f}" if rate else "-",
-                     f"{result.output}/{u['data']}"))
-    header = ("unit", "rows", "errors", "images/s", "parquet")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+        rows.append((uid, _state(uid, u, result), str(u["rows"]), str(u["errors"]),
+                     f"{rate:.2f}" if rate else "-", f"{result.output}/{u['data']}"))
+    header = ("unit", "state", "rows", "errors", "images/s", "parquet")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        out(redact("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()))
+
+
+def closing_block(result) -> list[str]:
+    """What went wrong, restated once at the very end (after the tables), with the exit code:
+    each failure, and each unit's share of error rows when one is above run.max_error_rate."""
+    lines = []
+    if result.over_error_rate:
+        shares = ", ".join(
+            f"{uid} {rate:.1%} ({result.units[uid]['errors']} of {result.units[uid]['rows']} "
+            f"rows){' > max' if uid in result.over_error_rate else ''}"
+            for uid, rate in sorted(result.error_rates.items()))
+        lines.append(f"salmap: error rows above run.max_error_rate={result.max_error_rate:g}: "
+                     f"{shares}")
+    if result.failures:
+        lines.append(f"salmap: run {result.run_id!r} ended incomplete: {len(result.failures)} "
+                     "failure(s); run the same command again to retry what is missing:")
+        lines.extend(f"salmap: FAILED {f}" for f in result.failures)
+    if lines:
+        lines.append(f"salmap: exit {result.exit_code} "
+                     f"({'error rate' if result.exit_code == EXIT_ERROR_RATE else 'incomplete'}); "
+                     f"details in {result.output}/manifest.json")
+    return [redact(ln) for ln in lines]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -68,9 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if noise is not None:
             noise.start()
         with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
-            result = run_job(cfg)
+            result = run_job(cfg, out=lambda line: print(redact(line), flush=True), report=True)
     except (LockHeld, LockLost) as err:  # LockLost: another driver took the run over
-        print(f"salmap: {err}", file=sys.stderr)
+        say(f"salmap: {err}")
         return EXIT_LOCKED
     finally:
         if noise is not None:
@@ -82,23 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summaries(result.units)
     except ImportError:
         pass
-    print(f"\nread it:  from pipeline.read import read_frame\n"
-          f"          df = read_frame({result.output!r})  # maps=True: each row's map as [h, w]\n"
-          f"   or:    salmap read {result.output}")
-    if cfg.run.report and result.did_work:  # the report's path is the last line
-        try:
-            from .report import write_report
-
-            result.report = write_report(result.output, storage=cfg.storage,
-                                         aggregates=result.aggregates)
-            print(f"report: {result.report}")
-        except ImportError:
-            pass
-        except Exception as err:  # noqa: BLE001 - the report never fails a run
-            print(f"salmap: report not written: {type(err).__name__}: {err}", file=sys.stderr)
-    for f in result.failures:
-        print(f"salmap: FAILED {f}", file=sys.stderr)
-    return EXIT_INCOMPLETE if result.failures else EXIT_OK
+    say(f"\nread it:  from pipeline.read import read_frame\n"
+        f"          df = read_frame({result.output!r})  # maps=True: each row's map as [h, w]\n"
+        f"   or:    salmap read {result.output}", err=False)
+    if result.report:  # written by run_job under the run's lock; its path is stdout's last line
+        say(f"report: {result.report}", err=False)
+    for line in closing_block(result):
+        say(line)
+    return result.exit_code
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -290,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. From the console (``argv`` None), ``salmap run`` runs its driver in a
+    supervised child process (:mod:`pipeline.supervise`): Ray dying under it still ends in one
+    salmap line, exit 3, the manifest ``interrupted`` and the lock released."""
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not [a for a in argv if a not in ("-v", "--verbose")]:
         argv = [*argv, "run"]
@@ -298,25 +344,40 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_CONFIG
+    if (from_console and args.func is cmd_run and not supervised()
+            and not os.environ.get(NO_SUPERVISOR)):
+        return run_supervised(argv)
+    code = _dispatch(args)
+    note(exit=code)  # for the supervisor: this driver ended on its own
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .ray_failure import RayFailure
+
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"salmap: config error: {err}", file=sys.stderr)
+        say(f"salmap: config error: {err}")
         return EXIT_CONFIG
     except StorageCheckError as err:  # found before any work, nothing was started
-        print(f"salmap: storage error: {err}", file=sys.stderr)
+        say(f"salmap: storage error: {err}")
         # an endpoint that did not answer may come back (1: schedulers retry); credentials,
         # permissions or a missing bucket need a person (2, like a config error)
         return EXIT_INTERNAL if err.transient else EXIT_CONFIG
     except KeyboardInterrupt as err:
-        print(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
-              "resume", file=sys.stderr)
+        say(f"salmap: interrupted ({interrupt_reason(err)}); run the same command again to "
+            "resume")
+        note(said=True)
+        return EXIT_INCOMPLETE
+    except RayFailure as err:  # the manifest says interrupted, with this cause
+        say(f"salmap: interrupted: Ray failed: {err.what}; run the same command again to resume")
+        note(said=True)
         return EXIT_INCOMPLETE
     except Exception as err:  # noqa: BLE001
         if os.environ.get("SALMAP_DEBUG"):
             raise
-        print(f"salmap: error: {type(err).__name__}: {err} (set SALMAP_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        say(f"salmap: error: {type(err).__name__}: {err} (set SALMAP_DEBUG=1 for the traceback)")
         return EXIT_INTERNAL
 
 

@@ -45,6 +45,8 @@ class RunSection:
     samples_per_wave: int | None = None  # and at most this many samples (where shards.json counts)
     lock_lease_s: float = 120.0  # a lock older than this without a heartbeat is stale
     map_dtype: str = "float16"  # how the saliency column stores maps: float16 or float32
+    # above this share of error rows in any unit the run exits 5 (0.0: any error row; 1.0: never)
+    max_error_rate: float = 0.1
 
 
 @dataclass
@@ -358,6 +360,10 @@ def validate(cfg: SalmapConfig) -> None:
     if not cfg.run.lock_lease_s > 0:
         raise ConfigError(f"run.lock_lease_s must be > 0 (seconds without a heartbeat after "
                           f"which the run's lock is stale, e.g. 120), got {cfg.run.lock_lease_s}")
+    if isinstance(cfg.run.max_error_rate, bool) or not 0 <= cfg.run.max_error_rate <= 1:
+        raise ConfigError(f"run.max_error_rate must be a share between 0 and 1 (0.1: exit 5 when "
+                          f"more than 10 % of a unit's rows are errors; 1: never), got "
+                          f"{cfg.run.max_error_rate}")
     if cfg.run.id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", cfg.run.id):
         raise ConfigError(f"run.id {cfg.run.id!r}: use letters, digits, '_', '-', '.' (max 128)")
     for key in ("connect_timeout_s", "request_timeout_s"):

@@ -342,3 +342,17 @@ class RunLock:
                 self._obj.delete(token)
             except Exception:  # noqa: BLE001 - a lock left behind goes stale after its lease
                 pass
+
+
+def release_owned(store: Store, owner: str, key: str = LOCK_KEY) -> bool:
+    """Delete the run's lock if ``owner`` still holds it (for a supervisor whose driver died
+    without releasing it); False when it is gone or someone else's."""
+    obj = _backend(store, key)
+    raw, token = obj.read()
+    if raw is None:
+        return False
+    try:
+        info = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return info.get("owner") == owner and bool(obj.delete(token))

@@ -32,6 +32,9 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune",
 BENIGN_STDERR = (
     re.compile(r"core_worker\.cc:\d+: Actor with class name: '.*' .*has constructor arguments "
                r"in the object store and max_restarts > 0"),
+    # Ray recovering objects on its own (after a worker or node loss; it succeeds or the
+    # failure surfaces as an exception that salmap reports)
+    re.compile(r"core_worker\.cc:\d+: :info_message: Attempting to recover \d+ lost objects"),
 )
 
 _tty_before_filter: bool | None = None
@@ -57,6 +60,29 @@ class _AtLeast(logging.Filter):
 
 
 _QUIET = _AtLeast(logging.ERROR)
+_verbose = False
+
+
+def is_verbose() -> bool:
+    """Whether the last :func:`quiet_ray_logging` call asked for Ray's own lines."""
+    return _verbose
+
+
+class _NotRayDeath(logging.Filter):
+    """Drops Ray's ERROR records about its own death (a raylet, the GCS, a node): the run says
+    so in one line of its own (:mod:`pipeline.ray_failure`); Ray's log files keep them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .ray_failure import ray_failure, recorded_death
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and ray_failure(exc):
+            return False
+        # Ray Data's advice line that precedes the stack trace of a system error
+        return not (recorded_death() and "Ray Core internal code" in str(record.msg))
+
+
+_NO_RAY_DEATH = _NotRayDeath()
 
 
 def quiet_ray_logging(verbose: bool = False) -> None:
@@ -68,6 +94,11 @@ def quiet_ray_logging(verbose: bool = False) -> None:
     """
     import ray.data  # noqa: F401 - configures Ray Data's loggers, so their handlers exist
 
+    from .redact import REDACTING, redact_logging
+
+    global _verbose
+    _verbose = verbose
+    redact_logging()
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
         if name.startswith("ray._private."):  # a leaf logger: its level is the switch
@@ -75,10 +106,14 @@ def quiet_ray_logging(verbose: bool = False) -> None:
         for handler in logger.handlers:
             if isinstance(handler, logging.FileHandler) or "File" in type(handler).__name__:
                 continue  # Ray's log files keep everything
+            if REDACTING not in handler.filters:  # secrets in URLs: redacted, verbose or not
+                handler.addFilter(REDACTING)
             if verbose:
                 handler.removeFilter(_QUIET)
+                handler.removeFilter(_NO_RAY_DEATH)
             elif _QUIET not in handler.filters:
                 handler.addFilter(_QUIET)
+                handler.addFilter(_NO_RAY_DEATH)
     if not verbose:
         # Ray Data's "Progress bars disabled" notice is logged once per process at WARNING
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -44,14 +44,24 @@ from .ledger import (
 from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
 from .progress import ProgressLine
+from .ray_failure import (
+    RayFailure,
+    local_ray_processes,
+    ray_failure,
+    recorded_death,
+    watch_ray_errors,
+)
+from .redact import redact, redact_obj
 from .resume_check import redo_waves_with_missing_files
 from .rollup import ledger_aggregates
 from .storage import Store, check_job_storage
+from .supervise import note
 from .tracker import WaveTracker
 
 log = logging.getLogger("salmap")
 
 EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_ERROR_RATE = 5  # every shard done, but some unit's error rows exceed run.max_error_rate
 
 
 @dataclass
@@ -66,6 +76,10 @@ class RunResult:
     # unit id -> aggregate of its committed rows (pipeline.aggregate), for the report, which
     # then reads neither the commit records nor the rows for its tables
     aggregates: dict | None = field(default=None, repr=False)
+    # unit -> share of its rows with status "error"; the units above run.max_error_rate
+    error_rates: dict[str, float] = field(default_factory=dict)
+    over_error_rate: list[str] = field(default_factory=list)
+    max_error_rate: float | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,8 +100,9 @@ def resolve_run_id(cfg: SalmapConfig) -> str:
 
 # -- the whole run ------------------------------------------------------------------------
 def _public_config(cfg: SalmapConfig) -> dict:
-    """The resolved config as stored in the manifest (it never holds credentials)."""
-    return to_container(cfg)
+    """The resolved config as stored in the manifest and the Parquet metadata; credentials in
+    its URLs are redacted (:mod:`pipeline.redact`)."""
+    return redact_obj(to_container(cfg))
 
 
 
@@ -105,17 +120,23 @@ def split_metrics(cfg: SalmapConfig) -> tuple[dict[str, dict], dict[str, dict], 
 
 # -- resume checks ----------------------------------------------------------------------------
 def check_compatible(run_id: str, ledger: Ledger, plan: dict | None, cfg: SalmapConfig,
-                     units: list[Unit], shards: list[str]) -> None:
+                     units: list[Unit], shards: list[str], previous: dict | None = None) -> None:
     """Same run id, different work: refuse unless run.extend says new units/shards are fine.
     Only committed rows pin a unit's config: a run that committed nothing can be retried with
-    a fixed config under the same id."""
+    a fixed config under the same id. ``previous``: the run's manifest, whose config names the
+    keys that changed."""
+    from .config_diff import changed_keys
+
     for u in units:
         old = ledger.totals.get(u.id)
         if old and old.waves and old.config_hash != u.config_hash:
+            keys = changed_keys((previous or {}).get("config"), _public_config(cfg), u.id)
+            what = (f"changed: {'; '.join(keys)}" if keys else
+                    "the earlier config is not in the manifest to name the keys")
             raise ConfigError(
                 f"run {run_id!r} has committed rows of unit {u.id} made with a different config "
-                f"(hash {old.config_hash} vs {u.config_hash}); use a new run.id, or restore the "
-                "original config to resume")
+                f"({what}; hash {old.config_hash} vs {u.config_hash}); use a new run.id, or "
+                "restore the original values to resume")
     if not any(t.waves for t in ledger.totals.values()):
         return
     planned = set((plan or {}).get("units", {}))
@@ -246,10 +267,10 @@ class _Run:
             total = len(self.failures) + len(self.ledger.shard_failures)
         else:
             failures, total = self.all_failures(), None
-        return manifest(self.run_id, status, self.store.uri, self.public_config,
-                        stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(),
-                        self.ledger, units, self.shards_total, failures, self.started,
-                        self.extra, failures_total=total)
+        return redact_obj(manifest(
+            self.run_id, status, self.store.uri, self.public_config,
+            stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(), self.ledger,
+            units, self.shards_total, failures, self.started, self.extra, failures_total=total))
 
     def write_manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
         m = self.manifest(status, units)
@@ -328,9 +349,53 @@ class _Run:
         self.out(f"salmap: FAILED {line}")
 
 
-def run_job(cfg: SalmapConfig, out=print) -> RunResult:
-    """Plan, execute pending work, commit; returns the outcome and the exit code."""
+def error_rates(units: dict[str, dict]) -> dict[str, float]:
+    """unit -> share of its committed rows with status ``error`` (units with rows)."""
+    return {uid: u.get("errors", 0) / u["rows"] for uid, u in units.items() if u.get("rows")}
+
+
+def _ending(result: RunResult, cfg: SalmapConfig, m: dict, failures: list[str]) -> None:
+    """The exit code from the failures and the error rates (recorded in the manifest ``m``)."""
+    result.units, result.failures = m["units"], [redact(f) for f in failures]
+    result.max_error_rate = cfg.run.max_error_rate
+    result.error_rates = error_rates(m["units"])
+    result.over_error_rate = sorted(u for u, r in result.error_rates.items()
+                                    if r > cfg.run.max_error_rate)
+    m["error_rate"] = {"max": cfg.run.max_error_rate,
+                       "units": {u: round(r, 6) for u, r in result.error_rates.items()},
+                       "over": result.over_error_rate}
+    result.exit_code = (EXIT_INCOMPLETE if result.failures else
+                        EXIT_ERROR_RATE if result.over_error_rate else EXIT_OK)
+
+
+def _write_report(run: _Run, result: RunResult, m: dict) -> None:
+    """The HTML report, under the run's lock; ``m["report"]`` says whether it was written, so
+    that a run interrupted before it was (``pending``) gets it from the next ``salmap run``."""
+    try:
+        from .report import write_report
+
+        result.report = write_report(run.store.uri, storage=run.cfg.storage,
+                                     aggregates=result.aggregates)
+        m["report"] = {"status": "written", "path": result.report}
+    except ImportError as err:
+        m["report"] = {"status": "not written", "error": f"{type(err).__name__}: {err}"}
+    except Exception as err:  # noqa: BLE001 - the report never fails a run
+        m["report"] = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        run.out(f"salmap: report not written: {type(err).__name__}: {err}")
+    m["updated"] = time.time()
+    run.lock.check()
+    run.store.write_json(MANIFEST_KEY, redact_obj(m))
+
+
+def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
+    """Plan, execute pending work, commit; returns the outcome and the exit code. ``report``
+    (``salmap run``, :func:`pipeline.api.run`): also the HTML report when ``run.report``, under
+    the run's lock, and a report an interrupted run still owes. Everything it prints and stores
+    passes :func:`pipeline.redact.redact`."""
     run_id = resolve_run_id(cfg)
+    report = report and cfg.run.report
+    printer = out
+    out = lambda line: printer(redact(line))  # noqa: E731
     check_job_storage(cfg)  # a dead endpoint, bad credentials, a missing bucket: one line, fast
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{run_id}", cfg.storage)
     missing: list[str] = []
@@ -339,6 +404,8 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
     units = units_of(cfg)
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
     lock.acquire()
+    note(run={"store": store.uri, "storage": to_container(cfg)["storage"], "run_id": run_id,
+              "lock_owner": lock.owner})
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
     run: _Run | None = None
     try:
@@ -350,7 +417,7 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         commits = load_commits(store)
         ledger = Ledger.load(store, commits)
         lost = redo_waves_with_missing_files(store, ledger, commits, {u.id for u in units}, out)
-        check_compatible(run_id, ledger, plan_before, cfg, units, shards)
+        check_compatible(run_id, ledger, plan_before, cfg, units, shards, previous)
         index = load_shard_index(shards, cfg.storage)
         for name, n in index.items():
             identity.setdefault(name, {})["samples"] = n
@@ -373,6 +440,9 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         run.dirty = kept
         for f in run.failures:
             out(f"salmap: FAILED {f}")
+        report_due = (previous or {}).get("report")
+        if report_due:  # kept until a report is written (an interrupt may come before)
+            run.extra["report"] = report_due
         todo: list[tuple[Unit, list[Wave]]] = []
         for u in units:
             done = ledger.committed(u.id)
@@ -382,18 +452,28 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
                 todo.append((u, waves))
         total_waves = run.waves_total = sum(len(w) for _, w in todo)
         if total_waves == 0:
-            m = run.write_manifest("complete" if not run.all_failures() else "incomplete")
+            m = run.manifest("complete" if not run.all_failures() else "incomplete")
+            _ending(result, cfg, m, run.all_failures())
+            run.store.write_json(MANIFEST_KEY, m)
             if run.all_failures():
                 out(f"salmap: run {run_id!r}: nothing left to do for the shards that exist")
             else:
                 out(f"salmap: run {run_id!r} is already complete: every unit has committed every "
                     "shard; nothing to do")
-            result.units, result.failures = m["units"], run.all_failures()
-            result.exit_code = EXIT_INCOMPLETE if result.failures else EXIT_OK
+            if report and (report_due or {}).get("status") == "pending":
+                out(f"salmap: run {run_id!r} was interrupted before its report was written; "
+                    "writing it now")
+                _write_report(run, result, m)
             return result
+        if report:
+            run.extra["report"] = {"status": "pending"}
         run.write_manifest("running")
         result.did_work = True
         init_ray(cfg)
+        from .logs import is_verbose
+
+        note(ray_pids=local_ray_processes())
+        watch_ray_errors(is_verbose(), on_death=lambda what: note(death=what))
         configure_data_context(cfg)
         out(f"salmap: run {run_id} -> {store.uri} ({len(shards)} shard(s), {len(units)} unit(s), "
             f"{total_waves} wave(s) to do)")
@@ -423,17 +503,21 @@ def run_job(cfg: SalmapConfig, out=print) -> RunResult:
         except Exception as err:  # noqa: BLE001 - a summary never fails a run
             m["win_percent_average_drop"] = {"error": f"{type(err).__name__}: {err}"}
         m["finished"] = time.time()
+        _ending(result, cfg, m, failures)
+        m = redact_obj(m)
         lock.check()
         store.write_json(MANIFEST_KEY, m)
-        result.units, result.failures, result.aggregates = m["units"], failures, aggregates
-        result.exit_code = EXIT_INCOMPLETE if failures else EXIT_OK
+        result.aggregates = aggregates
+        if report:
+            _write_report(run, result, m)
         return result
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+    except (KeyboardInterrupt, RayFailure) as err:  # Ctrl-C, SIGTERM, or Ray died under the run
         if run is not None:
             with run.commit_lock:  # from here on no unit thread starts a commit
                 run.stopping.set()
             run.wait_for_commits()  # and those in flight end before the lock is released
-        mark_interrupted(store, interrupt_reason(err))
+        mark_interrupted(store, f"Ray failed: {err.what}" if isinstance(err, RayFailure)
+                         else interrupt_reason(err))
         raise
     finally:
         lock.release()
@@ -612,6 +696,9 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         except LockLost:
             raise  # another driver owns the run now: stop everything, commit nothing more
         except Exception as err:  # noqa: BLE001 - reported with its root cause below
+            died = ray_failure(err) or recorded_death()
+            if died:  # Ray itself failed: the run is interrupted, no shard is to blame
+                raise RayFailure(died) from err
             reason = root_cause(err)
             waves = tracker.pending()
             # what the failed attempt wrote for these is not committed: deleted after their

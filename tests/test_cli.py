@@ -147,3 +147,94 @@ def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
     assert any("committed wave" in ln for ln in salmap_lines)
     assert any(ln.startswith("salmap: r18__gradient: 2 samples") for ln in salmap_lines)
     assert "INFO" not in p.stdout and "WARNING" not in p.stdout and "core_worker" not in p.stdout
+
+
+# -- secrets in URLs (issue 21) ----------------------------------------------------------------
+def test_redact_masks_url_credentials_and_signed_query_values():
+    from pipeline.redact import redact, redact_obj
+
+    assert redact("s3://AKIA123:hunter2@bucket/a-000000.tar missing") == \
+        "s3://***@bucket/a-000000.tar missing"
+    assert redact("see https://u:p@h.example/x and http://tok@h/y") == \
+        "see https://***@h.example/x and http://***@h/y"
+    signed = "https://b.s3.amazonaws.com/k.tar?X-Amz-Credential=AK%2F1&X-Amz-Signature=abc123&v=2"
+    assert redact(signed) == "https://b.s3.amazonaws.com/k.tar?X-Amz-Credential=***" \
+                             "&X-Amz-Signature=***&v=2"
+    assert redact("plain text, a=b, s3://bucket/key") == "plain text, a=b, s3://bucket/key"
+    assert redact_obj({"input": {"shards": ["s3://k:hunter2@b/x.tar"]}, "n": 3}) == \
+        {"input": {"shards": ["s3://***@b/x.tar"]}, "n": 3}
+
+
+def test_redacting_filter_cleans_log_records_and_their_tracebacks():
+    from pipeline.redact import RedactingFilter
+
+    logger = logging.getLogger("salmap.test_redact")
+    try:
+        raise OSError("cannot open s3://k:hunter2@b/x.tar")
+    except OSError:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
+                                   "reading %s failed", ("s3://k:hunter2@b/x.tar",),
+                                   sys.exc_info())
+    assert RedactingFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert "hunter2" not in text and "s3://***@b/x.tar" in text
+
+
+def test_the_stored_config_has_no_credentials(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.run import _public_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(["s3://AKIAXX:hunter2@bucket/s-000000.tar"], str(tmp_path / "o")))
+    public = json.dumps(_public_config(load_config(str(job))))
+    assert "hunter2" not in public and "s3://***@bucket/s-000000.tar" in public
+
+
+def test_a_shard_url_with_credentials_is_never_echoed(tmp_path):
+    """The start-up storage check fails on the URL; its error line names it, secret redacted
+    (on main the line carried 'AKIAXX:hunter2@bucket')."""
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(["s3://AKIAXX:hunter2@bucket/data/s-000000.tar"],
+                                str(tmp_path / "out"),
+                                storage={"endpoint": "http://127.0.0.1:9", "retries": 1,
+                                         "connect_timeout_s": 1, "request_timeout_s": 1}))
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode in (1, 2), p.stderr
+    assert "hunter2" not in p.stdout + p.stderr and "AKIAXX" not in p.stdout + p.stderr
+    assert "s3://***@bucket/data" in p.stderr, p.stderr
+
+
+def test_max_error_rate_is_a_share(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(["x.tar"], str(tmp_path / "o")))
+    assert load_config(str(job)).run.max_error_rate == 0.1
+    with pytest.raises(ConfigError, match="run.max_error_rate must be a share between 0 and 1"):
+        load_config(str(job), ["run.max_error_rate=1.5"])
+
+
+def test_changed_keys_names_what_changed_for_the_unit():
+    from pipeline.config_diff import changed_keys
+
+    old = {"models": [{"name": "r18", "source": "torchvision:resnet18", "input_size": 64}],
+           "methods": [{"name": "ig", "params": {"steps": 8}}], "targets": "predicted",
+           "metrics": [], "resources": {"precision": "fp32", "batch_size": 4},
+           "run": {"map_dtype": "float16"}, "input": {"label_key": "cls"}}
+    new = json.loads(json.dumps(old))
+    new["models"][0]["input_size"] = 96
+    new["methods"][0]["params"]["steps"] = 16
+    new["resources"]["batch_size"] = 32  # not part of what makes the rows
+    assert changed_keys(old, new, "r18__ig") == ["methods[ig].params.steps 8 -> 16",
+                                                 "models[r18].input_size 64 -> 96"]
+    assert changed_keys(None, new, "r18__ig") == []
+
+
+def test_redact_masks_credentials_quoted_without_their_scheme():
+    from pipeline.redact import redact
+
+    assert redact('Invalid bucket name "AKIAXX:hunter2@bucket": must match') == \
+        'Invalid bucket name "***@bucket": must match'
+    assert redact("mail me at someone@example.com") == "mail me at someone@example.com"

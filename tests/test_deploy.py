@@ -240,7 +240,7 @@ def test_cronjob_forbids_overlap_and_may_only_manage_rayjobs():
     period = schedule_period_s(spec["schedule"])
     assert rayjob()["spec"]["activeDeadlineSeconds"] < job["activeDeadlineSeconds"] < period
     (rule,) = job["podFailurePolicy"]["rules"]
-    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]  # config error
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2, 5]  # config error, error rate
     (c,) = pod["containers"]
     env = {e["name"]: e for e in c["env"]}
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == (
@@ -377,6 +377,7 @@ def test_cron_script_retry_after_a_failed_run_resumes_it_under_the_same_run_id(t
     ("Job entrypoint command failed with exit code 2, last available logs:\nconfig", 2),
     ("Job entrypoint command failed with exit code 3, last available logs:\nunit", 3),
     ("Job entrypoint command failed with exit code 4, last available logs:\nlocked", 4),
+    ("Job entrypoint command failed with exit code 5, last available logs:\nerror rows", 5),
     ("The RayJob has passed the activeDeadlineSeconds.", 1),
 ])
 def test_cron_script_exits_with_salmaps_exit_code(tmp_path, message, code):

@@ -75,3 +75,111 @@ def test_sigterm_mid_run_exits_3_interrupted_and_unlocked(tmp_path, make_shards,
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["interrupted"]["reason"] == "SIGTERM"
     assert not (run / "_lock.json").exists()
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, executable) of every process below ``pid``, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    exe: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                exe[int(entry)] = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append((child, exe.get(child, "")))
+            todo.append(child)
+    return out
+
+
+def test_a_dead_driver_child_is_finished_by_its_supervisor(tmp_path, capsys):
+    """Ray's C++ ended the driver before any clean-up: the supervisor marks the manifest
+    interrupted with the cause, releases that driver's lock (not another's), one line, exit 3."""
+    from pipeline.lock import RunLock
+    from pipeline.supervise import _finish_for_dead_child
+
+    store = Store.open(str(tmp_path / "run"))
+    store.write_json("manifest.json", {"status": "running", "units": {}})
+    lock = RunLock(store, lease_s=60)
+    lock.acquire()
+    lock._stop.set()  # the dead driver's heartbeat stopped with it
+    notes = {"run": {"store": store.uri, "storage": None, "lock_owner": lock.owner},
+             "deaths": []}
+    assert _finish_for_dead_child(notes, 1, "Ray's raylet (pid 123) died") == 3
+    manifest = store.read_json("manifest.json")
+    assert manifest["status"] == "interrupted"
+    assert manifest["interrupted"]["reason"].startswith("Ray failed: Ray's raylet (pid 123) died")
+    assert not (tmp_path / "run" / "_lock.json").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["salmap: interrupted: Ray failed: Ray's raylet (pid 123) died (the driver then "
+                   "ended with exit code 1); run the same command again to resume"]
+    other = RunLock(store, lease_s=60)
+    other.acquire()
+    try:
+        _finish_for_dead_child({**notes, "said": True}, -9, None)
+        assert (tmp_path / "run" / "_lock.json").exists()  # another driver's lock stays
+    finally:
+        other.release()
+
+
+@pytest.mark.slow
+def test_raylet_killed_mid_run_interrupts_and_the_same_command_resumes(tmp_path, make_shards):
+    """Its own local Ray instance (ray.address null), never the shared one: the raylet that this
+    `salmap run` started is killed mid-run. One salmap line naming it, exit 3, the manifest
+    interrupted with the cause, no lock; the same command then does every row exactly once
+    (on main: exit 1, Ray's crash dump, manifest 'running', the lock left behind)."""
+    from pipeline.read import read_run
+
+    shards = make_shards(n_shards=2, per_shard=6)
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(shards, str(tmp_path / "out"), run_id="raylet",
+                                methods=[{"name": "integrated_gradients", "params": {"steps": 64}}],
+                                resources={"batch_size": 2}, ray={"num_cpus": 2}))
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(job)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    started = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "to do)" in line:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(300), "".join(lines)
+    time.sleep(2.0)  # inside the Ray Data execution
+    raylets = [pid for pid, exe in _descendants(proc.pid) if os.path.basename(exe) == "raylet"]
+    assert len(raylets) == 1, _descendants(proc.pid)  # this run's own instance, one node
+    os.kill(raylets[0], signal.SIGKILL)
+    stderr = proc.communicate(timeout=300)[1]
+    reader.join(timeout=10)
+    stdout = "".join(lines)
+    run = tmp_path / "out" / "raylet"
+    assert proc.returncode == 3, stdout[-3000:] + stderr[-3000:]
+    said = [ln for ln in (stdout + stderr).splitlines() if "interrupted" in ln]
+    assert len(said) == 1 and said[0].startswith("salmap: interrupted: Ray failed: Ray's raylet")
+    assert "run the same command again to resume" in said[0]
+    assert "Raylet is terminated" not in stdout + stderr  # Ray's crash dump stays in its logs
+    assert "Traceback" not in stdout + stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted", manifest["status"]
+    assert manifest["interrupted"]["reason"].startswith("Ray failed: Ray's raylet")
+    assert not (run / "_lock.json").exists()
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    df = read_run(str(run)).to_table(columns=["sample_id", "status"]).to_pandas()
+    assert len(df) == 12 and df.sample_id.is_unique and (df.status == "ok").all()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
