@@ -211,6 +211,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_constraints(args: argparse.Namespace) -> int:
+    """Print the pinned torch / torchvision / Ray set (``pip install -c``)."""
+    from .constraints import main as print_constraints
+
+    return print_constraints()
+
+
 def cmd_sanity(args: argparse.Namespace) -> int:
     from .sanity import run_sanity
 
@@ -276,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("folder", nargs="?", default="configs")
     it.add_argument("--force", action="store_true", help="overwrite existing files")
     it.set_defaults(func=cmd_init)
+    co = sub.add_parser("constraints", help="print the pinned torch / torchvision / Ray versions "
+                                            "salmap is tested with (pip install -c); also "
+                                            "`python -m pipeline.constraints` before the deps")
+    co.set_defaults(func=cmd_constraints)
     return p
 
 
