@@ -154,3 +154,62 @@ def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
     assert any("committed wave" in ln for ln in salmap_lines)
     assert any(ln.startswith("salmap: r18__gradient: 2 samples") for ln in salmap_lines)
     assert "INFO" not in p.stdout and "WARNING" not in p.stdout and "core_worker" not in p.stdout
+
+
+def _exit(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["shards", "{tmp}/nofolder/", "{tmp}/out"], "salmap: shards: {tmp}/nofolder/ is not a folder"),
+    (["shards", "{tmp}/empty", "{tmp}/out"], "salmap: shards: no images found in {tmp}/empty ("),
+    (["shards", "{tmp}/flat", "{tmp}/out", "--labels", "{tmp}/no.csv"],
+     "salmap: shards: --labels {tmp}/no.csv: No such file or directory"),
+    (["shards", "{tmp}/flat", "{tmp}/out", "--per-shard", "0"], "salmap: shards: --per-shard 0"),
+    (["export"], "salmap: export: the following arguments are required: run, --format"),
+    (["nosuchcommand"], "salmap: argument command: invalid choice: 'nosuchcommand'"),
+    (["read", "{tmp}/run", "--head", "x"], "salmap: read: argument --head: invalid int value"),
+    (["report", "{tmp}/norun"], "salmap: report: {tmp}/norun: not found (no salmap run there"),
+    (["run", "{tmp}/missing.yaml"], "salmap: config error: config file not found"),
+])
+def test_every_usage_error_is_one_salmap_line_with_exit_2(tmp_path, capsys, argv, says):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes(0))
+    tmp = str(tmp_path)
+    assert _exit([a.format(tmp=tmp) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(says.format(tmp=tmp)), err
+    assert not (tmp_path / "norun").exists() and not (tmp_path / "out").exists()
+
+
+def test_shards_names_a_flat_folder_without_labels_and_counts_one_shard(tmp_path, capsys):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes(0))
+    assert main(["shards", str(tmp_path / "flat"), str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"note: {tmp_path / 'flat'} has no class sub-folders and no --labels")
+    assert out[1] == f"wrote 1 shard: {tmp_path / 's' / 'shard-000000.tar'}"
+    (tmp_path / "flat" / "b.jpg").write_bytes(jpeg_bytes(1))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\na.jpg,1\nb.jpg,2\n")
+    assert main(["shards", str(tmp_path / "flat"), str(tmp_path / "t"), "--per-shard", "1",
+                 "--labels", str(labels)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote 2 shards: {tmp_path / 't' / 'shard-000000.tar'} ... "
+        f"{tmp_path / 't' / 'shard-000001.tar'}"]
+
+
+def test_read_maps_writes_the_maps_without_the_table(tmp_path, capsys):
+    from test_export import write_run
+
+    run = write_run(str(tmp_path / "run"))
+    assert main(["read", run]) == 0
+    assert "k00000" in capsys.readouterr().out  # the rows' table
+    assert main(["read", run, "--maps", str(tmp_path / "m.npz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith(f"wrote {tmp_path / 'm.npz'}: maps [")
+    assert (tmp_path / "m.npz").is_file()
