@@ -192,6 +192,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         h, w = table.schema.field(MAP_COLUMN).type.shape
         print(f"wrote {args.maps}: maps [{table.num_rows}, {h}, {w}] float32 (NaN on error rows), "
               "sample_id, target, status")
+        return EXIT_OK  # the maps were asked for, not the table of rows
     import pyarrow as pa
 
     table = pa.concat_tables(frames, promote_options="permissive") if len(frames) > 1 else frames[0]
@@ -200,8 +201,14 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .read import RunNotFound, units
     from .report import write_report
 
+    try:
+        units(args.run, endpoint=args.endpoint)
+    except RunNotFound as err:  # nothing to report on: write no report/ folder there
+        print(f"salmap: report: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     path = write_report(args.run, storage={"endpoint": args.endpoint} if args.endpoint else None,
                         signed=args.signed, max_samples=args.max_samples or None)
     print(f"report: {path}")
@@ -224,18 +231,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from .shards import IMAGE_SUFFIXES, write_shards
+    from .shards import IMAGE_SUFFIXES, ShardsError, write_shards
 
     skipped: list[str] = []
-    paths = write_shards(args.images, args.output, per_shard=args.per_shard, labels=args.labels,
-                         prefix=args.prefix, endpoint=args.endpoint, skipped=skipped)
+    notes: list[str] = []
+    try:
+        paths = write_shards(args.images, args.output, per_shard=args.per_shard,
+                             labels=args.labels, prefix=args.prefix, endpoint=args.endpoint,
+                             skipped=skipped, notes=notes)
+    except ShardsError as err:
+        print(f"salmap: shards: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     if skipped:
         kinds = sorted({Path(f).suffix.lower() or "(no suffix)" for f in skipped})
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         print(f"skipped {len(skipped)} file(s) that are not {'/'.join(sorted(IMAGE_SUFFIXES))} "
               f"images ({', '.join(kinds)}): {shown}")
-    print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}" if paths else "no images found")
-    return EXIT_OK if paths else EXIT_CONFIG
+    for line in notes:
+        print(f"note: {line}")
+    print(f"wrote 1 shard: {paths[0]}" if len(paths) == 1 else
+          f"wrote {len(paths)} shards: {paths[0]} ... {paths[-1]}")
+    return EXIT_OK
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -256,6 +272,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_constraints(args: argparse.Namespace) -> int:
+    """Print the pinned torch / torchvision / Ray set (``pip install -c``)."""
+    from .constraints import main as print_constraints
+
+    return print_constraints()
+
+
 def cmd_sanity(args: argparse.Namespace) -> int:
     from .sanity import run_sanity
 
@@ -270,8 +293,16 @@ REMOTE_CODE_HELP = ("run a config read from s3:// even though it names code to i
                     "(a package.module:callable model source); only for configs you trust")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``salmap:`` line (exit 2), like the others."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(EXIT_CONFIG, f"salmap: {sub}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="salmap", description="Saliency maps for whole image datasets, on Ray.")
+    p = _Parser(prog="salmap", description="Saliency maps for whole image datasets, on Ray.")
     p.add_argument("--version", action="version", version=f"salmap {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show Ray's own log lines (hidden by default)")
@@ -328,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("folder", nargs="?", default="configs")
     it.add_argument("--force", action="store_true", help="overwrite existing files")
     it.set_defaults(func=cmd_init)
+    co = sub.add_parser("constraints", help="print the pinned torch / torchvision / Ray versions "
+                                            "salmap is tested with (pip install -c); also "
+                                            "`python -m pipeline.constraints` before the deps")
+    co.set_defaults(func=cmd_constraints)
     return p
 
 

@@ -246,6 +246,10 @@ def load_config(path: str | None, overrides: list[str] | None = None,
             for key in LIST_KEYS:  # a single string where a list is expected
                 if isinstance(OmegaConf.select(loaded, key), str):
                     OmegaConf.update(loaded, key, [OmegaConf.select(loaded, key)])
+            methods = loaded.get("methods")
+            if isinstance(methods, (str, ListConfig)):  # bare names, like metrics:
+                loaded["methods"] = bare_methods(OmegaConf.to_container(methods)
+                                                 if isinstance(methods, ListConfig) else methods)
             merged = OmegaConf.merge(schema, loaded)
         for key, value in parsed:
             OmegaConf.update(merged, key, value, merge=True)
@@ -270,6 +274,18 @@ def _parse_value(key: str, text: str) -> Any:
         ) from None
     if key in LIST_KEYS and isinstance(value, str):
         value = [value]
+    if key == "methods":
+        value = bare_methods(value)
+    return value
+
+
+def bare_methods(value: Any) -> Any:
+    """``methods:`` entries given as bare names (``[gradcam, {name: ig, ...}]``, or one name) as
+    ``{name: ...}`` mappings, the way ``metrics:`` takes names."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
     return value
 
 

@@ -6,8 +6,10 @@ training code reads.
   images/<shard>`` extracts), original ``width`` and ``height``. ``annotations``: one per
   pseudo box (``pseudo_box`` metric), ``bbox`` = ``[x, y, w, h]`` in original pixels,
   ``category_id`` = model class + 1 (detection code often reserves 0 for background), ``score``
-  = the box's support in the map (``pseudo_box_score``). ``categories``: the explained classes
-  with their names.
+  = the box's support in the map (``pseudo_box_score``), and where the row has a pseudo mask
+  (``pseudo_mask`` metric) its ``segmentation`` as COCO RLE (compressed ``counts``; ``area``
+  is then the mask's pixel count), which ``annToMask`` reads. ``categories``: the explained
+  classes with their names.
 * ``voc-masks``: per unit, ``SegmentationClass/<shard>/<key>.png`` for every label map
   (``pseudo_labels.label_maps``), ``ImageSets/Segmentation/train.txt`` (one ``<shard>/<key>``
   a line) and ``class_map.json`` (PNG value -> model class and name). The PNGs are 8-bit
@@ -16,6 +18,9 @@ training code reads.
   VOC's ids), else the classes present are numbered 1..N in class order (N <= 254); with more
   than 254 classes the PNGs are 16-bit, value = class + 1, ignore 65535.
 * ``parquet``: the committed rows as they are, ``<unit>/part-NNNNN.parquet``.
+
+An export that would hold nothing (no pseudo box, no label map) raises :class:`ExportError`
+naming the config key that makes them, and writes nothing.
 
 Exports read committed rows only (the files named in the commit records), one Parquet batch at
 a time, wave by wave, so memory does not grow with the run; the COCO JSON is assembled from
@@ -40,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from . import coco_rle
 from .ledger import MANIFEST_KEY
 from .rollup import committed_file_lists
 from .safe_path import UnsafePath, join_inside, shown_key
@@ -153,7 +159,7 @@ def namer(store: Store, model: str, names_file: str | None) -> Callable[[int], s
 
 # -- COCO ----------------------------------------------------------------------------------
 COCO_COLUMNS = ["sample_id", "shard", "key", "image_file", "status", "target", "orig_height",
-                "orig_width", "pseudo_box", "pseudo_box_score", "target_prob"]
+                "orig_width", "pseudo_box", "pseudo_box_score", "target_prob", "pseudo_mask_png"]
 
 
 def export_coco(store: Store, commits: dict, unit: str, out: Store, names: Callable[[int], str],
@@ -190,12 +196,16 @@ def export_coco(store: Store, commits: dict, unit: str, out: Store, names: Calla
                         n_boxes += 1
                         w, h = b["x1"] - b["x0"], b["y1"] - b["y0"]
                         score = r.get("pseudo_box_score")
-                        anns.write(("," if n_boxes > 1 else "") + json.dumps({
-                            "id": n_boxes, "image_id": image_ids[sid],
-                            "category_id": int(r["target"]) + 1,
-                            "bbox": [b["x0"], b["y0"], w, h], "area": w * h, "iscrowd": 0,
-                            "score": 1.0 if score is None else score,
-                            "salmap_target_prob": r.get("target_prob")}))
+                        ann = {"id": n_boxes, "image_id": image_ids[sid],
+                               "category_id": int(r["target"]) + 1,
+                               "bbox": [b["x0"], b["y0"], w, h], "area": w * h, "iscrowd": 0,
+                               "score": 1.0 if score is None else score,
+                               "salmap_target_prob": r.get("target_prob")}
+                        if r.get("pseudo_mask_png"):
+                            ann["segmentation"], ann["area"] = coco_rle.from_png(r["pseudo_mask_png"])
+                        anns.write(("," if n_boxes > 1 else "") + json.dumps(ann))
+        if not n_boxes:
+            raise ExportError(f"{unit}: nothing to export: {_why_no_boxes(store, n_images)}")
         model, _, method = unit.partition("__")
         head = {
             "info": {"description": f"salmap pseudo boxes: model {model}, method {method}",
@@ -213,6 +223,22 @@ def export_coco(store: Store, commits: dict, unit: str, out: Store, names: Calla
             _copy(ann_path, dst)
             dst.write(b"]}\n")
     return out.url(key)
+
+
+def _why_no_boxes(store: Store, n_images: int) -> str:
+    """Why a unit has no pseudo box, and what to change."""
+    if not n_images:
+        return "no ok rows"
+    manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}
+    metrics = ((manifest.get("config") or {}).get("metrics")) or []
+    asked = {m if isinstance(m, str) else next(iter(m), "") for m in metrics
+             if isinstance(m, (str, dict))}
+    if "pseudo_box" in asked:
+        return (f"no map of the {n_images} images gave a pseudo box (no foreground above "
+                "the metric's pseudo_threshold)")
+    return (f"the run did not compute pseudo boxes ({n_images} images); add pseudo_box (and "
+            "pseudo_mask for segmentation) to the config's metrics, e.g. salmap run CONFIG "
+            "'metrics=[pseudo_box, pseudo_mask]' run.id=NEW")
 
 
 def _copy(path: str, dst: Any) -> None:
@@ -319,6 +345,11 @@ def export_voc(store: Store, commits: dict, unit: str, out: Store, names: Callab
                         if len(pending) >= 2 * WRITE_THREADS:
                             _drain(pending, keep=WRITE_THREADS)
             _drain(pending, keep=0)
+        if not written:
+            raise ExportError(
+                f"{unit}: nothing to export: no label maps in the rows (the run was made without "
+                "them); run with pseudo_labels.label_maps=true, e.g. salmap run CONFIG "
+                "pseudo_labels.label_maps=true run.id=NEW")
         with output_stream(out, f"{unit}/ImageSets/Segmentation/train.txt") as dst:
             _copy(list_path, dst)
     out.write_json(f"{unit}/class_map.json", {

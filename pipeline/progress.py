@@ -10,6 +10,14 @@ Two sources, the larger wins:
   finished plus the part of the current batch done, which iterative methods report step by
   step (see :mod:`workers.progress`). So the count moves during long batches too.
 
+The line counts whole samples; its percentage follows the fractional progress, so it moves
+inside a long batch. The total comes from the shard index, else from the tar headers or the
+listed shard sizes (:mod:`pipeline.shard_count`; ``~`` marks an estimate). The rate is measured
+over recent history once the count has moved between two lines, and before that comes from the
+actors' completed batches (samples / seconds in batches, summed over actors), so it is there
+from the first completed batch on. A line that would say nothing new (same count, percentage
+and rows) is not printed, except once a minute with how long nothing has changed.
+
 ``ray.progress``: ``auto`` and ``lines`` print these lines (``auto`` also on a terminal);
 ``bars`` adds Ray Data's per-stage bars; ``off`` prints nothing.
 """
@@ -24,19 +32,28 @@ from collections.abc import Callable
 from workers.progress import COUNTER_NAME
 
 RATE_WINDOW_S = 120.0  # the rate is measured over this much recent history
+QUIET_S = 60.0  # a line with nothing new is printed at most this often
 
 
 class Counter:
     """The job's counter (a Ray actor, no CPU): per unit, each model actor's latest report."""
 
     def __init__(self) -> None:
-        self.reports: dict[str, dict[str, tuple[float, float]]] = {}
+        self.reports: dict[str, dict[str, tuple[float, float, float]]] = {}
 
-    def report(self, unit: str, key: str, finished: float, partial: float) -> None:
-        self.reports.setdefault(unit, {})[key] = (float(finished), float(partial))
+    def report(self, unit: str, key: str, finished: float, partial: float,
+               busy_s: float = 0.0) -> None:
+        self.reports.setdefault(unit, {})[key] = (float(finished), float(partial), float(busy_s))
 
     def value(self, unit: str) -> float:
-        return sum(f + p for f, p in self.reports.get(unit, {}).values())
+        return sum(f + p for f, p, _ in self.reports.get(unit, {}).values())
+
+    def state(self, unit: str) -> tuple[float, float | None]:
+        """(samples done, the actors' rate: each actor's finished samples over the seconds its
+        completed batches took, summed; None before a batch has completed)."""
+        reports = self.reports.get(unit, {}).values()
+        rates = [f / b for f, _, b in reports if f > 0 and b > 0]
+        return self.value(unit), (sum(rates) if rates else None)
 
     def reset(self, unit: str) -> None:
         self.reports.pop(unit, None)
@@ -76,13 +93,15 @@ def _duration(seconds: float) -> str:
 
 
 def format_line(unit: str, done: float, total: int | None, rate: float | None,
-                rows: int | None = None) -> str:
-    """``salmap: UNIT: 12/29 samples (41%), 36 rows committed, 0.52 samples/s, ETA 0m33s``."""
+                rows: int | None = None, approx: bool = False) -> str:
+    """``salmap: UNIT: 12/29 samples (43%), 36 rows committed, 0.52 samples/s, ETA 0m33s``:
+    whole samples; the percentage from the fractional progress (it moves inside a batch);
+    ``approx``: the total is an estimate (``~29``)."""
     if total:
         done = min(done, float(total))
-    count = f"{done:.1f}" if done < 100 and done != int(done) else f"{int(done)}"
-    parts = [f"{count}/{total} samples ({100.0 * done / total:.0f}%)" if total
-             else f"{count} samples"]
+    count = int(done + 1e-9)
+    parts = [f"{count}/{'~' if approx else ''}{total} samples ({100.0 * done / total:.0f}%)"
+             if total else f"{count} samples"]
     if rows is not None:
         parts.append(f"{rows} rows committed")
     parts.append(f"{rate:.2f} samples/s" if rate else "rate ?")
@@ -102,10 +121,16 @@ class ProgressLine:
 
     def __init__(self, unit: str, total: int | None, cfg, out=print, interval: float = 10.0,
                  clock: Callable[[], float] = time.time,
-                 source: Callable[[], float] | None = None, thread: bool = True) -> None:
+                 source: Callable[[], float | tuple[float, float | None]] | None = None,
+                 thread: bool = True, approx: bool = False) -> None:
         self.enabled = cfg.ray.progress != "off"
         self.unit, self.total, self.out, self.interval, self.clock = unit, total, out, interval, clock
+        self.approx = approx  # the total is an estimate (shard sizes)
+        self.actor_rate: float | None = None  # from the actors' completed batches
+        self.last_news: tuple | None = None  # what the last printed line said, rate aside
+        self.last_printed = float("-inf")
         self.t0 = clock()
+        self.news_since = self.t0  # when the count, percentage or rows last changed
         self.written = 0.0  # samples with rows written (the execution's records)
         self.shown = 0.0  # what the last line said (never goes back)
         self.rows = 0  # rows committed
@@ -127,10 +152,10 @@ class ProgressLine:
                                             daemon=True)
             self._thread.start()
 
-    def _poll_counter(self) -> float:
+    def _poll_counter(self) -> tuple[float, float | None]:
         import ray
 
-        return float(ray.get(self._actor.value.remote(self.unit), timeout=5))
+        return tuple(ray.get(self._actor.state.remote(self.unit), timeout=5))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -153,7 +178,10 @@ class ProgressLine:
         reported = 0.0
         if self.source is not None:
             try:
-                reported = float(self.source())
+                got = self.source()
+                if isinstance(got, tuple):
+                    got, self.actor_rate = got
+                reported = float(got)
             except Exception:  # noqa: BLE001 - a slow or gone counter: use what was written
                 reported = 0.0
         with self.lock:
@@ -164,8 +192,12 @@ class ProgressLine:
             return done
 
     def rate(self, now: float, done: float) -> float | None:
-        """Samples per second over the last :data:`RATE_WINDOW_S` (None before two points
-        with progress between them: start-up, model loading)."""
+        """Samples per second over the last :data:`RATE_WINDOW_S`; before two points with
+        progress between them (start-up, model loading) the actors' rate, else None."""
+        measured = self._measured(now, done)
+        return measured if measured is not None else self.actor_rate
+
+    def _measured(self, now: float, done: float) -> float | None:
         h = self.history
         h.append((now, done))
         while len(h) > 2 and now - h[1][0] >= RATE_WINDOW_S:
@@ -178,12 +210,23 @@ class ProgressLine:
         return (done - first[1]) / (now - first[0]) if done > first[1] else None
 
     def tick(self) -> str:
-        """Print one line (and return it)."""
+        """Print one line, unless it says nothing new (and return it)."""
         now = self.clock()
         done = self.current()
-        line = format_line(self.unit, done, self.total, self.rate(now, done), self.rows)
+        line = format_line(self.unit, done, self.total, self.rate(now, done), self.rows,
+                           self.approx)
+        news = (int(done + 1e-9), round(100.0 * done / self.total) if self.total else None,
+                self.rows)
+        if news != self.last_news:
+            self.news_since = now
+        elif now - self.last_printed < QUIET_S:
+            return line  # the same count, percentage and rows: nothing to say
+        else:
+            line += f", no change for {_duration(now - self.news_since)}"
         if self.enabled:
             self.out(line)
+            self.last_printed = now
+        self.last_news = news
         self.last_line = line
         return line
 
@@ -196,7 +239,7 @@ class ProgressLine:
                 done = max(self.shown, self.written)
             elapsed = self.clock() - self.t0
             rate = done / elapsed if elapsed > 0 and done > 0 else None
-            self.out(format_line(self.unit, done, self.total, rate, self.rows).replace(
+            self.out(format_line(self.unit, done, self.total, rate, self.rows, self.approx).replace(
                 ", ETA 0m00s", "") + f", done in {_duration(elapsed)}")
         if self._actor is not None:
             try:

@@ -672,9 +672,11 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
               actors: int | tuple[int, int] | None = None) -> None:
     """Run one unit's waves in one streaming execution; retry once if it failed after
     committing something (a transient fault), else report the root cause for its shards."""
-    total = sum(index[shard_name(s)] for w in waves for s in w.shards) \
-        if all(shard_name(s) in index for w in waves for s in w.shards) else None
-    progress = ProgressLine(unit.id, total, run.cfg, run.out)
+    from .shard_count import unit_total
+
+    total, approx = unit_total([s for w in waves for s in w.shards], index, identity,
+                               run.cfg.storage) if run.cfg.ray.progress != "off" else (None, False)
+    progress = ProgressLine(unit.id, total, run.cfg, run.out, approx=approx)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         base = progress.committed_samples
         tracker = WaveTracker(unit.id, unit.config_hash, waves, identity, index)

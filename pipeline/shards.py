@@ -21,12 +21,27 @@ from .storage import Store
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
+class ShardsError(ValueError):
+    """A usage error of ``salmap shards`` (no such folder, no images, an unreadable labels file):
+    the CLI prints it as one line and exits 2."""
+
+
 def _safe_key(rel: str) -> str:
     stem = os.path.splitext(rel)[0]
     return re.sub(r"[^A-Za-z0-9_\-/]", "_", stem).replace("/", "__")
 
 
 def _read_labels(path: str) -> dict[str, dict]:
+    try:
+        return _parse_labels(path)
+    except OSError as err:
+        raise ShardsError(f"--labels {path}: {err.strerror or err}") from None
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ShardsError(f"--labels {path} cannot be read ({err}); give a CSV file,label"
+                          "[,x0,y0,x1,y1] or a JSON object {file: {label, boxes, labels}}") from None
+
+
+def _parse_labels(path: str) -> dict[str, dict]:
     if path.lower().endswith(".json"):
         with open(path) as f:
             raw = json.load(f)
@@ -52,7 +67,7 @@ def collect(images: str, labels: str | None = None,
     appended to ``skipped`` (paths relative to ``images``)."""
     root = Path(images)
     if not root.is_dir():
-        raise ValueError(f"{images} is not a folder")
+        raise ShardsError(f"{images} is not a folder" + (" (it is a file)" if root.exists() else ""))
     everything = sorted(p for p in root.rglob("*") if p.is_file())
     files = [p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES]
     if skipped is not None:
@@ -73,10 +88,22 @@ def collect(images: str, labels: str | None = None,
 
 def write_shards(images: str, output: str, per_shard: int = 1000, labels: str | None = None,
                  prefix: str = "shard", endpoint: str | None = None,
-                 skipped: list[str] | None = None) -> list[str]:
+                 skipped: list[str] | None = None, notes: list[str] | None = None) -> list[str]:
     """Write ``<output>/<prefix>-000000.tar, ...`` and ``shards.json`` (sample counts);
-    files that are not images of a supported type are listed in ``skipped``."""
+    files that are not images of a supported type are listed in ``skipped``, and what the user
+    should know about the result (a flat folder without labels) in ``notes``. A folder without
+    images raises :class:`ShardsError`."""
+    if per_shard < 1:
+        raise ShardsError(f"--per-shard {per_shard}: give a number of images per shard >= 1")
     items = collect(images, labels, skipped)
+    if not items:
+        raise ShardsError(f"no images found in {images} (looked for "
+                          f"{'/'.join(sorted(IMAGE_SUFFIXES))} files, in sub-folders too)")
+    if notes is not None and not labels and all(len(p.relative_to(images).parts) == 1
+                                                for _, p, _ in items):
+        notes.append(f"{images} has no class sub-folders and no --labels was given: the shards "
+                     "hold images without labels (fine for targets: predicted; for targets: "
+                     "label give --labels labels.csv, file,label per line)")
     store = Store.open(output, {"endpoint": endpoint} if endpoint else None)
     written, counts = [], {}
     for s in range(0, len(items), per_shard):

@@ -43,8 +43,15 @@ def test_init_writes_the_packaged_configs(tmp_path, monkeypatch, capsys):
     packaged = Path(pipeline.__file__).parent / "configs"
     for name in ("demo.yaml", "example.yaml"):
         assert (tmp_path / "configs" / name).read_text() == (packaged / name).read_text()
-    # the checkout's configs/ is the packaged folder, so the two never differ
-    assert (REPO / "configs").resolve() == packaged.resolve()
+    # the checkout's configs/ is a real folder (no link: archives and file systems without
+    # links keep it) holding the same files as the packaged pipeline/configs/
+    assert not (REPO / "configs").is_symlink() and (REPO / "configs").is_dir()
+    top = sorted(p.name for p in (REPO / "configs").iterdir())
+    assert top == sorted(p.name for p in packaged.glob("*.yaml")) == ["demo.yaml", "example.yaml"]
+    for name in top:
+        assert (REPO / "configs" / name).read_bytes() == (packaged / name).read_bytes(), (
+            f"configs/{name} differs from pipeline/configs/{name} (the copy `salmap init` "
+            "writes): edit both, or copy one onto the other")
     (tmp_path / "configs" / "demo.yaml").write_text("# mine\n")
     assert main(["init"]) == 0
     assert (tmp_path / "configs" / "demo.yaml").read_text() == "# mine\n"
@@ -54,7 +61,7 @@ def test_init_writes_the_packaged_configs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert cli._default_config() == str(packaged / "demo.yaml")
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'pipeline = ["configs/*.yaml"]' in pyproject  # and the wheel carries them
+    assert '"configs/*.yaml"' in pyproject  # and the wheel carries them (tests/test_packaging.py)
 
 
 def test_shards_prints_what_it_skipped(tmp_path, capsys):
@@ -238,3 +245,62 @@ def test_redact_masks_credentials_quoted_without_their_scheme():
     assert redact('Invalid bucket name "AKIAXX:hunter2@bucket": must match') == \
         'Invalid bucket name "***@bucket": must match'
     assert redact("mail me at someone@example.com") == "mail me at someone@example.com"
+
+
+def _exit(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["shards", "{tmp}/nofolder/", "{tmp}/out"], "salmap: shards: {tmp}/nofolder/ is not a folder"),
+    (["shards", "{tmp}/empty", "{tmp}/out"], "salmap: shards: no images found in {tmp}/empty ("),
+    (["shards", "{tmp}/flat", "{tmp}/out", "--labels", "{tmp}/no.csv"],
+     "salmap: shards: --labels {tmp}/no.csv: No such file or directory"),
+    (["shards", "{tmp}/flat", "{tmp}/out", "--per-shard", "0"], "salmap: shards: --per-shard 0"),
+    (["export"], "salmap: export: the following arguments are required: run, --format"),
+    (["nosuchcommand"], "salmap: argument command: invalid choice: 'nosuchcommand'"),
+    (["read", "{tmp}/run", "--head", "x"], "salmap: read: argument --head: invalid int value"),
+    (["report", "{tmp}/norun"], "salmap: report: {tmp}/norun: not found (no salmap run there"),
+    (["run", "{tmp}/missing.yaml"], "salmap: config error: config file not found"),
+])
+def test_every_usage_error_is_one_salmap_line_with_exit_2(tmp_path, capsys, argv, says):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes(0))
+    tmp = str(tmp_path)
+    assert _exit([a.format(tmp=tmp) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(says.format(tmp=tmp)), err
+    assert not (tmp_path / "norun").exists() and not (tmp_path / "out").exists()
+
+
+def test_shards_names_a_flat_folder_without_labels_and_counts_one_shard(tmp_path, capsys):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes(0))
+    assert main(["shards", str(tmp_path / "flat"), str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"note: {tmp_path / 'flat'} has no class sub-folders and no --labels")
+    assert out[1] == f"wrote 1 shard: {tmp_path / 's' / 'shard-000000.tar'}"
+    (tmp_path / "flat" / "b.jpg").write_bytes(jpeg_bytes(1))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\na.jpg,1\nb.jpg,2\n")
+    assert main(["shards", str(tmp_path / "flat"), str(tmp_path / "t"), "--per-shard", "1",
+                 "--labels", str(labels)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote 2 shards: {tmp_path / 't' / 'shard-000000.tar'} ... "
+        f"{tmp_path / 't' / 'shard-000001.tar'}"]
+
+
+def test_read_maps_writes_the_maps_without_the_table(tmp_path, capsys):
+    from test_export import write_run
+
+    run = write_run(str(tmp_path / "run"))
+    assert main(["read", run]) == 0
+    assert "k00000" in capsys.readouterr().out  # the rows' table
+    assert main(["read", run, "--maps", str(tmp_path / "m.npz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith(f"wrote {tmp_path / 'm.npz'}: maps [")
+    assert (tmp_path / "m.npz").is_file()

@@ -62,3 +62,17 @@ def test_a_model_factory_is_imported_at_config_time(job, tmp_path, monkeypatch, 
     assert code == 2 and "Traceback" not in err
     assert "models[0].source: cannot import module 'mymodelz.nets'" in err
     assert "importable on the driver and on every Ray node" in err
+
+
+def test_methods_take_bare_names_like_metrics(job, tmp_path):
+    cfg = load_config(job, ["methods=[gradcam, {name: gradient, batch_size: 4}]"])
+    assert [(m.name, m.batch_size) for m in cfg.methods] == [("gradcam", None), ("gradient", 4)]
+    assert [m.name for m in load_config(job, ["methods=gradcam"]).methods] == ["gradcam"]
+    bare = tmp_path / "bare.yaml"  # in the file too (and so in the Python API's dicts)
+    bare.write_text(small_config(["x.tar"], str(tmp_path), methods=["gradcam", "layercam"]))
+    assert [m.name for m in load_config(str(bare)).methods] == ["gradcam", "layercam"]
+    bare.write_text(small_config(["x.tar"], str(tmp_path), methods="gradcam"))
+    assert [m.name for m in load_config(str(bare)).methods] == ["gradcam"]
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.name: unknown method 'gradcan' "
+                                          r"\(did you mean 'gradcam'\?\)"):
+        load_config(job, ["methods=[gradcan]"])

@@ -191,6 +191,86 @@ def test_coco_export_needs_pseudo_boxes_and_names_fall_back_to_ids(tmp_path):
         export_run(str(tmp_path / "nothing"), "coco")
 
 
+def _rewrite(run: str, column: str, value) -> None:
+    """Every data file of ``run`` with ``column`` set to ``value(row)`` (row: a dict)."""
+    for f in Path(run, "data").rglob("*.parquet"):
+        t = pq.read_table(f)
+        values = [value(r) for r in t.to_pylist()]
+        i = t.schema.get_field_index(column)
+        t = t.set_column(i, t.schema.field(i), pa.array(values, type=t.schema.field(i).type))
+        pq.write_table(t, f)
+
+
+def _mask(r: dict) -> np.ndarray | None:
+    """A pseudo mask inside the row's box: its top-left triangle (not a rectangle)."""
+    b = r.get("pseudo_box")
+    if r.get("status") != "ok" or b is None:
+        return None
+    m = np.zeros((H, W), bool)
+    x0, y0, x1, y1 = (int(b[k]) for k in ("x0", "y0", "x1", "y1"))
+    for y in range(y0, y1):
+        m[y, x0:x0 + max(1, (x1 - x0) * (y1 - y) // (y1 - y0))] = True
+    return m
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (24, 32), (375, 500)])
+def test_rle_is_pycocotools_encoding_byte_for_byte(shape):
+    from pycocotools import mask as mask_util
+
+    from pipeline.coco_rle import encode
+
+    rng = np.random.default_rng(shape[0])
+    for p in (0.0, 0.02, 0.5, 0.98, 1.0):
+        m = rng.random(shape) < p
+        ours = encode(m)
+        ref = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert ours == {"size": list(ref["size"]), "counts": ref["counts"].decode()}
+
+
+def test_coco_export_carries_the_pseudo_masks_as_rle_that_ann_to_mask_reads(tmp_path):
+    from pycocotools.coco import COCO
+
+    from workers.metrics.pseudo_labels import mask_png
+
+    run = write_run(str(tmp_path / "t"))
+    _rewrite(run, "pseudo_mask_png", lambda r: None if _mask(r) is None else mask_png(_mask(r)))
+    (path,) = export_run(run, "coco")
+    coco = COCO(path)
+    by_key = {(r["sample_id"], r["target"]): r for r in committed_rows(run)}
+    assert coco.anns
+    for ann in coco.anns.values():
+        sid = coco.imgs[ann["image_id"]]["salmap_sample_id"]
+        want = _mask({"status": "ok", **by_key[(sid, ann["category_id"] - 1)]})
+        assert isinstance(ann["segmentation"]["counts"], str)  # compressed RLE
+        got = coco.annToMask(ann)
+        assert got.shape == (H, W) and np.array_equal(got.astype(bool), want)
+        assert ann["area"] == int(want.sum()) < ann["bbox"][2] * ann["bbox"][3]
+
+
+def test_exports_with_nothing_to_export_say_why_and_how_and_write_nothing(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = write_run(str(tmp_path / "t"))
+    _rewrite(run, "label_map_png", lambda r: None)  # a run made without label maps
+    out = str(tmp_path / "voc")
+    with pytest.raises(ExportError, match=r"no label maps .* pseudo_labels\.label_maps=true"):
+        export_run(run, "voc-masks", output=out)
+    assert main(["export", run, "--format", "voc-masks", "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pseudo_labels.label_maps=true" in err
+    _rewrite(run, "pseudo_box", lambda r: None)  # ... and without pseudo boxes
+    with pytest.raises(ExportError, match=r"did not compute pseudo boxes \(10 images\); add "
+                                          r"pseudo_box"):
+        export_run(run, "coco", output=out)
+    assert main(["export", run, "--format", "coco", "--output", out]) == 2
+    assert not Path(out).exists()  # not an empty train.txt, not a JSON without annotations
+    manifest = json.loads(Path(run, "manifest.json").read_text())
+    manifest["config"]["metrics"] = ["pseudo_box"]
+    Path(run, "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="no map of the 10 images gave a pseudo box"):
+        export_run(run, "coco", output=out)
+
+
 # -- VOC masks --------------------------------------------------------------------------------
 def test_voc_export_writes_one_palette_png_per_image_and_a_file_list(tmp_path):
     run = write_run(str(tmp_path / "t"))

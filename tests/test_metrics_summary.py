@@ -231,3 +231,46 @@ def test_engine_checks_shapes_upsamples_to_float32_and_keeps_notes_once(tiny_mod
     out = compute_model_metrics(["average_drop", "confidence_increase"], tiny_model, x, maps, t)
     assert out["_notes"][0].startswith("average_drop: constant map") and ";" not in out["_notes"][0]
     assert out["_notes"][1] == ""
+
+
+def test_confidence_increase_reaches_the_summary_the_manifest_and_the_report(tmp_path):
+    """The metric is summarised, printed and reported; average_drop's ingredients are not."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_export import DATA, UNIT, _rows, _table
+
+    from pipeline.execute import part_name
+    from pipeline.ledger import Ledger
+    from pipeline.report import render_report
+    from pipeline.storage import Store
+    from pipeline.summary import print_summaries, unit_summary
+
+    rows = _rows("shard-000000", 4, lambda k: [1], 8, np.random.default_rng(0))
+    for i, r in enumerate(rows):
+        r.update(confidence_increase=100.0 * (i % 2), average_drop=10.0 * i,
+                 confidence_clean=0.5, confidence_masked=0.25)
+    store = Store.open(str(tmp_path / "run"))
+    key = f"{DATA}/w00000/{part_name(UNIT, [(r['sample_id'], 1) for r in rows])}"
+    sink = pa.BufferOutputStream()
+    pq.write_table(_table(rows), sink)
+    store.write_bytes(key, sink.getvalue().to_pybytes())
+    Ledger(store).commit(UNIT, {"unit": UNIT, "wave": "w00000", "files": [key], "rows": 4,
+                                "errors": 0, "samples": 4, "shards": ["shard-000000"],
+                                "shard_identity": {}, "per_shard": {}})
+    summary = unit_summary(store, [key])
+    assert summary["metrics"]["confidence_increase"]["mean"] == pytest.approx(50.0)
+    assert "confidence_clean" not in summary["metrics"]
+    assert "confidence_masked" not in summary["metrics"]
+    said: list[str] = []
+    print_summaries({UNIT: {"summary": summary}}, out=said.append)
+    header = next(s for s in said if s.startswith("unit"))
+    assert header.split()[2:] == ["average_drop", "confidence_increase"]
+    store.write_json("manifest.json", {"run_id": "t", "units": {UNIT: {
+        "model": "m", "method": "gradcam", "summary": summary}}})
+    html = render_report(store.uri)
+    table = html[html.index("<table id=summary-table>"):]
+    table = table[:table.index("</table>")]
+    assert "confidence_<wbr>increase" in table and "confidence_<wbr>clean" not in table
+    assert not re.search(r"Not computed in this run:[^<]*confidence_increase", html)

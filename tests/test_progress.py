@@ -65,7 +65,9 @@ def test_line_moves_with_the_actors_reports_and_gives_a_real_eta():
         clock.t += 10
         reported[0] += 0.5
         line.tick()
-    assert [re.search(r"(\S+)/29 samples", ln).group(1) for ln in lines[-4:]] == ["0.5", "1", "1.5", "2"]
+    # whole samples; the percentage follows the fraction inside the batch
+    assert [re.search(r"(\S+)/29 samples \((\d+)%\)", ln).groups() for ln in lines[-4:]] == \
+        [("0", "2"), ("1", "3"), ("1", "5"), ("2", "7")]
     # the rate is measured from the first progress, not from the start (model loading)
     assert "0.05 samples/s" in lines[-1]
     assert lines[-1].endswith("ETA 9m00s")  # 27 samples left at 0.05/s
@@ -133,8 +135,10 @@ class _Handle:
 
     def __init__(self) -> None:
         self.reports: list[tuple[str, float, float]] = []
+        self.busy: list[float] = []
         self.report = SimpleNamespace(
-            remote=lambda unit, key, f, p: self.reports.append((key, f, p)))
+            remote=lambda unit, key, f, p, busy=0.0: (self.reports.append((key, f, p)),
+                                                      self.busy.append(busy)))
 
 
 def _batch(n: int, size: int = 32) -> dict[str, np.ndarray]:
@@ -221,3 +225,98 @@ def test_counter_actor_carries_reports_from_ray_workers(ray_cluster):
         assert again.current() == 0.0
     finally:
         again.finish()
+
+
+# -- whole samples, totals without an index, the first rate, no repeated lines ----------------
+def test_line_counts_whole_samples_and_marks_an_estimated_total():
+    assert format_line("u", 4.6, 9, None).startswith("salmap: u: 4/9 samples (51%)")
+    assert format_line("u", 0.9, None, None) == "salmap: u: 0 samples, rate ?"
+    assert format_line("u", 3.0, 120, 1.0, 6, approx=True).startswith(
+        "salmap: u: 3/~120 samples (2%), 6 rows committed, 1.00 samples/s")
+
+
+def test_rate_comes_from_the_first_completed_batch():
+    """No history yet (one line since progress started): the actors' own rate is shown."""
+    clock, lines, state = Clock(), [], [(0.0, None)]
+    line = ProgressLine("u", 40, _cfg(), lines.append, clock=clock, source=lambda: state[0],
+                        thread=False)
+    line.tick()
+    clock.t += 70  # model loading, then the first batch of 8 ends after 20 s in the batch
+    state[0] = (8.0, 0.4)
+    line.tick()
+    assert "8/40 samples (20%)" in lines[-1] and "0.40 samples/s, ETA 1m20s" in lines[-1]
+
+
+def test_a_line_with_nothing_new_is_not_printed_again():
+    """9/9 while the last wave is written and committed: one line, then one a minute saying
+    for how long, then the commit's line; never the same line twice."""
+    clock, lines = Clock(), []
+    line = ProgressLine("u", 9, _cfg(), lines.append, clock=clock, source=lambda: 9.0,
+                        thread=False)
+    for _ in range(13):  # two minutes of ticks at 10 s
+        line.tick()
+        clock.t += 10
+    line.wave_done({"samples": 9, "rows": 9})
+    line.tick()
+    assert len(lines) == len(set(lines)) == 4, lines
+    assert lines[0].startswith("salmap: u: 9/9 samples (100%), 0 rows committed")
+    assert lines[1].endswith(", no change for 1m00s") and lines[2].endswith("no change for 2m00s")
+    assert "9 rows committed" in lines[3]
+
+
+def test_reporter_sends_the_seconds_its_batches_took_and_the_counter_sums_actor_rates():
+    from pipeline.progress import Counter
+
+    clock, handle = Clock(), _Handle()
+    rep = ProgressReporter(handle, "u", min_interval=0.0, clock=clock)
+    rep.begin_batch()
+    clock.t += 4
+    rep.end_batch(8)
+    assert handle.reports[-1][1:] == (8, 0.0) and handle.busy[-1] == 4.0
+    counter = Counter()
+    assert counter.state("u") == (0.0, None)
+    counter.report("u", "a", 0, 2.5)  # still in its first batch: no rate from it yet
+    assert counter.state("u") == (2.5, None)
+    counter.report("u", "b", 8, 1.0, 4.0)
+    counter.report("u", "c", 6, 0.0, 6.0)
+    assert counter.state("u") == (17.5, 3.0)  # 2 + 1 samples/s
+
+
+def _tar(path, n: int, members=("jpg", "cls", "json")) -> None:
+    from conftest import jpeg_bytes, write_shard
+
+    write_shard(path, [{"__key__": f"dir/s{i:04d}", **{m: jpeg_bytes(i) for m in members}}
+                       for i in range(n)])
+
+
+def test_shards_without_an_index_are_counted_from_their_tar_headers(tmp_path):
+    from pipeline.shard_count import count_local, unit_total
+
+    for k, n in enumerate((7, 12)):
+        _tar(tmp_path / f"x-{k}.tar", n)
+    shards = [str(tmp_path / "x-0.tar"), str(tmp_path / "x-1.tar")]
+    assert count_local(shards[1]) == 12
+    assert unit_total(shards, {}, {}) == (19, False)
+    assert unit_total(shards, {"x-0": 100}, {}) == (112, False)  # the index wins where it has it
+    (tmp_path / "bad.tar").write_bytes(b"not a tar")
+    assert unit_total([str(tmp_path / "bad.tar")], {}, {}) == (None, False)
+
+
+def test_s3_shards_without_an_index_are_estimated_from_their_listed_sizes(tmp_path, monkeypatch):
+    """One ranged read of the first shard's head gives samples per byte; the bytes listed for
+    the shards give the total (an estimate, marked)."""
+    import pipeline.shard_count as sc
+
+    _tar(tmp_path / "big.tar", 400)
+    data = (tmp_path / "big.tar").read_bytes()
+    monkeypatch.setattr(sc, "PREFIX_BYTES", len(data) // 5)
+    monkeypatch.setattr(sc, "_prefix", lambda url, storage: (data[:sc.PREFIX_BYTES], len(data)))
+    sc._cache.clear()
+    shards = [f"s3://b/big-{k}.tar" for k in range(3)]
+    identity = {f"big-{k}": {"size": len(data)} for k in range(3)}
+    total, approx = sc.unit_total(shards, {}, identity)
+    assert approx and abs(total - 1200) <= 12, total  # within 1%
+    # a shard that fits the read is counted exactly
+    monkeypatch.setattr(sc, "PREFIX_BYTES", len(data) + 10)
+    monkeypatch.setattr(sc, "_prefix", lambda url, storage: (data, len(data)))
+    assert sc.unit_total(shards[:1], {}, identity) == (400, False)

@@ -174,3 +174,24 @@ def test_python_api_snippet_runs(capsys):
     assert "(7, 7)" in capsys.readouterr().out
     cat, espresso = ns["rows"]["target"]  # the pretrained model sees them
     assert 281 <= cat <= 285 and espresso == 967
+
+
+def test_the_readme_says_pandas_gives_saliency_as_flat_arrays(tmp_path):
+    """What the note says is what pandas does with the map column."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([output_schema(3, 5).field("saliency")])
+    values = np.arange(15, dtype=np.float16)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(values), 15)
+    pq.write_table(pa.table([pa.ExtensionArray.from_storage(schema.field(0).type, storage)],
+                            schema=schema), tmp_path / "p.parquet")
+    cell = pd.read_parquet(tmp_path / "p.parquet").saliency.iloc[0]
+    assert cell.shape == (15,) and cell.dtype == np.float16
+    h, w = pq.read_schema(tmp_path / "p.parquet").field("saliency").type.shape
+    assert np.array_equal(cell.reshape(h, w), values.reshape(3, 5))
+    note = " ".join(_section("Reading results").split())
+    assert "In pandas each `saliency` value is a flat array of h·w numbers" in note
+    assert '`pyarrow.parquet.read_schema(file).field("saliency").type.shape`' in note

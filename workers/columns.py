@@ -146,10 +146,12 @@ CURVE_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.kind == "cur
 # columns the post stage fills for weak supervision (pipeline.post)
 LABEL_COLUMNS: tuple[str, ...] = ("pseudo_box_score", "pseudo_box_match", "gt_box_count",
                                   "label_map_png", "label_map_quality")
+# average_drop's ingredients (per-row probabilities, not metrics of their own)
+METRIC_INGREDIENTS: tuple[str, ...] = ("confidence_clean", "confidence_masked")
 # the per-row metric values a summary averages (model- and post-side, scalars only)
 METRIC_COLUMNS: tuple[str, ...] = tuple(
     c.name for c in COLUMNS if c.stage in ("model_metric", "post_metric")
-    and c.kind in ("float", "bool") and not c.name.startswith("confidence_"))
+    and c.kind in ("float", "bool") and c.name not in METRIC_INGREDIENTS)
 POST_METRIC_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.stage == "post_metric")
 # what the actor's output batch holds: pass-through, its own columns, model metrics
 ACTOR_OUTPUT: tuple[str, ...] = tuple(

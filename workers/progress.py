@@ -3,8 +3,9 @@
 The driver (:mod:`pipeline.progress`) starts one small named Ray actor, the *counter*
 (:data:`COUNTER_NAME`, in the job's namespace, shared by the job's units). Each
 :class:`workers.actor.Explainer` looks it up once and sends it, at most once a second, its
-unit and its own cumulative state: samples finished and the part of the current batch done,
-in samples. Inside a batch the fraction comes from the method (its loops report through
+unit and its own cumulative state: samples finished, the part of the current batch done, in
+samples, and the seconds its completed batches took (so the driver has a rate from the first
+completed batch on). Inside a batch the fraction comes from the method (its loops report through
 :meth:`workers.methods.base.Method.track`), then from the model metrics' forward passes
 (:func:`workers.metrics.compute_model_metrics`'s ``progress``). Without Ray, or without a
 counter, every call is a no-op.
@@ -37,6 +38,8 @@ class ProgressReporter:
     def __init__(self, handle: Any = None, unit: str = "", min_interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.handle, self.unit = handle, unit
+        self.busy_s = 0.0  # seconds spent in completed batches: the driver's first rate
+        self.batch_t0: float | None = None
         self.key = uuid.uuid4().hex
         self.min_interval, self.clock = min_interval, clock
         self.finished = 0
@@ -59,7 +62,8 @@ class ProgressReporter:
             return
         self.last_sent = now
         try:
-            self.handle.report.remote(self.unit, self.key, self.finished, self.partial)
+            self.handle.report.remote(self.unit, self.key, self.finished, self.partial,
+                                      self.busy_s)
         except Exception:  # noqa: BLE001 - the counter is gone (unit over): stop reporting
             self.handle = None
 
@@ -69,9 +73,13 @@ class ProgressReporter:
 
     def begin_batch(self) -> None:
         self.in_batch = self.partial = 0.0
+        self.batch_t0 = self.clock()
 
     def end_batch(self, samples: int) -> None:
         self.finished += int(samples)
+        if self.batch_t0 is not None:
+            self.busy_s += max(self.clock() - self.batch_t0, 0.0)
+            self.batch_t0 = None
         self.in_batch = self.partial = 0.0
         self._send(force=True)
 
