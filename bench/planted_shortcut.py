@@ -165,13 +165,17 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
 
 
 def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: int = 3,
-                seed: int = 0) -> tuple[str, np.ndarray, dict]:
-    """Train on a planted dataset, explain a fresh test set of it with Grad-CAM (target: the
-    label) and write the run: ``(run, cue [n_test], facts)`` with the model's accuracy on
-    marked and unmarked class-1 images and how many test images carry the mark."""
-    x, y, _, _ = make_images(n_train, cue_share, seed)
-    model = train(x, y, epochs=epochs, seed=seed)
-    xt, yt, cue, boxes = make_images(n_test, cue_share, seed + 1)
+                seed: int = 0, test_cue_share: float | None = None,
+                model: nn.Module | None = None) -> tuple[str, np.ndarray, dict, nn.Module]:
+    """Train on a planted dataset (or take ``model``), explain a fresh test set with Grad-CAM
+    (target: the label), the mark on ``test_cue_share`` of its class-1 images (default
+    ``cue_share``), and write the run: ``(run, cue [n_test], facts, model)``, facts = the
+    model's accuracy overall, on marked and on unmarked class-1 images, how many are marked."""
+    if model is None:
+        x, y, _, _ = make_images(n_train, cue_share, seed)
+        model = train(x, y, epochs=epochs, seed=seed)
+    share = cue_share if test_cue_share is None else test_cue_share
+    xt, yt, cue, boxes = make_images(n_test, share, seed + 1)
     with torch.no_grad():
         pred = model(torch.from_numpy(xt)).argmax(1).numpy()
     maps = gradcam_maps(model, xt, yt)
@@ -181,4 +185,4 @@ def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: 
              "acc_marked": float((pred[cue] == 1).mean()) if cue.any() else float("nan"),
              "acc_unmarked_class1": float((pred[c1 & ~cue] == 1).mean()),
              "marked": int(cue.sum())}
-    return run, cue, facts
+    return run, cue, facts, model

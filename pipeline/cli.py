@@ -1,4 +1,4 @@
-"""``salmap run | read | report | export | shards | sanity | init``, ``salmap --version``.
+"""``salmap run | read | report | analyze | export | shards | sanity | init``, ``salmap --version``.
 
 Exit codes: 0 every sample has a row (error rows included); 1 unexpected internal error;
 2 config error (bad key, type or name; no shard of input.shards exists); 3 some shard or unit
@@ -163,6 +163,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze.cli import run_analyze
+
+    return run_analyze(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_run
 
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-samples", type=int, default=0,
                     help="at most this many samples in the gallery pages (default: every sample)")
     rp.set_defaults(func=cmd_report)
+    from .analyze.cli import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub).set_defaults(func=cmd_analyze)
     ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
     ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
     ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
