@@ -171,7 +171,8 @@ def analyze_run(run: str, storage: Any = None, unit: str | None = None,
         "method": "SpRAy: per unit and target class, maps downsampled to "
                   f"{params.side}x{params.side}, non-negative part normalised to sum 1, "
                   "self-tuning kNN graph (k = max(5, sqrt(n)/2)), normalised-Laplacian "
-                  "spectral embedding, clusters at the largest eigengap "
+                  "spectral embedding, clusters = connected components of the graph when several, "
+                  "else at the largest eigengap "
                   f"(1..{params.max_clusters}), k-means, clusters with centroid cosine >= "
                   f"{params.merge_cosine} merged; 2-D = PCA of the embedding",
         "params": {"side": params.side, "cap": params.cap, "max_clusters": params.max_clusters,

@@ -2,7 +2,8 @@
 
 Spectral Relevance Analysis (Lapuschkin et al. 2019): downsample and normalise each map,
 build a k-nearest-neighbour graph, embed it with the eigenvectors of its normalised
-Laplacian, pick the number of clusters at the largest eigengap, cluster the embedding with
+Laplacian, pick the number of clusters (the graph's connected components when it falls
+apart, else the largest eigengap), cluster the embedding with
 k-means, and merge clusters whose centroids are nearly the same map (:func:`merge_similar`). numpy only: the eigendecomposition is dense (``numpy.linalg.eigh``), which is why a
 class is capped at a few thousand maps (:data:`DEFAULT_CAP`; the rest are assigned to the
 nearest cluster centroid by :func:`assign`).
@@ -104,9 +105,12 @@ class Spectrum:
 
 
 def spectrum(a: np.ndarray, max_clusters: int = MAX_CLUSTERS) -> Spectrum:
-    """The eigendecomposition of ``L = I - D^-1/2 A D^-1/2`` and the eigengap choice:
-    ``c = argmax_{1 <= c <= max_clusters} (lambda_c - lambda_{c-1})`` (eigenvalues from 0),
-    the number of near-zero eigenvalues when the graph falls into c well-separated parts."""
+    """The eigendecomposition of ``L = I - D^-1/2 A D^-1/2`` and the number of clusters: the
+    number of zero eigenvalues (< 1e-8: the graph's connected components) when there are
+    several, else the largest eigengap ``argmax_{1 <= c <= max_clusters} (lambda_c -
+    lambda_{c-1})`` (eigenvalues from 0); at most ``max_clusters`` either way. Counting
+    components first matters: inside each component the spectrum keeps rising, and a later
+    gap can beat the one after the last zero."""
     n = len(a)
     deg = a.sum(axis=1)
     inv = 1.0 / np.sqrt(np.maximum(deg, 1e-12))
@@ -115,6 +119,9 @@ def spectrum(a: np.ndarray, max_clusters: int = MAX_CLUSTERS) -> Spectrum:
     top = int(min(max_clusters, n - 1))
     if top < 1:
         return Spectrum(values, vectors, 1)
+    parts = int((values < 1e-8).sum())
+    if parts >= 2:
+        return Spectrum(values, vectors, min(parts, top))
     gaps = np.diff(values[: top + 1])
     return Spectrum(values, vectors, int(np.argmax(gaps)) + 1)
 
