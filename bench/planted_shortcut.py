@@ -109,11 +109,49 @@ def energy_in_box(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return out
 
 
+def _png(a: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def map_png(m: np.ndarray) -> bytes:
+    """A map as salmap's ``saliency_png``: min-max scaled to 0..255 at the image's size."""
+    m = np.nan_to_num(m.astype(np.float64))
+    rep = SIZE // m.shape[0]
+    big = np.kron(m, np.ones((rep, rep))) if rep > 1 else m
+    lo, hi = big.min(), big.max()
+    g = np.zeros(big.shape, np.uint8) if hi <= lo else ((big - lo) / (hi - lo) * 255).astype(np.uint8)
+    return _png(g)
+
+
+def write_shard(path: str, images: np.ndarray, n: int) -> None:
+    """The images as one WebDataset tar (``<key>.png``), keys as :func:`write_run` names them."""
+    import io
+    import tarfile
+
+    lo, hi = images.min(), images.max()
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            rgb = ((images[i].transpose(1, 2, 0) - lo) / (hi - lo) * 255).astype(np.uint8)
+            data = _png(rgb)
+            info = tarfile.TarInfo(f"{i:07d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarray,
-              boxes: np.ndarray | None = None, per_file: int = 2000) -> str:
+              boxes: np.ndarray | None = None, per_file: int = 2000,
+              images: np.ndarray | None = None) -> str:
     """A committed salmap run at ``root`` holding ``maps`` as unit ``cnn__gradcam``: the
     real output schema, commit records and manifest (what ``salmap run`` writes), with
-    ``energy_pointing`` against ``boxes`` when given."""
+    ``energy_pointing`` against ``boxes`` when given. With ``images``, also their shard
+    (``<root>.shards/synthetic.tar``, named in the manifest's config), each row's
+    ``saliency_png`` and its box as ``pseudo_box``, so the report and exports show them."""
     from pipeline.execute import part_name
     from pipeline.ledger import Ledger
     from pipeline.storage import Store
@@ -137,6 +175,10 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
                 "orig_height": [SIZE] * (b - a), "orig_width": [SIZE] * (b - a),
                 "crop_box": [{"x0": 0.0, "y0": 0.0, "x1": float(SIZE), "y1": float(SIZE)}] * (b - a),
                 "energy_pointing": [None if not np.isfinite(v) else float(v) for v in energy[a:b]],
+                "saliency_png": [map_png(m) for m in maps[a:b]] if images is not None else None,
+                "pseudo_box": [dict(zip(("x0", "y0", "x1", "y1"), map(float, bx)))
+                               for bx in boxes[a:b]] if images is not None and boxes is not None
+                else None,
                 "status": ["ok"] * (b - a), "error": [""] * (b - a)}
         arrays = []
         for f in schema:
@@ -145,7 +187,7 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
                 arrays.append(pa.ExtensionArray.from_storage(
                     f.type, pa.FixedSizeListArray.from_arrays(flat, h * w)))
             else:
-                arrays.append(pa.array(cols.get(f.name, [None] * (b - a)), type=f.type))
+                arrays.append(pa.array(cols.get(f.name) or [None] * (b - a), type=f.type))
         keys = [(s, int(t)) for s, t in zip(ids[a:b], targets[a:b])]
         key = f"data/{MODEL}/{METHOD}/w{a // per_file:05d}/{part_name(UNIT, keys)}"
         sink = pa.BufferOutputStream()
@@ -158,15 +200,24 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
                              "rows": min(per_file, n - w * per_file), "errors": 0,
                              "samples": min(per_file, n - w * per_file), "shards": ["synthetic"],
                              "shard_identity": {}, "per_shard": {}})
+    config: dict = {"models": [{"name": MODEL}]}
+    if images is not None:
+        import os
+
+        shards = root.rstrip("/") + ".shards"
+        os.makedirs(shards, exist_ok=True)
+        write_shard(os.path.join(shards, "synthetic.tar"), images, n)
+        config["input"] = {"shards": [os.path.join(shards, "synthetic.tar")]}
     store.write_json("manifest.json", {"run_id": root.rstrip("/").rsplit("/", 1)[-1],
                                        "status": "complete", "units": {UNIT: {}},
-                                       "config": {"models": [{"name": MODEL}]}})
+                                       "config": config})
     return store.uri
 
 
 def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: int = 3,
                 seed: int = 0, test_cue_share: float | None = None,
-                model: nn.Module | None = None) -> tuple[str, np.ndarray, dict, nn.Module]:
+                model: nn.Module | None = None, with_images: bool = False
+                ) -> tuple[str, np.ndarray, dict, nn.Module]:
     """Train on a planted dataset (or take ``model``), explain a fresh test set with Grad-CAM
     (target: the label), the mark on ``test_cue_share`` of its class-1 images (default
     ``cue_share``), and write the run: ``(run, cue [n_test], facts, model)``, facts = the
@@ -179,7 +230,7 @@ def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: 
     with torch.no_grad():
         pred = model(torch.from_numpy(xt)).argmax(1).numpy()
     maps = gradcam_maps(model, xt, yt)
-    run = write_run(root, maps, yt, pred, boxes)
+    run = write_run(root, maps, yt, pred, boxes, images=xt if with_images else None)
     c1 = yt == 1
     facts = {"acc": float((pred == yt).mean()),
              "acc_marked": float((pred[cue] == 1).mean()) if cue.any() else float("nan"),

@@ -172,6 +172,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_run
 
+    if args.format == "fiftyone":
+        from .fiftyone_export import export_fiftyone
+
+        folder = export_fiftyone(args.run, args.output, unit=args.unit,
+                                 storage={"endpoint": args.endpoint} if args.endpoint else None)
+        print(f"fiftyone: {folder}  (load: fiftyone.Dataset.from_dir({folder!r}, "
+              "dataset_type=fiftyone.types.LegacyFiftyOneDataset))")
+        return EXIT_OK
+
     try:
         written = export_run(args.run, args.format, output=args.output, unit=args.unit,
                              storage={"endpoint": args.endpoint} if args.endpoint else None,
@@ -261,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(sub).set_defaults(func=cmd_analyze)
     ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
     ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
-    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
+    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet", "fiftyone"])
     ex.add_argument("--output", help="folder or s3:// prefix (default <run>/export/<format>)")
     ex.add_argument("--unit", help="<model>__<method> (default: every unit)")
     ex.add_argument("--class-names", help="JSON list / object or text file (one name a line)")

@@ -60,8 +60,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         from .fiftyone_export import export_fiftyone
 
         folder = export_fiftyone(args.run, args.fiftyone or None, storage=storage)
-        print(f"fiftyone: {folder}  (fiftyone.Dataset.from_dir({folder!r}, "
-              "dataset_type=fiftyone.types.FiftyOneDataset))")
+        print(f"fiftyone: {folder}  (load: fiftyone.Dataset.from_dir({folder!r}, "
+              "dataset_type=fiftyone.types.LegacyFiftyOneDataset))")
     if not args.no_report:
         from ..report import write_report
 
