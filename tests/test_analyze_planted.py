@@ -18,7 +18,8 @@ from pipeline.cli import main
 def planted(tmp_path_factory):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("planted")
-    run, cue, facts, model = planted_run(str(root / "cue"), 600, 160, 0.5, epochs=2)
+    run, cue, facts, model = planted_run(str(root / "cue"), 600, 160, 0.5, epochs=2,
+                                         with_images=True)
     return run, cue, facts, model, root
 
 
@@ -36,7 +37,7 @@ def _purity_recall(rows, cue: np.ndarray, clusters) -> tuple[float, float, dict]
 def test_the_cue_cluster_is_isolated_and_flagged(planted, capsys):
     run, cue, facts, _, _ = planted
     assert facts["marked"] >= 30 and facts["acc_marked"] >= 0.9  # the model uses the mark
-    assert main(["analyze", run, "--no-report"]) == 0
+    assert main(["analyze", run]) == 0
     out = capsys.readouterr().out
     assert "FLAGGED cnn__gradcam class_1 (target 1)" in out and "fixed_region" in out
     from pipeline.analyze import load_analysis
@@ -51,6 +52,17 @@ def test_the_cue_cluster_is_isolated_and_flagged(planted, capsys):
 
     with open(f"{run}/manifest.json") as fh:  # the run's manifest names it too
         assert json.load(fh)["analysis"]["flagged"][0]["flags"] == list(f["flags"])
+    # the report: the flagged cluster listed first, its card first in its class, one point per
+    # row linking to its cluster's card, exemplar maps
+    with open(f"{run}/report/index.html") as fh:
+        html = fh.read()
+    section = html[html.index("<section id=analysis>"):]
+    section = section[:section.index("</section>")]
+    anchor = f"cluster-cnn--gradcam-1-{f.cluster}"
+    assert "Flagged clusters (1)" in section and f"href='#{anchor}'" in section
+    class1 = section[section.index("<h4>class 1 "):]
+    assert class1.index(f"id='{anchor}'") < class1.index("class='card'")
+    assert section.count("<circle") == 160 and section.count("alt='map of synthetic/") >= 8
 
 
 def test_without_the_mark_nothing_is_flagged(planted):
