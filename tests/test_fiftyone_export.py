@@ -58,11 +58,39 @@ def test_missing_shards_leave_images_out_and_say_so(exported, tmp_path):
     assert json.load(open(os.path.join(folder, "samples.json")))["samples"] == []
 
 
+def test_fiftyones_own_importer_reads_every_sample(exported):
+    """The library's LegacyFiftyOneDataset importer (no database needed) parses each sample
+    into its label classes."""
+    try:
+        import fiftyone.core.labels as fol
+        import fiftyone.utils.data.importers as foud
+    except ImportError:
+        pytest.skip(f"fiftyone not installed (optional extra): {INSTALL_HINT}")
+    _, folder, y, _ = exported
+    with foud.LegacyFiftyOneDatasetImporter(folder) as imp:
+        samples = list(imp)
+        info = imp.get_dataset_info()
+    assert len(samples) == N and info["missing_images"] == 0
+    for s in samples:
+        assert os.path.isfile(s.filepath)
+        assert isinstance(s[f"{UNIT}__map"], fol.Heatmap)
+        assert isinstance(s[f"{UNIT}__pseudo_box"], fol.Detections)
+        assert isinstance(s["ground_truth"], fol.Classification)
+    assert sorted(s[f"{UNIT}__target"] for s in samples) == sorted(y.tolist())
+
+
 def test_the_export_loads_in_fiftyone(exported):
     try:
         import fiftyone as fo
     except ImportError:
         pytest.skip(f"fiftyone not installed (optional extra): {INSTALL_HINT}")
+    try:  # the app's MongoDB (fiftyone-db downloads it on install, or a database_uri)
+        import fiftyone.core.odm as foo
+
+        foo.get_db_conn()
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"fiftyone is installed but its database did not start: "
+                    f"{type(err).__name__}: {str(err)[:200]}")
     _, folder, y, _ = exported
     ds = fo.Dataset.from_dir(folder, dataset_type=fo.types.LegacyFiftyOneDataset)
     try:
