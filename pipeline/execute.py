@@ -149,7 +149,8 @@ class _PostWrite:
                             table.column("status").to_pylist()))
             key = f"{spec.data_prefix}/{wave_id}/{part_name(spec.unit_id, [(k[0], k[2]) for k in keys])}"
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(table, sink, compression="zstd",
+                           use_dictionary=dictionary_columns(table.schema))
             data = sink.getvalue().to_pybytes()
             store.write_bytes(key, data)  # retried with backoff inside
             out.append({"kind": "file", "wave": wave_id, "path": key, "shard": "", "samples": 0,
@@ -160,6 +161,12 @@ class _PostWrite:
         if out:
             out[0]["actors"] = actor_entries(batch)
         return {c: np.array([r[c] for r in out], dtype=object) for c in RECORD_COLUMNS}
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary-encoding: all but the maps and PNGs (hashing every value
+    of a map only to give up on the dictionary cost half of the Parquet encoding)."""
+    return [f.name for f in schema if f.name != "saliency" and not f.name.endswith("_png")]
 
 
 RECORD_COLUMNS = ("kind", "wave", "path", "shard", "samples", "error", "unreadable", "keys",

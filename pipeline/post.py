@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from workers.columns import BY_NAME, LABEL_COLUMNS, MAP_DTYPES, POST_METRIC_COLUMNS, output_schema
-from workers.metrics.geometry import map_to_input, map_to_original
+from workers.metrics.geometry import map_to_input, map_to_original, maps_to_original
 from workers.metrics.registry import per_metric_params
 
 from .decode import SHARD_END
+from .png import gray_png
 
 GEOMETRY_KEYS = ("orig_h", "orig_w", "resized_h", "resized_w", "crop_top", "crop_left", "crop_h", "crop_w")
 
@@ -50,9 +49,7 @@ def encode_png(map_orig: np.ndarray) -> tuple[bytes, float, float]:
         lo = -hi
     scaled = np.zeros(map_orig.shape, np.uint8) if hi <= lo else \
         np.clip((map_orig - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(scaled, mode="L").save(buf, format="PNG", compress_level=6)
-    return buf.getvalue(), lo, hi
+    return gray_png(scaled), lo, hi
 
 
 def boxes_for_target(boxes_json: str, target: int
@@ -171,65 +168,117 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
     ``rows`` picks the batch rows to convert (default: every row that is not a shard-end
     marker). ``labels``: the run's ``pseudo_labels`` options (label maps, thresholds, CRF,
     box IoU; :func:`pipeline.config.pseudo_label_options`), None for the defaults.
+
+    Vectorised over the batch: the scalar columns are converted column by column, the maps
+    of rows that share a geometry are resampled to original pixels in one pass
+    (:func:`workers.metrics.geometry.maps_to_original`), in chunks of :data:`MAP_CHUNK` rows
+    to bound memory; per row remain the PNG encoding and, when asked for, the post metrics
+    and weak-supervision columns.
     """
     sal = np.asarray(batch["saliency"])
     h, w = (int(sal.shape[1]), int(sal.shape[2])) if sal.ndim == 3 else (1, 1)
     schema = output_schema(h, w, curves=run_curves, map_dtype=map_dtype)
     if file_metadata:
         schema = schema.with_metadata({k.encode(): v.encode() for k, v in file_metadata.items()})
+    status = np.asarray(batch["status"], dtype=object)
     if rows is None:
-        rows = [i for i in range(len(batch["sample_id"])) if batch["status"][i] != SHARD_END]
-    cols: dict[str, list] = {name: [] for name in _written(schema)}
+        rows = np.flatnonzero(status != SHARD_END)
+    idx = np.asarray(rows, dtype=np.int64)
+    n = len(idx)
+    ok = status[idx] == "ok"
+    errors = ["" if v is None else str(v) for v in batch["error"][idx]] if "error" in batch \
+        else [None] * n
+    post_cols: dict[str, list] = {name: [None] * n for name in (
+        "crop_box", "saliency_png", "saliency_min", "saliency_max",
+        *POST_METRIC_COLUMNS, *LABEL_COLUMNS)}
     names = list(post_metrics)
     params = per_metric_params(dict(post_metrics))
-    for i in rows:
-        ok = batch["status"][i] == "ok"
-        t = transform_of(batch, i)
-        for name in cols:
-            column = BY_NAME[name]
-            if column.stage in ("post", "post_metric") or column.kind == "map":
-                continue
-            cols[name].append(_value(batch, name, column.kind, i))
-        post: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        if ok:
-            cols["crop_box"].append(crop_box(t))
-            native = sal[i].astype(np.float32)
-            cols["saliency"].append(native)
-            map_orig = map_to_original(native, t)
-            png, lo, hi = encode_png(map_orig)
-            cols["saliency_png"].append(png)
-            cols["saliency_min"].append(lo)
-            cols["saliency_max"].append(hi)
-            if names:
-                boxes, difficult = boxes_for_target(str(batch["boxes_json"][i]),
-                                                    int(batch["target"][i]))
-                try:
-                    from workers.metrics import compute_post_metrics
+    for positions, t in _geometry_groups(batch, idx, ok):
+        box = crop_box(t)
+        for start in range(0, len(positions), MAP_CHUNK):
+            chunk = positions[start:start + MAP_CHUNK]
+            natives = sal[idx[chunk]].astype(np.float32)
+            originals = maps_to_original(natives, t).numpy()
+            for j, pos in enumerate(chunk):
+                i = int(idx[pos])
+                map_orig = originals[j]
+                post_cols["crop_box"][pos] = box
+                png, lo, hi = encode_png(map_orig)
+                post_cols["saliency_png"][pos] = png
+                post_cols["saliency_min"][pos] = lo
+                post_cols["saliency_max"][pos] = hi
+                if not (names or (labels and labels.get("label_maps"))):
+                    continue  # the defaults: no per-row work beyond the PNG
+                post: dict[str, Any] = {}
+                if names:
+                    boxes, difficult = boxes_for_target(str(batch["boxes_json"][i]),
+                                                        int(batch["target"][i]))
+                    try:
+                        from workers.metrics import compute_post_metrics
 
-                    post = compute_post_metrics(names, map_orig, boxes, params,
-                                                saliency_input=map_to_input(native, t),
-                                                difficult=difficult)
-                except Exception as err:  # noqa: BLE001 - a metric bug must not lose the row
-                    cols["error"][-1] = f"post metrics failed: {type(err).__name__}: {err}"
-                    post = {}
-            extra, notes = label_columns(batch, i, t, map_orig, post, labels)
-            if notes:
-                cols["error"][-1] = "; ".join([n for n in (cols["error"][-1], *notes) if n])
-        else:
-            for name in ("crop_box", "saliency", "saliency_png", "saliency_min", "saliency_max"):
-                cols[name].append(None)
-        for name in POST_METRIC_COLUMNS:
-            cols[name].append(_nan_to_none(post.get(name)))
-        for name in LABEL_COLUMNS:
-            cols[name].append(extra.get(name))
+                        post = compute_post_metrics(names, map_orig, boxes, params,
+                                                    saliency_input=map_to_input(natives[j], t),
+                                                    difficult=difficult)
+                    except Exception as err:  # noqa: BLE001 - a metric bug must not lose the row
+                        errors[pos] = f"post metrics failed: {type(err).__name__}: {err}"
+                        post = {}
+                extra, notes = label_columns(batch, i, t, map_orig, post, labels)
+                if notes:
+                    errors[pos] = "; ".join([e for e in (errors[pos], *notes) if e])
+                for name in POST_METRIC_COLUMNS:
+                    post_cols[name][pos] = _nan_to_none(post.get(name))
+                for name in LABEL_COLUMNS:
+                    post_cols[name][pos] = extra.get(name)
     arrays = []
     for f in schema:
+        column = BY_NAME[f.name]
         if f.name == "saliency":
-            arrays.append(_tensor_column(cols["saliency"], f.type, h, w, MAP_DTYPES[map_dtype][1]))
+            arrays.append(_tensor_column(sal, idx, ok, f.type, h, w, MAP_DTYPES[map_dtype][1]))
+        elif f.name == "error":
+            arrays.append(pa.array(errors, type=f.type))
+        elif f.name in post_cols:
+            arrays.append(pa.array(post_cols[f.name], type=f.type))
         else:
-            arrays.append(pa.array(cols[f.name], type=f.type))
+            arrays.append(_column(batch, f.name, column.kind, idx, f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+MAP_CHUNK = 32  # maps resampled together: 32 x 400 x 300 float32 = 15 MB
+
+
+def _geometry_groups(batch: dict[str, np.ndarray], idx: np.ndarray, ok: np.ndarray
+                     ) -> list[tuple[list[int], dict[str, int]]]:
+    """The ok rows' positions in ``idx`` grouped by their transform (one resampling each)."""
+    if not ok.any():
+        return []
+    keys = ("orig_height", "orig_width", "resized_h", "resized_w", "crop_top", "crop_left",
+            "crop_h", "crop_w")
+    geo = np.stack([np.asarray(batch[k], dtype=np.int64)[idx] for k in keys], axis=1)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for pos in np.flatnonzero(ok):
+        groups.setdefault(tuple(geo[pos].tolist()), []).append(int(pos))
+    return [(positions, dict(zip(GEOMETRY_KEYS, key))) for key, positions in groups.items()]
+
+
+def _column(batch: dict[str, np.ndarray], name: str, kind: str, idx: np.ndarray,
+            typ: pa.DataType) -> pa.Array:
+    """A batch column as its Parquet column (-1 ints and NaN floats are nulls)."""
+    if name not in batch:
+        return pa.nulls(len(idx), type=typ)
+    v = np.asarray(batch[name])[idx]
+    if kind == "int":
+        v = v.astype(np.int64)
+        return pa.array(v, type=typ, mask=v < 0)
+    if kind in ("float", "bool"):
+        f = v.astype(np.float64)
+        nan = np.isnan(f)
+        values = f != 0 if kind == "bool" else f
+        return pa.array(values, type=typ, mask=nan)
+    if kind == "str":
+        return pa.array([str(x) for x in v], type=typ)
+    if kind == "curve":
+        return pa.array([json.loads(str(x)) if str(x) else None for x in v], type=typ)
+    return pa.array(list(v), type=typ)
 
 
 def _value(batch: dict[str, np.ndarray], name: str, kind: str, i: int) -> Any:
@@ -250,15 +299,12 @@ def _value(batch: dict[str, np.ndarray], name: str, kind: str, i: int) -> Any:
     return v
 
 
-def _tensor_column(values: list[np.ndarray | None], typ: pa.DataType, h: int, w: int,
-                   dtype: type = np.float16) -> pa.Array:
-    flat = np.zeros((len(values), h * w), dtype=dtype)
-    mask = np.zeros(len(values), dtype=bool)
-    for i, v in enumerate(values):
-        if v is None:
-            mask[i] = True
-        else:
-            flat[i] = v.reshape(-1).astype(dtype)
+def _tensor_column(sal: np.ndarray, idx: np.ndarray, ok: np.ndarray, typ: pa.DataType,
+                   h: int, w: int, dtype: type = np.float16) -> pa.Array:
+    """The ok rows' maps as a fixed-shape tensor column (null on the other rows)."""
+    flat = np.zeros((len(idx), h * w), dtype=dtype)
+    if ok.any():
+        flat[ok] = sal[idx[ok]].reshape(int(ok.sum()), -1).astype(dtype)
     storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), h * w,
-                                                mask=pa.array(mask))
+                                                mask=pa.array(~ok))
     return pa.ExtensionArray.from_storage(typ, storage)

@@ -97,3 +97,30 @@ def box_to_original(box: Sequence[float], transform: dict[str, Any]) -> list[flo
     x0, y0, x1, y1 = (float(v) for v in box)
     return [(x0 + t["crop_left"]) * sx, (y0 + t["crop_top"]) * sy,
             (x1 + t["crop_left"]) * sx, (y1 + t["crop_top"]) * sy]
+
+
+def maps_to_original(maps: np.ndarray | torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
+    """:func:`map_to_original` of ``[B, h, w]`` maps that share one transform, in one pass:
+    ``float32 [B, orig_h, orig_w]`` (the same values, each map resampled on its own)."""
+    t = _check(transform)
+    m = torch.as_tensor(maps).float()
+    if m.dim() != 3:
+        raise ValueError(f"maps must be [B, h, w], got shape {tuple(m.shape)}")
+    crop = _resize_batch(m, (t["crop_h"], t["crop_w"]))
+    frame = torch.zeros(m.shape[0], t["resized_h"], t["resized_w"], dtype=torch.float32)
+    top, left = t["crop_top"], t["crop_left"]
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + t["crop_h"], t["resized_h"]), min(left + t["crop_w"], t["resized_w"])
+    if y0 < y1 and x0 < x1:
+        frame[:, y0:y1, x0:x1] = crop[:, y0 - top:y1 - top, x0 - left:x1 - left]
+    return _resize_batch(frame, (t["orig_h"], t["orig_w"]))
+
+
+def _resize_batch(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`_resize` of every ``[h, w]`` map of ``[B, h, w]``."""
+    if tuple(a.shape[1:]) == tuple(size):
+        return a
+    shrink = size[0] < a.shape[1] or size[1] < a.shape[2]
+    out = F.interpolate(a[:, None], size=size, mode="bilinear", align_corners=False,
+                        antialias=shrink)
+    return out[:, 0]

@@ -1,0 +1,200 @@
+"""How many CPUs does a GPU need? Marginal CPU-ms per image per unit of a whole ``salmap run``.
+
+A whole ``salmap run`` (driver, its own local Ray instance: GCS, raylet, workers, the read,
+decode, actor, post and write tasks) runs as a subprocess at two dataset sizes, N and 4N
+photo-like JPEGs of about 400x300 (crops of the scikit-image sample photos), with a model
+whose own cost is negligible (``bench.tiny_model:tiny_net``: one stride-4 convolution) and
+the default outputs (no metrics). The CPU time counted is that of the whole process tree of
+the run and nothing else: this process makes itself the child subreaper
+(``PR_SET_CHILD_SUBREAPER``), so every process the run starts, orphaned or not, is reaped by
+it or by one of its descendants, and ``getrusage(RUSAGE_CHILDREN)`` sums their user + system
+time exactly (no sampling; other agents' processes on a shared machine never count).
+
+    marginal CPU-ms per image per unit = (CPU(4N) - CPU(N)) / (3N x units)
+
+Wall time on a shared machine means little; CPU seconds do not depend on the load (cache
+and memory-bandwidth effects aside).
+
+    PYTHONPATH=. python bench/cpu_per_image.py --images 100 --methods gradcam,gradient
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (Ray's daemons after the driver exits) are reparented to this
+    process, so their CPU time reaches our RUSAGE_CHILDREN when we reap them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed (Linux only)")
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _descendants() -> list[int]:
+    """Pids whose parent is this process (reparented orphans included), from /proc."""
+    me, out = os.getpid(), []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.append(int(d))
+    return out
+
+
+def reap_all(grace_s: float = 60.0) -> int:
+    """Wait for every remaining child (Ray's daemons exit after the driver); past ``grace_s``
+    SIGKILL the ones still alive (they are this run's). Returns how many were killed."""
+    deadline, killed = time.monotonic() + grace_s, 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return killed
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            for p in _descendants():
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10.0
+        time.sleep(0.1)
+
+
+def photos() -> list:
+    """Photo-like 400x300 RGB crops of the scikit-image sample photos (and their mirrors)."""
+    import numpy as np
+    from skimage import data
+
+    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(),
+              np.stack([data.camera()] * 3, -1)]
+    crops = []
+    for img in images:
+        h, w = img.shape[:2]
+        for top, left in ((0, 0), (max(0, h - 300), max(0, w - 400))):
+            c = img[top:top + 300, left:left + 400]
+            crops += [c, c[:, ::-1]]
+    return crops
+
+
+def write_shards(folder: Path, n_images: int, per_shard: int) -> list[str]:
+    from PIL import Image
+
+    crops = photos()
+    encoded = []
+    for i, c in enumerate(crops):
+        buf = io.BytesIO()
+        Image.fromarray(c).save(buf, format="JPEG", quality=85 + i % 10)
+        encoded.append(buf.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(-(-n_images // per_shard)):
+        path = folder / f"photos-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(s * per_shard, min(n_images, (s + 1) * per_shard)):
+                for suffix, blob in (("jpg", encoded[i % len(encoded)]), ("cls", str(i % 10).encode())):
+                    info = tarfile.TarInfo(f"img_{i:06d}.{suffix}")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+        paths.append(str(path))
+    return paths
+
+
+def job_config(shards: list[str], output: str, run_id: str, args) -> dict:
+    return {
+        "run": {"id": run_id, "output": output, "report": False},
+        "input": {"shards": shards},
+        "models": [{"name": "tiny", "source": "bench.tiny_model:tiny_net", "weights": "none",
+                    "target_layer": "features"}],
+        "methods": [{"name": m} for m in args.methods.split(",")],
+        "targets": "predicted",
+        "resources": {"batch_size": args.batch, "actors_per_unit": 1, "cpus_per_actor": 0.5},
+        "ray": {"num_cpus": args.num_cpus, "progress": "off", "include_dashboard": False},
+        **json.loads(args.extra_config),
+    }
+
+
+def run_once(work: Path, n_images: int, args, tag: str) -> dict:
+    shards = write_shards(work / f"shards-{tag}", n_images, args.per_shard)
+    cfg = work / f"{tag}.json"
+    cfg.write_text(json.dumps(job_config(shards, str(work / "out"), tag, args)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.pop("RAY_ADDRESS", None)
+    before = children_cpu_s()
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=work,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = reap_all()
+    wall = time.perf_counter() - t0
+    cpu = children_cpu_s() - before
+    if proc.returncode != 0:
+        raise RuntimeError(f"salmap run ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}")
+    return {"images": n_images, "cpu_s": cpu, "wall_s": wall, "killed": killed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=100, help="N: the runs have N and 4N images")
+    p.add_argument("--methods", default="gradcam,gradient", help="one unit per method")
+    p.add_argument("--per-shard", type=int, default=100)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--num-cpus", type=int, default=2, help="the run's Ray CPUs")
+    p.add_argument("--extra-config", default="{}", help="JSON merged into the config's top level")
+    p.add_argument("--device", default="cpu", help="accepted for run_all; the model is on CPU")
+    args = p.parse_args(argv)
+    become_subreaper()
+    units = len(args.methods.split(","))
+    with tempfile.TemporaryDirectory(prefix="salmap-cpu-") as tmp:
+        work = Path(tmp)
+        small = run_once(work, args.images, args, "small")
+        large = run_once(work, 4 * args.images, args, "large")
+    delta_images = large["images"] - small["images"]
+    marginal = (large["cpu_s"] - small["cpu_s"]) * 1000.0 / (delta_images * units)
+    print("## Marginal CPU per image per unit of a whole salmap run\n")
+    print(f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; model bench.tiny_model:tiny_net; {units} unit(s) "
+          f"({args.methods}); ~400x300 JPEGs, {args.per_shard} per shard; default outputs, "
+          "no metrics; CPU = user + system of every process of the run\n")
+    print("| images | CPU s (whole tree) | wall s |")
+    print("|---|---|---|")
+    for r in (small, large):
+        print(f"| {r['images']} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} |")
+    print(f"\n**marginal: {marginal:.2f} CPU-ms per image per unit** "
+          f"({(large['cpu_s'] - small['cpu_s']):.1f} CPU-s for {delta_images} more images x "
+          f"{units} units)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
