@@ -9,6 +9,13 @@ small Parquet file and reports one sample per shard, as the real write stage wou
 
     .venv/bin/python bench/control_plane.py                    # 100, 1000, 10000 shards x 42 units
     .venv/bin/python bench/control_plane.py --shards 100 1000 --units 6
+    .venv/bin/python bench/control_plane.py --s3-days 10 --commits 2000   # against S3 (moto)
+
+``--s3-days``: the commit protocol against a real S3 API (moto on loopback, every HTTP request
+counted at the server, ``tests/s3_counting.py``) with the real run lock, over a simulated
+run of that many days: between commits, the driver's held-time sampler gets one sample per
+simulated second, the actor accounting one batch entry per actor per 2 simulated seconds,
+and one shard in four commits incomplete (the failure list grows). Only Ray is stubbed.
 """
 
 from __future__ import annotations
@@ -129,13 +136,133 @@ def simulate(n_shards: int, n_units: int, per_wave: int = 8, trace_memory: bool 
     }
 
 
+def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4) -> dict:
+    """The commit protocol on S3 (moto) with the real lock over ``days`` simulated days."""
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from s3_counting import CountingS3
+
+    from pipeline.accounting import HeldSampler, UnitAccounting
+    from pipeline.lock import RunLock
+    from pipeline.storage import Store
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        os.environ.setdefault(k, v)
+    cfg = config(units)
+    us = units_of(cfg)[:units]
+    per_unit = -(-commits // len(us))
+    shards = [f"s3://in/shard-{i:06d}.tar" for i in range(per_unit)]
+    waves = waves_of(shards, 1)
+    span = days * 86400.0
+    step = span / (per_unit * len(us))
+    data = tiny_parquet()
+    rows: list[dict] = []
+    with CountingS3() as s3:
+        store = Store.open("s3://bkt/runs/sim", s3.storage)
+        lock = RunLock(store, lease_s=3600)
+        lock.acquire()
+        run = _Run(cfg, "sim", store, us, Ledger.load(store), per_unit, [], time.time(),
+                   out=lambda *a: None, lock=lock)
+        run.waves_total = per_unit * len(us)
+        run.held = HeldSampler("GPU")
+        run.extra["cluster"] = {"peak_actors": 0}
+        for u in us:
+            run.accounting[u.id] = UnitAccounting(u.id, "GPU", 1.0)
+        clock, n, batch = 0.0, 0, 0
+        trackers = {u.id: WaveTracker(u.id, u.config_hash, waves, {}) for u in us}
+        tracemalloc.start()
+        mem0 = tracemalloc.get_traced_memory()[0]
+        for wave in waves:
+            for u in us:
+                # what happened on the cluster since the last commit (simulated time)
+                end = clock + step
+                t = clock
+                while t < end:
+                    run.held.add(t, 4.0, 4.0)
+                    t += 1.0
+                acc = run.accounting[u.id]
+                entries = []
+                while batch * 2.0 < end:
+                    for a in range(actors):
+                        entries.append((f"actor-{u.id}-{a}", "cuda:0", 0,
+                                        int(batch * 2000), 1900, 32))
+                    batch += 1
+                acc.add(entries)
+                clock = end
+                name = wave.shards[0].rsplit("/", 1)[1][:-4]
+                key = f"{u.data_prefix}/{wave.id}/part-0.parquet"
+                store.write_bytes(key, data)  # the stubbed write stage
+                tr = trackers[u.id]
+                tr.add_file(key, [(f"{name}/0", name, 1, "ok")])
+                tr.add_marker(name, 1, "truncated tar (simulated)" if n % 4 == 0 else "")
+                (record,) = tr.ready()
+                mark = s3.log.mark()
+                t0 = time.perf_counter()
+                run.commit(u, record)
+                seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                with run.commit_lock:  # what a commit computes under the global lock
+                    run.manifest("running", running=True)
+                locked = time.perf_counter() - t1
+                rows.append({"s": seconds, "locked": locked, "req": len(s3.log.since(mark)),
+                             "kinds": s3.log.counts(mark)})
+                n += 1
+        mem = tracemalloc.get_traced_memory()[0] - mem0
+        tracemalloc.stop()
+        lock.release()
+        mark = s3.log.mark()
+        resumed = Ledger.load(store)
+        resume = s3.log.counts(mark)
+        records = sum(t.waves for t in resumed.totals.values())
+    k = max(1, len(rows) // 10)
+    head, tail = rows[:k], rows[-k:]
+    return {
+        "days": days, "units": len(us), "commits": len(rows),
+        "req_first": statistics.mean(r["req"] for r in head),
+        "req_last": statistics.mean(r["req"] for r in tail),
+        "kinds": dict(sum((r["kinds"] for r in tail), start=type(rows[0]["kinds"])())),
+        "ms_first": 1000 * statistics.median(r["s"] for r in head),
+        "ms_last": 1000 * statistics.median(r["s"] for r in tail),
+        "locked_first": 1000 * statistics.median(r["locked"] for r in head),
+        "locked_last": 1000 * statistics.median(r["locked"] for r in tail),
+        "failures": len(run.ledger.shard_failures), "held_samples": int(span),
+        "batches": batch * actors * len(us), "driver_mb": mem / 2**20,
+        "resume_records": records, "resume_requests": dict(resume),
+    }
+
+
+def main_s3(args) -> None:
+    r = simulate_s3_days(args.s3_days, args.commits, args.units)
+    kinds = ", ".join(f"{k} {v / max(1, r['commits'] // 10):.2f}" for k, v in sorted(r["kinds"].items()))
+    print(f"## Commit protocol on S3 (moto, requests counted at the server, real lock), "
+          f"{r['days']:g} simulated days\n")
+    print("| units | commits | requests/commit (first 10% / last 10%) | last 10% by kind | "
+          "ms/commit (median, first / last 10%) | ms under the global lock (first / last) | "
+          "failed shards | held samples | actor batches | driver MiB | resume: requests |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {r['units']} | {r['commits']} | {r['req_first']:.2f} / {r['req_last']:.2f} | "
+          f"{kinds} | {r['ms_first']:.2f} / {r['ms_last']:.2f} | {r['locked_first']:.2f} / "
+          f"{r['locked_last']:.2f} | {r['failures']} | {r['held_samples']} | {r['batches']} | "
+          f"{r['driver_mb']:.1f} | {r['resume_records']} records: "
+          f"{', '.join(f'{k} {v}' for k, v in sorted(r['resume_requests'].items()))} |",
+          flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--units", type=int, default=42)
     p.add_argument("--per-wave", type=int, default=8)
     p.add_argument("--device", default=None, help="not used: nothing runs on a device")
+    p.add_argument("--s3-days", type=float, default=None,
+                   help="the commit protocol on S3 (moto) over this many simulated days")
+    p.add_argument("--commits", type=int, default=2000, help="with --s3-days: commits in all")
     args = p.parse_args()
+    if args.s3_days is not None:
+        main_s3(args)
+        return
     print("## Control plane by simulation (in-memory counting store, Ray stubbed)\n")
     print("| shards | units | commits | requests/commit (first 10% / last 10%) | ms/commit "
           "(median, first / last) | manifest KiB | driver MiB | resume: s, requests | "

@@ -1,4 +1,4 @@
-"""``salmap run | read | report | analyze | export | shards | sanity | init``, ``salmap --version``.
+"""``salmap run | read | report | verify | analyze | export | shards | sanity | init``, ``salmap --version``.
 
 Exit codes: 0 every sample has a row and no unit has more error rows than
 ``run.max_error_rate``; 1 unexpected internal error; 2 config error (bad key, type or name; no
@@ -269,6 +269,26 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_table, verify_run
+
+    storage = {"endpoint": args.endpoint} if args.endpoint else None
+    try:
+        units = verify_run(args.run, storage)
+    except FileNotFoundError as err:
+        print(f"salmap: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for line in format_table(units):
+        print(line)
+    damaged = [uid for uid, u in units.items() if not u.ok]
+    if damaged:
+        print(f"salmap: run {args.run} is damaged ({len(damaged)} unit(s)); see above",
+              file=sys.stderr)
+        return EXIT_INCOMPLETE
+    print(f"salmap: run {args.run} is healthy: every record, file and row count checks out")
+    return EXIT_OK
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Write the example configs (``configs/example.yaml``, ``configs/demo.yaml``)."""
     target = Path(args.folder)
@@ -350,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .analyze.cli import add_parser as add_analyze_parser
 
     add_analyze_parser(sub).set_defaults(func=cmd_analyze)
+    vf = sub.add_parser("verify", help="check a run's commit records, files and row counts end "
+                                       "to end (exit 0 healthy, 3 damaged)")
+    vf.add_argument("run")
+    vf.add_argument("--endpoint", help="S3 endpoint for s3:// runs")
+    vf.set_defaults(func=cmd_verify)
     ex = sub.add_parser("export", help="write a run's pseudo-labels as COCO, VOC masks or Parquet")
     ex.add_argument("run", help="<run.output>/<run.id> (local or s3://)")
     ex.add_argument("--format", required=True, choices=["coco", "voc-masks", "parquet", "fiftyone"])

@@ -92,10 +92,11 @@ def validate_record(record: Any, key: str, where: str | None = None) -> None:
     for name in ("rows", "errors", "samples"):
         if record[name] < 0:
             raise DamagedRecord(where, f"{name!r} is negative")
-    per_shard = record.get("per_shard")
-    if per_shard is not None:
-        if set(per_shard) != set(record["shards"]):
-            raise DamagedRecord(where, "'per_shard' and 'shards' name different shards")
+    per_shard = record.get("per_shard") or {}
+    if not set(per_shard) <= set(record["shards"]):
+        extra = sorted(set(per_shard) - set(record["shards"]))[0]
+        raise DamagedRecord(where, f"'per_shard' names shard {extra}, which 'shards' does not")
+    if per_shard and set(per_shard) == set(record["shards"]):  # complete: the totals add up
         for name in ("rows", "errors", "samples"):
             try:
                 total = sum(int(info[name]) for info in per_shard.values())
