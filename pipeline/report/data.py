@@ -57,6 +57,7 @@ class UnitData:
     read_error: str = ""
     label_quality: dict[str, Any] | None = None  # pipeline.summary.label_quality, per class
     agg: dict[str, Any] = field(default_factory=dict, repr=False)
+    files_of: dict[str, list[str]] = field(default_factory=dict, repr=False)  # sample -> paths
 
     @property
     def n_rows(self) -> int:
@@ -137,13 +138,18 @@ def _load_unit(store: Store, uid: str, info: dict, agg: dict | None) -> UnitData
         return UnitData(uid, model, method, info, empty, None,
                         read_error=f"no committed rows for unit {uid!r}", agg=agg or {})
     cols = sample_table(agg)
-    files = sorted(set(cols.pop("file")))
+    where = cols.pop("file")
+    files = sorted(set(where))
+    files_of: dict[str, list[str]] = {}
+    for sid, f in zip(cols["sample_id"], where):
+        if store.path(f) not in files_of.setdefault(sid, []):
+            files_of[sid].append(store.path(f))
     rows = pd.DataFrame(cols)
     rows.insert(rows.columns.get_loc("sample_id") + 1, "model", model)
     rows.insert(rows.columns.get_loc("model") + 1, "method", method)
     ds = pads.dataset([store.path(f) for f in files], filesystem=store.fs, format="parquet") \
         if files else None
-    return UnitData(uid, model, method, info, rows, ds, agg=agg)
+    return UnitData(uid, model, method, info, rows, ds, agg=agg, files_of=files_of)
 
 
 def sample_note(units: list[UnitData]) -> str:
