@@ -254,3 +254,36 @@ def test_the_tracker_puts_its_files_aggregates_into_the_wave_record():
     t2.add_file("f0", keys)  # a file without an aggregate: the record carries none
     t2.add_marker("s", 10)
     assert "aggregate" not in t2.ready()[0]
+
+
+def test_the_report_of_a_unit_larger_than_its_sample_says_what_is_sampled(tmp_path):
+    """Counts and means over every row, the gallery over the sample, and the page says so."""
+    from test_export import UNIT, write_run
+
+    from pipeline.report import render_pages
+    from pipeline.rollup import committed_file_lists
+
+    run = write_run(str(tmp_path / "t"), waves=3, samples=8)
+    store = Store.open(run)
+    files = [f for _, rec in sorted(committed_file_lists(store)[UNIT].items()) for f in rec["files"]]
+    full = files_aggregate(store, files)
+    small = files_aggregate(store, files, keep=3)
+    assert full["complete"] and not small["complete"] and full["rows"] == small["rows"]
+    html = render_pages(run, aggregates={UNIT: small})["index.html"]
+    assert f"{small['rows']} committed row(s)" in html
+    assert "the samples with the smallest hash of their sample id" in html
+    assert "3 of " in html  # how many samples the sample holds
+    exact = render_pages(run, aggregates={UNIT: full})["index.html"]
+    assert "smallest hash" not in exact and f"{full['rows']} committed row(s)" in exact
+
+
+def test_read_batches_streams_the_committed_rows(tmp_path):
+    from test_export import write_run
+
+    from pipeline.read import read_batches, read_frame
+
+    run = write_run(str(tmp_path / "t"))
+    frames = list(read_batches(run, columns=["sample_id", "target"], batch_rows=5))
+    whole = read_frame(run, columns=["sample_id", "target"])
+    assert all(len(f) <= 5 for f in frames) and sum(len(f) for f in frames) == len(whole) == 18
+    assert sorted(s for f in frames for s in f["sample_id"]) == sorted(whole["sample_id"])

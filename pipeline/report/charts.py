@@ -55,7 +55,7 @@ def distributions(values: dict[str, dict[str, np.ndarray]], title: str) -> bytes
 def curves(stats: dict[str, dict[str, dict[str, np.ndarray]]], title: str) -> bytes:
     """Mean deletion (left) and insertion (right) curves per method with a 95% band.
 
-    ``stats``: method -> curve column -> {"mean", "ci", "n"} (see ``data.curve_stats``).
+    ``stats``: method -> curve column -> {"mean", "ci", "n"} (see ``data.curves_of``).
     """
     fig = Figure(figsize=(10.5, 3.4), layout="constrained")
     fig.suptitle(title, fontsize=11)

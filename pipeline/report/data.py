@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ..aggregate import UNIT_SAMPLE, sample_samples, sample_table
@@ -59,6 +57,7 @@ class UnitData:
     read_error: str = ""
     label_quality: dict[str, Any] | None = None  # pipeline.summary.label_quality, per class
     agg: dict[str, Any] = field(default_factory=dict, repr=False)
+    files_of: dict[str, list[str]] = field(default_factory=dict, repr=False)  # sample -> paths
 
     @property
     def n_rows(self) -> int:
@@ -139,13 +138,18 @@ def _load_unit(store: Store, uid: str, info: dict, agg: dict | None) -> UnitData
         return UnitData(uid, model, method, info, empty, None,
                         read_error=f"no committed rows for unit {uid!r}", agg=agg or {})
     cols = sample_table(agg)
-    files = sorted(set(cols.pop("file")))
+    where = cols.pop("file")
+    files = sorted(set(where))
+    files_of: dict[str, list[str]] = {}
+    for sid, f in zip(cols["sample_id"], where):
+        if store.path(f) not in files_of.setdefault(sid, []):
+            files_of[sid].append(store.path(f))
     rows = pd.DataFrame(cols)
     rows.insert(rows.columns.get_loc("sample_id") + 1, "model", model)
     rows.insert(rows.columns.get_loc("model") + 1, "method", method)
     ds = pads.dataset([store.path(f) for f in files], filesystem=store.fs, format="parquet") \
         if files else None
-    return UnitData(uid, model, method, info, rows, ds, agg=agg)
+    return UnitData(uid, model, method, info, rows, ds, agg=agg, files_of=files_of)
 
 
 def sample_note(units: list[UnitData]) -> str:
@@ -220,22 +224,6 @@ def _summary(unit: UnitData, metrics: list[str]) -> dict[str, dict]:
     return out
 
 
-def label_quality_of(dataset: pads.Dataset) -> dict[str, Any] | None:
-    """Pseudo-label quality against the ground truth the rows carry, or None. Reads the
-    ground-truth columns first: runs without box or mask ground truth import nothing more
-    (the computation lives with the torch-based metrics)."""
-    names = dataset.schema.names
-    probe = [c for c in ("gt_box_count", "label_map_quality") if c in names]
-    if not probe:
-        return None
-    t = dataset.to_table(columns=probe)
-    if all(t.column(c).null_count == t.num_rows for c in probe):
-        return None
-    from ..summary import QUALITY_COLUMNS, label_quality
-
-    return label_quality(dataset.to_table(columns=[c for c in QUALITY_COLUMNS if c in names]))
-
-
 def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Mean and 95% percentile-bootstrap interval of the finite values, with their count.
 
@@ -252,32 +240,6 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dic
                             for s in range(0, n_boot, chunk)])
     lo, hi = np.percentile(means, [2.5, 97.5])
     out.update(mean=float(v.mean()), ci_low=float(lo), ci_high=float(hi))
-    return out
-
-
-def curve_stats(dataset: pads.Dataset) -> dict[str, dict[str, np.ndarray]]:
-    """Per curve column: mean, 95% normal interval half-width and count, streamed by batches."""
-    present = [c for c in CURVE_COLUMNS if c in dataset.schema.names]
-    acc: dict[str, list] = {}  # name -> [sum, sum of squares, count]
-    for batch in dataset.to_batches(columns=present) if present else []:
-        for name in present:
-            arr = batch.column(name).drop_null()
-            if len(arr) == 0:
-                continue
-            lengths = np.asarray(pc.list_value_length(arr))
-            n_points = len(acc[name][0]) if name in acc else int(np.bincount(lengths).argmax())
-            arr = arr.filter(pa.array(lengths == n_points))  # a curve of another length is left out
-            values = np.asarray(arr.flatten(), dtype=np.float64).reshape(-1, n_points)
-            values = values[np.isfinite(values).all(axis=1)]
-            s, s2, n = acc.setdefault(name, [np.zeros(n_points), np.zeros(n_points), 0])
-            acc[name] = [s + values.sum(0), s2 + (values ** 2).sum(0), n + len(values)]
-    out = {}
-    for name, (s, s2, n) in acc.items():
-        if n == 0:
-            continue
-        mean = s / n
-        var = np.maximum(s2 / n - mean ** 2, 0.0) * (n / max(n - 1, 1))
-        out[name] = {"mean": mean, "ci": 1.96 * np.sqrt(var / n), "n": np.asarray(n)}
     return out
 
 

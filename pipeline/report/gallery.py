@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 from .data import RunData, fmt, rank_expression
 from .photos import Photos, load_photos
@@ -170,10 +171,15 @@ def render_galleries(data: RunData, rows: pd.DataFrame,
 
 
 def _read_maps(unit: Any, ids: set[str]) -> dict[tuple[str, int | None], dict]:
+    """The map columns of ``ids``' rows, read from the files that hold them only."""
     if unit.dataset is None or not ids:
         return {}
-    cols = [c for c in MAP_COLUMNS if c in unit.dataset.schema.names]
-    table = unit.dataset.to_table(columns=cols, filter=pc.field("sample_id").isin(sorted(ids)))
+    files = sorted({f for sid in ids for f in unit.files_of.get(sid, ())})
+    if not files:
+        return {}
+    ds = pads.dataset(files, filesystem=unit.dataset.filesystem, format="parquet")
+    cols = [c for c in MAP_COLUMNS if c in ds.schema.names]
+    table = ds.to_table(columns=cols, filter=pc.field("sample_id").isin(sorted(ids)))
     return {(r["sample_id"], _target_key(r.get("target"))): r for r in table.to_pylist()}
 
 

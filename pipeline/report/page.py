@@ -150,8 +150,8 @@ def summary_section(data: RunData) -> str:
     return (
         "<section id=summary><h2>Summary per unit</h2>"
         "<p class=note>Mean and 95% interval [low, high] of each metric over the rows with a value: "
-        "the run's manifest summary where it has one, else computed here from the Parquet rows "
-        "(percentile bootstrap of the mean); ↑ higher is better, ↓ lower is better; "
+        "the run's manifest summary where it has one, else computed here from the units' "
+        "aggregates in the commit records; ↑ higher is better, ↓ lower is better; "
         "the best mean per model is highlighted. pointing_hit is the hit rate in %. "
         "Means are over every row; the interval is the percentile bootstrap while a unit has at "
         f"most {UNIT_SAMPLE} samples, else (marked *) the normal interval mean ± 1.96·sd/√n "
