@@ -80,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="0.4,2.1,10,100")
     ap.add_argument("--old-max", type=float, default=10)
+    ap.add_argument("--device", default=None, help="ignored (no model here; run_all passes it)")
     args = ap.parse_args()
     server = CountingMotoServer()
     server.start()

@@ -55,7 +55,7 @@ def bad_input_samples() -> dict[str, tuple[dict, str]]:
         "grayscale": ({"jpeg": gray.getvalue(), "cls": b"8"}, "ok"),
         "upper_case": ({"JPG": good, "cls": b"9"}, "ok"),
         "sub/dir/slash": ({"jpg": good, "cls": b"1"}, "ok"),
-        "../dotdot": ({"jpg": good, "cls": b"1"}, "ok"),
+        "../dotdot": ({"jpg": good, "cls": b"1"}, "'..' segment"),  # keys are not paths
         "odd chars é $&;|`": ({"jpg": good, "cls": b"1"}, "ok"),
     }
 

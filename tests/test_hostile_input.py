@@ -8,8 +8,8 @@ without writing outside the export folder.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -104,6 +104,7 @@ def test_a_hostile_shard_commits_its_good_samples_and_exports_inside(tmp_path, r
     from pipeline.config import load_config
     from pipeline.export import export_run
     from pipeline.read import read_frame
+    from pipeline.report import write_report
     from pipeline.run import EXIT_OK, run_job
 
     root = tmp_path / "a" / "b" / "c" / "d"
@@ -131,10 +132,15 @@ def test_a_hostile_shard_commits_its_good_samples_and_exports_inside(tmp_path, r
     assert bad.status == "error" and "'../../../../outside/x.jpg'" in bad.error
     assert df.loc["deep"].status == "ok" and "nested too deeply" in df.loc["deep"].error
     assert df.loc["good"].status == "ok"
+    before = set(tmp_path.rglob("*"))
     (folder,) = export_run(str(out / "t"), "voc-masks")
-    pngs = sorted(p.relative_to(folder).as_posix() for p in
-                  __import__("pathlib").Path(folder).rglob("*.png"))
+    pngs = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*.png"))
     assert pngs == ["SegmentationClass/shard-000000/deep.png",
                     "SegmentationClass/shard-000000/good.png"]
+    # the report (thumbnails embedded in its pages) writes only under report/
+    html = Path(write_report(str(out / "t"), max_samples=None))
+    new = set(tmp_path.rglob("*")) - before
+    assert new and all(p.is_relative_to(Path(folder)) or p.is_relative_to(out / "t" / "report")
+                       or p == out / "t" / "export" for p in new), sorted(new)
+    assert html.is_file() and "outside/x" in html.read_text()  # listed as an error row
     assert not (tmp_path / "a" / "outside").exists() and not (tmp_path / "outside").exists()
-    json.dumps(list(df.index))
