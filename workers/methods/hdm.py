@@ -48,12 +48,24 @@ Reconstructed [R2] (all constructor parameters; the first version [R1] is kept a
   masks clamped to [0, 1] after each step, ``area_weight=0.5``, masked-out pixels set to 0 in
   normalised space (``fill="zero"``, the dataset mean colour).
 
-Batch independence: every image has its own masks and Adam moments, the loss is a sum of
-per-image terms, and the consistency term's gradient is exactly 0 at the all-ones start and
-grows continuously. That matters: a masked image equal to the image gives logits that differ
-from the reference by float noise that depends on the batch size; a loss with an O(1)
-gradient at 0 ([R1]'s L2 norm, a plain hinge) lets Adam, which normalises each step, turn that
-noise into full-size steps, and the map of an image then depends on its batch.
+Batch independence (exact): every image has its own masks and Adam moments, the loss is a
+sum of per-image terms, AND every forward pass has the same shape whatever the batch: the
+masked images go through the model ``rows`` at a time, ``rows = min(inner_batch_size,
+forward_images * masks per image)``, the last chunk padded with copies of its last row (whose
+outputs are dropped); the reference logits likewise ``forward_images`` images at a time. Why:
+the same image in a forward of another batch size gets logits that differ by float noise
+(~1e-6 on EfficientNet-Lite0: conv kernels pick other algorithms and sum in another order),
+and 30 Adam steps through a ReLU network amplify that noise (a gate that flips changes the
+gradient by a finite amount; Adam normalises every step): at the previous chunking, a
+Lite0 photo's default map alone and beside one other photo differed by 44 % (relative L2).
+With a fixed shape the rows of one image are computed by the same kernel whatever sits in
+the other rows (bit-identical on the CPU; tests/test_methods_hdm.py, bench/batch_independence.py).
+``forward_images=1`` (default) never pads; a GPU batches better with more (padding then
+costs at most ``rows - 1`` rows per chunk, only in the last chunk of a call).
+Not removed: the amplification itself. ``inner_batch_size`` and ``forward_images`` set the
+forward shape, so they are part of the configuration: another value changes the map (a Lite0
+photo's default map at ``inner_batch_size=1`` differs from the default's by 0.435 relative
+L2). Keep them fixed within a run, as the pipeline does.
 
 Output: the fused map ``[B,H,W]`` at the input resolution, >= 0, un-normalised (at most
 ``sum w_t``); the pipeline's min-max scaling normalises it.
@@ -177,6 +189,7 @@ class HDM(Method):
         init_value: float = 1.0,
         init_noise: float = 0.0,
         seed: int = 0,
+        forward_images: int = 1,
     ) -> None:
         """
         Args:
@@ -206,6 +219,9 @@ class HDM(Method):
             init_value, init_noise, seed: masks start at ``init_value - init_noise * U[0,1)``;
                 the noise is drawn from ``seed`` once per mask size and shared by all images
                 (0 = the [family] all-ones start, where ``seed`` has no effect).
+            forward_images: images whose masked copies share one forward pass; every forward
+                has exactly ``min(inner_batch_size, forward_images * masks)`` rows (padded),
+                so a map does not depend on the batch it came in (see the module docstring).
         """
         super().__init__(model)
         check_optimizer(optimizer, lr)
@@ -217,6 +233,8 @@ class HDM(Method):
                                     ("stack", stack, STACKS), ("fill", fill, FILLS)):
             if value not in allowed:
                 raise MethodError(f"hdm: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        if int(forward_images) < 1:
+            raise MethodError(f"hdm: forward_images must be >= 1, got {forward_images}")
         if steps < 0 or stages < 1:
             raise MethodError("hdm: steps must be >= 0 and stages >= 1")
         if not 0.0 <= remove_fraction <= 1.0:
@@ -238,6 +256,7 @@ class HDM(Method):
         self.stop_fraction = None if stop_fraction is None else float(stop_fraction)
         self.fill, self.blur_sigma = fill, float(blur_sigma)
         self.init_value, self.init_noise, self.seed = float(init_value), float(init_noise), int(seed)
+        self.forward_images = int(forward_images)
 
     # -- building blocks ------------------------------------------------------------------
     def fill_image(self, x: Tensor) -> Tensor:
@@ -250,9 +269,25 @@ class HDM(Method):
         k = min(k, 2 * (min(x.shape[-2:]) // 2) - 1)  # reflect padding needs pad < size
         return gaussian_blur(x, kernel_size=[max(k, 1)] * 2, sigma=[self.blur_sigma] * 2)
 
+    def rows_per_forward(self, per_image: int) -> int:
+        """The fixed number of rows of every forward when each image contributes
+        ``per_image`` rows: independent of the batch, so is every logit (module docstring)."""
+        return max(1, min(int(self.inner_batch_size), self.forward_images * per_image))
+
+    def fixed_forward(self, rows: Tensor, size: int) -> Tensor:
+        """Logits of ``rows`` (at most ``size`` of them) from a forward of exactly ``size``
+        rows: the rest are copies of the last row, and their logits are dropped."""
+        n = rows.shape[0]
+        if n < size:
+            rows = torch.cat([rows, rows[-1:].expand(size - n, *rows.shape[1:])])
+        return self.forward(rows)[:n]
+
     def references(self, x: Tensor) -> Tensor:
-        """Logits ``[b, K]`` of ``x`` (constants for the consistency term)."""
-        parts = [self.forward(x[sl]).detach() for sl in self.chunks(x.shape[0])]
+        """Logits ``[b, K]`` of ``x`` (constants for the consistency term), from forwards of
+        a fixed size."""
+        size = self.rows_per_forward(1)
+        parts = [self.fixed_forward(x[i:i + size], size).detach()
+                 for i in range(0, x.shape[0], size)]
         out = torch.cat(parts)
         if out.dim() != 2:
             raise MethodError(f"hdm: the model returned shape {tuple(out.shape)}, expected [B, K]")
@@ -327,23 +362,26 @@ class HDM(Method):
         """Optimise ``params`` in place: ``steps`` of Adam on the summed per-mask losses.
 
         ``keep_fn(params)`` gives the effective keep masks ``[b, K, H, W]``; each (image, mask)
-        pair is one masked image, sent through the model ``inner_batch_size`` at a time.
+        pair is one masked image (image-major rows), sent through the model in forwards of
+        exactly :meth:`rows_per_forward` rows.
         ``penalty_fn(params)`` is the summed mask terms (area, guidance).
         """
         b, n_masks = xt.shape[0], len(params)
         rows = torch.arange(b * n_masks, device=xt.device)
         img = rows // n_masks
+        size = self.rows_per_forward(n_masks)
         opt = MaskOptimizer(params, self.optimizer, self.lr, bounds=(0.0, 1.0))
         for _ in self.track(self.steps):
             keep = keep_fn(params).reshape(b * n_masks, *xt.shape[-2:])
             values = keep.detach()
             g_keep = torch.zeros_like(values)
-            for sl in self.chunks(b * n_masks):
+            for start in range(0, b * n_masks, size):
+                sl = slice(start, min(start + size, b * n_masks))
                 leaf = values[sl].clone().requires_grad_(True)
                 i = img[sl]
                 masked = apply_keep(xt[i], fill[i], leaf)
-                loss = self.consistency_loss(self.forward(masked), ref[i], targets[i],
-                                             scale[i]).sum()
+                loss = self.consistency_loss(self.fixed_forward(masked, size), ref[i],
+                                             targets[i], scale[i]).sum()
                 (g_keep[sl],) = torch.autograd.grad(loss, leaf)
             penalty = penalty_fn(params)
             grads = torch.autograd.grad(
