@@ -10,7 +10,9 @@ Ray: the supervisor marks the manifest ``interrupted`` with the cause, releases 
 lock, prints one salmap line naming what died, and exits 3; the same command resumes.
 
 Signals: SIGINT and SIGTERM sent to the supervisor are passed to the child (its own process
-group, so a terminal's Ctrl-C reaches it once), which stops as it always does (exit 3).
+group, so a terminal's Ctrl-C reaches it once), which stops as it always does (exit 3). A
+supervisor killed outright takes the child with it (Linux: ``PR_SET_PDEATHSIG``), as killing a
+one-process driver would.
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ def _dead(pid: int) -> bool:
             return False
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGKILL when the supervisor dies (Linux; elsewhere no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(EXIT_INCOMPLETE)
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -95,8 +110,10 @@ def run_supervised(argv: list[str]) -> int:
     """Run ``python -m pipeline.cli *argv`` as the child; its exit code, or 3 (see module)."""
     fd, path = tempfile.mkstemp(prefix="salmap-supervisor-", suffix=".jsonl")
     os.close(fd)
+    parent = os.getpid()
     child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv],
-                             env={**os.environ, ENV: path}, process_group=0)
+                             env={**os.environ, ENV: path}, process_group=0,
+                             preexec_fn=lambda: _die_with_parent(parent))
     forwarded: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:  # noqa: ARG001
