@@ -6,9 +6,9 @@ photo-like JPEGs of about 400x300 (crops of the scikit-image sample photos), wit
 whose own cost is negligible (``bench.tiny_model:tiny_net``: one stride-4 convolution) and
 the default outputs (no metrics). The CPU time counted is that of the whole process tree of
 the run and nothing else: this process makes itself the child subreaper
-(``PR_SET_CHILD_SUBREAPER``), so every process the run starts, orphaned or not, is reaped by
-it or by one of its descendants, and ``getrusage(RUSAGE_CHILDREN)`` sums their user + system
-time exactly (no sampling; other agents' processes on a shared machine never count).
+(``PR_SET_CHILD_SUBREAPER``), so every process the run starts stays below it in the process
+tree, orphaned or not, and :class:`TreeCPU` sums the user + system time of every process of
+that tree, sampled from /proc every 0.2 s (other agents' processes never count).
 
     marginal CPU-ms per image per unit = (CPU(4N) - CPU(N)) / (3N x units)
 
@@ -25,7 +25,6 @@ import ctypes
 import io
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -48,47 +47,75 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed (Linux only)")
 
 
-def children_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _descendants() -> list[int]:
-    """Pids whose parent is this process (reparented orphans included), from /proc."""
-    me, out = os.getpid(), []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            out.append(int(d))
-    return out
+def _stat(pid: str) -> tuple[int, int, float] | None:
+    """(ppid, start time, user + system seconds of the process itself) from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def reap_all(grace_s: float = 60.0) -> int:
-    """Wait for every remaining child (Ray's daemons exit after the driver); past ``grace_s``
-    SIGKILL the ones still alive (they are this run's). Returns how many were killed."""
+class TreeCPU:
+    """CPU seconds of every process below this one (the run and whatever it starts, orphans
+    reparented to this subreaper included), sampled from /proc every ``interval`` seconds:
+    the last value seen of each process counts (it loses at most one interval of a process
+    that exits between samples). Children's CPU is not read from RUSAGE_CHILDREN: Ray's
+    raylet ignores SIGCHLD, so its workers' CPU never reaches their parent's counters."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.seen: dict[tuple[int, int], float] = {}
+
+    def sample(self) -> None:
+        me = os.getpid()
+        stats = _tree_stats()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        stack = list(children.get(me, []))
+        while stack:
+            pid = stack.pop()
+            _, start, cpu = stats[pid]
+            self.seen[(pid, start)] = max(cpu, self.seen.get((pid, start), 0.0))
+            stack.extend(children.get(pid, []))
+
+    def total(self) -> float:
+        return sum(self.seen.values())
+
+
+def reap_all(tree: TreeCPU, grace_s: float = 60.0) -> int:
+    """Sample and wait until no process is left below this one (Ray's daemons exit after the
+    driver); past ``grace_s`` SIGKILL the ones still alive (they are this run's, by pid).
+    Returns how many were killed."""
     deadline, killed = time.monotonic() + grace_s, 0
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
         except ChildProcessError:
+            pass
+        tree.sample()
+        left = [pid for pid, (ppid, _, _) in _tree_stats().items() if ppid == os.getpid()]
+        if not left:
             return killed
-        if pid:
-            continue
         if time.monotonic() > deadline:
-            for p in _descendants():
+            for pid in left:
                 try:
-                    os.kill(p, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                     killed += 1
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 10.0
-        time.sleep(0.1)
+        time.sleep(0.2)
+
+
+def _tree_stats() -> dict[int, tuple[int, int, float]]:
+    return {int(p): s for p in os.listdir("/proc") if p.isdigit() for s in [_stat(p)] if s}
 
 
 def photos() -> list:
@@ -151,15 +178,21 @@ def run_once(work: Path, n_images: int, args, tag: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     env.pop("RAY_ADDRESS", None)
-    before = children_cpu_s()
+    tree = TreeCPU()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=work,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = reap_all()
+    log = open(work / f"{tag}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=work,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    while proc.poll() is None:
+        tree.sample()
+        time.sleep(tree.interval)
+    log.close()
+    killed = reap_all(tree)
     wall = time.perf_counter() - t0
-    cpu = children_cpu_s() - before
+    cpu = tree.total()
     if proc.returncode != 0:
-        raise RuntimeError(f"salmap run ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}")
+        text = (work / f"{tag}.log").read_text()[-3000:]
+        raise RuntimeError(f"salmap run ({tag}) exited {proc.returncode}:\n{text}")
     return {"images": n_images, "cpu_s": cpu, "wall_s": wall, "killed": killed}
 
 

@@ -111,6 +111,7 @@ class ResourcesSection:
     compile: bool = False
     channels_last: bool = True
     units_in_parallel: Any = "auto"  # auto: as many as the slots hold | an int
+    share_decode: bool = True  # units of one model share one read + decode (pipeline.shared)
 
 
 @dataclass

@@ -122,45 +122,51 @@ class _PostWrite:
         self.spec = spec
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .aggregate import of_table
-        from .post import post_batch
-
-        spec = self.spec
-        store = Store.open(spec.store_uri, spec.storage)
-        out: list[dict[str, Any]] = []
-        by_wave: dict[str, list[int]] = {}
-        for i, status in enumerate(batch["status"]):
-            shard = str(batch["shard"][i])
-            if status == SHARD_END:
-                out.append({"kind": "end", "wave": spec.wave_of.get(shard, ""), "path": "",
-                            "shard": shard, "samples": int(batch["shard_samples"][i]),
-                            "error": str(batch["shard_error"][i]),
-                            "unreadable": str(batch["error"][i]) == "unreadable", "keys": "",
-                            "aggregate": ""})
-            else:
-                by_wave.setdefault(spec.wave_of.get(shard, ""), []).append(i)
-        for wave_id, rows in by_wave.items():
-            table = post_batch(batch, spec.post_metrics, spec.curves,
-                               {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows,
-                               spec.labels)
-            keys = list(zip(table.column("sample_id").to_pylist(),
-                            table.column("shard").to_pylist(),
-                            [-1 if t is None else t for t in table.column("target").to_pylist()],
-                            table.column("status").to_pylist()))
-            key = f"{spec.data_prefix}/{wave_id}/{part_name(spec.unit_id, [(k[0], k[2]) for k in keys])}"
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd",
-                           use_dictionary=dictionary_columns(table.schema))
-            data = sink.getvalue().to_pybytes()
-            store.write_bytes(key, data)  # retried with backoff inside
-            out.append({"kind": "file", "wave": wave_id, "path": key, "shard": "", "samples": 0,
-                        "error": "", "unreadable": False, "keys": json.dumps(keys),
-                        "aggregate": json.dumps(of_table(table, key))})
-        for r in out:
-            r["actors"] = ""
-        if out:
-            out[0]["actors"] = actor_entries(batch)
+        out = post_write(batch, self.spec)
         return {c: np.array([r[c] for r in out], dtype=object) for c in RECORD_COLUMNS}
+
+
+def post_write(batch: dict[str, np.ndarray], spec: WriteSpec) -> list[dict[str, Any]]:
+    """One unit's actor rows -> its Parquet files (one per wave in the batch) -> the records
+    for the driver: one per file and per shard-end marker (the first carries the actors)."""
+    from .aggregate import of_table
+    from .post import post_batch
+
+    store = Store.open(spec.store_uri, spec.storage)
+    out: list[dict[str, Any]] = []
+    by_wave: dict[str, list[int]] = {}
+    for i, status in enumerate(batch["status"]):
+        shard = str(batch["shard"][i])
+        if status == SHARD_END:
+            out.append({"kind": "end", "wave": spec.wave_of.get(shard, ""), "path": "",
+                        "shard": shard, "samples": int(batch["shard_samples"][i]),
+                        "error": str(batch["shard_error"][i]),
+                        "unreadable": str(batch["error"][i]) == "unreadable", "keys": "",
+                        "aggregate": ""})
+        else:
+            by_wave.setdefault(spec.wave_of.get(shard, ""), []).append(i)
+    for wave_id, rows in by_wave.items():
+        table = post_batch(batch, spec.post_metrics, spec.curves,
+                           {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows,
+                           spec.labels)
+        keys = list(zip(table.column("sample_id").to_pylist(),
+                        table.column("shard").to_pylist(),
+                        [-1 if t is None else t for t in table.column("target").to_pylist()],
+                        table.column("status").to_pylist()))
+        key = f"{spec.data_prefix}/{wave_id}/{part_name(spec.unit_id, [(k[0], k[2]) for k in keys])}"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd",
+                       use_dictionary=dictionary_columns(table.schema))
+        data = sink.getvalue().to_pybytes()
+        store.write_bytes(key, data)  # retried with backoff inside
+        out.append({"kind": "file", "wave": wave_id, "path": key, "shard": "", "samples": 0,
+                    "error": "", "unreadable": False, "keys": json.dumps(keys),
+                    "aggregate": json.dumps(of_table(table, key))})
+    for r in out:
+        r["actors"] = ""
+    if out:
+        out[0]["actors"] = actor_entries(batch)
+    return out
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

@@ -484,11 +484,9 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
         todo = [by_id[uid] for uid in plan.order]
         run.held = HeldSampler(plan.slots.resource).start()
         try:
-            if plan.parallel == 1:
-                for unit, waves in todo:
-                    _run_unit(run, unit, waves, identity, index, plan.actors[unit.id])
-            else:
-                _run_units_in_threads(run, todo, plan.parallel, identity, index, plan.actors)
+            from .shared import run_jobs  # units of one model share a read + decode
+
+            run_jobs(run, todo, plan.parallel, identity, index, plan.actors)
         finally:
             run.held.stop()
         failures = run.all_failures()
