@@ -241,6 +241,7 @@ def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4
 
 def main_s3(args) -> None:
     r = simulate_s3_days(args.s3_days, args.commits, args.units)
+    r["driver_mb"] = None
     if args.memory:
         r["driver_mb"] = simulate_s3_days(args.s3_days, args.commits, args.units,
                                           trace_memory=True)["driver_mb"]
@@ -254,7 +255,8 @@ def main_s3(args) -> None:
     print(f"| {r['units']} | {r['commits']} | {r['req_first']:.2f} / {r['req_last']:.2f} | "
           f"{kinds} | {r['ms_first']:.2f} / {r['ms_last']:.2f} | {r['locked_first']:.2f} / "
           f"{r['locked_last']:.2f} | {r['failures']} | {r['held_samples']} | {r['batches']} | "
-          f"{r['driver_mb']:.1f} | {r['resume_records']} records: "
+          f"{'-' if r['driver_mb'] is None else format(r['driver_mb'], '.1f')} | "
+          f"{r['resume_records']} records: "
           f"{', '.join(f'{k} {v}' for k, v in sorted(r['resume_requests'].items()))} |",
           flush=True)
 
