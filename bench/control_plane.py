@@ -136,8 +136,11 @@ def simulate(n_shards: int, n_units: int, per_wave: int = 8, trace_memory: bool 
     }
 
 
-def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4) -> dict:
-    """The commit protocol on S3 (moto) with the real lock over ``days`` simulated days."""
+def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4,
+                     trace_memory: bool = False) -> dict:
+    """The commit protocol on S3 (moto) with the real lock over ``days`` simulated days.
+    Timings with ``trace_memory`` off (tracemalloc slows every allocation); the driver's heap
+    growth with it on."""
     import os
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -170,9 +173,10 @@ def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4
         run.extra["cluster"] = {"peak_actors": 0}
         for u in us:
             run.accounting[u.id] = UnitAccounting(u.id, "GPU", 1.0)
-        clock, n, batch = 0.0, 0, 0
+        clock, n, batch, n_entries = 0.0, 0, 0, 0
         trackers = {u.id: WaveTracker(u.id, u.config_hash, waves, {}) for u in us}
-        tracemalloc.start()
+        if trace_memory:
+            tracemalloc.start()
         mem0 = tracemalloc.get_traced_memory()[0]
         for wave in waves:
             for u in us:
@@ -190,6 +194,7 @@ def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4
                                         int(batch * 2000), 1900, 32))
                     batch += 1
                 acc.add(entries)
+                n_entries += len(entries)
                 clock = end
                 name = wave.shards[0].rsplit("/", 1)[1][:-4]
                 key = f"{u.data_prefix}/{wave.id}/part-0.parquet"
@@ -210,7 +215,8 @@ def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4
                              "kinds": s3.log.counts(mark)})
                 n += 1
         mem = tracemalloc.get_traced_memory()[0] - mem0
-        tracemalloc.stop()
+        if trace_memory:
+            tracemalloc.stop()
         lock.release()
         mark = s3.log.mark()
         resumed = Ledger.load(store)
@@ -228,13 +234,17 @@ def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4
         "locked_first": 1000 * statistics.median(r["locked"] for r in head),
         "locked_last": 1000 * statistics.median(r["locked"] for r in tail),
         "failures": len(run.ledger.shard_failures), "held_samples": int(span),
-        "batches": batch * actors * len(us), "driver_mb": mem / 2**20,
+        "batches": n_entries, "driver_mb": mem / 2**20,
         "resume_records": records, "resume_requests": dict(resume),
     }
 
 
 def main_s3(args) -> None:
     r = simulate_s3_days(args.s3_days, args.commits, args.units)
+    r["driver_mb"] = None
+    if args.memory:
+        r["driver_mb"] = simulate_s3_days(args.s3_days, args.commits, args.units,
+                                          trace_memory=True)["driver_mb"]
     kinds = ", ".join(f"{k} {v / max(1, r['commits'] // 10):.2f}" for k, v in sorted(r["kinds"].items()))
     print(f"## Commit protocol on S3 (moto, requests counted at the server, real lock), "
           f"{r['days']:g} simulated days\n")
@@ -245,7 +255,8 @@ def main_s3(args) -> None:
     print(f"| {r['units']} | {r['commits']} | {r['req_first']:.2f} / {r['req_last']:.2f} | "
           f"{kinds} | {r['ms_first']:.2f} / {r['ms_last']:.2f} | {r['locked_first']:.2f} / "
           f"{r['locked_last']:.2f} | {r['failures']} | {r['held_samples']} | {r['batches']} | "
-          f"{r['driver_mb']:.1f} | {r['resume_records']} records: "
+          f"{'-' if r['driver_mb'] is None else format(r['driver_mb'], '.1f')} | "
+          f"{r['resume_records']} records: "
           f"{', '.join(f'{k} {v}' for k, v in sorted(r['resume_requests'].items()))} |",
           flush=True)
 
@@ -259,6 +270,8 @@ def main() -> None:
     p.add_argument("--s3-days", type=float, default=None,
                    help="the commit protocol on S3 (moto) over this many simulated days")
     p.add_argument("--commits", type=int, default=2000, help="with --s3-days: commits in all")
+    p.add_argument("--memory", action="store_true",
+                   help="with --s3-days: a second run under tracemalloc for the driver's heap")
     args = p.parse_args()
     if args.s3_days is not None:
         main_s3(args)

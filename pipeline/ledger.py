@@ -24,11 +24,13 @@ commit records (:mod:`pipeline.commit_record`: the one reader and writer, valida
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from .commit_record import DamagedRecord, decode_record, encode_record
 from .storage import Store
@@ -137,6 +139,10 @@ class Ledger:
     shard_failures: dict[tuple[str, str], str] = field(default_factory=dict)
     # unit id -> how many of its shards are in shard_failures (kept as they change)
     failed_shards: dict[str, int] = field(default_factory=dict)
+    # the driver's check that it still holds the run's lock, run when a record exists already
+    fence: Callable[[], None] | None = None
+    # held while the roll-up changes (the driver's lock over its in-memory state)
+    guard: Any = field(default_factory=contextlib.nullcontext)
 
     @classmethod
     def load(cls, store: Store, commits: dict[str, dict[str, dict]] | None = None) -> Ledger:
@@ -197,21 +203,23 @@ class Ledger:
                 for (unit, shard), why in itertools.islice(self.shard_failures.items(), n)]
 
     # -- changes -----------------------------------------------------------------------
-    def commit(self, unit_id: str, record: dict, fence: Callable[[], None] | None = None) -> dict:
+    def commit(self, unit_id: str, record: dict) -> dict:
         """Make one wave visible: create its commit record (one conditional PUT: it never
-        replaces a record), extend the roll-up; returns the record now committed.
+        replaces a record), then extend the roll-up (under ``guard``); returns the record now
+        committed.
 
         When the record exists already: the same bytes are this driver's own earlier write
         (a retried request that had landed); else ``fence()`` runs (it raises when this
         driver lost the run's lock: the record there stands) and the record, written by a
         driver that had lost the lock, is adopted when it covers the same shards and its
         files exist, or replaced."""
-        record = self.write(unit_id, record, fence)
-        self._apply(unit_id, record)
+        record = self.write(unit_id, record, self.fence)
+        with self.guard:
+            self._apply(unit_id, record)
         return record
 
     def write(self, unit_id: str, record: dict, fence: Callable[[], None] | None = None) -> dict:
-        """:meth:`commit`'s storage part (no change in memory); :meth:`apply` is the other."""
+        """:meth:`commit`'s storage part (no change in memory)."""
         key = commit_key(unit_id, record["wave"])
         data = encode_record(record)
         try:
@@ -223,10 +231,6 @@ class Ledger:
         if not created:
             record = self._settle(unit_id, key, record, data, fence)
         return record
-
-    def apply(self, unit_id: str, record: dict) -> None:
-        """Extend the roll-up by a record written with :meth:`write`."""
-        self._apply(unit_id, record)
 
     def _settle(self, unit_id: str, key: str, record: dict, data: bytes,
                 fence: Callable[[], None] | None) -> dict:

@@ -231,6 +231,9 @@ class _Run:
         self._manifest_guard = threading.Lock()
         self._manifest_next: tuple[int, dict] | None = None
         self._manifest_writing = False
+        self.ledger.guard = self.commit_lock
+        if self.lock is not None:
+            self.ledger.fence = self.lock.check
 
     def unit_info(self) -> dict[str, dict]:
         info = {u.id: {"model": u.model.name, "method": u.method.name,
@@ -291,15 +294,12 @@ class _Run:
             if self.after_check is not None:
                 self.after_check(unit, record)
             written = record
-            if record["shards"]:
-                written = self.ledger.write(unit.id, record,
-                                            self.lock.check if self.lock is not None else None)
+            if record["shards"]:  # the record's PUT; the roll-up under commit_lock
+                written = self.ledger.commit(unit.id, record) or record
                 if written is not record or (unit.id, record["wave"]) in self.dirty:
                     remove_unlisted(self.store, f"{unit.data_prefix}/{record['wave']}", written)
                     self.dirty.discard((unit.id, record["wave"]))
             with self.commit_lock:
-                if written["shards"]:
-                    self.ledger.apply(unit.id, written)
                 for shard, why in written.get("unreadable", {}).items():
                     self._fail(f"{unit.id}: shard {shard} could not be read: {why}")
                 for shard, info in written.get("per_shard", {}).items():

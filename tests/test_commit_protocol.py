@@ -279,3 +279,42 @@ def test_a_committed_wave_whose_file_is_gone_is_redone_on_resume(tmp_path):
     lines = redo_waves_with_missing_files(store, Ledger.load(store, commits), commits, set(),
                                           said.append)
     assert len(lines) == 1 and "lost 1 file(s)" in lines[0] and "move" in lines[0]
+
+
+def test_a_real_run_on_s3_commits_with_three_requests_and_resumes_with_one_per_record(
+        tmp_path, make_shards, ray_cluster):
+    """``salmap run`` on Ray against a counting moto S3 endpoint: every commit record is one
+    conditional PUT and nothing else; the lock checks and manifest PUTs add at most one each
+    per commit (plus the run's start and end); a resumed run reads each record with one GET."""
+    from conftest import small_config
+    from test_pipeline_e2e import upload
+
+    from pipeline.run import EXIT_OK, run_job
+
+    with CountingS3(buckets=()) as s3:
+        shards = make_shards(n_shards=2, per_shard=2)
+        urls = upload(s3.endpoint, "bkt", shards, "wds")
+        job = tmp_path / "job.yaml"
+        job.write_text(small_config(urls, "s3://bkt/runs", methods=[{"name": "gradient"}],
+                                    run={"lock_lease_s": 600, "shards_per_wave": 1},
+                                    storage=s3.storage))
+        cfg = load_config(str(job), [f"ray.address={ray_cluster}"])
+        mark = s3.log.mark()
+        assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK
+        got = s3.log.since(mark)
+        on_records = [(k, p) for k, p in got if "/_commits/" in p and p.endswith(".json")]
+        written = [p for k, p in on_records if k == "PUT-IF-NONE-MATCH"]
+        commits = len(written)
+        assert commits == 2 and len(set(written)) == 2, on_records
+        # besides its one PUT, a record is read once at the end (the run's summaries)
+        assert sorted(k for k, _ in on_records) == ["GET"] * 2 + ["PUT-IF-NONE-MATCH"] * 2
+        lock_gets = sum(1 for k, p in got if p.endswith("/_lock.json") and k == "GET")
+        manifest_puts = sum(1 for k, p in got if p.endswith("/manifest.json") and k == "PUT")
+        assert lock_gets <= commits + 2 and manifest_puts <= commits + 2, got
+        control = [(k, p) for k, p in got if p.rsplit("/", 1)[-1] in (
+            "_lock.json", "manifest.json", "_plan.json") or "/_commits/" in p]
+        assert not [k for k, _ in control if k.startswith("MPU") or k == "HEAD"], control
+        mark = s3.log.mark()
+        assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK  # already complete
+        again = [(k, p) for k, p in s3.log.since(mark) if "/_commits/" in p]
+        assert sorted(k for k, p in again if p.endswith(".json")) == ["GET", "GET"], again
