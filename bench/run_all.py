@@ -28,6 +28,7 @@ CPU_DEFAULTS = {
     "metric_cost": ["--batch", "2"],
     "scaling": ["--images", "32"],
     "precision": ["--models", "resnet50", "--batch", "4", "--repeats", "1"],
+    "end_of_run": ["--sizes", "10000,1000000"],  # 10^7 rows: run it alone (BENCHMARKS.md)
 }
 
 

@@ -15,8 +15,8 @@ the records into one per unit as the run goes (:func:`merge`). An aggregate is a
   :data:`MAX_REASONS` reasons; the rest are counted under ``other``);
 * ``sample``: the rows of the samples with the smallest hash of their sample id (a bottom-k
   sample: bounded, reproducible, the same samples in every unit that saw them, and merged by
-  keeping the k smallest again). A commit record carries at most :data:`WAVE_SAMPLE` samples,
-  a unit at most :data:`UNIT_SAMPLE`; ``complete`` says whether the sample still holds every
+  keeping the k smallest again). A commit record carries at most :func:`wave_sample_size`
+  samples (:data:`WAVE_SAMPLE` in a run of many waves), a unit at most :data:`UNIT_SAMPLE`; ``complete`` says whether the sample still holds every
   row (then figures computed from it are exact). ``bad``: the same for error rows.
 
 Every part is a sum, a min/max or a bottom-k, so :func:`merge` is associative and the result
@@ -49,6 +49,15 @@ ERROR_CHARS = 300  # an error message in the sample is cut to this many characte
 SAMPLE_COLUMNS = ("sample_id", "shard", "key", "image_file", "target", "target_source", "label",
                   "pred", "pred_prob", "target_prob", "orig_height", "orig_width",
                   "saliency_min", "saliency_max", "status", "error")
+
+
+def wave_sample_size(shards_total: int, shards_per_wave: int) -> int:
+    """The samples a unit's commit records carry: enough for twice :data:`UNIT_SAMPLE` over
+    the run's waves (so the unit's sample fills up in a run of few, large waves), at least
+    :data:`WAVE_SAMPLE`. A function of the config and the input only: a redone wave carries
+    the same sample as the first attempt would have."""
+    waves = max(1, -(-max(1, shards_total) // max(1, shards_per_wave)))
+    return int(min(UNIT_SAMPLE, max(WAVE_SAMPLE, -(-2 * UNIT_SAMPLE // waves))))
 
 
 # the metric columns, and the target's probability (the per-class table's fallback column)

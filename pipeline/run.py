@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__
 from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
+from .aggregate import wave_sample_size
 from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
 from .config import (
     ConfigError,
@@ -677,7 +678,9 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
     progress = ProgressLine(unit.id, total, run.cfg, run.out, approx=approx)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         base = progress.committed_samples
-        tracker = WaveTracker(unit.id, unit.config_hash, waves, identity, index)
+        tracker = WaveTracker(unit.id, unit.config_hash, waves, identity, index,
+                              sample_cap=wave_sample_size(run.shards_total,
+                                                          run.cfg.run.shards_per_wave))
         ex = unit_execution(run.cfg, unit, waves, run.store, actors)
         ex.identity = identity
 

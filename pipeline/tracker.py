@@ -43,13 +43,14 @@ class WaveTracker:
 
     def __init__(self, unit_id: str, config_hash: str, waves: list[Wave],
                  identity: dict[str, dict] | None = None, index: dict[str, int] | None = None,
-                 clock=time.time) -> None:
+                 clock=time.time, sample_cap: int | None = None) -> None:
         from .decode import shard_name
 
         self.unit_id, self.config_hash = unit_id, config_hash
         self.identity = identity or {}
         self.index = index or {}
         self.clock = clock
+        self.sample_cap = sample_cap  # samples a record's aggregate keeps (aggregate.WAVE_SAMPLE)
         self.last_commit = clock()
         self.waves: dict[str, _WaveState] = {}
         self.shard_of: dict[str, str] = {}  # shard name -> wave id
@@ -101,7 +102,7 @@ class WaveTracker:
             elif w.aggregated:
                 from .aggregate import WAVE_SAMPLE, merge
 
-                w.aggregate = merge(w.aggregate, aggregate, WAVE_SAMPLE)
+                w.aggregate = merge(w.aggregate, aggregate, self.sample_cap or WAVE_SAMPLE)
         self.touched |= waves
 
     def add_marker(self, shard: str, samples: int, error: str = "", unreadable: bool = False) -> None:

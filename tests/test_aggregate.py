@@ -35,7 +35,8 @@ def rows_table(n_samples: int, seed: int = 0, prefix: str = "s", drop_shift: flo
         "pseudo_box_match", "label_map_quality", "deletion_curve")}
     for k in range(n_samples):
         sid = f"{prefix}-{k:06d}"
-        targets = [int(rng.integers(0, 5))] + ([int(rng.integers(5, 8))] if k % 3 == 0 else [])
+        two = k % 3 == 0 and k % 11 != 5  # an error row: one per sample
+        targets = [int(rng.integers(0, 5))] + ([int(rng.integers(5, 8))] if two else [])
         for t in targets:
             bad = k % 11 == 5
             cols["sample_id"].append(sid)
@@ -287,3 +288,24 @@ def test_read_batches_streams_the_committed_rows(tmp_path):
     whole = read_frame(run, columns=["sample_id", "target"])
     assert all(len(f) <= 5 for f in frames) and sum(len(f) for f in frames) == len(whole) == 18
     assert sorted(s for f in frames for s in f["sample_id"]) == sorted(whole["sample_id"])
+
+
+def test_records_of_a_run_of_few_waves_carry_larger_samples():
+    from pipeline.plan import Wave
+    from pipeline.tracker import WaveTracker
+
+    assert A.wave_sample_size(1, 8) == A.UNIT_SAMPLE  # one wave: the whole unit sample
+    assert A.wave_sample_size(32, 8) == 2 * A.UNIT_SAMPLE // 4
+    assert A.wave_sample_size(10_000, 8) == A.WAVE_SAMPLE  # many waves: the floor
+    table = rows_table(300)
+    keys = [(s, "s", -1 if g is None else g, st) for s, g, st in
+            zip(*(table.column(c).to_pylist() for c in ("sample_id", "target", "status")))]
+    for cap, complete in ((None, False), (A.wave_sample_size(1, 8), True)):
+        t = WaveTracker("m__a", "h", [Wave(["s.tar"])], sample_cap=cap)
+        for a in range(0, table.num_rows, 100):  # files of at most 100 rows, as post/write makes
+            part = table.slice(a, 100)
+            t.add_file(f"f{a}", keys[a:a + part.num_rows], A.of_table(part, f"f{a}"))
+        t.add_marker("s", 300)
+        got = A.unpack(t.ready()[0]["aggregate"])
+        assert got["complete"] is complete
+        assert A.sample_samples(got) == (300 if complete else A.WAVE_SAMPLE)
