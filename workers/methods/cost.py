@@ -86,6 +86,8 @@ def metric_cost(specs: dict[str, dict]) -> float:
         p = {**spec.defaults, **dict(params or {})}
         if name in ("deletion_auc", "insertion_auc"):
             forwards += int(p["steps"]) + 1
+        elif name in ("region_deletion_auc", "region_insertion_auc"):
+            forwards += int(p["region_steps"]) + 1
         elif name == "road":
             forwards += 2 * len(p["road_percentiles"])
         elif name in ("average_drop", "confidence_increase"):

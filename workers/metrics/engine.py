@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import average_drop, faithfulness, road
+from . import average_drop, faithfulness, region, road
 from .jobs import Context, Plan, run_groups
 from .registry import MetricError, get_spec, resolve_params
 
@@ -21,6 +21,8 @@ PLANNERS: dict[str, Callable[[Context, dict[str, Any]], Plan]] = {
     "average_drop": average_drop.plan_average_drop,
     "confidence_increase": average_drop.plan_confidence_increase,
     "road": road.plan_road,
+    "region_deletion_auc": region.plan_region_deletion,
+    "region_insertion_auc": region.plan_region_insertion,
 }
 
 

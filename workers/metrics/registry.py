@@ -27,6 +27,19 @@ _CAUSAL = {
     "curves": False,  # also return the per-sample curves (steps + 1 points)
 }
 
+# Region-level deletion / insertion (region.py): patches on a blurred substrate
+_REGION = {
+    "region_size": 16,  # patch side in input pixels: a 14 x 14 grid at 224 x 224
+    "region_steps": 28,  # curve points (7 patches per step at 224 x 224)
+    "region_substrate": "blur",  # RISE gkern blur of the image ("zero" / "black" also)
+    "score": "softmax",
+    "map_sign": "signed",
+    "tie_seed": 0,
+    "blur_kernel": 11,
+    "blur_sigma": 5.0,
+    "curves": False,
+}
+
 # Grad-CAM++ Average Drop % / Increase in Confidence %
 _MULT = {
     "score": "softmax",
@@ -61,6 +74,19 @@ METRICS: dict[str, MetricSpec] = {
             {**_CAUSAL, "insertion_substrate": "blur"},
             "RISE insertion: AUC of p_c while the most salient pixels are copied from the image "
             "onto the substrate (higher is better).",
+        ),
+        MetricSpec(
+            "region_deletion_auc", "model", ("region_deletion_auc", "region_deletion_curve"),
+            dict(_REGION),
+            "Region deletion: AUC of p_c while whole patches (region_size px, most salient "
+            "mean first) are replaced by the blurred image (lower is better). Compare with a "
+            "random patch order, not a per-pixel one (region.py).",
+        ),
+        MetricSpec(
+            "region_insertion_auc", "model", ("region_insertion_auc", "region_insertion_curve"),
+            dict(_REGION),
+            "Region insertion: AUC of p_c while whole patches are copied from the image onto "
+            "its blur, most salient first (higher is better).",
         ),
         MetricSpec(
             "average_drop", "model", ("average_drop", "confidence_clean", "confidence_masked"),

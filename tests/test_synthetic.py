@@ -1,0 +1,93 @@
+"""The ground-truth data and models (workers/synthetic.py): exact masks, the corner cue where
+and only where flagged, determinism, and a small model that learns the shapes (or the cue)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.synthetic import (
+    accuracy,
+    cue_masks,
+    make_dataset,
+    normalise,
+    train_model,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shapes_types_and_determinism():
+    d = make_dataset(40, seed=3, spurious_fraction=0.5, num_classes=3)
+    images, labels, masks, cues = d
+    assert images.shape == (40, 3, 32, 32) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1
+    assert labels.dtype == torch.int64 and set(labels.tolist()) == {0, 1, 2}
+    assert torch.bincount(labels).tolist() == [14, 13, 13]  # balanced
+    assert masks.shape == (40, 32, 32) and masks.dtype == torch.bool
+    assert cues.dtype == torch.bool and 0 < cues.sum() < 40
+    again = make_dataset(40, seed=3, spurious_fraction=0.5, num_classes=3)
+    assert all(torch.equal(a, b) for a, b in zip(d, again))
+    assert not torch.equal(make_dataset(40, seed=4).images, make_dataset(40, seed=3).images)
+
+
+def test_masks_are_the_object_and_the_cue_lies_outside():
+    d = make_dataset(64, seed=1, spurious_fraction=1.0)
+    area = d.masks.float().mean((1, 2))
+    assert (area > 0.02).all() and (area < 0.5).all()
+    cue = cue_masks(d.labels, 32, d.cue_size)
+    assert not (cue & d.masks).any()
+    # the object has one colour (up to its noise), the background around it varies
+    for i in range(4):
+        obj = d.images[i][:, d.masks[i]]
+        assert obj.std(1).max() < 0.05
+    # the flagged images are white exactly on their class's corner mark
+    assert (d.images.permute(1, 0, 2, 3)[:, cue] == 1).all()
+    plain = make_dataset(64, seed=1, spurious_fraction=0.0)
+    assert not plain.cue_flags.any() and torch.equal(plain.masks, d.masks)
+    assert not (plain.images.permute(1, 0, 2, 3)[:, cue] == 1).all()
+    # class 0's mark is top left, class 1's top right
+    c0, c1 = cue[d.labels == 0][0], cue[d.labels == 1][0]
+    assert c0[:5, :5].any() and c1[:5, -5:].any()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        make_dataset(4, 0, num_classes=9)
+    with pytest.raises(ValueError, match="spurious_fraction"):
+        make_dataset(4, 0, spurious_fraction=1.5)
+    with pytest.raises(ValueError, match="arch"):
+        train_model("mlp", make_dataset(4, 0), seed=0, cache_dir=None)
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_models_are_pure_relu_seeded_and_cached(arch, tmp_path):
+    """A tiny training run (its accuracy is measured in bench/groundtruth.py): frozen eval-mode
+    model, no biases, so each logit is exactly grad . x (F(x) = A(x) x); the cache returns
+    the same weights without training again; another seed gives other weights."""
+    train = make_dataset(48, seed=0, size=16)
+    kw = dict(epochs=1, width=4, batch_size=16, cache_dir=tmp_path)
+    model = train_model(arch, train, seed=0, **kw)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert all(getattr(m, "bias", None) is None for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    x = normalise(train.images[:3]).requires_grad_(True)
+    y = model(x)
+    (g,) = torch.autograd.grad(y[:, 1].sum(), x)
+    torch.testing.assert_close((g * x).sum((1, 2, 3)), y[:, 1].detach(), rtol=1e-4, atol=1e-5)
+    (cached,) = list(tmp_path.iterdir())
+    stamp = cached.stat().st_mtime_ns
+    again = train_model(arch, train, seed=0, **kw)  # loaded, not trained
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
+    assert cached.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
+    other = train_model(arch, train, seed=1, **kw)
+    assert not torch.equal(next(iter(other.state_dict().values())),
+                           next(iter(model.state_dict().values())))
+    assert 0.0 <= accuracy(model, train) <= 1.0
