@@ -21,6 +21,8 @@ from collections.abc import Callable
 from .errors import chain
 
 _NODE_ID = re.compile(r"node(?: with)?(?: node)? id:? ?([0-9a-f]{8,})", re.I)
+_NODE_LOST = re.compile(r"\bnode\b[^.]*?\b(?:died|crashed|is dead|was lost|has been marked dead"
+                        r"|been marked dead)", re.I)
 
 
 class RayFailure(RuntimeError):
@@ -39,15 +41,14 @@ def _short_node(text: str) -> str:
 def describe_ray_message(text: str) -> str | None:
     """What died, from a message of Ray's (an exception's or a GCS error notice), or None."""
     low = text.lower()
-    if "raylet is terminated" in low or "local raylet died" in low or "raylet died" in low:
-        return "Ray's raylet on this machine died" + (
-            " (killed: SIGKILL or the OOM killer)" if "sigkill" in low and "terminated" in low
-            else "")
+    if "local raylet died" in low:
+        return "Ray's raylet on this machine died"
+    if "raylet is terminated" in low or "raylet died" in low:
+        return f"Ray's raylet{_short_node(text)} died"
     if "gcs" in low and any(w in low for w in ("died", "failed to connect", "unavailable",
                                                 "disconnected", "timed out")):
         return "Ray's GCS (the cluster's head service) is unreachable or died"
-    if "marked dead" in low or ("node" in low and any(w in low for w in (
-            "node died", "node has crashed", "node crashed", "was lost", "node is dead"))):
+    if _NODE_LOST.search(text):
         return f"Ray node{_short_node(text)} was lost"
     return None
 
@@ -64,10 +65,12 @@ def ray_failure(err: BaseException) -> str | None:
             return "Ray's raylet on this machine died"
         if isinstance(e, rx.NodeDiedError):
             return f"Ray node{_short_node(str(e))} was lost"
-        if isinstance(e, (rx.RaySystemError, rx.RpcError)) or type(e).__name__ in (
-                "GcsRpcError", "RpcError"):
-            return describe_ray_message(str(e)) or f"Ray failed: {type(e).__name__}"
-        if isinstance(e, (rx.ActorDiedError, rx.OwnerDiedError, rx.ObjectLostError)):
+        if isinstance(e, rx.RpcError) or type(e).__name__ == "GcsRpcError":
+            return describe_ray_message(str(e)) or (
+                f"Ray's RPC to its core services failed ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:200]})")
+        if isinstance(e, (rx.RaySystemError, rx.ActorDiedError, rx.OwnerDiedError,
+                          rx.ObjectLostError)):
             found = describe_ray_message(str(e))
             if found:  # an actor or object lost with its node, not a killed worker
                 return found
@@ -92,6 +95,7 @@ def watch_ray_errors(verbose: bool, on_death: Callable[[str], None] | None = Non
         return
     original = getattr(worker.print_to_stdstream, "__wrapped_by_salmap__", None) \
         or worker.print_to_stdstream
+    _recorded.clear()  # a new run (a notebook's next one): earlier deaths are not its own
 
     def printer(data, ignore_prefix: bool, _original=original):
         if data.get("pid") == "raylet":

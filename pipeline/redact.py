@@ -73,7 +73,10 @@ REDACTING = RedactingFilter()
 def redact_logging(*loggers: logging.Logger) -> None:
     """Add :data:`REDACTING` to the handlers of ``loggers`` (default: the root logger and
     salmap's), once each."""
-    for logger in loggers or (logging.getLogger(), logging.getLogger("salmap")):
+    own = logging.getLogger("salmap")
+    if REDACTING not in own.filters:  # its records, whichever handler (or none) prints them
+        own.addFilter(REDACTING)
+    for logger in loggers or (logging.getLogger(), own):
         for handler in logger.handlers:
             if REDACTING not in handler.filters:
                 handler.addFilter(REDACTING)

@@ -518,6 +518,15 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
         mark_interrupted(store, f"Ray failed: {err.what}" if isinstance(err, RayFailure)
                          else interrupt_reason(err))
         raise
+    except Exception as err:  # Ray dying outside a unit (planning, summaries): interrupted too
+        died = ray_failure(err)
+        if not died:
+            raise
+        if run is not None:
+            with run.commit_lock:
+                run.stopping.set()
+        mark_interrupted(store, f"Ray failed: {died}")
+        raise RayFailure(died) from err
     finally:
         lock.release()
 

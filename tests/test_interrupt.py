@@ -183,3 +183,26 @@ def test_raylet_killed_mid_run_interrupts_and_the_same_command_resumes(tmp_path,
     df = read_run(str(run)).to_table(columns=["sample_id", "status"]).to_pandas()
     assert len(df) == 12 and df.sample_id.is_unique and (df.status == "ok").all()
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_ray_failures_are_told_from_a_units_own_errors():
+    from ray import exceptions as rx
+
+    from pipeline.ray_failure import describe_ray_message, ray_failure
+
+    assert ray_failure(rx.LocalRayletDiedError()) == "Ray's raylet on this machine died"
+    try:  # wrapped, as Ray Data raises it
+        try:
+            raise rx.NodeDiedError("node with node id: dfbcf94a30974b843d1a09e5 died")
+        except rx.NodeDiedError as inner:
+            raise RuntimeError("execution failed") from inner
+    except RuntimeError as outer:
+        assert ray_failure(outer) == "Ray node dfbcf94a3097 was lost"
+    assert ray_failure(ValueError("bad shard")) is None
+    assert ray_failure(rx.ActorDiedError()) is None  # one actor killed: Ray Data restarts it
+    assert describe_ray_message("Raylet is terminated. Termination is unexpected.") == \
+        "Ray's raylet died"
+    assert describe_ray_message("The node with node id: 0123456789abcdef and address: x has "
+                                "been marked dead because the detector has missed too many "
+                                "heartbeats") == "Ray node 0123456789ab was lost"
+    assert describe_ray_message("Task was killed due to the node running low on memory.") is None
