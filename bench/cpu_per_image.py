@@ -176,7 +176,8 @@ def run_once(work: Path, n_images: int, args, tag: str) -> dict:
     cfg = work / f"{tag}.json"
     cfg.write_text(json.dumps(job_config(shards, str(work / "out"), tag, args)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+               RAY_raylet_start_wait_time_s="300")  # a loaded machine starts Ray slowly
     env.pop("RAY_ADDRESS", None)
     tree = TreeCPU()
     t0 = time.perf_counter()
