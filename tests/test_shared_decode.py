@@ -48,6 +48,7 @@ class _Unit:
 class _Ex:
     def __init__(self, decode, cpus):
         self.decode, self.actors, self.actor_resources = decode, 1, {"num_cpus": cpus}
+        self.device_decode = False
 
 
 def _cfg(tmp_path, text: str):
