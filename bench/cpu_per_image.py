@@ -171,7 +171,19 @@ def job_config(shards: list[str], output: str, run_id: str, args) -> dict:
     }
 
 
-def run_once(work: Path, n_images: int, args, tag: str) -> dict:
+def run_once(work: Path, n_images: int, args, tag: str, tries: int = 3) -> dict:
+    """One run; again (up to ``tries``) when Ray could not start on a loaded machine."""
+    for attempt in range(1, tries + 1):
+        try:
+            return _run_once(work, n_images, args, f"{tag}{attempt}" if attempt > 1 else tag)
+        except RuntimeError as err:
+            if "timed out during startup" not in str(err) or attempt == tries:
+                raise
+            print(f"<!-- {tag}: Ray did not start in time; again -->", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _run_once(work: Path, n_images: int, args, tag: str) -> dict:
     shards = write_shards(work / f"shards-{tag}", n_images, args.per_shard)
     cfg = work / f"{tag}.json"
     cfg.write_text(json.dumps(job_config(shards, str(work / "out"), tag, args)))

@@ -112,6 +112,7 @@ class ResourcesSection:
     channels_last: bool = True
     units_in_parallel: Any = "auto"  # auto: as many as the slots hold | an int
     share_decode: bool = True  # units of one model share one read + decode (pipeline.shared)
+    decode_device: str = "cpu"  # cpu | cuda | auto: where JPEGs are decoded (pipeline.device_decode)
 
 
 @dataclass
@@ -358,6 +359,9 @@ def validate(cfg: SalmapConfig) -> None:
     if r.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"resources.precision: {r.precision!r} is not fp32, bf16 or fp16")
     _check_gpus_per_actor(r.gpus_per_actor)
+    if r.decode_device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"resources.decode_device: {r.decode_device!r} is not cpu, cuda or auto "
+                          "(auto: on the actors' GPU when they have one)")
     for key in ("actors_per_unit", "units_in_parallel"):
         value = getattr(r, key)
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

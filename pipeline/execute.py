@@ -88,6 +88,16 @@ class _Decode:
         return decode_batch(df.to_dict("records"), self.spec)
 
 
+def decode_stage(ex: UnitExecution) -> Any:
+    """The decode stage's callable: decode on the CPU, or with ``resources.decode_device``
+    only the headers and annotations (:mod:`pipeline.device_decode`)."""
+    if ex.device_decode:
+        from .device_decode import DeferredDecode
+
+        return DeferredDecode(ex.decode)
+    return _Decode(ex.decode)
+
+
 @dataclass
 class WriteSpec:
     """What the post + write stage needs: where, which metrics, the file metadata."""
@@ -229,6 +239,7 @@ class UnitExecution:
     decode_batch_size: int = 32
     storage: Any = None
     identity: dict[str, dict] | None = None  # shard name -> size etc., to group small shards
+    device_decode: bool = False  # JPEGs decoded by the actors (resources.decode_device)
 
 
 def build_dataset(ex: UnitExecution):
@@ -241,7 +252,7 @@ def build_dataset(ex: UnitExecution):
                              override_num_blocks=len(groups))
     ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
                         num_cpus=IO_TASK_CPUS)
-    ds = ds.map_batches(_Decode(ex.decode), batch_format="pandas",
+    ds = ds.map_batches(decode_stage(ex), batch_format="pandas",
                         batch_size=ex.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
     if isinstance(ex.actors, tuple):
         lo, hi = ex.actors

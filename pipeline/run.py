@@ -629,7 +629,9 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
         batch_size=unit.method.batch_size or cfg.resources.batch_size,
         actors=actors if actors is not None else _fixed_actors(cfg), actor_resources=resources,
         max_tasks_in_flight_per_actor=cfg.resources.max_tasks_in_flight_per_actor,
-        decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage)
+        decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage,
+        device_decode=cfg.resources.decode_device == "cuda"
+        or (cfg.resources.decode_device == "auto" and gpus > 0))
 
 
 def _fixed_actors(cfg: SalmapConfig) -> int:

@@ -35,8 +35,8 @@ from .execute import (
     POST_BATCH,
     RECORD_COLUMNS,
     UnitExecution,
-    _Decode,
     _ReadShards,
+    decode_stage,
     explainer_class,
     post_write,
     read_groups,
@@ -88,7 +88,7 @@ def link_class(unit_id: str, k: int, label_maps: bool, last: bool) -> type:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {c: v for c, v in batch.items() if not c.startswith(OUT)}
         out = base.__call__(self, inputs)
-        passed = {c: v for c, v in batch.items() if not (last and c == "image")}
+        passed = {c: v for c, v in batch.items() if not (last and c in ("image", "jpeg"))}
         passed[f"{OUT}{k}"] = pack_rows(inputs, out)
         return passed
 
@@ -124,7 +124,7 @@ def build_group_dataset(exs: list[UnitExecution]):
                              override_num_blocks=len(groups))
     ds = ds.map_batches(_ReadShards(first.storage), batch_size=1, batch_format="numpy",
                         num_cpus=IO_TASK_CPUS)
-    ds = ds.map_batches(_Decode(first.decode), batch_format="pandas",
+    ds = ds.map_batches(decode_stage(first), batch_format="pandas",
                         batch_size=first.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
     for k, ex in enumerate(exs):
         if isinstance(ex.actors, tuple):
@@ -195,7 +195,7 @@ def group_jobs(cfg: Any, todo: list[tuple[Any, list]], execution: Callable[[Any,
     open_jobs: dict[tuple, list[tuple[list, float, float]]] = {}
     for unit, waves in todo:
         ex = execution(unit, waves)
-        key = (unit.model.name, ex.decode, tuple(w.id for w in waves))
+        key = (unit.model.name, ex.decode, ex.device_decode, tuple(w.id for w in waves))
         c, g = _actor_ask(ex)
         for entry in open_jobs.get(key, []):
             job, used_c, used_g = entry

@@ -173,6 +173,14 @@ class Explainer:
         t0 = time.time()
         n = len(batch["sample_id"])
         rows: list[dict[str, Any]] = []
+        if "jpeg" in batch:  # resources.decode_device: the JPEGs are decoded here
+            from .device_decode import decode_rows
+
+            self.device_images, failed = decode_rows(batch, self.device)
+            if failed:
+                batch = {**batch, "status": batch["status"].copy(), "error": batch["error"].copy()}
+                for i, reason in failed.items():
+                    batch["status"][i], batch["error"][i] = "error", reason
         ok_idx = [i for i in range(n) if batch["status"][i] == "ok"]
         self.progress.begin_batch()
         for i in range(n):
@@ -192,6 +200,18 @@ class Explainer:
         cols["batch_end_ms"] = np.full(m, int(end * 1000), dtype=np.int64)
         cols["batch_ms"] = np.full(m, int(round((end - t0) * 1000)), dtype=np.int64)
         return cols
+
+    def _input(self, batch: dict[str, np.ndarray], idx: list[int]) -> Tensor:
+        """The model input of samples ``idx``: the decode stage's crops, or where it left the
+        JPEG to this actor (``jpeg`` column), the crops decoded on the device."""
+        device_images = getattr(self, "device_images", None) if "jpeg" in batch else None
+        if not device_images:
+            return self._to_tensor(batch["image"][idx])
+        x = torch.stack([device_images[i] if i in device_images else
+                         torch.from_numpy(np.ascontiguousarray(batch["image"][i])).to(
+                             self.device).permute(2, 0, 1) for i in idx]).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
 
     def _to_tensor(self, images: np.ndarray) -> Tensor:
         if images.dtype != np.uint8:  # already the model's input: float [B, 3, H, W], normalised
@@ -253,7 +273,7 @@ class Explainer:
 
     def _explain(self, batch: dict[str, np.ndarray], idx: list[int]) -> list[dict]:
         t0 = time.perf_counter()
-        x = self._to_tensor(batch["image"][idx])
+        x = self._input(batch, idx)
         with torch.no_grad():
             logits = self.forward_fn(x)
         probs = logits.softmax(1)
