@@ -336,7 +336,8 @@ def gallery_section(galleries: list[ModelGallery], rank_label: str, legends: dic
         out.append("<p class=note>No rows to show.</p></section>")
         return "".join(out)
     signed_methods = sorted({m for g in galleries for m, s in g.signed.items() if s})
-    how = ("Maps without negative values are min-max scaled on their own. "
+    how = ("Each map is scaled on its own, from its minimum (zero for signed maps) to its 99th "
+           "percentile, so a few extreme pixels do not set the range. "
            + (f"Maps with negative values ({escape(', '.join(signed_methods))}) are drawn "
               + ("on a diverging scale centred at zero, blue negative and red positive, more "
                  "opaque where the evidence is stronger. " if signed == "diverging" else
