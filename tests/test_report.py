@@ -276,12 +276,13 @@ def test_signed_maps_are_centred_at_zero_or_drawn_as_magnitude(tmp_path):
         return np.asarray(img, dtype=float)[int(y * img.size[1] / h), int(x * img.size[0] / w)]
 
     for i, (div, mag) in enumerate(zip(diverging, magnitude)):
-        pos, neg, zero = at(div, 10 + 20 * i, 12), at(div, 56, 40), at(div, 30, 44)
+        # (57, 40): the negative blob's peak is at x = 56, where the crop's dashed edge runs
+        pos, neg, zero = at(div, 10 + 20 * i, 12), at(div, 57, 40), at(div, 30, 44)
         assert pos[0] > pos[2] + 60, pos  # positive evidence: red
         assert neg[2] > neg[0] + 60, neg  # negative evidence: blue
         assert zero.min() > 235, zero  # zero: no colour (white, or the photo)
-        # |value|: both blobs are "high" on jet (warm), the background "low" (dark blue)
-        mpos, mneg, mzero = at(mag, 10 + 20 * i, 12), at(mag, 56, 40), at(mag, 30, 44)
+        # |value|: both blobs are "high" on viridis (yellow), the background "low" (purple)
+        mpos, mneg, mzero = at(mag, 10 + 20 * i, 12), at(mag, 57, 40), at(mag, 30, 44)
         assert mneg[0] > mneg[2] and mpos[0] > 100, (mpos, mneg)
         assert mzero[2] > mzero[0], mzero
 
@@ -411,3 +412,59 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
         assert img.size == (1400, 2000)
         # not a blank page: the header band is dark and the gallery adds colour
         assert len(np.unique(np.asarray(img.convert("RGB").resize((140, 200))).reshape(-1, 3), axis=0)) > 50
+
+
+def _lightness(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB L* of sRGB ``uint8 [..., 3]`` colours."""
+    c = rgb.astype(np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    y = lin @ np.array([0.2126, 0.7152, 0.0722])
+    return np.where(y > 216 / 24389, 116 * np.cbrt(y) - 16, y * 24389 / 27)
+
+
+def test_maps_use_perceptually_uniform_colour_maps():
+    """Lightness rises steadily along the sequential map (jet's goes up and down) and, on the
+    diverging one, falls to white's at zero symmetrically from both ends."""
+    from pipeline.report.render import DIVERGING, SEQUENTIAL, colorize, colormap_lut
+
+    seq = _lightness(colormap_lut(SEQUENTIAL))  # (8-bit colours: steps within rounding)
+    assert np.all(np.diff(seq) > -0.5) and seq[-1] - seq[0] > 60
+    assert not np.all(np.diff(_lightness(colormap_lut("jet"))) > -0.5)
+    div = _lightness(colormap_lut(DIVERGING))
+    assert np.all(np.diff(div[:128]) > -0.5) and np.all(np.diff(div[128:]) < 0.5)
+    assert abs(div[0] - div[-1]) < 15
+    rgb, _ = colorize(np.arange(256, dtype=np.uint8)[None])  # the default is the uniform map
+    lut = colormap_lut(SEQUENTIAL)
+    assert (rgb[0, 0] == lut[0]).all() and (rgb[0, -1] == lut[-1]).all()
+    assert all((lut == c).all(axis=1).any() for c in rgb[0])
+
+
+def test_a_few_extreme_pixels_do_not_set_the_colour_range():
+    from pipeline.report.render import colorize
+
+    # unsigned: levels 0..25 everywhere, five pixels at 255 (0.2% of the map)
+    gray = np.tile(np.linspace(0, 25, 50).round().astype(np.uint8), (50, 1))
+    gray[0, :5] = 255
+    rgb, _ = colorize(gray)
+    lum = _lightness(rgb)
+    assert lum[25, 49] > lum[25, 0] + 60  # the map's own top is bright, not 10% up the scale
+    # signed (Integrated Gradients): +-0.05 evidence, a few pixels at +-1
+    rng = np.random.default_rng(0)
+    m = rng.normal(0, 0.02, (60, 60)).astype(np.float32)
+    m[20:30, 20:30] = 0.05
+    m[40:50, 40:50] = -0.05
+    m[0, :6] = [1, -1, 1, -1, 1, -1]
+    png, lo, hi = encode_png(m)
+    gray = np.asarray(Image.open(io.BytesIO(png)))
+    rgb, alpha = colorize(gray, lo, hi, "diverging")
+    assert alpha[25, 25] > 0.5 and alpha[45, 45] > 0.5  # visible, not 5% of the scale
+    assert rgb[25, 25, 0] > rgb[25, 25, 2] and rgb[45, 45, 2] > rgb[45, 45, 0]  # red / blue
+
+
+def test_thumbnails_are_large_and_fill_their_column():
+    from pipeline.report.page import CSS
+    from pipeline.report.render import THUMB_SIDE, thumb_size
+
+    assert thumb_size(640, 480, THUMB_SIDE) == (320, 240)
+    assert "table.gallery{width:100%;table-layout:fixed}" in CSS
+    assert "table.gallery img{display:block;width:100%;max-width:480px;height:auto" in CSS

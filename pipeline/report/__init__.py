@@ -42,7 +42,7 @@ from .page import (
     per_class_section,
     summary_section,
 )
-from .render import DIVERGING, SIGNED_MODES, colorbar, data_uri, png_uri
+from .render import DIVERGING, SEQUENTIAL, SIGNED_MODES, THUMB_SIDE, colorbar, data_uri, png_uri
 
 REPORT_KEY = "report/index.html"
 DEFAULT_MAX_SAMPLES = 5000  # gallery pages hold at most this many samples per model by default
@@ -96,7 +96,7 @@ def _analysis(run: str, storage: Any) -> str:
 
 
 def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
-                 cmap: str = "jet", side: int = 224, signed: str = "diverging",
+                 cmap: str = SEQUENTIAL, side: int = THUMB_SIDE, signed: str = "diverging",
                  max_samples: int | None = DEFAULT_MAX_SAMPLES,
                  page_size: int = PAGE_SIZE, commits: dict | None = None,
                  aggregates: dict | None = None) -> dict[str, str]:
@@ -160,7 +160,7 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
 
 
 def render_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
-                  cmap: str = "jet", side: int = 224, signed: str = "diverging",
+                  cmap: str = SEQUENTIAL, side: int = THUMB_SIDE, signed: str = "diverging",
                   max_samples: int | None = DEFAULT_MAX_SAMPLES) -> str:
     """The report's ``index.html`` text (see :func:`write_report` for the parameters)."""
     return render_pages(run, storage, rank_by, per_side, cmap, side, signed,
@@ -168,7 +168,7 @@ def render_report(run: str, storage: Any = None, rank_by: str | None = None, per
 
 
 def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_side: int = 4,
-                 cmap: str = "jet", side: int = 224, signed: str = "diverging",
+                 cmap: str = SEQUENTIAL, side: int = THUMB_SIDE, signed: str = "diverging",
                  max_samples: int | None = DEFAULT_MAX_SAMPLES, page_size: int = PAGE_SIZE,
                  commits: dict | None = None, aggregates: dict | None = None) -> str:
     """Write ``<run>/report/`` (``index.html`` and the gallery pages) and return the path of

@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 
 from .data import RunData, fmt, rank_expression
 from .photos import Photos, load_photos
-from .render import data_uri, overlay, photo_thumbnail
+from .render import SEQUENTIAL, THUMB_SIDE, data_uri, overlay, photo_thumbnail
 
 PAGE_SIZE = 50  # items per model on one gallery page
 MAP_COLUMNS = ("sample_id", "target", "saliency_png", "saliency_min", "saliency_max",
@@ -141,7 +141,7 @@ def scored_rows(data: RunData, rank_by: str | None) -> tuple[str, pd.DataFrame]:
 
 def render_galleries(data: RunData, rows: pd.DataFrame,
                      plans: dict[str, list[tuple[str, list[Entry]]]], storage: Any,
-                     side: int = 224, cmap: str = "jet", alpha: float = 0.5,
+                     side: int = THUMB_SIDE, cmap: str = SEQUENTIAL, alpha: float = 0.5,
                      signed: str = "diverging") -> tuple[list[ModelGallery], Photos]:
     """One gallery per model for the planned items, and the photos read (with problems)."""
     wanted_ids = {sid for sections in plans.values() for _, items in sections

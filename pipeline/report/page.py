@@ -36,8 +36,9 @@ th{background:#eef1f5;font-weight:600} td.num{text-align:right;font-variant-nume
 td.best{font-weight:700;background:#eaf7ea} .ci{color:#66707c;font-size:11px;white-space:nowrap}
 .note{color:#5a6470;font-size:13px} .warn{color:#9a3b00}
 pre{background:#fff;border:1px solid #d5dbe3;padding:10px;overflow:auto;font-size:12px}
-table.gallery td{padding:4px;text-align:center;font-size:11px;color:#3a444f;max-width:240px}
-table.gallery img{display:block;margin:0 auto 3px;border-radius:2px}
+table.gallery{width:100%;table-layout:fixed}
+table.gallery td{padding:4px;text-align:center;font-size:11px;color:#3a444f;overflow-wrap:anywhere}
+table.gallery img{display:block;width:100%;max-width:480px;height:auto;margin:0 auto 3px;border-radius:2px}
 table.gallery td.photo{background:#fafbfc} .sid{font-weight:600;color:#1d232a;word-break:break-all}
 .err{color:#b00020;font-size:12px;max-width:220px;white-space:normal}
 .legend span{display:inline-block;margin-right:16px;vertical-align:middle}
@@ -318,12 +319,14 @@ def _legend(galleries: list[ModelGallery], legends: dict[str, str], cmap: str,
     spans = []
     if any_plain or not any_signed or signed == "abs":
         spans.append(f"<span><img src='{legends['sequential']}' alt='{escape(cmap)} colour bar' "
-                     f"width=160 height=10> low → high ({escape(cmap)}"
+                     f"width=160 height=10> low → high ({escape(cmap)}, the top 1% of "
+                     "pixels saturate"
                      + (", signed maps: |value|" if any_signed and signed == "abs" else "")
                      + ")</span>")
     if any_signed and signed == "diverging":
         spans.append(f"<span><img src='{legends['diverging']}' alt='diverging colour bar' "
-                     "width=160 height=10> signed maps: negative ← 0 → positive</span>")
+                     "width=160 height=10> signed maps: negative ← 0 → positive (the top 1% "
+                     "of |value| saturates)</span>")
     spans += ["<span><i class=swatch style='border-color:#fff;background:#333'></i>pseudo box</span>",
               "<span><i class=swatch style='border-color:#00e63c'></i>ground-truth box of the target</span>",
               "<span><i class=swatch style='border-color:#c8c8c8;border-style:dashed'></i>"
@@ -340,7 +343,8 @@ def gallery_section(galleries: list[ModelGallery], rank_label: str, legends: dic
         out.append("<p class=note>No rows to show.</p></section>")
         return "".join(out)
     signed_methods = sorted({m for g in galleries for m, s in g.signed.items() if s})
-    how = ("Maps without negative values are min-max scaled on their own. "
+    how = ("Each map is scaled on its own, from its minimum (zero for signed maps) to its 99th "
+           "percentile, so a few extreme pixels do not set the range. "
            + (f"Maps with negative values ({escape(', '.join(signed_methods))}) are drawn "
               + ("on a diverging scale centred at zero, blue negative and red positive, more "
                  "opaque where the evidence is stronger. " if signed == "diverging" else

@@ -4,11 +4,16 @@ Maps come from ``saliency_png`` (8-bit at the original image size; ``saliency_mi
 ``saliency_max`` turn it back into values), so the overlay needs no model geometry: both
 images are resized to the same thumbnail.
 
-Maps without negative values are min-max scaled onto a sequential colormap (``jet``). Signed
-maps (Integrated Gradients, Gradient x Input, ...) are drawn either on a diverging scale
-centred at zero (:data:`DIVERGING`: blue negative, red positive, more opaque where the
-evidence is stronger, so the photo shows through where the map is near zero) or as their
-absolute value on the sequential scale.
+Maps without negative values are drawn on a perceptually uniform sequential colormap
+(:data:`SEQUENTIAL`, viridis: equal steps in value look like equal steps in colour, unlike
+jet's bright bands), from their minimum to a robust maximum, the :data:`ROBUST_PERCENTILE`
+percentile of the map (brighter pixels saturate), so a few extreme pixels do not leave the
+rest of the map dark. Signed maps (Integrated Gradients, Gradient x Input, ...) are drawn
+either on a diverging scale centred at zero (:data:`DIVERGING`: blue negative, red positive,
+more opaque where the evidence is stronger, so the photo shows through where the map is near
+zero) or as their absolute value on the sequential scale; either way the scale ends at that
+percentile of ``|value|``. A map whose percentile is zero (almost every pixel zero) uses its
+maximum.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+SEQUENTIAL = "viridis"  # perceptually uniform, also in grey and for colour-blind readers
 DIVERGING = "RdBu_r"  # blue < 0 < red, white at zero
+ROBUST_PERCENTILE = 99.0  # the scale's end: the top 1% of pixels saturate
+THUMB_SIDE = 320  # px, a thumbnail's longest side (the page scales it to its column)
 SIGNED_MODES = ("diverging", "abs")
 PSEUDO_BOX_COLOR = (255, 255, 255)
 TRUTH_BOX_COLOR = (0, 230, 60)
@@ -112,20 +120,34 @@ def map_values(gray: np.ndarray, lo: float | None, hi: float | None) -> np.ndarr
     return g * (float(hi) - float(lo)) + float(lo)
 
 
+def robust_top(values: np.ndarray) -> float:
+    """The :data:`ROBUST_PERCENTILE` percentile of ``values`` (>= 0), or their maximum where
+    that percentile is zero; 1.0 for an all-zero map."""
+    v = np.asarray(values, dtype=np.float32)
+    top = float(np.percentile(v, ROBUST_PERCENTILE)) if v.size else 0.0
+    return top if top > 0 else (float(v.max()) if v.size and v.max() > 0 else 1.0)
+
+
 def colorize(gray: np.ndarray, lo: float | None = None, hi: float | None = None,
-             signed: str | None = None, cmap: str = "jet",
+             signed: str | None = None, cmap: str = SEQUENTIAL,
              alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """RGB ``uint8 [h, w, 3]`` and per-pixel opacity ``[h, w]`` of a map's PNG levels.
 
-    ``signed``: None draws the levels as stored (min-max) on ``cmap``; ``"diverging"``
-    centres zero on :data:`DIVERGING` with opacity growing with ``|value|``; ``"abs"`` draws
-    ``|value| / max |value|`` on ``cmap``.
+    ``signed``: None draws the levels from the minimum to the robust top (:func:`robust_top`)
+    on ``cmap``; ``"diverging"`` centres zero on :data:`DIVERGING` with opacity growing with
+    ``|value|`` up to the robust top of ``|value|``; ``"abs"`` draws ``|value|`` on ``cmap``
+    up to that top.
     """
     gray = np.asarray(gray)
     if signed not in SIGNED_MODES:
-        return colormap_lut(cmap)[gray], np.full(gray.shape, alpha, np.float32)
+        g = gray.astype(np.float32) - float(gray.min()) if gray.size else gray.astype(np.float32)
+        idx = np.round(np.clip(g / robust_top(g), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return colormap_lut(cmap)[idx], np.full(gray.shape, alpha, np.float32)
     v = map_values(gray, lo, hi)
-    m = max(abs(float(lo or 0.0)), abs(float(hi or 0.0))) or 1.0
+    # zero is stored between levels 127 and 128 (half a step either side): both are zero
+    half = 0.51 * abs(float(hi) - float(lo)) / 255.0 if lo is not None and hi is not None else 0.0
+    v = np.where(np.abs(v) <= half, 0.0, v)
+    m = robust_top(np.abs(v))
     t = np.clip(v / m, -1.0, 1.0)
     if signed == "diverging":
         idx = np.round((t + 1.0) * 127.5).astype(np.uint8)
@@ -136,7 +158,8 @@ def colorize(gray: np.ndarray, lo: float | None = None, hi: float | None = None,
 
 def overlay(saliency_png: bytes, orig_w: int, orig_h: int, side: int,
             photo: Image.Image | None = None, pseudo_box: Any = None, crop_box: Any = None,
-            cmap: str = "jet", alpha: float = 0.5, value_range: tuple[float, float] | None = None,
+            cmap: str = SEQUENTIAL, alpha: float = 0.5,
+            value_range: tuple[float, float] | None = None,
             signed: str | None = None) -> Image.Image:
     """The colour-mapped map blended over the photo (the map alone when there is no photo),
     with the pseudo box (solid) and the model's input crop (dashed) drawn on top.
