@@ -19,7 +19,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 
