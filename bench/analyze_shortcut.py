@@ -19,7 +19,49 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
+
+
+def scale(rows: int, cap: int) -> None:
+    """One class of ``rows`` synthetic 8 x 8 maps (30% on a corner mark, the rest a blob at a
+    random place), no model: the analysis alone, run as ``salmap analyze`` in a subprocess,
+    its time and peak RSS (bounded by the per-class buffer, not by ``rows``)."""
+    import resource
+    import subprocess
+    import sys
+
+    from bench.planted_shortcut import write_run
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:8, :8]
+    cue = rng.random(rows) < 0.3
+    centres = np.where(cue[:, None], 0.5, rng.uniform(2, 7, size=(rows, 2)))
+    maps = np.exp(-((yy[None] - centres[:, 0, None, None]) ** 2
+                    + (xx[None] - centres[:, 1, None, None]) ** 2) / 1.5).astype(np.float32)
+    maps += rng.random(maps.shape, dtype=np.float32) * 0.05
+    with tempfile.TemporaryDirectory(prefix="salmap-analyze-scale-") as tmp:
+        run = write_run(os.path.join(tmp, "r"), maps, np.zeros(rows, int), np.zeros(rows, int),
+                        per_file=10_000)
+        del maps
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "analyze", run, "--cap",
+                              str(cap), "--no-report", "--ray-threshold", str(10 * rows)],
+                             capture_output=True, text=True, check=True)
+        took = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        import pyarrow.parquet as pq
+
+        r = pq.read_table(os.path.join(run, "analysis", "cnn__gradcam", "rows.parquet")).to_pandas()
+    r["cue"] = cue[r.sample_id.str.split("/").str[1].astype(int).values]
+    flagged = [line for line in out.stdout.splitlines() if "FLAGGED" in line]
+    print(f"\n| maps in one class | cap | wall s (subprocess, imports included) | s per 10^4 "
+          f"maps | peak RSS MiB | flagged |\n|---|---|---|---|---|---|\n| {rows} | {cap} | "
+          f"{took:.1f} | {took * 1e4 / rows:.1f} | {peak:.0f} | {len(flagged)} |")
+    for line in flagged:
+        c = int(line.split(" cluster ")[1].split(":")[0])
+        m = r[r.cluster == c]
+        print(f"  cluster {c}: purity {m.cue.mean():.3f}, recall {m.cue.sum() / r.cue.sum():.3f}")
 
 
 def main() -> None:
@@ -36,7 +78,13 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=2000)
     p.add_argument("--ray-threshold", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale-rows", type=int, default=0,
+                   help="instead: one class of this many synthetic maps, analysis only")
     args = p.parse_args()
+    if args.scale_rows:
+        print(f"# analyze_shortcut --scale-rows: {load_avg()}")
+        scale(args.scale_rows, args.cap)
+        return
     print(f"# analyze_shortcut: {versions()}; {load_avg()}; torch threads "
           f"{torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(prefix="salmap-analyze-") as tmp:
