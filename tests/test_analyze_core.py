@@ -142,3 +142,21 @@ def test_streamed_driver_caps_a_class_and_assigns_the_rest(tmp_path):
     r2 = rows2.to_pandas()
     # other files, other batches: the embedded sample is chosen by the ids' hash alone
     assert set(r2[r2.embedded].sample_id) == set(r[r.embedded].sample_id)
+
+
+def test_cli_names_a_missing_run_and_keeps_other_units(tmp_path, capsys):
+    from bench.planted_shortcut import write_run
+    from pipeline.analyze import load_analysis
+    from pipeline.cli import main
+
+    assert main(["analyze", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    maps, _ = blobs(12, [(2, 2)], side=8)
+    run = write_run(str(tmp_path / "r"), maps, np.zeros(12, int), np.zeros(12, int))
+    assert main(["analyze", run, "--unit", "nope", "--no-report"]) == 2
+    assert main(["analyze", run, "--unit", "gradcam", "--no-report", "--side", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "cnn__gradcam: 12 rows, 1 classes, 1 clusters (in-process" in out
+    manifest, rows, clusters = load_analysis(run)
+    assert rows["cnn__gradcam"].num_rows == 12 and manifest["params"]["side"] == 8
+    assert len(clusters["cnn__gradcam"].column("mean_map")[0]) == 64

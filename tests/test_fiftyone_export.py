@@ -104,3 +104,12 @@ def test_the_export_loads_in_fiftyone(exported):
         assert ds.count(f"{UNIT}__pseudo_box.detections") == N
     finally:
         ds.delete()
+
+
+def test_export_subcommand_writes_the_folder(exported, tmp_path, capsys):
+    from pipeline.cli import main
+
+    run, _, _, _ = exported
+    assert main(["export", run, "--format", "fiftyone", "--output", str(tmp_path / "cli")]) == 0
+    assert "LegacyFiftyOneDataset" in capsys.readouterr().out
+    assert len(json.load(open(tmp_path / "cli" / "samples.json"))["samples"]) == N

@@ -184,6 +184,9 @@ def analyze_run(run: str, storage: Any = None, unit: str | None = None,
                     "to the nearest cluster centroid",
         "units": info,
     }
+    if unit and store.exists(ANALYSIS_MANIFEST):  # one unit again: keep the others' entries
+        earlier = store.read_json(ANALYSIS_MANIFEST).get("units", {})
+        out.manifest["units"] = {**{u: i for u, i in earlier.items() if u in found}, **info}
     store.write_json(ANALYSIS_MANIFEST, out.manifest)
     _note_in_run_manifest(store, out)
     return out
