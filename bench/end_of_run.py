@@ -120,7 +120,7 @@ def generate(run: str, rows: int, file_rows: int, files_per_wave: int, unit: int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.aggregate import of_table
+    from pipeline.aggregate import of_table, wave_sample_size
     from pipeline.ledger import Ledger
     from pipeline.plan import Wave
     from pipeline.storage import Store
@@ -139,7 +139,8 @@ def generate(run: str, rows: int, file_rows: int, files_per_wave: int, unit: int
             chunk = range(w0, min(n_files, w0 + files_per_wave))
             shard = f"gen-{w0:06d}.tar"
             wave = Wave([shard])
-            tracker = WaveTracker(uid, "bench", [wave])
+            tracker = WaveTracker(uid, "bench", [wave],  # the record's sample, as a run's
+                                  sample_cap=wave_sample_size(-(-n_files // files_per_wave), 1))
             samples = 0
             for f in chunk:
                 start, n = f * file_rows, min(file_rows, per_unit - f * file_rows)

@@ -12,14 +12,16 @@ the records into one per unit as the run goes (:func:`merge`). An aggregate is a
 * ``boxes`` / ``masks``: pseudo-label quality counts (precision/recall and mIoU are ratios of
   sums); ``curves``: per-step sums for the mean deletion/insertion curves; ``sal_min``;
 * ``reasons``: error rows per (reason, status) with an example sample (at most
-  :data:`MAX_REASONS` reasons; the rest are counted under ``other``);
+  :data:`MAX_REASONS` reasons, the most frequent; the rest are counted in ``other_reasons``);
 * ``sample``: the rows of the samples with the smallest hash of their sample id (a bottom-k
   sample: bounded, reproducible, the same samples in every unit that saw them, and merged by
   keeping the k smallest again). A commit record carries at most :func:`wave_sample_size`
-  samples (:data:`WAVE_SAMPLE` in a run of many waves), a unit at most :data:`UNIT_SAMPLE`; ``complete`` says whether the sample still holds every
-  row (then figures computed from it are exact). ``bad``: the same for error rows.
+  samples (:data:`WAVE_SAMPLE` in a run of many waves), a unit at most :data:`UNIT_SAMPLE`;
+  ``complete`` says whether the sample still holds every row (then figures computed from it
+  are exact). ``bad``: the same for error rows, by the hash of (sample id, target).
 
-Every part is a sum, a min/max or a bottom-k, so :func:`merge` is associative and the result
+Every part is a sum, a min/max or a bottom-k (the reason cap aside, which only matters past
+:data:`MAX_REASONS` distinct reasons), so :func:`merge` is associative and the result
 depends only on the committed rows (and, for the sample, on which rows each wave committed);
 a redone wave replaces its record and so its contribution, never adds to it. Float sums are
 deterministic up to rounding in the order of merging.
