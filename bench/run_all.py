@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("methods_vs_peers", "pipeline_efficiency", "metric_cost", "scaling", "memory",
            "precision", "control_plane", "small_shards", "storage_faults", "method_quality",
-           "cluster_fill", "end_of_run", "cpu_per_image", "shard_reads", "batch_independence")
+           "cluster_fill", "end_of_run", "cpu_per_image", "shard_reads", "batch_independence",
+           "groundtruth")
 # small sizes that keep the whole run around half an hour on a 2-core CPU (none on CUDA)
 CPU_DEFAULTS = {
     "pipeline_efficiency": ["--images", "32", "--metric-images", "8"],

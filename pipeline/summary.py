@@ -215,9 +215,21 @@ def quality_line(q: dict[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+# the faithfulness measures first (region-level, ROAD); pixel-level deletion / insertion last:
+# a per-pixel order leaves the data distribution, so random and high-frequency maps score well
+# there (README, "Which method explains the model best?")
+FIRST = ("region_deletion_auc", "region_insertion_auc", "road")
+SECONDARY = ("deletion_auc", "insertion_auc")
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    return (0 if name in FIRST else 2 if name in SECONDARY else 1, name)
+
+
 def print_summaries(units: dict[str, dict], out=print) -> None:
     """One table: unit x metric, mean [95% CI]; then the pseudo-label quality per unit."""
-    metrics = sorted({m for u in units.values() for m in ((u.get("summary") or {}).get("metrics") or {})})
+    metrics = sorted({m for u in units.values() for m in ((u.get("summary") or {}).get("metrics") or {})},
+                     key=_metric_order)
     if not metrics:
         _print_quality(units, out)
         return
@@ -234,6 +246,9 @@ def print_summaries(units: dict[str, dict], out=print) -> None:
     if any(c.endswith("*") for r in rows for c in r):
         out(f"* normal interval (mean ± 1.96 sd/√n from the exact sums): the unit has more than "
             f"the {UNIT_SAMPLE} samples its bootstrap sample holds")
+    if set(SECONDARY) & set(metrics):
+        out("deletion_auc / insertion_auc: pixel level, secondary; the faithfulness measures "
+            "are region_deletion_auc / region_insertion_auc and road (README, Metrics)")
     _print_quality(units, out)
     pg = {uid: (u.get("summary") or {}).get("pointing_accuracy_class_mean") for uid, u in units.items()}
     if any(v is not None for v in pg.values()):

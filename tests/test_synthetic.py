@@ -91,3 +91,21 @@ def test_models_are_pure_relu_seeded_and_cached(arch, tmp_path):
     assert not torch.equal(next(iter(other.state_dict().values())),
                            next(iter(model.state_dict().values())))
     assert 0.0 <= accuracy(model, train) <= 1.0
+
+
+def test_ground_truth_scores():
+    """Relevance mass and rank accuracy (CLEVR-XAI) and the pointing game on hand-made maps."""
+    from workers.synthetic import pointing_hits, relevance_mass, relevance_rank
+
+    m = torch.zeros(3, 4, 4, dtype=torch.bool)
+    m[:, :2, :2] = True
+    a = torch.zeros(3, 4, 4)
+    a[0, 0, 0], a[0, 3, 3] = 3.0, 1.0  # 3/4 of the positive mass inside
+    a[1] = -1.0
+    a[1, 3, 3] = 2.0  # all positive mass outside
+    a[2, :2, :2] = torch.tensor([[4.0, 3.0], [2.0, 1.0]])  # the top 4 = the mask
+    assert relevance_mass(a, m).tolist() == pytest.approx([0.75, 0.0, 1.0])
+    rank = relevance_rank(a, m)
+    assert rank[1] == 0.0 and rank[2] == 1.0 and rank[0] in (0.25, 0.5, 0.75)
+    assert pointing_hits(a, m).tolist() == [True, False, True]
+    assert torch.isnan(relevance_mass(-torch.ones(1, 4, 4), m[:1])).all()

@@ -308,3 +308,33 @@ def accuracy(model: nn.Module, data: SyntheticData) -> float:
     pred = torch.cat([model(normalise(data.images[i:i + 256])).argmax(1)
                       for i in range(0, len(data), 256)])
     return float((pred == data.labels).float().mean())
+
+
+# -- ground-truth scores of saliency maps ------------------------------------------------------
+def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
+    """CLEVR-XAI relevance mass accuracy ``[n]``: the share of the positive relevance that lies
+    inside the mask (NaN for a map without positive values)."""
+    pos = maps.float().clamp_min(0).flatten(1)
+    total = pos.sum(1)
+    inside = (pos * masks.flatten(1).float()).sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.nan)
+
+
+def relevance_rank(maps: Tensor, masks: Tensor, tie_seed: int = 0) -> Tensor:
+    """CLEVR-XAI relevance rank accuracy ``[n]``: of the K highest-ranked pixels (K = the
+    mask's size), the share inside the mask; exact ties in a fixed random pixel order."""
+    flat = maps.float().flatten(1)
+    m = masks.flatten(1)
+    perm = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(tie_seed))
+    order = perm[torch.sort(flat[:, perm], dim=1, descending=True, stable=True).indices]
+    out = torch.empty(flat.shape[0])
+    for i in range(flat.shape[0]):
+        k = int(m[i].sum())
+        out[i] = m[i][order[i, :k]].float().mean() if k else torch.nan
+    return out
+
+
+def pointing_hits(maps: Tensor, masks: Tensor) -> Tensor:
+    """Pointing game ``[n]`` bool: the map's maximum (first in raster order) lies in the mask."""
+    idx = maps.float().flatten(1).argmax(1)
+    return masks.flatten(1)[torch.arange(maps.shape[0]), idx]
