@@ -113,3 +113,5 @@ def test_export_subcommand_writes_the_folder(exported, tmp_path, capsys):
     assert main(["export", run, "--format", "fiftyone", "--output", str(tmp_path / "cli")]) == 0
     assert "LegacyFiftyOneDataset" in capsys.readouterr().out
     assert len(json.load(open(tmp_path / "cli" / "samples.json"))["samples"]) == N
+    assert main(["analyze", run, "--no-report", "--fiftyone", str(tmp_path / "an")]) == 0
+    assert len(json.load(open(tmp_path / "an" / "samples.json"))["samples"]) == N

@@ -57,7 +57,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         print(line)
     print(f"analysis: {args.run.rstrip('/')}/analysis/manifest.json")
     if args.fiftyone is not None:
-        from .fiftyone_export import export_fiftyone
+        from ..fiftyone_export import export_fiftyone
 
         folder = export_fiftyone(args.run, args.fiftyone or None, storage=storage)
         print(f"fiftyone: {folder}  (load: fiftyone.Dataset.from_dir({folder!r}, "
