@@ -174,6 +174,13 @@ def write_shards(folder: Path, n_images: int, per_shard: int) -> list[str]:
 
 
 def job_config(shards: list[str], output: str, run_id: str, args) -> dict:
+    cfg = _base_config(shards, output, run_id, args)
+    for key, value in json.loads(args.extra_config).items():  # merged one level deep
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key in cfg else value
+    return cfg
+
+
+def _base_config(shards: list[str], output: str, run_id: str, args) -> dict:
     return {
         "run": {"id": run_id, "output": output, "report": False},
         "input": {"shards": shards},
@@ -183,7 +190,6 @@ def job_config(shards: list[str], output: str, run_id: str, args) -> dict:
         "targets": "predicted",
         "resources": {"batch_size": args.batch, "actors_per_unit": 1, "cpus_per_actor": 0.5},
         "ray": {"num_cpus": args.num_cpus, "progress": "off", "include_dashboard": False},
-        **json.loads(args.extra_config),
     }
 
 
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--num-cpus", type=int, default=2, help="the run's Ray CPUs")
-    p.add_argument("--extra-config", default="{}", help="JSON merged into the config's top level")
+    p.add_argument("--extra-config", default="{}",
+                   help="JSON merged into the config, one level deep (e.g. resources.share_decode)")
     p.add_argument("--device", default="cpu", help="accepted for run_all; the model is on CPU")
     args = p.parse_args(argv)
     become_subreaper()
