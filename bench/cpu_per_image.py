@@ -70,6 +70,7 @@ class TreeCPU:
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
         self.seen: dict[tuple[int, int], float] = {}
+        self.kind: dict[tuple[int, int], str] = {}
 
     def sample(self) -> None:
         me = os.getpid()
@@ -82,10 +83,25 @@ class TreeCPU:
             pid = stack.pop()
             _, start, cpu = stats[pid]
             self.seen[(pid, start)] = max(cpu, self.seen.get((pid, start), 0.0))
+            if (pid, start) not in self.kind or self.kind[(pid, start)] == "daemons":
+                self.kind[(pid, start)] = _kind(pid, stats[pid][0] == me)
             stack.extend(children.get(pid, []))
 
-    def total(self) -> float:
-        return sum(self.seen.values())
+    def total(self, kind: str | None = None) -> float:
+        return sum(v for k, v in self.seen.items() if kind is None or self.kind.get(k) == kind)
+
+
+def _kind(pid: int, top: bool) -> str:
+    """``workers``: the driver and Ray's worker processes (tasks and actors: the per-image
+    work); ``daemons``: GCS, raylet, dashboard, monitors (their CPU grows with wall time)."""
+    if top:
+        return "workers"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")[0]
+    except OSError:
+        return "daemons"
+    return "workers" if cmd.startswith(b"ray::") else "daemons"
 
 
 def reap_all(tree: TreeCPU, grace_s: float = 60.0) -> int:
@@ -158,6 +174,13 @@ def write_shards(folder: Path, n_images: int, per_shard: int) -> list[str]:
 
 
 def job_config(shards: list[str], output: str, run_id: str, args) -> dict:
+    cfg = _base_config(shards, output, run_id, args)
+    for key, value in json.loads(args.extra_config).items():  # merged one level deep
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key in cfg else value
+    return cfg
+
+
+def _base_config(shards: list[str], output: str, run_id: str, args) -> dict:
     return {
         "run": {"id": run_id, "output": output, "report": False},
         "input": {"shards": shards},
@@ -167,7 +190,6 @@ def job_config(shards: list[str], output: str, run_id: str, args) -> dict:
         "targets": "predicted",
         "resources": {"batch_size": args.batch, "actors_per_unit": 1, "cpus_per_actor": 0.5},
         "ray": {"num_cpus": args.num_cpus, "progress": "off", "include_dashboard": False},
-        **json.loads(args.extra_config),
     }
 
 
@@ -205,7 +227,8 @@ def _run_once(work: Path, n_images: int, args, tag: str) -> dict:
     if proc.returncode != 0:
         text = (work / f"{tag}.log").read_text()[-3000:]
         raise RuntimeError(f"salmap run ({tag}) exited {proc.returncode}:\n{text}")
-    return {"images": n_images, "cpu_s": cpu, "wall_s": wall, "killed": killed}
+    return {"images": n_images, "cpu_s": cpu, "wall_s": wall, "killed": killed,
+            "workers_s": tree.total("workers"), "daemons_s": tree.total("daemons")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--num-cpus", type=int, default=2, help="the run's Ray CPUs")
-    p.add_argument("--extra-config", default="{}", help="JSON merged into the config's top level")
+    p.add_argument("--extra-config", default="{}",
+                   help="JSON merged into the config, one level deep (e.g. resources.share_decode)")
     p.add_argument("--device", default="cpu", help="accepted for run_all; the model is on CPU")
     args = p.parse_args(argv)
     become_subreaper()
@@ -231,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.1f}; model bench.tiny_model:tiny_net; {units} unit(s) "
           f"({args.methods}); ~400x300 JPEGs, {args.per_shard} per shard; default outputs, "
           "no metrics; CPU = user + system of every process of the run\n")
-    print("| images | CPU s (whole tree) | wall s |")
-    print("|---|---|---|")
+    print("| images | CPU s (whole tree) | of which driver + Ray workers | of which Ray daemons | wall s |")
+    print("|---|---|---|---|---|")
     for r in (small, large):
-        print(f"| {r['images']} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} |")
+        print(f"| {r['images']} | {r['cpu_s']:.1f} | {r['workers_s']:.1f} | {r['daemons_s']:.1f} "
+              f"| {r['wall_s']:.1f} |")
+    work = (large["workers_s"] - small["workers_s"]) * 1000.0 / (delta_images * units)
+    print(f"\nmarginal of the driver + Ray workers alone: {work:.2f} CPU-ms per image per unit "
+          "(the daemons' CPU grows with wall time, which a loaded machine stretches)")
     print(f"\n**marginal: {marginal:.2f} CPU-ms per image per unit** "
           f"({(large['cpu_s'] - small['cpu_s']):.1f} CPU-s for {delta_images} more images x "
           f"{units} units)\n")

@@ -172,8 +172,9 @@ def run_group(exs: list[UnitExecution], trackers: list[WaveTracker],
 
 # -- the driver side ---------------------------------------------------------------------
 def _actor_ask(ex: UnitExecution) -> tuple[float, float]:
-    """(CPUs, GPUs) the unit's pool holds at its largest."""
-    n = ex.actors[1] if isinstance(ex.actors, tuple) else ex.actors
+    """(CPUs, GPUs) the unit's pool needs to start: its fixed size, or an autoscaling pool's
+    minimum (it grows only into resources that are free)."""
+    n = ex.actors[0] if isinstance(ex.actors, tuple) else ex.actors
     return (n * float(ex.actor_resources.get("num_cpus", 0.0)),
             n * float(ex.actor_resources.get("num_gpus", 0.0)))
 

@@ -66,6 +66,10 @@ def test_group_jobs_groups_one_models_units_as_far_as_the_cluster_holds_their_po
     assert [[u.id for u, _ in j] for j in jobs] == [["a__m1", "a__m2", "a__m3"], ["b__m1"], ["a__m4"]]
     jobs = group_jobs(cfg, todo, lambda u, w: _Ex("d", 1.0), {"CPU": 3.0})  # 2 pools + 1 CPU
     assert [[u.id for u, _ in j] for j in jobs] == [["a__m1", "a__m2"], ["b__m1"], ["a__m3"], ["a__m4"]]
+    autoscaling = _Ex("d", 1.0)
+    autoscaling.actors = (1, 8)  # needs its minimum to start
+    jobs = group_jobs(cfg, todo[:3], lambda u, w: autoscaling, {"CPU": 3.0})
+    assert [[u.id for u, _ in j] for j in jobs] == [["a__m1", "a__m2"], ["b__m1"]]
     cfg.resources.share_decode = False
     assert all(len(j) == 1 for j in group_jobs(cfg, todo, lambda u, w: _Ex("d", 1.0), {"CPU": 9}))
 
