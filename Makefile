@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
+# setuptools says "Editable installation" on every editable build (the meta-path finder that maps
+# salmap.pipeline onto pipeline/): information, not a warning; `make demo` stays quiet
+PIP    := PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip
 STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
@@ -36,7 +38,7 @@ demo: setup
 	$(VENV)/bin/salmap run
 
 test: setup-test
-	$(VENV)/bin/ruff check pipeline workers tests bench scripts
+	$(VENV)/bin/ruff check salmap pipeline workers tests bench scripts
 	$(PY) -m pytest -q tests
 
 bench: setup-test

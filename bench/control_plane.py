@@ -4,7 +4,7 @@ units.
 
 The real planner (``waves_of``), wave tracker, commit protocol (``_Run.commit``: commit record
 + manifest), ledger, resume load and reader run against an in-memory store that counts every
-request (``pipeline.storage_stats``); only the Ray execution is stubbed: each wave "writes" one
+request (``salmap.pipeline.storage_stats``); only the Ray execution is stubbed: each wave "writes" one
 small Parquet file and reports one sample per shard, as the real write stage would.
 
     .venv/bin/python bench/control_plane.py                    # 100, 1000, 10000 shards x 42 units
@@ -35,12 +35,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.ledger import MANIFEST_KEY, Ledger, committed_files, load_commits  # noqa: E402
-from pipeline.plan import units_of, waves_of  # noqa: E402
-from pipeline.run import _Run  # noqa: E402
-from pipeline.storage_stats import counting_memory_store  # noqa: E402
-from pipeline.tracker import WaveTracker  # noqa: E402
+from salmap.pipeline.config import load_config  # noqa: E402
+from salmap.pipeline.ledger import MANIFEST_KEY, Ledger, committed_files, load_commits  # noqa: E402
+from salmap.pipeline.plan import units_of, waves_of  # noqa: E402
+from salmap.pipeline.run import _Run  # noqa: E402
+from salmap.pipeline.storage_stats import counting_memory_store  # noqa: E402
+from salmap.pipeline.tracker import WaveTracker  # noqa: E402
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0", "densenet121"]
 METHODS = ["gradient", "gradient_x_input", "gradcam", "gradcam_pp", "layercam", "smoothgrad",
@@ -145,10 +145,9 @@ def simulate_s3_days(days: float, commits: int, units: int = 42, actors: int = 4
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from s3_counting import CountingS3
-
-    from pipeline.accounting import HeldSampler, UnitAccounting
-    from pipeline.lock import RunLock
-    from pipeline.storage import Store
+    from salmap.pipeline.accounting import HeldSampler, UnitAccounting
+    from salmap.pipeline.lock import RunLock
+    from salmap.pipeline.storage import Store
 
     for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():

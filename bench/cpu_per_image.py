@@ -215,7 +215,7 @@ def _run_once(work: Path, n_images: int, args, tag: str) -> dict:
     tree = TreeCPU()
     t0 = time.perf_counter()
     log = open(work / f"{tag}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=work,
+    proc = subprocess.Popen([sys.executable, "-m", "salmap.pipeline.cli", "run", str(cfg)], cwd=work,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     while proc.poll() is None:
         tree.sample()

@@ -40,8 +40,8 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from workers.metrics.crf import crf_label_map
-    from workers.metrics.label_maps import label_map
+    from salmap.workers.metrics.crf import crf_label_map
+    from salmap.workers.metrics.label_maps import label_map
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sizes", default="500x375,1024x768,2048x1536")

@@ -2,9 +2,9 @@
 
 For each size a synthetic run is written the way the pipeline writes one: real Parquet files
 (the output schema, 4x4 float16 maps and a small PNG per row: small maps keep 10^7 rows
-writable in minutes), one aggregate per file (:func:`pipeline.aggregate.of_table`, what the
-post/write tasks compute), merged per wave by the real :class:`pipeline.tracker.WaveTracker`
-and committed by the real :class:`pipeline.ledger.Ledger` (commit records in ``_commits/``),
+writable in minutes), one aggregate per file (:func:`salmap.pipeline.aggregate.of_table`, what the
+post/write tasks compute), merged per wave by the real :class:`salmap.pipeline.tracker.WaveTracker`
+and committed by the real :class:`salmap.pipeline.ledger.Ledger` (commit records in ``_commits/``),
 plus a manifest. Two units (one model, two methods) share the sample ids, one target per
 sample, 1% error rows. The generator holds one file's rows at a time.
 
@@ -13,11 +13,11 @@ its wall time and peak resident memory (``ru_maxrss``) and the same less the res
 after its imports:
 
 * ``summary``: the units' aggregates folded from the commit records
-  (:func:`pipeline.rollup.unit_aggregates`, a chunk of records at a time), the summaries
-  (:func:`pipeline.summary.summary_from_aggregate`), the win rate and the console table;
-* ``report``: ``salmap report`` (:func:`pipeline.report.write_report`, every page);
-* ``export``: ``salmap export --format parquet`` (:func:`pipeline.export.export_run`);
-* ``read``: every row through :func:`pipeline.read.read_batches` (two columns) and
+  (:func:`salmap.pipeline.rollup.unit_aggregates`, a chunk of records at a time), the summaries
+  (:func:`salmap.pipeline.summary.summary_from_aggregate`), the win rate and the console table;
+* ``report``: ``salmap report`` (:func:`salmap.pipeline.report.write_report`, every page);
+* ``export``: ``salmap export --format parquet`` (:func:`salmap.pipeline.export.export_run`);
+* ``read``: every row through :func:`salmap.pipeline.read.read_batches` (two columns) and
   ``salmap read --head 5``.
 
     PYTHONPATH=. python bench/end_of_run.py --sizes 10000,1000000,10000000
@@ -71,8 +71,7 @@ def _table(start: int, n: int, method_seed: int, png: bytes):
     """Rows ``start .. start + n`` of one unit (sample ``s-<k>``, shard ``shard-<k // 10000>``)."""
     import numpy as np
     import pyarrow as pa
-
-    from workers.columns import output_schema
+    from salmap.workers.columns import output_schema
 
     schema = output_schema(4, 4)
     k = np.arange(start, start + n)
@@ -119,12 +118,11 @@ def generate(run: str, rows: int, file_rows: int, files_per_wave: int, unit: int
     """Write unit number ``unit`` of the synthetic run (its files and commit records)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipeline.aggregate import of_table, wave_sample_size
-    from pipeline.ledger import Ledger
-    from pipeline.plan import Wave
-    from pipeline.storage import Store
-    from pipeline.tracker import WaveTracker
+    from salmap.pipeline.aggregate import of_table, wave_sample_size
+    from salmap.pipeline.ledger import Ledger
+    from salmap.pipeline.plan import Wave
+    from salmap.pipeline.storage import Store
+    from salmap.pipeline.tracker import WaveTracker
 
     store = Store.open(run)
     ledger = Ledger(store)
@@ -161,8 +159,8 @@ def generate(run: str, rows: int, file_rows: int, files_per_wave: int, unit: int
 
 def finish(run: str) -> dict:
     """The manifest; returns the data's size on disk and the commit records' sizes."""
-    from pipeline.ledger import MANIFEST_KEY
-    from pipeline.storage import Store
+    from salmap.pipeline.ledger import MANIFEST_KEY
+    from salmap.pipeline.storage import Store
 
     store = Store.open(run)
     units = {f"{m}__{me}": {"model": m, "method": me} for m, me in UNITS}
@@ -180,12 +178,12 @@ def finish(run: str) -> dict:
 # -- the stages ------------------------------------------------------------------------------
 def stage(name: str, run: str, work: str) -> dict:
     """Run one end-of-run stage (in this process); returns what it measured."""
-    from pipeline.export import export_run
-    from pipeline.read import read_batches
-    from pipeline.report import write_report
-    from pipeline.rollup import unit_aggregates
-    from pipeline.storage import Store
-    from pipeline.summary import print_summaries, run_win_percent, summary_from_aggregate
+    from salmap.pipeline.export import export_run
+    from salmap.pipeline.read import read_batches
+    from salmap.pipeline.report import write_report
+    from salmap.pipeline.rollup import unit_aggregates
+    from salmap.pipeline.storage import Store
+    from salmap.pipeline.summary import print_summaries, run_win_percent, summary_from_aggregate
 
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -210,7 +208,7 @@ def stage(name: str, run: str, work: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     elif name == "read":
         rows = sum(len(df) for df in read_batches(run, columns=["sample_id", "deletion_auc"]))
-        from pipeline.cli import main
+        from salmap.pipeline.cli import main
 
         devnull = open(os.devnull, "w")
         saved, sys.stdout = sys.stdout, devnull

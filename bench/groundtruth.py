@@ -1,6 +1,6 @@
 """Ground-truth benchmark: every method on images whose evidence is known by construction.
 
-Data and models from :mod:`workers.synthetic`: a shape (the class) with an exact mask on a
+Data and models from :mod:`salmap.workers.synthetic`: a shape (the class) with an exact mask on a
 textured background; a VGG-style and a ResNet-style pure-ReLU CNN (no BatchNorm, no biases)
 trained on a TRAINING split (seed 0), weights cached under ``runs/synthetic_models``. Scored on
 a separate EVALUATION split (seed 2) of images the model classifies correctly, each explained
@@ -43,10 +43,10 @@ def baseline_maps(name: str, images: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.methods import build, get_class
-    from workers.methods import names as method_names
-    from workers.metrics.summary import summarize
-    from workers.synthetic import (
+    from salmap.workers.methods import build, get_class
+    from salmap.workers.methods import names as method_names
+    from salmap.workers.metrics.summary import summarize
+    from salmap.workers.synthetic import (
         accuracy,
         make_dataset,
         normalise,

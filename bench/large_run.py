@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from salmap.pipeline.config import load_config  # noqa: E402
+from salmap.pipeline.run import run_job  # noqa: E402
+
 from bench.small_shards import write_shards  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.run import run_job  # noqa: E402
 
 COMMIT = re.compile(r"committed wave \S+ \((\d+) rows")
 

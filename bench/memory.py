@@ -69,7 +69,7 @@ def child(model_name: str, method: str, batch: int, size: int, device_name: str,
             xx = x.detach().requires_grad_(True)
             return torch.autograd.grad(model(xx).gather(1, t.view(-1, 1)).sum(), xx)[0]
     else:
-        from workers.methods import build, get_class
+        from salmap.workers.methods import build, get_class
 
         params = {"target_layer": layer} if get_class(method).uses_target_layer else {}
         m = build(method, model, **params)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     device = torch.device(args.device)
     header("Peak memory per method (fresh subprocess each)", device)
     if args.methods == "all":
-        from workers.methods import names
+        from salmap.workers.methods import names
 
         methods = names()
     else:

@@ -19,7 +19,7 @@ seeds; its deletion AUC is the denominator of ``del / random``) and ``centre`` (
 the image centre, sigma a quarter of the side: the photographer's bias).
 
 The explained class is each photo's label (as ``configs/demo.yaml``, ``targets: label``);
-photos are resized and cropped as the pipeline does (``pipeline.decode.preprocess``), from
+photos are resized and cropped as the pipeline does (``salmap.pipeline.decode.preprocess``), from
 the arrays themselves (the demo shards hold them as quality-92 JPEGs).
 Deletion and insertion are averaged over the photos (a photo the model does not recognise
 scores near 0 for every method); ``del / random`` is the ratio of those averages.
@@ -55,9 +55,8 @@ MODEL_METRICS = ["region_deletion_auc", "region_insertion_auc", "road", "deletio
 def demo_photos(names: list[str] | None, resize: int, crop: int, mean, std):
     """``(names, images [N,3,crop,crop], labels [N], boxes per photo, transforms)``."""
     from PIL import Image
-
-    from pipeline.decode import preprocess
-    from pipeline.demo_data import PHOTOS, _photo
+    from salmap.pipeline.decode import preprocess
+    from salmap.pipeline.demo_data import PHOTOS, _photo
 
     chosen = [n for n in PHOTOS if names is None or n in names]
     unknown = sorted(set(names or ()) - set(PHOTOS))
@@ -98,7 +97,7 @@ def edge_map(images: torch.Tensor) -> torch.Tensor:
 
 def run_method(name: str, model, images, labels, batch: int, device) -> tuple[torch.Tensor, float]:
     """Maps ``[N,h,w]`` on the CPU and wall seconds per image."""
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     method = build(name, model)
     parts = []
@@ -113,8 +112,8 @@ def run_method(name: str, model, images, labels, batch: int, device) -> tuple[to
 
 def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> dict:
     """Per-photo deletion/insertion AUC, pointing hits and Gini of ``maps``."""
-    from workers.metrics import compute_model_metrics, compute_post_metrics
-    from workers.metrics.geometry import map_to_original
+    from salmap.workers.metrics import compute_model_metrics, compute_post_metrics
+    from salmap.workers.metrics.geometry import map_to_original
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x).float()
@@ -137,15 +136,15 @@ def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> 
 
 def tsgb_balance(model, images, labels, device) -> list[float]:
     """``|sum M| / sum |M|`` of the TSGB map per photo."""
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     maps = build("tsgb", model)(images.to(device), labels.to(device)).cpu().flatten(1)
     return (maps.sum(1).abs() / maps.abs().sum(1)).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.methods import names as method_names
-    from workers.models import load_model
+    from salmap.workers.methods import names as method_names
+    from salmap.workers.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         times[name] = per_image
         print(f"... {name}: {per_image:.2f} s per image", file=sys.stderr, flush=True)
 
-    from workers.metrics.summary import summarize
+    from salmap.workers.metrics.summary import summarize
 
     def ci(values: list[float]) -> str:
         s = summarize(values)

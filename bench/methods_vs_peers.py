@@ -90,7 +90,7 @@ def floors(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, Call
 
 
 def salmap_fn(name: str, model: nn.Module, layer: str, x, t, args, **extra) -> Callable[[], object]:
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     params: dict = {"inner_batch_size": args.inner_batch, **extra}
     if name in (*CAM, "scorecam"):
@@ -113,8 +113,7 @@ def peer_fn(name: str, model: nn.Module, layer: str, x, t, args) -> Callable[[],
     if name in (*CAM, "scorecam"):
         from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        from workers.methods.layers import resolve_layer
+        from salmap.workers.methods.layers import resolve_layer
 
         cls = {"gradcam": GradCAM, "gradcam_pp": GradCAMPlusPlus, "layercam": LayerCAM,
                "scorecam": ScoreCAM}[name]
@@ -215,7 +214,7 @@ def bench_model(model_name: str, args, device: torch.device) -> list[dict[str, o
         sc_layer = layer if args.scorecam_layer == "default" else (
             args.scorecam_layer or SCORECAM_LAYER.get(model_name, layer))
         xs, ts = x[: args.scorecam_batch], t[: args.scorecam_batch]
-        from workers.methods.layers import capture_output, resolve_layer
+        from salmap.workers.methods.layers import capture_output, resolve_layer
 
         _, module = resolve_layer(model, sc_layer)
         with torch.no_grad(), capture_output(module) as cap:

@@ -5,7 +5,7 @@ per image. Three things are timed round-robin on the same images, maps and targe
 
   * ``floor``: 57 x B plain forwards of unrelated images in chunks of ``max_batch`` (the
     best any implementation can do: rendering the perturbed images costs extra);
-  * ``batched``: :func:`workers.metrics.compute_model_metrics` (jobs of all samples and
+  * ``batched``: :func:`salmap.workers.metrics.compute_model_metrics` (jobs of all samples and
     steps share chunks of ``max_batch`` images);
   * ``naive``: a per-image, per-step loop (one forward of one image per curve point), using
     the same ranking and substrates, so its AUCs must equal the batched ones.
@@ -33,8 +33,8 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def naive_deletion_insertion(model, images, maps, targets, steps: int = 28) -> torch.Tensor:
     """Per image, per curve point, one single-image forward; returns [B, 2] (deletion, insertion)."""
-    from workers.metrics.engine import upsample_maps
-    from workers.metrics.faithfulness import auc, blur, pixel_ranks, step_counts
+    from salmap.workers.metrics.engine import upsample_maps
+    from salmap.workers.metrics.faithfulness import auc, blur, pixel_ranks, step_counts
 
     h, w = images.shape[-2:]
     sal = upsample_maps(maps, (h, w))
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     print(f"model {args.model}, batch {args.batch}, {args.size} px, steps {args.steps}, "
           f"max_batch {args.max_batch}, repeats {args.repeats}; {timer_line}; {load_avg()}\n")
 
-    from workers.methods import build
-    from workers.metrics import compute_model_metrics
+    from salmap.workers.methods import build
+    from salmap.workers.metrics import compute_model_metrics
 
     model, layer = load_bench_model(args.model, device)
     model.eval()

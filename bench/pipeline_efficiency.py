@@ -1,7 +1,7 @@
 """Question 2: how much of the bare model's speed does the whole ``salmap run`` job keep?
 
 The job (read WebDataset shards -> decode JPEGs -> explain -> post -> write Parquet, on a
-local Ray instance) runs in-process through :func:`pipeline.run.run_job` on synthetic JPEG
+local Ray instance) runs in-process through :func:`salmap.pipeline.run.run_job` on synthetic JPEG
 shards; the comparison is a bare in-process loop with the same model, method and batch size
 on already-decoded tensors (one no-grad forward for the predicted class + the method, as the
 actor does; with metrics on, + :func:`compute_model_metrics`).
@@ -100,8 +100,8 @@ def job_config(shards: list[str], output: str, run_id: str, args, metrics: list[
 
 def run_pipeline(shards: list[str], work: Path, run_id: str, args, metrics: list[str]) -> float:
     """Wall seconds of one ``salmap run`` job (the driver's view, Ray already up or not)."""
-    from pipeline.config import load_config
-    from pipeline.run import run_job
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.run import run_job
 
     cfg_path = work / f"{run_id}.yaml"
     cfg_path.write_text(job_config(shards, str(work / "out"), run_id, args, metrics))
@@ -119,9 +119,9 @@ def run_pipeline(shards: list[str], work: Path, run_id: str, args, metrics: list
 
 def bare_loop(args, n_images: int, metrics: list[str], threads: int) -> float:
     """Seconds for the same model + method (+ model metrics) on already-decoded tensors."""
-    from workers.methods import build, get_class
-    from workers.metrics import compute_model_metrics
-    from workers.models import load_model
+    from salmap.workers.methods import build, get_class
+    from salmap.workers.metrics import compute_model_metrics
+    from salmap.workers.models import load_model
 
     source, weights = SOURCES[args.model]
     loaded = load_model(source, weights)

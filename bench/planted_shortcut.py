@@ -80,9 +80,9 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int = 3, seed: int = 0,
 
 def gradcam_maps(model: nn.Module, x: np.ndarray, targets: np.ndarray,
                  batch: int = 256) -> np.ndarray:
-    """salmap's Grad-CAM (``workers.methods``) of ``targets`` (at the layer's 8 x 8 grid, as
+    """salmap's Grad-CAM (``salmap.workers.methods``) of ``targets`` (at the layer's 8 x 8 grid, as
     salmap stores CAM maps)."""
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     cam = build("gradcam", model, target_layer="features.6")
     out = []
@@ -96,7 +96,7 @@ def gradcam_maps(model: nn.Module, x: np.ndarray, targets: np.ndarray,
 def energy_in_box(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """The share of each non-negative map inside its box (the run's energy_pointing; boxes
     in image pixels, maps at any grid: cells whose centre lies in the box)."""
-    from pipeline.analyze.core import box_mask
+    from salmap.pipeline.analyze.core import box_mask
 
     m = np.maximum(np.nan_to_num(maps), 0)
     out = np.full(len(m), np.nan, dtype=np.float32)
@@ -152,10 +152,10 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
     ``energy_pointing`` against ``boxes`` when given. With ``images``, also their shard
     (``<root>.shards/synthetic.tar``, named in the manifest's config), each row's
     ``saliency_png`` and its box as ``pseudo_box``, so the report and exports show them."""
-    from pipeline.execute import part_name
-    from pipeline.ledger import Ledger
-    from pipeline.storage import Store
-    from workers.columns import output_schema
+    from salmap.pipeline.execute import part_name
+    from salmap.pipeline.ledger import Ledger
+    from salmap.pipeline.storage import Store
+    from salmap.workers.columns import output_schema
 
     store = Store.open(root)
     n = len(maps)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args, device, timer_line = parse_timed_args(
         parser, argv, "Precision (autocast) and channels_last: speed and map agreement")
     print(f"batch {args.batch}, {args.size} px, repeats {args.repeats}; {timer_line}; {load_avg()}\n")
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     rows = []
     for model_name in args.models.split(","):

@@ -44,8 +44,8 @@ def shard(size_mb: float, sample_kb: int = 100) -> bytes:
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from pipeline.shard_reader import iter_samples, read_shard
-from pipeline.storage import s3_client, s3_filesystem
+from salmap.pipeline.shard_reader import iter_samples, read_shard
+from salmap.pipeline.storage import s3_client, s3_filesystem
 storage = {storage!r}
 client, fs = s3_client(storage), s3_filesystem(storage)  # made once per worker process
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

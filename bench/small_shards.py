@@ -22,8 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.run import run_job  # noqa: E402
+from salmap.pipeline.config import load_config  # noqa: E402
+from salmap.pipeline.run import run_job  # noqa: E402
 
 
 def jpeg(seed: int, size: int = 64) -> bytes:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.faults import unanswered_port  # noqa: E402
-from pipeline.storage import (  # noqa: E402
+from salmap.pipeline.faults import unanswered_port  # noqa: E402
+from salmap.pipeline.storage import (  # noqa: E402
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_REQUEST_TIMEOUT_S,
     PROBE_ATTEMPTS,

@@ -1,8 +1,8 @@
 """Which actors did a unit's work, and for how long: the driver's account of its devices.
 
 Every actor batch carries its actor's id, device, start time, and the batch's end time and
-duration (internal columns, :mod:`workers.columns`); the post + write stage passes one entry
-per actor batch to the driver with its file records (:mod:`pipeline.execute`). From those the
+duration (internal columns, :mod:`salmap.workers.columns`); the post + write stage passes one entry
+per actor batch to the driver with its file records (:mod:`salmap.pipeline.execute`). From those the
 driver knows per unit: how many actors it had, how many at once (peak), and its
 device-seconds: each actor's time from its start (model load included) to the end of its last
 batch, times the GPUs (or CPUs) one actor holds. ``busy`` counts only the time inside batches.

@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from workers.columns import CURVE_COLUMNS, METRIC_COLUMNS
+from salmap.workers.columns import CURVE_COLUMNS, METRIC_COLUMNS
 
 VERSION = 1
 WAVE_SAMPLE = 128  # samples (all their rows) a commit record carries

@@ -1,7 +1,7 @@
 """salmap from Python (a notebook, a script): run a job, explain in-memory images without Ray,
 read a run as pandas.
 
-    from pipeline import api
+    from salmap.pipeline import api
 
     result = api.run("configs/example.yaml", overrides=["run.id=nb"])  # or a dict
     df = api.read(result.output, maps=True)      # pandas; each row's map a float32 [h, w] array
@@ -10,9 +10,9 @@ read a run as pandas.
     out = ex.explain(images)   # [B, 3, H, W] normalised tensor, PIL images, arrays or files
     out = ex.explain(loader)   # a DataLoader of images, (images, labels) or {"image", "label"}
 
-:class:`Explainer` is the pipeline's own model actor (:class:`workers.actor.Explainer`: the
+:class:`Explainer` is the pipeline's own model actor (:class:`salmap.workers.actor.Explainer`: the
 model, the method, the model-side metrics) followed by its post stage
-(:func:`pipeline.post.post_batch`: maps back to the image, PNGs, box metrics), called
+(:func:`salmap.pipeline.post.post_batch`: maps back to the image, PNGs, box metrics), called
 in-process: the rows are the rows a run would write, with the same methods and metrics.
 """
 
@@ -36,7 +36,7 @@ __all__ = ["Explainer", "maps", "read", "run"]
 def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose: bool = False,
         out=print, allow_remote_code: bool = False):
     """Run (or resume) a job from a config file or a dict of the same keys; returns the
-    :class:`pipeline.run.RunResult` (``exit_code``, ``output``, ``units``, ``failures``,
+    :class:`salmap.pipeline.run.RunResult` (``exit_code``, ``output``, ``units``, ``failures``,
     ``report``). Ray starts as the config says (``ray.address``); its log lines are kept off
     the console unless ``verbose``. ``allow_remote_code``: run an ``s3://`` config that names
     custom code (README, Security)."""
@@ -59,7 +59,7 @@ def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose
 
 def read(run: str, unit: str | None = None, columns: list[str] | None = None, maps: bool = False,
          endpoint: str | None = None, storage: Any = None):
-    """A run's committed rows as pandas (see :func:`pipeline.read.read_frame`): every column
+    """A run's committed rows as pandas (see :func:`salmap.pipeline.read.read_frame`): every column
     but the map and the PNGs by default; ``maps=True`` adds ``saliency``, one float32
     ``[h, w]`` array per row."""
     return read_frame(run, unit=unit, columns=columns, maps=maps, endpoint=endpoint,
@@ -83,8 +83,8 @@ class Explainer:
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  target_layer: str | None = None, device: str | None = None,
                  precision: str = "fp32", name: str = "model", batch_size: int = 16) -> None:
-        from workers import methods as method_registry
-        from workers.metrics import METRICS, check_params
+        from salmap.workers import methods as method_registry
+        from salmap.workers.metrics import METRICS, check_params
 
         from .config import ConfigError, metric_specs, parse_targets
 
@@ -107,8 +107,14 @@ class Explainer:
     @staticmethod
     def _load(model: Any, weights: str | None, input_size: int | None, mean, std,
               target_layer: str | None):
-        from workers.methods.layers import resolve_layer
-        from workers.models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, Preprocess, load_model
+        from salmap.workers.methods.layers import resolve_layer
+        from salmap.workers.models import (
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            LoadedModel,
+            Preprocess,
+            load_model,
+        )
 
         if isinstance(model, str):
             loaded = load_model(model, weights, target_layer, input_size)
@@ -128,9 +134,9 @@ class Explainer:
         """The pipeline's model actor for this targets mode and input size (built once each)."""
         key = (mode, crop)
         if key not in self._actors:
-            from workers.actor import ActorSpec
-            from workers.actor import Explainer as ActorExplainer
-            from workers.models import LoadedModel, Preprocess
+            from salmap.workers.actor import ActorSpec
+            from salmap.workers.actor import Explainer as ActorExplainer
+            from salmap.workers.models import LoadedModel, Preprocess
 
             p = self.loaded.preprocess
             loaded = self.loaded if p.crop == crop else LoadedModel(
@@ -271,7 +277,7 @@ def _as_int(v: Any) -> int:
 
 
 def _rows(images: Any, pre, offset: int) -> list[dict[str, Any]]:
-    """The decode stage's rows for in-memory images (see :mod:`pipeline.decode`)."""
+    """The decode stage's rows for in-memory images (see :mod:`salmap.pipeline.decode`)."""
     import torch
     from PIL import Image
 
@@ -324,7 +330,7 @@ def _rows(images: Any, pre, offset: int) -> list[dict[str, Any]]:
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Rows -> the actor's input batch (numpy columns; failed images get a blank image)."""
-    from workers.columns import numpy_column
+    from salmap.workers.columns import numpy_column
 
     from .decode import _DECODE_KINDS
 

@@ -9,7 +9,7 @@ it: a raylet, the GCS or a node that died); 4 the run is locked by another drive
 shard is done but some unit's share of error rows is above ``run.max_error_rate`` (default
 0.1). The start-up storage probe exits 1 when the endpoint does not answer (may be transient; a
 retry resumes) and 2 for credentials, permissions or a missing bucket; nothing was started
-either way. Every line passes :func:`pipeline.redact.redact` (no credentials in URLs).
+either way. Every line passes :func:`salmap.pipeline.redact.redact` (no credentials in URLs).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summaries(result.units)
     except ImportError:
         pass
-    say(f"\nread it:  from pipeline.read import read_frame\n"
-        f"          df = read_frame({result.output!r})  # maps=True: each row's map as [h, w]\n"
+    say(f"\nread it:  import salmap\n"
+        f"          df = salmap.read({result.output!r})  # maps=True: each row's map as [h, w]\n"
         f"   or:    salmap read {result.output}", err=False)
     if result.report:  # written by run_job under the run's lock; its path is stdout's last line
         say(f"report: {result.report}", err=False)
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. From the console (``argv`` None), ``salmap run`` runs its driver in a
-    supervised child process (:mod:`pipeline.supervise`): Ray dying under it still ends in one
+    supervised child process (:mod:`salmap.pipeline.supervise`): Ray dying under it still ends in one
     salmap line, exit 3, the manifest ``interrupted`` and the lock released."""
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)

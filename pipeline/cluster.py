@@ -4,7 +4,7 @@ against the cluster's resources (including what an autoscaling cluster may grow 
 The share policy (README "Resources: defaults and policy"): the cluster has ``slots`` actor
 places (GPUs / ``gpus_per_actor``; without GPUs, the CPUs left after the CPU stages' share,
 / ``cpus_per_actor``). With ``actors_per_unit: auto`` each unit running gets a minimum pool of
-slots in proportion to its expected work (:mod:`workers.methods.cost`, refined by rates
+slots in proportion to its expected work (:mod:`salmap.workers.methods.cost`, refined by rates
 measured earlier in the run), and may grow to every slot as other units finish; units too
 cheap for a slot of their own share "lanes", one after the other. The pure logic
 (:func:`plan_shares`, :func:`apportion`, :func:`actor_slots`) needs no Ray.
@@ -298,7 +298,7 @@ def units_that_fit(cfg: SalmapConfig, wanted: int, res: dict[str, float] | None 
 
 def job_work_per_image(cfg: SalmapConfig) -> float:
     """The mean expected work per image over the config's units (F+B units)."""
-    from workers.methods.cost import unit_cost
+    from salmap.workers.methods.cost import unit_cost
 
     from .run import split_metrics
 

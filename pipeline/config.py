@@ -217,7 +217,7 @@ def _refuse_remote_code(path: str, loaded: DictConfig, cfg: SalmapConfig) -> Non
                 f"models[{i}].source: {m.source!r} names code to import and run, in a config "
                 f"read from {path}; a config is code: run it only if you trust whoever can "
                 f"write that object, and then pass {REMOTE_CODE_FLAG} (salmap run / sanity) or "
-                "allow_remote_code=True (pipeline.api.run, load_config)")
+                "allow_remote_code=True (salmap.run, load_config)")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None,
@@ -322,8 +322,8 @@ def metric_specs(cfg: SalmapConfig) -> dict[str, dict]:
 
 def validate(cfg: SalmapConfig) -> None:
     """Checks OmegaConf cannot express: names, ranges, combinations."""
-    from workers import methods as method_registry
-    from workers.methods.compat import job_conflict
+    from salmap.workers import methods as method_registry
+    from salmap.workers.methods.compat import job_conflict
 
     if not cfg.models:
         raise ConfigError("models: at least one model is required (e.g. source: efficientnet_lite0)")
@@ -425,7 +425,7 @@ def _check_model_source(i: int, m: ModelSection) -> None:
             raise ConfigError(f"models[{i}].{key}: three numbers (R, G, B)"
                               + (", all > 0" if key == "std" else "") + f", got {list(value)}")
     if src.startswith("torchvision:"):
-        from workers.models import torchvision_names
+        from salmap.workers.models import torchvision_names
 
         arch = src.split(":", 1)[1]
         known = torchvision_names()
@@ -470,7 +470,7 @@ def _check_factory(i: int, src: str) -> None:
 
 def _check_metrics(cfg: SalmapConfig) -> None:
     try:
-        from workers.metrics import METRICS
+        from salmap.workers.metrics import METRICS
     except ImportError:  # the metrics library is optional at this stage
         METRICS = {}
     specs = metric_specs(cfg)
@@ -479,7 +479,7 @@ def _check_metrics(cfg: SalmapConfig) -> None:
             raise ConfigError(f"metrics: unknown metric {name!r}{_nearest(name, list(METRICS))}; "
                               f"known: {', '.join(METRICS)}")
     if METRICS:
-        from workers.metrics import check_params
+        from salmap.workers.metrics import check_params
 
         try:
             check_params(specs)
@@ -511,7 +511,7 @@ def _check_pseudo_labels(cfg: SalmapConfig) -> None:
     if len(p.crf_gaussian) != 2 or len(p.crf_bilateral) != 3:
         raise ConfigError("pseudo_labels.crf_gaussian is [sxy, compat] and crf_bilateral "
                           "[sxy, srgb, compat]")
-    from workers.metrics.crf import INSTALL_HINT, available
+    from salmap.workers.metrics.crf import INSTALL_HINT, available
 
     if not available():
         raise ConfigError(INSTALL_HINT)

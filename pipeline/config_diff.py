@@ -1,7 +1,7 @@
 """Which config keys changed a unit's rows: named in the refusal to resume a run whose
 committed rows were made with a different config (not just two hashes).
 
-The keys are those :func:`pipeline.config.unit_hash` covers, read from two resolved configs
+The keys are those :func:`salmap.pipeline.config.unit_hash` covers, read from two resolved configs
 (the earlier driver's, as stored in its manifest, and this one), as dotted paths with the
 model and method named: ``models[r18].input_size``, ``methods[gradient].params.steps``.
 """

@@ -1,9 +1,10 @@
-"""The pinned torch / torchvision / Ray set salmap is tested with (``constraints.txt``), shipped
-inside the package so that an install without a clone can use it.
+"""The package set salmap is tested with (a copy of the repository's ``constraints-lock.txt``:
+every package and version of the test environment, torch / torchvision / Ray included),
+shipped inside the package so that an install without a clone can use it.
 
 Needs nothing but the standard library, so it runs right after ``pip install --no-deps``::
 
-    python -m pipeline.constraints > constraints.txt
+    python -m salmap.pipeline.constraints > constraints.txt
     pip install -c constraints.txt <the salmap wheel, sdist or folder>
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PACKAGED = Path(__file__).resolve().parent / "constraints.txt"  # a copy of the top-level file
+PACKAGED = Path(__file__).resolve().parent / "constraints.txt"  # a copy of constraints-lock.txt
 
 
 def text() -> str:

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-
-from workers.columns import BY_NAME, PASS_THROUGH, numpy_column
+from salmap.workers.columns import BY_NAME, PASS_THROUGH, numpy_column
 
 # what the decode stage hands the actor: the pass-through columns, the image, the annotation
 # problems the actor reports on ok rows, and the status

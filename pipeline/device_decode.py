@@ -1,8 +1,8 @@
 """JPEG decode on the actors' device (``resources.decode_device``): the CPU stage only reads
 each JPEG's header (size, orientation) and parses the annotations; the actor decodes, resizes
-and crops on its device (:mod:`workers.device_decode`).
+and crops on its device (:mod:`salmap.workers.device_decode`).
 
-A sample goes the CPU way (:func:`pipeline.decode.decode_row`) when its image is not a plain
+A sample goes the CPU way (:func:`salmap.pipeline.decode.decode_row`) when its image is not a plain
 JPEG that the device path reproduces: another format, an EXIF rotation, a colour mode other
 than RGB or greyscale (CMYK), or anything the header check refuses. So the switch changes
 where the work is done, not which samples succeed.
@@ -72,11 +72,10 @@ def defer_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
 
 
 def defer_batch(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, Any]:
-    """:func:`pipeline.decode.decode_batch` for the device path: the same columns (a blank
+    """:func:`salmap.pipeline.decode.decode_batch` for the device path: the same columns (a blank
     image where the device decodes) plus ``jpeg`` (b"" where the CPU decoded)."""
     import numpy as np
-
-    from workers.columns import numpy_column
+    from salmap.workers.columns import numpy_column
 
     decoded = [{**marker_row(r), "jpeg": b""} if r.get("shard_end") else defer_row(_unpack(r), spec)
                for r in rows]
@@ -96,5 +95,5 @@ class DeferredDecode:
     def __init__(self, spec: DecodeSpec) -> None:
         self.spec = spec
 
-    def __call__(self, df):  # pandas block from pipeline.execute._ReadShards
+    def __call__(self, df):  # pandas block from salmap.pipeline.execute._ReadShards
         return defer_batch(df.to_dict("records"), self.spec)

@@ -90,7 +90,7 @@ class _Decode:
 
 def decode_stage(ex: UnitExecution) -> Any:
     """The decode stage's callable: decode on the CPU, or with ``resources.decode_device``
-    only the headers and annotations (:mod:`pipeline.device_decode`)."""
+    only the headers and annotations (:mod:`salmap.pipeline.device_decode`)."""
     if ex.device_decode:
         from .device_decode import DeferredDecode
 
@@ -190,7 +190,7 @@ RECORD_COLUMNS = ("kind", "wave", "path", "shard", "samples", "error", "unreadab
 
 
 def actor_entries(batch: dict[str, np.ndarray]) -> str:
-    """JSON list of the actor batches in ``batch`` (:data:`pipeline.accounting.Entry`), with
+    """JSON list of the actor batches in ``batch`` (:data:`salmap.pipeline.accounting.Entry`), with
     the samples each explained here (shard-end markers do not count)."""
     if "actor_id" not in batch or not len(batch["actor_id"]):
         return ""
@@ -205,15 +205,15 @@ def actor_entries(batch: dict[str, np.ndarray]) -> str:
 
 
 def explainer_class(label_maps: bool) -> type:
-    """The actor class: :class:`workers.actor.Explainer`, or with label maps a subclass that
-    packs each sample's maps onto one of its rows (:func:`workers.metrics.label_maps.
+    """The actor class: :class:`salmap.workers.actor.Explainer`, or with label maps a subclass that
+    packs each sample's maps onto one of its rows (:func:`salmap.workers.metrics.label_maps.
     attach_sample_maps`): the post stage's batches may split a sample's rows, one actor call
     never does."""
-    from workers.actor import Explainer
+    from salmap.workers.actor import Explainer
 
     if not label_maps:
         return Explainer
-    from workers.metrics.label_maps import attach_sample_maps
+    from salmap.workers.metrics.label_maps import attach_sample_maps
 
     class SampleMapsExplainer(Explainer):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -225,7 +225,7 @@ def explainer_class(label_maps: bool) -> type:
 # -- the driver side -------------------------------------------------------------------------
 @dataclass
 class UnitExecution:
-    """Everything one unit's execution needs, built by :mod:`pipeline.run`."""
+    """Everything one unit's execution needs, built by :mod:`salmap.pipeline.run`."""
 
     unit: Unit
     waves: list[Wave]

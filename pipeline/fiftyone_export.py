@@ -61,7 +61,7 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
     """Write ``run`` as a FiftyOne dataset folder (see the module doc); returns the folder.
     The folder must be local (FiftyOne reads media from local paths); default
     ``<run>/export/fiftyone`` for a local run."""
-    from workers.columns import METRIC_COLUMNS
+    from salmap.workers.columns import METRIC_COLUMNS
 
     from .analyze import load_analysis
     from .export import namer

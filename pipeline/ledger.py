@@ -19,7 +19,7 @@ Costs: the driver reads the commit records once when it starts (one listing, one
 record in parallel) and keeps the roll-up in memory; a commit is two single PUTs (its record,
 created conditionally so that it never replaces another, and the manifest, which holds per-unit
 totals only) plus the run lock's check, whatever came before. Per-wave detail stays in the
-commit records (:mod:`pipeline.commit_record`: the one reader and writer, validated on load).
+commit records (:mod:`salmap.pipeline.commit_record`: the one reader and writer, validated on load).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def commit_key(unit_id: str, wave_id: str) -> str:
 
 def load_commits(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
     """unit id -> wave id -> commit record: one listing of ``_commits/`` and one read per record
-    (in parallel), each validated (:func:`pipeline.commit_record.decode_record`); a shard
+    (in parallel), each validated (:func:`salmap.pipeline.commit_record.decode_record`); a shard
     committed by two records of a unit is damage too. Raises :class:`DamagedRecord`."""
     sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
              if k.endswith(".json") and len(k.split("/")) == 3}

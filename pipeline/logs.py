@@ -70,7 +70,7 @@ def is_verbose() -> bool:
 
 class _NotRayDeath(logging.Filter):
     """Drops Ray's ERROR records about its own death (a raylet, the GCS, a node): the run says
-    so in one line of its own (:mod:`pipeline.ray_failure`); Ray's log files keep them."""
+    so in one line of its own (:mod:`salmap.pipeline.ray_failure`); Ray's log files keep them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from .ray_failure import ray_failure, recorded_death

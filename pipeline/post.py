@@ -8,10 +8,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from workers.columns import BY_NAME, LABEL_COLUMNS, MAP_DTYPES, POST_METRIC_COLUMNS, output_schema
-from workers.metrics.geometry import map_to_input, map_to_original, maps_to_original
-from workers.metrics.registry import per_metric_params
+from salmap.workers.columns import (
+    BY_NAME,
+    LABEL_COLUMNS,
+    MAP_DTYPES,
+    POST_METRIC_COLUMNS,
+    output_schema,
+)
+from salmap.workers.metrics.geometry import map_to_input, map_to_original, maps_to_original
+from salmap.workers.metrics.registry import per_metric_params
 
 from .decode import SHARD_END
 from .png import gray_png
@@ -86,7 +91,7 @@ def sample_label_map(pack: bytes, t: dict[str, int], image_bytes: bytes,
                      labels: dict[str, Any]) -> np.ndarray:
     """The label map of one sample from its packed maps (workers.metrics.label_maps), in
     original pixels; refined by a dense CRF on the image when ``labels["crf"]`` is set."""
-    from workers.metrics.label_maps import class_scores, crop_valid, label_map, unpack_maps
+    from salmap.workers.metrics.label_maps import class_scores, crop_valid, label_map, unpack_maps
 
     targets, maps = unpack_maps(pack)
     scores = class_scores(np.stack([map_to_original(m.astype(np.float32), t) for m in maps]))
@@ -95,7 +100,7 @@ def sample_label_map(pack: bytes, t: dict[str, int], image_bytes: bytes,
     crf = labels.get("crf")
     if not crf:
         return label_map(scores, targets, fg, bg, valid)
-    from workers.metrics.crf import crf_label_map
+    from salmap.workers.metrics.crf import crf_label_map
 
     from .decode import open_image
 
@@ -109,14 +114,14 @@ def sample_label_map(pack: bytes, t: dict[str, int], image_bytes: bytes,
 
 def label_columns(batch: dict[str, np.ndarray], i: int, t: dict[str, int], map_orig: np.ndarray,
                   post: dict[str, Any], labels: dict[str, Any] | None) -> tuple[dict, list[str]]:
-    """The weak-supervision columns of one ok row (:data:`workers.columns.LABEL_COLUMNS`) and
+    """The weak-supervision columns of one ok row (:data:`salmap.workers.columns.LABEL_COLUMNS`) and
     notes for its ``error`` column: the pseudo box's score and match with the ground truth
     (when the row has a pseudo box), the sample's label map and its counts against a
     ground-truth mask (on the row that carries the sample's maps)."""
-    from workers.metrics.crf import CRFUnavailable
-    from workers.metrics.label_maps import encode_png
-    from workers.metrics.label_quality import BOX_IOU, box_match, decode_gt_mask, mask_counts
-    from workers.metrics.pseudo_labels import box_score
+    from salmap.workers.metrics.crf import CRFUnavailable
+    from salmap.workers.metrics.label_maps import encode_png
+    from salmap.workers.metrics.label_quality import BOX_IOU, box_match, decode_gt_mask, mask_counts
+    from salmap.workers.metrics.pseudo_labels import box_score
 
     out: dict[str, Any] = {}
     notes: list[str] = []
@@ -163,15 +168,15 @@ def _written(schema: pa.Schema) -> list[str]:
 def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_curves: bool,
                file_metadata: dict[str, str] | None = None, map_dtype: str = "float16",
                rows: list[int] | None = None, labels: dict[str, Any] | None = None) -> pa.Table:
-    """Actor rows (numpy columns) -> the final Arrow table (columns: :mod:`workers.columns`).
+    """Actor rows (numpy columns) -> the final Arrow table (columns: :mod:`salmap.workers.columns`).
 
     ``rows`` picks the batch rows to convert (default: every row that is not a shard-end
     marker). ``labels``: the run's ``pseudo_labels`` options (label maps, thresholds, CRF,
-    box IoU; :func:`pipeline.config.pseudo_label_options`), None for the defaults.
+    box IoU; :func:`salmap.pipeline.config.pseudo_label_options`), None for the defaults.
 
     Vectorised over the batch: the scalar columns are converted column by column, the maps
     of rows that share a geometry are resampled to original pixels in one pass
-    (:func:`workers.metrics.geometry.maps_to_original`), in chunks of :data:`MAP_CHUNK` rows
+    (:func:`salmap.workers.metrics.geometry.maps_to_original`), in chunks of :data:`MAP_CHUNK` rows
     to bound memory; per row remain the PNG encoding and, when asked for, the post metrics
     and weak-supervision columns.
     """
@@ -214,7 +219,7 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
                     boxes, difficult = boxes_for_target(str(batch["boxes_json"][i]),
                                                         int(batch["target"][i]))
                     try:
-                        from workers.metrics import compute_post_metrics
+                        from salmap.workers.metrics import compute_post_metrics
 
                         post = compute_post_metrics(names, map_orig, boxes, params,
                                                     saliency_input=map_to_input(natives[j], t),

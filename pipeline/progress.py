@@ -6,13 +6,13 @@ Two sources, the larger wins:
 - what was written, from the execution's own output (one record per Parquet file), which
   moves only when a batch has gone through the post and write stage;
 - what the model actors report while they work, through one small counter actor for the
-  job (:class:`Counter`, named :data:`workers.progress.COUNTER_NAME`): per unit, samples
+  job (:class:`Counter`, named :data:`salmap.workers.progress.COUNTER_NAME`): per unit, samples
   finished plus the part of the current batch done, which iterative methods report step by
-  step (see :mod:`workers.progress`). So the count moves during long batches too.
+  step (see :mod:`salmap.workers.progress`). So the count moves during long batches too.
 
 The line counts whole samples; its percentage follows the fractional progress, so it moves
 inside a long batch. The total comes from the shard index, else from the tar headers or the
-listed shard sizes (:mod:`pipeline.shard_count`; ``~`` marks an estimate). The rate is measured
+listed shard sizes (:mod:`salmap.pipeline.shard_count`; ``~`` marks an estimate). The rate is measured
 over recent history once the count has moved between two lines, and before that comes from the
 actors' completed batches (samples / seconds in batches, summed over actors), so it is there
 from the first completed batch on. A line that would say nothing new (same count, percentage
@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from workers.progress import COUNTER_NAME
+from salmap.workers.progress import COUNTER_NAME
 
 RATE_WINDOW_S = 120.0  # the rate is measured over this much recent history
 QUIET_S = 60.0  # a line with nothing new is printed at most this often

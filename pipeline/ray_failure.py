@@ -8,7 +8,7 @@ died in one line; :class:`RayFailure` carries that line up to the driver's clean
 
 Ray's C++ core worker may end the driver process on its own a moment after its raylet dies
 (``QuickExit`` when the object store connection breaks), before any Python clean-up runs; the
-CLI's supervisor (:mod:`pipeline.supervise`) finishes the job from outside in that case. The
+CLI's supervisor (:mod:`salmap.pipeline.supervise`) finishes the job from outside in that case. The
 death notices Ray prints on the driver's stdout (the raylet's last log lines) are recorded for
 it by :func:`watch_ray_errors` and kept off the console unless ``--verbose``.
 """
@@ -55,7 +55,7 @@ def describe_ray_message(text: str) -> str | None:
 
 def ray_failure(err: BaseException) -> str | None:
     """One line naming the Ray component that died under ``err``, or None when ``err`` is a
-    unit's own failure (Ray's wrappers followed, as :func:`pipeline.errors.root_cause` does)."""
+    unit's own failure (Ray's wrappers followed, as :func:`salmap.pipeline.errors.root_cause` does)."""
     try:
         from ray import exceptions as rx
     except ImportError:

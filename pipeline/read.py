@@ -71,7 +71,7 @@ def read_run(run: str, unit: str | None = None, endpoint: str | None = None,
 
     Units with different map shapes have different ``saliency`` types; pass ``unit`` to read
     one, or read all and the ``saliency`` column is left out. ``commits`` (from
-    :func:`pipeline.ledger.load_commits`) saves reading the commit records again when
+    :func:`salmap.pipeline.ledger.load_commits`) saves reading the commit records again when
     several units are read one after the other. Raises :class:`RunNotFound` when ``run``
     holds no run and :class:`UnitNotFound` for an unknown or ambiguous ``unit``.
     """

@@ -1,4 +1,4 @@
-"""Per-unit aggregates (:mod:`pipeline.aggregate`) of a run's committed rows, read from its
+"""Per-unit aggregates (:mod:`salmap.pipeline.aggregate`) of a run's committed rows, read from its
 commit records in bounded memory: records are read a chunk at a time and folded into one
 aggregate per unit, never all kept. A record without an aggregate (written before records
 carried one) is replaced by the aggregate of its files, read a batch at a time."""

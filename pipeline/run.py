@@ -1,6 +1,6 @@
 """The job on the driver: plan, check what is committed, run each unit's streaming
-execution (:mod:`pipeline.execute`) and commit its waves as they complete
-(:mod:`pipeline.ledger`), then summarise.
+execution (:mod:`salmap.pipeline.execute`) and commit its waves as they complete
+(:mod:`salmap.pipeline.ledger`), then summarise.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def resolve_run_id(cfg: SalmapConfig) -> str:
 # -- the whole run ------------------------------------------------------------------------
 def _public_config(cfg: SalmapConfig) -> dict:
     """The resolved config as stored in the manifest and the Parquet metadata; credentials in
-    its URLs are redacted (:mod:`pipeline.redact`)."""
+    its URLs are redacted (:mod:`salmap.pipeline.redact`)."""
     return redact_obj(to_container(cfg))
 
 
@@ -110,7 +110,7 @@ def _public_config(cfg: SalmapConfig) -> dict:
 
 def split_metrics(cfg: SalmapConfig) -> tuple[dict[str, dict], dict[str, dict], bool]:
     """(model-side metrics, post-stage metrics, curves wanted)."""
-    from workers.metrics import METRICS
+    from salmap.workers.metrics import METRICS
 
     model, post = {}, {}
     for name, params in metric_specs(cfg).items():
@@ -390,9 +390,9 @@ def _write_report(run: _Run, result: RunResult, m: dict) -> None:
 
 def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
     """Plan, execute pending work, commit; returns the outcome and the exit code. ``report``
-    (``salmap run``, :func:`pipeline.api.run`): also the HTML report when ``run.report``, under
+    (``salmap run``, :func:`salmap.pipeline.api.run`): also the HTML report when ``run.report``, under
     the run's lock, and a report an interrupted run still owes. Everything it prints and stores
-    passes :func:`pipeline.redact.redact`."""
+    passes :func:`salmap.pipeline.redact.redact`."""
     run_id = resolve_run_id(cfg)
     report = report and cfg.run.report
     printer = out
@@ -549,7 +549,7 @@ def plan_run(run: _Run, todo: list[tuple[Unit, list[Wave]]], index: dict[str, in
              previous: dict | None) -> PoolPlan:
     """Expected work per pending unit (images x work per image: the declared cost, or the rate
     earlier drivers of this run measured), then the pools; recorded for the manifest."""
-    from workers.methods.cost import unit_cost
+    from salmap.workers.methods.cost import unit_cost
 
     from .cluster import refine_costs
 
@@ -589,8 +589,8 @@ def plan_run(run: _Run, todo: list[tuple[Unit, list[Wave]]], index: dict[str, in
 def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Store,
                    actors: int | tuple[int, int] | None = None) -> UnitExecution:
     """The unit's pipeline, from its config (the model's geometry without building it)."""
-    from workers.actor import ActorSpec
-    from workers.preprocessing import preprocess_of
+    from salmap.workers.actor import ActorSpec
+    from salmap.workers.preprocessing import preprocess_of
 
     mode, k = parse_targets(cfg.targets)
     model_metrics, post_metrics, curves = split_metrics(cfg)
@@ -738,7 +738,7 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
 
 def add_summaries(units: dict[str, dict], aggregates: dict[str, dict]) -> dict[str, dict]:
     """Per unit: mean and 95% interval of every metric column, error counts, from the unit's
-    aggregate (:mod:`pipeline.aggregate`)."""
+    aggregate (:mod:`salmap.pipeline.aggregate`)."""
     from .summary import summary_from_aggregate
 
     for uid, u in units.items():

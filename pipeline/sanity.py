@@ -4,7 +4,7 @@ For every model and method of the config, on the first ``samples`` decodable ima
 dataset: cascading randomization block by block from the output down (each MBConv / residual /
 transformer block is one step), Spearman rank correlation (ties averaged; of |map| and signed)
 and SSIM between the intact model's maps and each step's maps, all compared at the model
-input's resolution (protocol: :mod:`workers.metrics.randomization`). Written to
+input's resolution (protocol: :mod:`salmap.workers.metrics.randomization`). Written to
 ``<run.output>/<run.id>/sanity/sanity.parquet`` (the protocol of each model in its metadata,
 key ``salmap.sanity.protocol``) plus one plot per (model, method).
 """
@@ -18,15 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from workers import methods as method_registry
-from workers.metrics.randomization import (
+from salmap.workers import methods as method_registry
+from salmap.workers.metrics.randomization import (
     cascading_randomization,
     plot_randomization,
     protocol,
     steps_for,
 )
-from workers.models import load_model
+from salmap.workers.models import load_model
 
 from .config import SalmapConfig
 from .decode import DecodeSpec, decode_row

@@ -9,7 +9,7 @@ the listed shard sizes.
   bytes listed for the shards (their sizes come from the run's listing), an estimate shown as
   ``~N``. Reading every header on S3 would take a request per member.
 
-Samples are grouped by the WebDataset rule of :mod:`pipeline.shard_reader`. Counts are cached
+Samples are grouped by the WebDataset rule of :mod:`salmap.pipeline.shard_reader`. Counts are cached
 per shard URL and size for the driver's life (every unit reads the same shards).
 """
 

@@ -13,14 +13,14 @@ task per shard and never loses what it could read:
 * a shard that cannot be opened at all (missing, access denied, not found on S3) yields only
   a marker whose ``unreadable`` flag tells the driver not to commit it;
 * a sample whose key is not a safe relative name (``..`` segments, absolute or drive paths,
-  control characters, over :data:`pipeline.safe_path.MAX_KEY_BYTES`) is an error row naming
+  control characters, over :data:`salmap.pipeline.safe_path.MAX_KEY_BYTES`) is an error row naming
   the member: keys are data and are never trusted as paths;
 * a tar that ends without its end-of-archive block (cut at a member boundary, which Python's
   tarfile reads as a clean end) is reported truncated like one cut inside a member;
-* an I/O error in the middle of a shard (after the resumes of :mod:`pipeline.shard_stream`)
+* an I/O error in the middle of a shard (after the resumes of :mod:`salmap.pipeline.shard_stream`)
   raises: the unit's execution fails and the driver retries the uncommitted work.
 
-The bytes come through :func:`pipeline.shard_stream.open_shard`: one streaming GET per S3
+The bytes come through :func:`salmap.pipeline.shard_stream.open_shard`: one streaming GET per S3
 shard, read in 8 MiB pieces, however large the shard. The tar iteration is the standard
 library's; the webdataset package's iterator was not used (README, Design: it loses the
 sample being read when a tar is damaged and splits a repeated key into two samples).

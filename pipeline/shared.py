@@ -2,20 +2,20 @@
 
     shards -> read -> decode (once) -> pool of unit 1 -> pool of unit 2 -> ... -> post + write
       (one Parquet file per unit, batch and wave) -> the driver, which routes each record to
-      its unit's tracker and commits per unit and per wave, as :mod:`pipeline.execute` does.
+      its unit's tracker and commits per unit and per wave, as :mod:`salmap.pipeline.execute` does.
 
 Each pool still holds one model and one method (a :class:`Link` actor): it explains the
 decoded samples, packs its own output rows per input sample into one bytes column
 ``out:<k>``, and passes the input on; the last pool drops the image tensor. The post stage
 unpacks each unit's rows and writes them exactly as a unit of its own would
-(:func:`pipeline.execute.post_write`), so the files, records and commits are unchanged.
+(:func:`salmap.pipeline.execute.post_write`), so the files, records and commits are unchanged.
 
 Trade-offs: the units of a group progress together (a wave commits for every unit at about
 the same time; a slow method holds back its siblings' waves); the decoded tensor crosses the
 object store once per pool instead of once; in exchange each shard is fetched and each image
 decoded once per model instead of once per unit. A group execution that fails keeps every
 wave its units committed; the units' pending waves are then redone one unit at a time
-(:func:`pipeline.run._run_unit`), so a broken unit fails alone.
+(:func:`salmap.pipeline.run._run_unit`), so a broken unit fails alone.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def unpack_rows(column: np.ndarray) -> dict[str, np.ndarray]:
 def link_class(unit_id: str, k: int, label_maps: bool, last: bool) -> type:
     """The actor class of unit ``k`` of a group: its explainer on the input columns, its rows
     packed into ``out:<k>``, the input passed on (without the image after the last pool).
-    Named after the unit, as a unit's own pool is (:func:`pipeline.accounting.pool_class_name`)."""
+    Named after the unit, as a unit's own pool is (:func:`salmap.pipeline.accounting.pool_class_name`)."""
     base = explainer_class(label_maps)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -267,7 +267,7 @@ def run_shared(run: Any, job: list[tuple[Any, list]], identity: dict, index: dic
                actors: dict[str, Any]) -> None:
     """One job of several units in one shared execution. If it fails, what each unit
     committed stays committed; each unit's other waves are then run on their own
-    (:func:`pipeline.run._run_unit`: its retry and its failure report), so a unit that fails
+    (:func:`salmap.pipeline.run._run_unit`: its retry and its failure report), so a unit that fails
     fails alone."""
     import time
 

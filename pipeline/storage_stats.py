@@ -75,7 +75,7 @@ class CountingHandler(DelegatingHandler):
 
 
 def counting_memory_store(uri: str = "mem://runs/run"):
-    """A :class:`pipeline.storage.Store` over an in-memory filesystem, and its counter."""
+    """A :class:`salmap.pipeline.storage.Store` over an in-memory filesystem, and its counter."""
     from .storage import Store
 
     handler = CountingHandler(pafs._MockFileSystem())

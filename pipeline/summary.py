@@ -2,7 +2,7 @@
 interval, pointing-game accuracy averaged per class (TorchRay), error counts, and Win % of
 average drop across the run's methods (Grad-CAM++).
 
-Everything is computed from the units' aggregates (:mod:`pipeline.aggregate`), which the
+Everything is computed from the units' aggregates (:mod:`salmap.pipeline.aggregate`), which the
 commit records carry, so the end of a run reads no row and its memory does not grow with the
 run: means, counts, per-class figures and label quality are exact; the interval is the
 bootstrap while a unit's sample holds every row, the normal interval beyond; the win rate is
@@ -27,7 +27,7 @@ def label_quality(table: Any) -> dict[str, Any] | None:
     """Pseudo-label quality of a unit's rows (a pyarrow table with :data:`QUALITY_COLUMNS`,
     those present): box precision / recall per class where rows have box annotations,
     label-map mIoU where they have ground-truth masks; None without either."""
-    from workers.metrics.label_quality import box_quality, mask_quality
+    from salmap.workers.metrics.label_quality import box_quality, mask_quality
 
     cols = {c: table.column(c).to_pylist() for c in QUALITY_COLUMNS if c in table.column_names}
     if "status" not in cols or not ({"gt_box_count", "label_map_quality"} & set(cols)):
@@ -70,7 +70,7 @@ def _normal_interval(n: int, total: float, squares: float) -> tuple[float, float
 
 def metric_summary(agg: dict[str, Any], name: str, bootstrap: Any = None
                    ) -> dict[str, Any] | None:
-    """Mean and 95% interval of one metric of a unit's aggregate (:mod:`pipeline.aggregate`).
+    """Mean and 95% interval of one metric of a unit's aggregate (:mod:`salmap.pipeline.aggregate`).
 
     While the aggregate's sample holds every row, exactly ``summarize`` (the percentile
     bootstrap) over the ok rows' values, in sorted order so the result does not depend on the
@@ -78,7 +78,7 @@ def metric_summary(agg: dict[str, Any], name: str, bootstrap: Any = None
     interval mean ± 1.96·sd/√n from the exact sum of squares (``"ci": "normal"``): for the
     thousands of rows where the sample stops holding them all, the bootstrap interval of a mean
     and the normal one agree to well under the interval's width. ``bootstrap``: the bootstrap
-    function (default ``workers.metrics.summary.summarize``; the report passes its own copy,
+    function (default ``salmap.workers.metrics.summary.summarize``; the report passes its own copy,
     which imports no torch).
     """
     from .aggregate import sample_table
@@ -92,7 +92,7 @@ def metric_summary(agg: dict[str, Any], name: str, bootstrap: Any = None
         values = [v for v, st in zip(cols.get(name, []), cols.get("status", [])) if st == "ok"]
         v = np.sort(np.asarray([np.nan if x is None else float(x) for x in values], dtype=float))
         if bootstrap is None:
-            from workers.metrics.summary import summarize as bootstrap
+            from salmap.workers.metrics.summary import summarize as bootstrap
         return {**bootstrap(v), "ci": "bootstrap"}
     mean, lo, hi = _normal_interval(n, total, squares)
     return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": n, "n_nan": n_nan, "ci": "normal"}
@@ -128,7 +128,7 @@ def pointing_from_aggregate(agg: dict[str, Any]) -> float:
 def label_quality_from_aggregate(agg: dict[str, Any]) -> dict[str, Any] | None:
     """:func:`label_quality` (with its per-class detail) from a unit's aggregate: precision,
     recall and mIoU are ratios of sums, so they are exact whatever the run's size."""
-    from workers.metrics.label_quality import BOX_IOU, _mean, _ratio, mask_quality
+    from salmap.workers.metrics.label_quality import BOX_IOU, _mean, _ratio, mask_quality
 
     b, m = agg.get("boxes"), agg.get("masks")
     boxes = masks = None
@@ -159,8 +159,8 @@ def run_win_percent(units: dict[str, dict], aggregates: dict[str, dict]) -> dict
     """Win % of average drop between the methods of each model, on the (sample, target) pairs
     that every method's aggregate sample holds: the same hash-selected samples in every unit,
     so every pair when the samples are complete (``"exact": true``), else up to
-    :data:`pipeline.aggregate.UNIT_SAMPLE` samples (``"exact": false``, ``n`` says how many)."""
-    from workers.metrics.summary import win_percent
+    :data:`salmap.pipeline.aggregate.UNIT_SAMPLE` samples (``"exact": false``, ``n`` says how many)."""
+    from salmap.workers.metrics.summary import win_percent
 
     from .aggregate import sample_table
 

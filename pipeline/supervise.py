@@ -107,11 +107,11 @@ def _describe_exit(code: int) -> str:
 
 
 def run_supervised(argv: list[str]) -> int:
-    """Run ``python -m pipeline.cli *argv`` as the child; its exit code, or 3 (see module)."""
+    """Run ``python -m salmap.pipeline.cli *argv`` as the child; its exit code, or 3 (see module)."""
     fd, path = tempfile.mkstemp(prefix="salmap-supervisor-", suffix=".jsonl")
     os.close(fd)
     parent = os.getpid()
-    child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv],
+    child = subprocess.Popen([sys.executable, "-m", "salmap.pipeline.cli", *argv],
                              env={**os.environ, ENV: path}, process_group=0,
                              preexec_fn=lambda: _die_with_parent(parent))
     forwarded: list[int] = []

@@ -77,7 +77,7 @@ class WaveTracker:
     def add_file(self, path: str, keys: list[tuple[str, str, int, str]],
                  aggregate: dict | None = None) -> None:
         """A written file, its rows' ``(sample_id, shard, target, status)`` and their
-        aggregate (:mod:`pipeline.aggregate`), merged into the wave's commit record."""
+        aggregate (:mod:`salmap.pipeline.aggregate`), merged into the wave's commit record."""
         waves = set()
         for sample_id, shard, target, status in keys:
             w, s = self._shard(shard)

@@ -1,5 +1,5 @@
 """``salmap verify RUN``: check a run end to end, records, files and row counts, and report in
-one table. Every commit record is read and validated (:mod:`pipeline.commit_record`), every
+one table. Every commit record is read and validated (:mod:`salmap.pipeline.commit_record`), every
 file it lists must exist (one listing per unit) and hold the rows the record counts (Parquet
 footers); a shard may be committed by one record only. Files in wave folders that no record
 lists are leftovers of failed attempts: noted, not damage (readers never see them)."""

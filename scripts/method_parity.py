@@ -33,9 +33,8 @@ from captum.attr import (  # noqa: E402
 )
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-
-from workers.methods import build  # noqa: E402
-from workers.methods.smoothgrad import unit_noise  # noqa: E402
+from salmap.workers.methods import build  # noqa: E402
+from salmap.workers.methods.smoothgrad import unit_noise  # noqa: E402
 
 
 def as_grad_cam(maps: torch.Tensor, size) -> torch.Tensor:
@@ -166,8 +165,7 @@ def main() -> None:
     run("resnet18", r18, x, ranked[torch.arange(3), torch.arange(3)], "layer3", "layer1", 2)
 
     from lite0_photos import photos
-
-    from workers.models import load_model
+    from salmap.workers.models import load_model
 
     lite = load_model("efficientnet_lite0")
     x = photos(lite)

@@ -21,8 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lite0_photos import photos  # noqa: E402
-
-from workers.methods import build, names  # noqa: E402
+from salmap.workers.methods import build, names  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -36,7 +35,7 @@ def timed(fn, repeat: int = 1) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    from workers.models import load_model
+    from salmap.workers.models import load_model
 
     lite = load_model("efficientnet_lite0")
     model = lite.model

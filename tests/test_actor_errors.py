@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import jpeg_bytes
-
-from pipeline.decode import DecodeSpec, decode_batch
-from workers.actor import ActorSpec, Explainer
+from salmap.pipeline.decode import DecodeSpec, decode_batch
+from salmap.workers.actor import ActorSpec, Explainer
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from pipeline import aggregate as A
-from pipeline.ledger import Ledger, commit_key
-from pipeline.rollup import files_aggregate, ledger_aggregates, unit_aggregates
-from pipeline.storage import Store
-from pipeline.summary import (
+from salmap.pipeline import aggregate as A
+from salmap.pipeline.ledger import Ledger, commit_key
+from salmap.pipeline.rollup import files_aggregate, ledger_aggregates, unit_aggregates
+from salmap.pipeline.storage import Store
+from salmap.pipeline.summary import (
     QUALITY_COLUMNS,
     label_quality,
     metric_summary,
@@ -21,7 +20,7 @@ from pipeline.summary import (
     run_win_percent,
     summary_from_aggregate,
 )
-from workers.metrics.summary import pointing_accuracy_per_class, summarize, win_percent
+from salmap.workers.metrics.summary import pointing_accuracy_per_class, summarize, win_percent
 
 
 def rows_table(n_samples: int, seed: int = 0, prefix: str = "s", drop_shift: float = 0.0
@@ -153,7 +152,7 @@ def test_a_large_unit_keeps_a_bounded_hash_selected_sample_and_an_exact_mean():
     assert abs(got["ci_low"] - boot["ci_low"]) < 0.15 * width
     assert abs(got["ci_high"] - boot["ci_high"]) < 0.15 * width
     lines: list[str] = []
-    from pipeline.summary import print_summaries
+    from salmap.pipeline.summary import print_summaries
 
     print_summaries({"m__a": {"summary": summary_from_aggregate(agg)}}, lines.append)
     assert any("*" in ln and "gini" not in ln for ln in lines[2:3])
@@ -234,8 +233,8 @@ def test_a_small_unit_whose_records_lost_rows_from_their_samples_is_aggregated_a
 
 
 def test_the_tracker_puts_its_files_aggregates_into_the_wave_record():
-    from pipeline.plan import Wave
-    from pipeline.tracker import WaveTracker
+    from salmap.pipeline.plan import Wave
+    from salmap.pipeline.tracker import WaveTracker
 
     table = rows_table(10)
     wave = Wave(["s.tar"])
@@ -259,10 +258,9 @@ def test_the_tracker_puts_its_files_aggregates_into_the_wave_record():
 
 def test_the_report_of_a_unit_larger_than_its_sample_says_what_is_sampled(tmp_path):
     """Counts and means over every row, the gallery over the sample, and the page says so."""
+    from salmap.pipeline.report import render_pages
+    from salmap.pipeline.rollup import committed_file_lists
     from test_export import UNIT, write_run
-
-    from pipeline.report import render_pages
-    from pipeline.rollup import committed_file_lists
 
     run = write_run(str(tmp_path / "t"), waves=3, samples=8)
     store = Store.open(run)
@@ -279,9 +277,8 @@ def test_the_report_of_a_unit_larger_than_its_sample_says_what_is_sampled(tmp_pa
 
 
 def test_read_batches_streams_the_committed_rows(tmp_path):
+    from salmap.pipeline.read import read_batches, read_frame
     from test_export import write_run
-
-    from pipeline.read import read_batches, read_frame
 
     run = write_run(str(tmp_path / "t"))
     frames = list(read_batches(run, columns=["sample_id", "target"], batch_rows=5))
@@ -291,8 +288,8 @@ def test_read_batches_streams_the_committed_rows(tmp_path):
 
 
 def test_records_of_a_run_of_few_waves_carry_larger_samples():
-    from pipeline.plan import Wave
-    from pipeline.tracker import WaveTracker
+    from salmap.pipeline.plan import Wave
+    from salmap.pipeline.tracker import WaveTracker
 
     assert A.wave_sample_size(1, 8) == A.UNIT_SAMPLE  # one wave: the whole unit sample
     assert A.wave_sample_size(32, 8) == 2 * A.UNIT_SAMPLE // 4

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
-from pipeline.analyze import class_groups
-from pipeline.analyze.classes import Params, analyze_classes
-from pipeline.analyze.core import (
+from salmap.pipeline.analyze import class_groups
+from salmap.pipeline.analyze.classes import Params, analyze_classes
+from salmap.pipeline.analyze.core import (
     assign,
     box_mask,
     cluster_maps,
@@ -18,7 +17,7 @@ from pipeline.analyze.core import (
     sample_hash,
     spectrum,
 )
-from pipeline.analyze.flags import Thresholds, flag, region_stats
+from salmap.pipeline.analyze.flags import Thresholds, flag, region_stats
 
 
 def blobs(n: int, centres: list[tuple[int, int]], side: int = 16, seed: int = 0):
@@ -123,7 +122,7 @@ def test_streamed_driver_caps_a_class_and_assigns_the_rest(tmp_path):
     targets = np.zeros(120, dtype=np.int64)
     targets[100:] = 1
     run = write_run(str(tmp_path / "r"), maps, targets, targets, per_file=50)
-    from pipeline.read import read_run
+    from salmap.pipeline.read import read_run
 
     ds = read_run(run)
     rows, clusters = analyze_classes(ds, None, Params(side=16, cap=40), "cnn__gradcam")
@@ -145,9 +144,10 @@ def test_streamed_driver_caps_a_class_and_assigns_the_rest(tmp_path):
 
 
 def test_cli_names_a_missing_run_and_keeps_other_units(tmp_path, capsys):
+    from salmap.pipeline.analyze import load_analysis
+    from salmap.pipeline.cli import main
+
     from bench.planted_shortcut import write_run
-    from pipeline.analyze import load_analysis
-    from pipeline.cli import main
 
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err

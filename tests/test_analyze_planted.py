@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from salmap.pipeline.analyze import analyze_run
+from salmap.pipeline.cli import main
 
 from bench.planted_shortcut import UNIT, make_images, planted_run
-from pipeline.analyze import analyze_run
-from pipeline.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_the_cue_cluster_is_isolated_and_flagged(planted, capsys):
     assert main(["analyze", run]) == 0
     out = capsys.readouterr().out
     assert "FLAGGED cnn__gradcam class_1 (target 1)" in out and "fixed_region" in out
-    from pipeline.analyze import load_analysis
+    from salmap.pipeline.analyze import load_analysis
 
     manifest, rows, clusters = load_analysis(run)
     purity, recall, f = _purity_recall(rows[UNIT], cue, clusters[UNIT])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from salmap.pipeline.analyze import Params, analyze_run
 
 from bench.planted_shortcut import UNIT, write_run
-from pipeline.analyze import Params, analyze_run
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,12 @@ import pytest
 import torch
 from conftest import jpeg_bytes, write_shard
 from PIL import Image
-
-from pipeline import api
+from salmap.pipeline import api
 
 
 def test_explain_tensors_gives_the_methods_maps_and_the_metrics(tiny_model):
-    from workers.methods import build
-    from workers.metrics import compute_model_metrics, compute_post_metrics
+    from salmap.workers.methods import build
+    from salmap.workers.metrics import compute_model_metrics, compute_post_metrics
 
     torch.manual_seed(1)
     x = torch.randn(3, 3, 32, 32)
@@ -62,8 +61,8 @@ def test_explain_photos_arrays_and_files_maps_back_to_their_pixels(tiny_model, p
         assert df["saliency"][i].shape == (16, 16)  # TinyNet's layer4 grid at 32 px
     assert df["saliency"][3] is None
     # the crop a run would take: short side resized to 37 (32 * 256 / 224), centre 32 x 32
-    from pipeline.decode import crop_geometry
-    from pipeline.post import crop_box
+    from salmap.pipeline.decode import crop_geometry
+    from salmap.pipeline.post import crop_box
 
     geo = crop_geometry(300, 451, 37, 32)
     want = crop_box({"orig_h": 300, "orig_w": 451, "resized_h": geo["resized_h"],
@@ -94,8 +93,8 @@ def test_explain_a_dataloader_with_labels_or_given_targets(tiny_model):
 def test_run_a_dict_config_then_read_it_with_maps(tmp_path, ray_cluster, monkeypatch):
     """One real run from a dict: Integrated Gradients long enough for progress lines to move
     inside the one batch, then the rows back with each map as an [h, w] array."""
-    from pipeline import run as run_module
-    from pipeline.progress import ProgressLine
+    from salmap.pipeline import run as run_module
+    from salmap.pipeline.progress import ProgressLine
 
     monkeypatch.setattr(run_module, "ProgressLine", functools.partial(ProgressLine, interval=0.3))
     (tmp_path / "shards").mkdir()

@@ -12,11 +12,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import salmap.pipeline
 from conftest import jpeg_bytes, small_config, write_shard
-
-import pipeline
-from pipeline import cli
-from pipeline.cli import main
+from salmap.pipeline import cli
+from salmap.pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 # the line Ray's C++ core worker writes for every Ray Data actor pool (Ray 2.60), verbatim
@@ -33,14 +32,14 @@ def test_version(capsys):
         main(["--version"])
     assert stop.value.code == 0
     project = (REPO / "pyproject.toml").read_text()
-    assert f'version = "{pipeline.__version__}"' in project
-    assert capsys.readouterr().out.strip() == f"salmap {pipeline.__version__}"
+    assert f'version = "{salmap.pipeline.__version__}"' in project
+    assert capsys.readouterr().out.strip() == f"salmap {salmap.pipeline.__version__}"
 
 
 def test_init_writes_the_packaged_configs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["init"]) == 0
-    packaged = Path(pipeline.__file__).parent / "configs"
+    packaged = Path(salmap.pipeline.__file__).parent / "configs"
     for name in ("demo.yaml", "example.yaml"):
         assert (tmp_path / "configs" / name).read_text() == (packaged / name).read_text()
     # the checkout's configs/ is a real folder (no link: archives and file systems without
@@ -83,7 +82,7 @@ def test_stderr_filter_drops_only_the_benign_lines():
     """fd 2 as C++ code writes it: the known line is dropped, the rest passes in order."""
     code = f"""
 import os, sys
-from pipeline.logs import StderrFilter, stderr_is_tty
+from salmap.pipeline.logs import StderrFilter, stderr_is_tty
 f = StderrFilter().start()
 os.write(2, b"first\\n")
 os.write(2, {CORE_WORKER_LINE + chr(10)!r}.encode())
@@ -119,7 +118,7 @@ def console_handlers_printing(logger: logging.Logger, level: int, msg: str) -> l
 
 
 def test_quiet_ray_logging_keeps_errors_and_verbose_brings_the_rest_back():
-    from pipeline.logs import quiet_ray_logging
+    from salmap.pipeline.logs import quiet_ray_logging
 
     data_log = logging.getLogger("ray.data._internal.execution.streaming_executor")
     token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -145,7 +144,7 @@ def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
     job = tmp_path / "job.yaml"
     job.write_text(small_config([str(tmp_path / "shards" / "q-000000.tar")], str(tmp_path / "runs"),
                                 run_id="quiet", methods=[{"name": "gradient"}]))
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job),
+    p = subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", "run", str(job),
                         f"ray.address={ray_cluster}"], capture_output=True, text=True,
                        timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stdout + p.stderr
@@ -158,7 +157,7 @@ def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
 
 # -- secrets in URLs (issue 21) ----------------------------------------------------------------
 def test_redact_masks_url_credentials_and_signed_query_values():
-    from pipeline.redact import redact, redact_obj
+    from salmap.pipeline.redact import redact, redact_obj
 
     assert redact("s3://AKIA123:hunter2@bucket/a-000000.tar missing") == \
         "s3://***@bucket/a-000000.tar missing"
@@ -173,7 +172,7 @@ def test_redact_masks_url_credentials_and_signed_query_values():
 
 
 def test_redacting_filter_cleans_log_records_and_their_tracebacks():
-    from pipeline.redact import RedactingFilter
+    from salmap.pipeline.redact import RedactingFilter
 
     logger = logging.getLogger("salmap.test_redact")
     try:
@@ -188,8 +187,8 @@ def test_redacting_filter_cleans_log_records_and_their_tracebacks():
 
 
 def test_the_stored_config_has_no_credentials(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.run import _public_config
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.run import _public_config
 
     job = tmp_path / "job.yaml"
     job.write_text(small_config(["s3://AKIAXX:hunter2@bucket/s-000000.tar"], str(tmp_path / "o")))
@@ -205,7 +204,7 @@ def test_a_shard_url_with_credentials_is_never_echoed(tmp_path):
                                 str(tmp_path / "out"),
                                 storage={"endpoint": "http://127.0.0.1:9", "retries": 1,
                                          "connect_timeout_s": 1, "request_timeout_s": 1}))
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)],
+    p = subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", "run", str(job)],
                        capture_output=True, text=True, timeout=300, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode in (1, 2), p.stderr
@@ -214,7 +213,7 @@ def test_a_shard_url_with_credentials_is_never_echoed(tmp_path):
 
 
 def test_max_error_rate_is_a_share(tmp_path):
-    from pipeline.config import ConfigError, load_config
+    from salmap.pipeline.config import ConfigError, load_config
 
     job = tmp_path / "job.yaml"
     job.write_text(small_config(["x.tar"], str(tmp_path / "o")))
@@ -224,7 +223,7 @@ def test_max_error_rate_is_a_share(tmp_path):
 
 
 def test_changed_keys_names_what_changed_for_the_unit():
-    from pipeline.config_diff import changed_keys
+    from salmap.pipeline.config_diff import changed_keys
 
     old = {"models": [{"name": "r18", "source": "torchvision:resnet18", "input_size": 64}],
            "methods": [{"name": "ig", "params": {"steps": 8}}], "targets": "predicted",
@@ -240,7 +239,7 @@ def test_changed_keys_names_what_changed_for_the_unit():
 
 
 def test_redact_masks_credentials_quoted_without_their_scheme():
-    from pipeline.redact import redact
+    from salmap.pipeline.redact import redact
 
     assert redact('Invalid bucket name "AKIAXX:hunter2@bucket": must match') == \
         'Invalid bucket name "***@bucket": must match'

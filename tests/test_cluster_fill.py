@@ -69,7 +69,7 @@ def test_default_config_fills_four_gpus_with_cost_aware_shares(tmp_path, gpu_clu
     }
     (tmp_path / "job.yaml").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", "run", str(tmp_path / "job.yaml"),
                            f"ray.address={gpu_cluster}"], capture_output=True, text=True,
                           timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

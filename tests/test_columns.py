@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-
-from workers.columns import ACTOR_OUTPUT, COLUMNS, PASS_THROUGH, output_schema
+from salmap.workers.columns import ACTOR_OUTPUT, COLUMNS, PASS_THROUGH, output_schema
 
 
 def test_maps_are_stored_as_float16_or_exactly_as_float32():
-    from pipeline.post import post_batch
+    from salmap.pipeline.post import post_batch
 
     rng = np.random.default_rng(0)
     native = rng.normal(size=(1, 4, 4)).astype(np.float32) * 1e-3
@@ -39,7 +38,7 @@ def test_every_written_column_is_in_the_schema_and_filled_by_its_stage():
     assert schema.names == written  # declaration order, curves included on request
     assert "deletion_curve" not in output_schema(7, 7).names
     # what the actor hands on: every pass-through column, its own and the model metrics'
-    from workers.actor import ActorSpec, Explainer
+    from salmap.workers.actor import ActorSpec, Explainer
 
     explainer = Explainer(ActorSpec(model={"name": "r", "source": "torchvision:resnet18",
                                            "weights": "none", "input_size": 32},

@@ -10,22 +10,21 @@ import time
 
 import pytest
 from s3_counting import CountingS3
-
-from pipeline.commit_record import DamagedRecord, encode_record
-from pipeline.config import load_config
-from pipeline.ledger import (
+from salmap.pipeline.commit_record import DamagedRecord, encode_record
+from salmap.pipeline.config import load_config
+from salmap.pipeline.ledger import (
     COMMITS,
     Ledger,
     commit_key,
     load_commits,
     remove_uncommitted,
 )
-from pipeline.lock import LOCK_KEY, LockLost, RunLock
-from pipeline.plan import units_of, waves_of
-from pipeline.resume_check import redo_waves_with_missing_files
-from pipeline.run import _Run
-from pipeline.storage import Store
-from pipeline.tracker import WaveTracker
+from salmap.pipeline.lock import LOCK_KEY, LockLost, RunLock
+from salmap.pipeline.plan import units_of, waves_of
+from salmap.pipeline.resume_check import redo_waves_with_missing_files
+from salmap.pipeline.run import _Run
+from salmap.pipeline.storage import Store
+from salmap.pipeline.tracker import WaveTracker
 
 
 def _cfg(tmp_path, output: str):
@@ -41,16 +40,16 @@ def _cfg(tmp_path, output: str):
 def _config_once(monkeypatch):
     """The config's resolved form and units once per config (OmegaConf is slow), so that the
     20 rounds below measure the protocol, not the config."""
-    import pipeline.run
+    import salmap.pipeline.run
 
-    real, memo = pipeline.run._public_config, {}
+    real, memo = salmap.pipeline.run._public_config, {}
 
     def once(cfg):
         if id(cfg) not in memo:
             memo[id(cfg)] = real(cfg)
         return memo[id(cfg)]
 
-    monkeypatch.setattr(pipeline.run, "_public_config", once)
+    monkeypatch.setattr(salmap.pipeline.run, "_public_config", once)
 
 
 _UNITS: dict[int, list] = {}
@@ -210,7 +209,7 @@ def test_a_failed_record_write_names_the_record_and_leaves_the_wave_pending(tmp_
     (record,) = tracker.ready()
     # more injected storage faults than the storage policy's attempts (storage.retries = 5)
     monkeypatch.setenv("SALMAP_INJECT_WRITE_FAULTS", f"6:{tmp_path / 'faults'}")
-    monkeypatch.setattr("pipeline.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr("salmap.pipeline.storage.time.sleep", lambda s: None)
     with pytest.raises(Exception) as err:
         run.commit(unit, record)
     tracker.not_committed(record["wave"])
@@ -287,9 +286,8 @@ def test_a_real_run_on_s3_commits_with_three_requests_and_resumes_with_one_per_r
     conditional PUT and nothing else; the lock checks and manifest PUTs add at most one each
     per commit (plus the run's start and end); a resumed run reads each record with one GET."""
     from conftest import small_config
+    from salmap.pipeline.run import EXIT_OK, run_job
     from test_pipeline_e2e import upload
-
-    from pipeline.run import EXIT_OK, run_job
 
     with CountingS3(buckets=()) as s3:
         shards = make_shards(n_shards=2, per_shard=2)

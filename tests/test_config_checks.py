@@ -6,9 +6,8 @@ import re
 
 import pytest
 from conftest import small_config
-
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from salmap.pipeline.cli import main
+from salmap.pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import time
 
 import pytest
 from PIL import Image
-
-from pipeline.decode import DecodeError, DecodeSpec, decode_row, open_image
+from salmap.pipeline.decode import DecodeError, DecodeSpec, decode_row, open_image
 
 
 def _png(size: tuple[int, int], mode: str = "L") -> bytes:

@@ -574,9 +574,9 @@ def test_job_example_uses_only_the_stable_keys_and_fits_the_worker_group():
 
 
 def test_job_example_loads_with_the_entrypoint_overrides():
-    if importlib.util.find_spec("pipeline.config") is None:
+    if importlib.util.find_spec("salmap.pipeline.config") is None:
         pytest.skip("pipeline/config.py (the structured config loader) is not written yet")
-    from pipeline.config import load_config
+    from salmap.pipeline.config import load_config
 
     job = rayjob()
     name = job["metadata"]["name"]

@@ -10,10 +10,9 @@ import pytest
 import torch
 from conftest import jpeg_bytes
 from PIL import Image
-
-from pipeline.decode import DecodeSpec, decode_batch
-from pipeline.device_decode import defer_batch, jpeg_header
-from workers.device_decode import decode_rows
+from salmap.pipeline.decode import DecodeSpec, decode_batch
+from salmap.pipeline.device_decode import defer_batch, jpeg_header
+from salmap.workers.device_decode import decode_rows
 
 SPEC = DecodeSpec(("jpg", "png"), "cls", "json", 32, 37, 10**8)
 
@@ -78,7 +77,7 @@ def test_the_actor_side_decodes_like_the_cpu_and_reports_a_corrupt_jpeg():
 
 @pytest.mark.parametrize("switch", ["cuda"])
 def test_the_explainer_explains_deferred_rows(switch):
-    from workers.actor import ActorSpec, Explainer
+    from salmap.workers.actor import ActorSpec, Explainer
 
     explainer = Explainer(ActorSpec(model={"name": "r18", "source": "torchvision:resnet18",
                                            "weights": "none", "input_size": 32},

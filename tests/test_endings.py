@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config, write_shard
-
-from pipeline import cli
-from pipeline.run import EXIT_CONFIG, EXIT_ERROR_RATE, EXIT_INCOMPLETE, EXIT_OK
+from salmap.pipeline import cli
+from salmap.pipeline.run import EXIT_CONFIG, EXIT_ERROR_RATE, EXIT_INCOMPLETE, EXIT_OK
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _salmap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", *args], capture_output=True,
                           text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -77,7 +76,7 @@ def test_an_interrupt_during_the_report_leaves_it_owed_to_the_next_run(
     """Ctrl-C after the last commit, while the report is written: exit 3, the manifest says the
     report is pending; the next `salmap run` has no work but writes the report (on main it
     said 'nothing to do' and never wrote it)."""
-    import pipeline.report as report
+    import salmap.pipeline.report as report
 
     shards = make_shards(n_shards=1, per_shard=2)
     job = tmp_path / "job.yaml"

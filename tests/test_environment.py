@@ -37,7 +37,12 @@ def read_pins(path: Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """The venv's distributions (its site-packages only: setuptools puts its vendored packages
+    on sys.path once imported, and those are not installed)."""
+    import sysconfig
+
+    where = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=where)}
 
 
 def drift(pins: dict[str, str], have: dict[str, str]) -> list[str]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import tarfile
 
 import pytest
-
-from pipeline.errors import root_cause
+from salmap.pipeline.errors import root_cause
 
 
 def _raise(fn):

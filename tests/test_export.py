@@ -20,13 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipeline.execute import part_name
-from pipeline.export import ExportError, export_run, voc_encoding, voc_palette
-from pipeline.ledger import Ledger
-from pipeline.storage import Store
-from workers.columns import output_schema
-from workers.metrics.label_maps import IGNORE, encode_png
+from salmap.pipeline.execute import part_name
+from salmap.pipeline.export import ExportError, export_run, voc_encoding, voc_palette
+from salmap.pipeline.ledger import Ledger
+from salmap.pipeline.storage import Store
+from salmap.workers.columns import output_schema
+from salmap.workers.metrics.label_maps import IGNORE, encode_png
 
 REPO = Path(__file__).resolve().parent.parent
 W, H = 32, 24  # original image size
@@ -140,7 +139,7 @@ def write_run(root: str, waves: int = 2, samples: int = 6, files_per_wave: int =
 
 
 def committed_rows(run: str, storage=None) -> list[dict]:
-    from pipeline.read import read_run
+    from salmap.pipeline.read import read_run
 
     cols = ["sample_id", "shard", "key", "status", "target", "pseudo_box", "label_map_png"]
     return read_run(run, storage=storage).to_table(columns=cols).to_pylist()
@@ -216,8 +215,7 @@ def _mask(r: dict) -> np.ndarray | None:
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (24, 32), (375, 500)])
 def test_rle_is_pycocotools_encoding_byte_for_byte(shape):
     from pycocotools import mask as mask_util
-
-    from pipeline.coco_rle import encode
+    from salmap.pipeline.coco_rle import encode
 
     rng = np.random.default_rng(shape[0])
     for p in (0.0, 0.02, 0.5, 0.98, 1.0):
@@ -229,8 +227,7 @@ def test_rle_is_pycocotools_encoding_byte_for_byte(shape):
 
 def test_coco_export_carries_the_pseudo_masks_as_rle_that_ann_to_mask_reads(tmp_path):
     from pycocotools.coco import COCO
-
-    from workers.metrics.pseudo_labels import mask_png
+    from salmap.workers.metrics.pseudo_labels import mask_png
 
     run = write_run(str(tmp_path / "t"))
     _rewrite(run, "pseudo_mask_png", lambda r: None if _mask(r) is None else mask_png(_mask(r)))
@@ -248,7 +245,7 @@ def test_coco_export_carries_the_pseudo_masks_as_rle_that_ann_to_mask_reads(tmp_
 
 
 def test_exports_with_nothing_to_export_say_why_and_how_and_write_nothing(tmp_path, capsys):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     run = write_run(str(tmp_path / "t"))
     _rewrite(run, "label_map_png", lambda r: None)  # a run made without label maps
@@ -298,7 +295,7 @@ def test_voc_export_writes_one_palette_png_per_image_and_a_file_list(tmp_path):
 
 
 def test_export_does_not_import_torch_and_agrees_on_the_ignore_value():
-    import pipeline.export as export
+    import salmap.pipeline.export as export
 
     assert export.IGNORE == IGNORE
     code = "import sys, pipeline.export; print('torch' in sys.modules)"
@@ -325,7 +322,7 @@ def test_voc_export_of_more_than_254_classes_is_16_bit(tmp_path):
 
 
 def test_voc_export_needs_label_maps(tmp_path):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     run = write_run(str(tmp_path / "t"))
     # a run without label maps: the same rows, label_map_png dropped from the schema
@@ -380,7 +377,7 @@ def test_exports_read_and_write_s3(tmp_path, s3_endpoint):
     names = out.read_bytes(f"{UNIT}/ImageSets/Segmentation/train.txt").decode().split()
     assert len(names) == 10
     assert all(out.exists(f"{UNIT}/SegmentationClass/{n}.png") for n in names)
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     code = main(["export", run, "--format", "parquet", "--endpoint", s3_endpoint,
                  "--output", "s3://bkt/pq"])
@@ -392,7 +389,7 @@ def test_exports_read_and_write_s3(tmp_path, s3_endpoint):
 MEASURE = """
 import json, sys, tracemalloc
 import pyarrow as pa
-from pipeline.export import export_run
+from salmap.pipeline.export import export_run
 base, out = pa.default_memory_pool(), {}
 tracemalloc.start()
 for i, run in enumerate([sys.argv[2], *sys.argv[2:]]):  # once unmeasured: imports happen then
@@ -434,7 +431,7 @@ def test_export_of_a_10000_row_run_runs_in_bounded_memory(tmp_path):
 
 
 def test_salmap_read_leaves_the_label_map_bytes_out(tmp_path, capsys):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     run = write_run(str(tmp_path / "t"))
     assert main(["read", run, "--head", "20"]) == 0
@@ -447,8 +444,8 @@ def test_the_report_uses_the_commit_records_it_is_given(tmp_path):
     reads no commit record itself (it would otherwise list and read them all once more)."""
     import shutil
 
-    from pipeline.ledger import load_commits
-    from pipeline.report.data import load_run
+    from salmap.pipeline.ledger import load_commits
+    from salmap.pipeline.report.data import load_run
 
     run = write_run(str(tmp_path / "t"))
     commits = load_commits(Store.open(run))

@@ -16,10 +16,9 @@ import pytest
 import torch
 from conftest import SECRET, jpeg_bytes, small_config, write_shard
 from PIL import Image
-
-from pipeline.config import load_config
-from pipeline.read import read_run
-from pipeline.run import EXIT_INCOMPLETE, EXIT_OK, run_job
+from salmap.pipeline.config import load_config
+from salmap.pipeline.read import read_run
+from salmap.pipeline.run import EXIT_INCOMPLETE, EXIT_OK, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +60,7 @@ def bad_input_samples() -> dict[str, tuple[dict, str]]:
 
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "salmap.pipeline.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
 
 
@@ -225,7 +224,7 @@ def test_transient_s3_write_errors_are_retried(tmp_path, make_shards, ray_cluste
             columns=["sample_id", "status"]).to_pandas()
         assert len(df) == 4 and df.sample_id.is_unique
         # credentials never reach the output or the logs
-        from pipeline.storage import Store
+        from salmap.pipeline.storage import Store
 
         store = Store.open("s3://flaky/runs/t", {"endpoint": endpoint})
         for key in store.list(""):
@@ -236,8 +235,8 @@ def test_transient_s3_write_errors_are_retried(tmp_path, make_shards, ray_cluste
 
 
 def test_out_of_memory_splits_the_batch_down_to_one_sample(monkeypatch):
-    from pipeline.decode import DecodeSpec, decode_batch
-    from workers.actor import ActorSpec, Explainer
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.workers.actor import ActorSpec, Explainer
 
     rows = [{"__key__": f"k{i}", "__url__": "s.tar", "jpg": jpeg_bytes(i)} for i in range(5)]
     batch = decode_batch(rows, DecodeSpec(("jpg",), "cls", "json", 32, 36, 10**8))
@@ -266,8 +265,8 @@ def test_out_of_memory_splits_the_batch_down_to_one_sample(monkeypatch):
 
 def test_a_failing_torch_compile_falls_back_to_eager(monkeypatch):
     """torch.compile fails lazily, at the first call; the actor then runs eager, same rows."""
-    from pipeline.decode import DecodeSpec, decode_batch
-    from workers.actor import ActorSpec, Explainer
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.workers.actor import ActorSpec, Explainer
 
     def broken_compile(model, **kw):
         def compiled(x):

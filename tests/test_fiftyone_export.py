@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from salmap.pipeline.analyze import analyze_run
+from salmap.pipeline.fiftyone_export import INSTALL_HINT, export_fiftyone
 
 from bench.planted_shortcut import SIZE, UNIT, make_images, write_run
-from pipeline.analyze import analyze_run
-from pipeline.fiftyone_export import INSTALL_HINT, export_fiftyone
 
 N = 12
 
@@ -107,7 +107,7 @@ def test_the_export_loads_in_fiftyone(exported):
 
 
 def test_export_subcommand_writes_the_folder(exported, tmp_path, capsys):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     run, _, _, _ = exported
     assert main(["export", run, "--format", "fiftyone", "--output", str(tmp_path / "cli")]) == 0

@@ -16,9 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, small_config
-
-from pipeline.decode import DecodeSpec, decode_row
-from pipeline.safe_path import UnsafePath, join_inside, key_problem, shown_key
+from salmap.pipeline.decode import DecodeSpec, decode_row
+from salmap.pipeline.safe_path import UnsafePath, join_inside, key_problem, shown_key
 
 DEEP = b"[" * 1_000_000 + b"]" * 1_000_000  # RecursionError in json.loads
 SPEC = DecodeSpec(("jpg",), "cls", "json", 32, 36, 10**8)
@@ -57,7 +56,7 @@ def test_a_sidecar_that_crashes_its_parser_fails_only_its_own_annotation(boxes, 
 
 
 def test_any_exception_of_a_sidecar_parser_stays_in_its_sample(monkeypatch):
-    import pipeline.decode as decode
+    import salmap.pipeline.decode as decode
 
     def boom(*a, **k):
         raise MemoryError()
@@ -69,7 +68,7 @@ def test_any_exception_of_a_sidecar_parser_stays_in_its_sample(monkeypatch):
 
 
 def test_the_report_ignores_a_sidecar_that_crashes_its_parser():
-    from pipeline.report.gallery import truth_boxes
+    from salmap.pipeline.report.gallery import truth_boxes
 
     assert truth_boxes(DEEP.decode(), 1) == [] and truth_boxes("1" * 5000, 1) == []
     assert truth_boxes('{"boxes": [[1, 2, 3, 4]], "labels": [1]}', 1) == [[1.0, 2.0, 3.0, 4.0]]
@@ -78,12 +77,11 @@ def test_the_report_ignores_a_sidecar_that_crashes_its_parser():
 def test_voc_export_refuses_a_key_that_leaves_its_folder(tmp_path):
     """Rows committed before keys were checked (or written by other tools) cannot make the
     export write outside its folder."""
+    from salmap.pipeline.execute import part_name
+    from salmap.pipeline.export import ExportError, export_run
+    from salmap.pipeline.ledger import Ledger
+    from salmap.pipeline.storage import Store
     from test_export import DATA, UNIT, _rows, _table
-
-    from pipeline.execute import part_name
-    from pipeline.export import ExportError, export_run
-    from pipeline.ledger import Ledger
-    from pipeline.storage import Store
 
     rows = _rows("shard-000000", 2, lambda k: [3], 0, np.random.default_rng(0))
     rows[1].update(key="../../../../outside/x", sample_id="shard-000000/../../../../outside/x")
@@ -108,11 +106,11 @@ def test_a_hostile_shard_commits_its_good_samples_and_exports_inside(tmp_path, r
     """A member named ../../../../outside/x.jpg and a .json nested 10^6 deep: the run exits 0
     with the good samples committed, the hostile sample an error row naming the member, the
     deep .json ignored on its sample; the VOC export writes nothing outside its folder."""
-    from pipeline.config import load_config
-    from pipeline.export import export_run
-    from pipeline.read import read_frame
-    from pipeline.report import write_report
-    from pipeline.run import EXIT_OK, run_job
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.export import export_run
+    from salmap.pipeline.read import read_frame
+    from salmap.pipeline.report import write_report
+    from salmap.pipeline.run import EXIT_OK, run_job
 
     root = tmp_path / "a" / "b" / "c" / "d"
     root.mkdir(parents=True)

@@ -13,9 +13,8 @@ import time
 
 import pytest
 from conftest import small_config
-
-from pipeline.interrupt import Terminated, mark_interrupted, sigterm_as_interrupt
-from pipeline.storage import Store
+from salmap.pipeline.interrupt import Terminated, mark_interrupted, sigterm_as_interrupt
+from salmap.pipeline.storage import Store
 
 
 def test_sigterm_raises_terminated_once_and_the_old_handler_comes_back():
@@ -50,7 +49,7 @@ def test_sigterm_mid_run_exits_3_interrupted_and_unlocked(tmp_path, make_shards,
     job.write_text(small_config(shards, str(tmp_path / "out"), run_id="term",
                                 methods=[{"name": "integrated_gradients", "params": {"steps": 64}}],
                                 resources={"batch_size": 2}))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job),
+    proc = subprocess.Popen([sys.executable, "-m", "salmap.pipeline.cli", "run", str(job),
                              f"ray.address={ray_cluster}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -103,8 +102,8 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
 def test_a_dead_driver_child_is_finished_by_its_supervisor(tmp_path, capsys):
     """Ray's C++ ended the driver before any clean-up: the supervisor marks the manifest
     interrupted with the cause, releases that driver's lock (not another's), one line, exit 3."""
-    from pipeline.lock import RunLock
-    from pipeline.supervise import _finish_for_dead_child
+    from salmap.pipeline.lock import RunLock
+    from salmap.pipeline.supervise import _finish_for_dead_child
 
     store = Store.open(str(tmp_path / "run"))
     store.write_json("manifest.json", {"status": "running", "units": {}})
@@ -136,14 +135,14 @@ def test_raylet_killed_mid_run_interrupts_and_the_same_command_resumes(tmp_path,
     `salmap run` started is killed mid-run. One salmap line naming it, exit 3, the manifest
     interrupted with the cause, no lock; the same command then does every row exactly once
     (on main: exit 1, Ray's crash dump, manifest 'running', the lock left behind)."""
-    from pipeline.read import read_run
+    from salmap.pipeline.read import read_run
 
     shards = make_shards(n_shards=2, per_shard=6)
     job = tmp_path / "job.yaml"
     job.write_text(small_config(shards, str(tmp_path / "out"), run_id="raylet",
                                 methods=[{"name": "integrated_gradients", "params": {"steps": 64}}],
                                 resources={"batch_size": 2}, ray={"num_cpus": 2}))
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(job)]
+    command = [sys.executable, "-m", "salmap.pipeline.cli", "run", str(job)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
@@ -187,8 +186,7 @@ def test_raylet_killed_mid_run_interrupts_and_the_same_command_resumes(tmp_path,
 
 def test_ray_failures_are_told_from_a_units_own_errors():
     from ray import exceptions as rx
-
-    from pipeline.ray_failure import describe_ray_message, ray_failure
+    from salmap.pipeline.ray_failure import describe_ray_message, ray_failure
 
     assert ray_failure(rx.LocalRayletDiedError()) == "Ray's raylet on this machine died"
     try:  # wrapped, as Ray Data raises it

@@ -12,9 +12,8 @@ import tracemalloc
 
 import pytest
 import torch
-
-from pipeline.config import ConfigError, load_config
-from pipeline.ledger import (
+from salmap.pipeline.config import ConfigError, load_config
+from salmap.pipeline.ledger import (
     MANIFEST_KEY,
     Ledger,
     commit_key,
@@ -23,10 +22,10 @@ from pipeline.ledger import (
     remove_uncommitted,
     same_identity,
 )
-from pipeline.plan import units_of, waves_of
-from pipeline.run import _Run, check_compatible, reconcile_changed_shards
-from pipeline.storage_stats import counting_memory_store
-from pipeline.tracker import WaveTracker
+from salmap.pipeline.plan import units_of, waves_of
+from salmap.pipeline.run import _Run, check_compatible, reconcile_changed_shards
+from salmap.pipeline.storage_stats import counting_memory_store
+from salmap.pipeline.tracker import WaveTracker
 
 
 def _cfg(tmp_path, methods=("gradient",), **run):
@@ -224,15 +223,14 @@ def test_the_driver_knows_the_preprocessing_without_building_the_model(source, w
     """preprocess_of agrees with what load_model returns (weights that would be downloaded
     are stubbed out: the driver never builds the model)."""
     import torchvision.models as tvm
-
-    from workers.models import load_model
-    from workers.preprocessing import preprocess_of
+    from salmap.workers.models import load_model
+    from salmap.workers.preprocessing import preprocess_of
 
     got = preprocess_of(source, weights, size)
     if source.startswith("torchvision:") and weights != "none":
         # load_model would download the weights: build a stand-in model instead
         monkeypatch.setattr(tvm, "get_model", lambda arch, weights=None: torch.nn.Conv2d(3, 2, 1))
-        import workers.methods.layers as layers
+        import salmap.workers.methods.layers as layers
 
         monkeypatch.setattr(layers, "resolve_layer", lambda m, t: ("x", m))
     expected = load_model(source, weights, input_size=size).preprocess

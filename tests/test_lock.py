@@ -16,9 +16,8 @@ import threading
 import time
 
 import pytest
-
-from pipeline.lock import LOCK_KEY, LockHeld, LockLost, RunLock
-from pipeline.storage import Store
+from salmap.pipeline.lock import LOCK_KEY, LockHeld, LockLost, RunLock
+from salmap.pipeline.storage import Store
 
 WORKERS = 6
 
@@ -259,10 +258,9 @@ def test_a_run_that_loses_its_lock_commits_nothing_more(tmp_path, make_shards, r
     """Another driver takes the lock over right after the first commit: the run stops with
     LockLost before its next commit and leaves the other driver's lock alone."""
     from conftest import small_config
-
-    from pipeline.config import load_config
-    from pipeline.ledger import Ledger
-    from pipeline.run import run_job
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.ledger import Ledger
+    from salmap.pipeline.run import run_job
 
     shards = make_shards(n_shards=4, per_shard=2)
     job = tmp_path / "job.yaml"

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from conftest import bias_free_relu_net
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import MethodError, build
 from torch import nn
-
-from workers.methods import MethodError, build
 
 METHODS = ["guided_backprop", "rectgrad", "nobias_rectgrad"]
 

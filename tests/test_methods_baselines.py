@@ -11,10 +11,9 @@ import pytest
 import torch
 from conftest import bias_free_relu_net
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import build
+from salmap.workers.methods.integrated_gradients import METHODS, path_points
 from torch import nn
-
-from workers.methods import build
-from workers.methods.integrated_gradients import METHODS, path_points
 
 # small settings for the iterative methods, so the contract tests stay fast
 FAST = {
@@ -173,7 +172,7 @@ def test_ig_completeness(tiny_model):
 
 
 def test_ig_rejects_bad_parameters(tiny_model):
-    from workers.methods import MethodError
+    from salmap.workers.methods import MethodError
 
     with pytest.raises(MethodError, match="method must be one of"):
         build("integrated_gradients", tiny_model, method="simpson")

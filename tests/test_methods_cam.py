@@ -13,9 +13,8 @@ import copy
 import pytest
 import torch
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import MethodError, build
 from torch import nn
-
-from workers.methods import MethodError, build
 
 CAMS = ["gradcam", "gradcam_pp", "scorecam", "layercam"]
 

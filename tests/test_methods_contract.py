@@ -19,11 +19,10 @@ import pytest
 import torch
 from conftest import randomize_bn
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import MethodError, build, get_class, names
+from salmap.workers.methods.layers import default_target_layer_name
 from tolerance import reorder_atol
 from torch import nn
-
-from workers.methods import MethodError, build, get_class, names
-from workers.methods.layers import default_target_layer_name
 
 # cheap parameters per method, and per (method, arch) overrides with the input size
 PARAMS: dict[str, dict] = {

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import MethodError, build
+from salmap.workers.methods.dmbp import DMBP, display_map
 from torch import nn
 from torch.nn import functional as F
-
-from workers.methods import MethodError, build
-from workers.methods.dmbp import DMBP, display_map
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from workers.methods import build
-from workers.metrics import compute_model_metrics
+from salmap.workers.methods import build
+from salmap.workers.metrics import compute_model_metrics
 
 PHOTOS = {"chelsea": 285, "coffee": 967, "rocket": 657}  # photo_batch rows 0, 1, 3
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import MethodError, build
+from salmap.workers.methods.hdm import HDM
 from torch import nn
-
-from workers.methods import MethodError, build
-from workers.methods.hdm import HDM
 
 H = 32
 BOX_A = (slice(4, 14), slice(4, 14))  # 100 px of 1024

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from pipeline import api
-from pipeline.demo_data import write_demo_shards
-from pipeline.read import read_run
-from pipeline.run import EXIT_OK
-from workers.methods import get_class, names
+from salmap.pipeline import api
+from salmap.pipeline.demo_data import write_demo_shards
+from salmap.pipeline.read import read_run
+from salmap.pipeline.run import EXIT_OK
+from salmap.workers.methods import get_class, names
 
 pytestmark = pytest.mark.slow
 

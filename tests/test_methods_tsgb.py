@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_bn
 from method_checks import assert_restored, mixed_state, snapshot
+from salmap.workers.methods import MethodError, build
+from salmap.workers.methods.tsgb import TSGBConv
 from torch import nn
-
-from workers.methods import MethodError, build
-from workers.methods.tsgb import TSGBConv
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -453,7 +452,7 @@ def test_pretrained_lite0_relevance_balance(lite0, photo_batch):
 
 
 def test_stabilize_moves_every_value_away_from_zero_and_zero_up():
-    from workers.methods.tsgb import stabilize
+    from salmap.workers.methods.tsgb import stabilize
 
     a = torch.tensor([-2e-3, -1e-4, 0.0, 1e-4, 0.5], dtype=torch.float64)
     expected = torch.tensor([-3e-3, -1.1e-3, 1e-3, 1.1e-3, 0.501], dtype=torch.float64)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from salmap.workers.metrics import compute_model_metrics
+from salmap.workers.metrics.average_drop import explanation_images, scale_map
 from torch import nn
-
-from workers.metrics import compute_model_metrics
-from workers.metrics.average_drop import explanation_images, scale_map
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NAMES = ["average_drop", "confidence_increase"]
@@ -179,9 +178,8 @@ def test_constant_maps_are_flagged(tiny_model):
 def test_the_constant_map_note_reaches_the_row(monkeypatch):
     """In the actor, the note lands in the row's error text (the row stays ok)."""
     from conftest import jpeg_bytes
-
-    from pipeline.decode import DecodeSpec, decode_batch
-    from workers.actor import ActorSpec, Explainer
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.workers.actor import ActorSpec, Explainer
 
     rows = [{"__key__": f"k{i}", "__url__": "s.tar", "jpg": jpeg_bytes(i)} for i in range(3)]
     batch = decode_batch(rows, DecodeSpec(("jpg",), "cls", "json", 32, 36, 10**8))
@@ -206,7 +204,7 @@ def test_the_constant_map_note_reaches_the_row(monkeypatch):
 @pytest.mark.parametrize("option,value", [("mult_sign", "signed"), ("mult_normalize", "l2"),
                                           ("mult_space", "log"), ("score", "prob")])
 def test_unknown_options_fail_before_any_forward(option, value):
-    from workers.metrics import MetricError
+    from salmap.workers.metrics import MetricError
 
     def forward(z):
         raise AssertionError("no forward expected")

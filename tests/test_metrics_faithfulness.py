@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from salmap.workers.metrics import MetricError, compute_model_metrics
+from salmap.workers.metrics.faithfulness import auc, blur, gaussian_kernel, pixel_ranks, step_counts
 from torch import nn
-
-from workers.metrics import MetricError, compute_model_metrics
-from workers.metrics.faithfulness import auc, blur, gaussian_kernel, pixel_ranks, step_counts
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -271,8 +270,8 @@ def test_one_step_and_blur_kernel_bounds():
 def test_helper_defaults_are_the_registry_defaults():
     """blur(), pixel_ranks() and impute() used without options follow the RISE / ROAD
     defaults of the registry."""
-    from workers.metrics import METRICS
-    from workers.metrics.road import impute
+    from salmap.workers.metrics import METRICS
+    from salmap.workers.metrics.road import impute
 
     ins, road = METRICS["insertion_auc"].defaults, METRICS["road"].defaults
     x = torch.randn(1, 3, 16, 16)
@@ -327,7 +326,7 @@ def test_map_sign_decides_the_order(sign):
 
 
 def test_ties_follow_the_seeded_permutation_exactly():
-    from workers.metrics.faithfulness import tie_permutation
+    from salmap.workers.metrics.faithfulness import tie_permutation
 
     n = 64 * 64
     perm = tie_permutation(n, 3, torch.device("cpu"))

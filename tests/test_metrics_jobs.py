@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from workers.metrics.jobs import SCORES, JobGroup, run_groups, score_index
-from workers.metrics.registry import MetricError
+from salmap.workers.metrics.jobs import SCORES, JobGroup, run_groups, score_index
+from salmap.workers.metrics.registry import MetricError
 
 
 def groups_of(sizes: list[int], batch: int) -> list[JobGroup]:

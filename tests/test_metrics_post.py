@@ -7,12 +7,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
-from workers.metrics import MetricError, compute_post_metrics, get_spec
-from workers.metrics.geometry import box_to_input, box_to_original, map_to_original
-from workers.metrics.pointing import box_pixels, energy_pointing, pointing_hit
-from workers.metrics.pseudo_labels import box_iou, foreground
-from workers.metrics.sparseness import gini
+from salmap.workers.metrics import MetricError, compute_post_metrics, get_spec
+from salmap.workers.metrics.geometry import box_to_input, box_to_original, map_to_original
+from salmap.workers.metrics.pointing import box_pixels, energy_pointing, pointing_hit
+from salmap.workers.metrics.pseudo_labels import box_iou, foreground
+from salmap.workers.metrics.sparseness import gini
 
 ALL_POST = ["pointing_game", "energy_pointing", "gini", "pseudo_box", "pseudo_mask", "box_iou"]
 
@@ -320,7 +319,7 @@ def test_compute_post_metrics_fills_exactly_the_registered_columns():
 
 
 def test_config_params_stay_with_their_metric_except_the_pseudo_label_group():
-    from workers.metrics.registry import per_metric_params, resolve_params
+    from salmap.workers.metrics.registry import per_metric_params, resolve_params
 
     nested = per_metric_params({"deletion_auc": {"steps": 56}, "insertion_auc": None,
                                 "pseudo_box": {"pseudo_threshold": 0.5}, "box_iou": {}})

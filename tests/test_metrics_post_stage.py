@@ -7,13 +7,12 @@ import json
 
 import numpy as np
 import pytest
-
-from pipeline.decode import DecodeError, parse_boxes
-from pipeline.post import boxes_for_target, post_batch
-from workers.metrics import MetricError, compute_post_metrics
-from workers.metrics.geometry import map_to_input, map_to_original
-from workers.metrics.pointing import pointing_hit
-from workers.metrics.sparseness import gini
+from salmap.pipeline.decode import DecodeError, parse_boxes
+from salmap.pipeline.post import boxes_for_target, post_batch
+from salmap.workers.metrics import MetricError, compute_post_metrics
+from salmap.workers.metrics.geometry import map_to_input, map_to_original
+from salmap.workers.metrics.pointing import pointing_hit
+from salmap.workers.metrics.sparseness import gini
 
 
 def center_crop(h0: int, w0: int, short: int = 73, crop: int = 64) -> dict[str, int]:
@@ -171,8 +170,7 @@ def test_a_side_that_shrinks_is_antialiased_even_when_the_other_grows(frame, ori
 
 def test_a_crop_larger_than_the_frame_and_boxes_outside_the_crop():
     import torch
-
-    from workers.metrics.geometry import box_to_input
+    from salmap.workers.metrics.geometry import box_to_input
 
     t = {"orig_h": 30, "orig_w": 30, "resized_h": 30, "resized_w": 30, "crop_top": -5,
          "crop_left": -3, "crop_h": 40, "crop_w": 40}

@@ -7,15 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from scipy.stats import spearmanr
-
-from workers.metrics.randomization import (
+from salmap.workers.metrics.randomization import (
     block_layers,
     cascading_randomization,
     module_layers,
     plot_randomization,
     spearman,
 )
+from scipy.stats import spearmanr
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -134,7 +133,7 @@ def test_plot_randomization_writes_png(tiny_model, tmp_path):
 # -- block granularity on real architectures ----------------------------------------------
 def _covers_every_parameter_once(model, steps):
     """Every parameter of the model falls in exactly one step."""
-    from workers.metrics.randomization import _resolve
+    from salmap.workers.metrics.randomization import _resolve
 
     owner: dict[int, str] = {}
     for step in steps:
@@ -225,7 +224,7 @@ def test_block_cascade_randomizes_one_block_more_per_step(arch, request):
 
 
 def gradcam_builder(target_layer):
-    from workers import methods
+    from salmap.workers import methods
 
     return lambda m: methods.build("gradcam", m, target_layer=target_layer)
 
@@ -290,9 +289,8 @@ def test_spearman_is_of_absolute_maps_and_the_signed_one_is_kept_apart(tiny_mode
 
 
 def test_ssim_is_skimage_on_absolute_max_normalised_maps_with_a_7px_window():
+    from salmap.workers.metrics.randomization import ssim
     from skimage.metrics import structural_similarity
-
-    from workers.metrics.randomization import ssim
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(20, 20)), rng.normal(size=(20, 20))
@@ -306,7 +304,7 @@ def test_ssim_is_skimage_on_absolute_max_normalised_maps_with_a_7px_window():
 
 
 def test_each_step_gets_its_own_random_stream_and_batchnorm_statistics_are_reset():
-    from workers.metrics.randomization import randomize_layer
+    from salmap.workers.metrics.randomization import randomize_layer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6),
@@ -336,7 +334,7 @@ def test_each_step_gets_its_own_random_stream_and_batchnorm_statistics_are_reset
 
 
 def test_a_bare_parameter_step_draws_from_its_own_spread():
-    from workers.metrics.randomization import randomize_layer
+    from salmap.workers.metrics.randomization import randomize_layer
 
     vit = small_vit()
     pos = vit.encoder.pos_embedding
@@ -353,9 +351,8 @@ def test_salmap_sanity_cascades_blocks_and_stores_its_protocol(tmp_path, make_sh
 
     import pyarrow.parquet as pq
     from conftest import small_config
-
-    from pipeline.config import load_config
-    from pipeline.sanity import run_sanity
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.sanity import run_sanity
 
     job = tmp_path / "job.yaml"
     job.write_text(small_config(make_shards(n_shards=1, per_shard=2), str(tmp_path / "out"),
@@ -393,7 +390,7 @@ def test_spearman_runs_in_double_precision_and_stays_within_minus_one_and_one():
 
 
 def test_ssim_reads_nan_as_zero_and_handles_flat_and_3px_maps():
-    from workers.metrics.randomization import ssim
+    from salmap.workers.metrics.randomization import ssim
 
     rng = np.random.default_rng(2)
     a = rng.normal(size=(9, 9))
@@ -445,7 +442,7 @@ def test_two_blocks_of_one_class_are_blocks():
 
 def test_the_stream_of_step_k_is_seed_times_1000003_plus_k():
     """Stored as (seed, step names): the draws are reproducible from the protocol alone."""
-    from workers.metrics.randomization import randomize_layer
+    from salmap.workers.metrics.randomization import randomize_layer
 
     class Wrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -465,7 +462,7 @@ def test_the_stream_of_step_k_is_seed_times_1000003_plus_k():
 
 
 def test_bare_parameters_of_one_two_or_constant_values_get_sane_draws():
-    from workers.metrics.randomization import randomize_layer
+    from salmap.workers.metrics.randomization import randomize_layer
 
     one = torch.nn.Parameter(torch.tensor([0.3]))
     randomize_layer(one, 0, 0)
@@ -479,7 +476,7 @@ def test_bare_parameters_of_one_two_or_constant_values_get_sane_draws():
 
 
 def test_entries_average_over_finite_samples_and_count_the_nans():
-    from workers.metrics.randomization import _entry
+    from salmap.workers.metrics.randomization import _entry
 
     rng = np.random.default_rng(4)
     ref = rng.normal(size=(3, 8, 8))
@@ -492,7 +489,7 @@ def test_entries_average_over_finite_samples_and_count_the_nans():
 
 
 def test_protocol_granularity_default_seed_and_maps_that_need_grad(tiny_model):
-    from workers.metrics.randomization import protocol
+    from salmap.workers.metrics.randomization import protocol
 
     assert protocol(None, 0, ["a"], (8, 8))["granularity"] == "modules"
     assert protocol("blocks", 0, ["a"], (8, 8))["granularity"] == "blocks"
@@ -504,7 +501,7 @@ def test_protocol_granularity_default_seed_and_maps_that_need_grad(tiny_model):
 
     assert cascading_randomization(tiny_model, builder, x, t, layers=["fc"])[-1]["n_nan"] == 0
 
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     def gradient(m):
         return build("gradient", m)

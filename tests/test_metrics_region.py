@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from salmap.workers.metrics import MetricError, compute_model_metrics
+from salmap.workers.metrics.faithfulness import auc, blur
+from salmap.workers.metrics.region import region_grid, region_ranks
 from torch import nn
-
-from workers.metrics import MetricError, compute_model_metrics
-from workers.metrics.faithfulness import auc, blur
-from workers.metrics.region import region_grid, region_ranks
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 H = 24

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from workers.metrics import compute_model_metrics
-from workers.metrics.road import impute, keep_counts
+from salmap.workers.metrics import compute_model_metrics
+from salmap.workers.metrics.road import impute, keep_counts
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -234,7 +233,7 @@ def test_imputation_of_one_image_does_not_depend_on_the_batch():
 
 
 def test_percentiles_must_lie_in_0_to_100():
-    from workers.metrics import MetricError
+    from salmap.workers.metrics import MetricError
 
     assert keep_counts(10, [0.0, 100.0]) == [0, 10]
     for bad in (100.5, -0.5):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from workers.metrics import (
+from salmap.workers.metrics import (
     METRICS,
     MetricError,
     check_params,
@@ -15,7 +14,7 @@ from workers.metrics import (
     protocol,
     resolve_params,
 )
-from workers.metrics.summary import pointing_accuracy_per_class, summarize, win_percent
+from salmap.workers.metrics.summary import pointing_accuracy_per_class, summarize, win_percent
 
 
 def test_summarize_interval_and_counts():
@@ -162,7 +161,7 @@ def test_default_parameters_are_the_published_protocols():
 def test_specs_are_immutable_and_listed_by_kind():
     import dataclasses
 
-    from workers.metrics.registry import names
+    from salmap.workers.metrics.registry import names
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         METRICS["gini"].kind = "model"  # type: ignore[misc]
@@ -218,7 +217,7 @@ def test_engine_defaults_imagenet_normalisation_and_64_images_per_forward(tiny_m
 
 
 def test_engine_checks_shapes_upsamples_to_float32_and_keeps_notes_once(tiny_model):
-    from workers.metrics.engine import upsample_maps
+    from salmap.workers.metrics.engine import upsample_maps
 
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
     for maps in (torch.rand(2, 8), torch.rand(3, 8, 8), torch.rand(1, 2, 8, 8)):
@@ -239,13 +238,12 @@ def test_confidence_increase_reaches_the_summary_the_manifest_and_the_report(tmp
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from salmap.pipeline.execute import part_name
+    from salmap.pipeline.ledger import Ledger
+    from salmap.pipeline.report import render_report
+    from salmap.pipeline.storage import Store
+    from salmap.pipeline.summary import print_summaries, unit_summary
     from test_export import DATA, UNIT, _rows, _table
-
-    from pipeline.execute import part_name
-    from pipeline.ledger import Ledger
-    from pipeline.report import render_report
-    from pipeline.storage import Store
-    from pipeline.summary import print_summaries, unit_summary
 
     rows = _rows("shard-000000", 4, lambda k: [1], 8, np.random.default_rng(0))
     for i, r in enumerate(rows):

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-
-from pipeline.config import ConfigError, load_config
-from workers.models import load_model
-from workers.preprocessing import preprocess_of
+from salmap.pipeline.config import ConfigError, load_config
+from salmap.workers.models import load_model
+from salmap.workers.preprocessing import preprocess_of
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -26,10 +25,10 @@ def _config(tmp_path, **model) -> str:
 
 
 def test_factory_arguments_and_normalisation_reach_the_model_actor(tmp_path):
-    from pipeline.plan import Wave, units_of
-    from pipeline.run import unit_execution
-    from pipeline.storage import Store
-    from workers.actor import Explainer
+    from salmap.pipeline.plan import Wave, units_of
+    from salmap.pipeline.run import unit_execution
+    from salmap.pipeline.storage import Store
+    from salmap.workers.actor import Explainer
 
     cfg = load_config(_config(tmp_path, params={"num_classes": 7}, mean=MEAN, std=STD))
     (unit,) = units_of(cfg)

@@ -21,9 +21,9 @@ def wheel(tmp_path_factory) -> tuple[Path, str]:
     """A wheel built from a copy of the sources with the venv's setuptools (no index needed),
     and what the build printed."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md", "constraints.txt"):
+    for name in ("pyproject.toml", "README.md", "constraints.txt", "constraints-lock.txt"):
         shutil.copy(REPO / name, src / name)
-    for pkg in ("pipeline", "workers"):
+    for pkg in ("salmap", "pipeline", "workers"):
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     out = src / "dist"
     code = ("import sys; from setuptools import build_meta as b; "
@@ -48,28 +48,31 @@ def test_the_wheel_prints_its_constraints_without_any_dependency(wheel, tmp_path
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         z.extractall(tmp_path / "site")
-    assert {"pipeline/constraints.txt", "pipeline/configs/demo.yaml",
-            "pipeline/configs/example.yaml"} <= names
+    assert {"salmap/__init__.py", "salmap/pipeline/constraints.txt",
+            "salmap/pipeline/configs/demo.yaml", "salmap/pipeline/configs/example.yaml"} <= names
+    # one installed package: nothing named pipeline or workers lands in site-packages
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"salmap"}, tops
     # -I -S: no site-packages, no PYTHONPATH: what `pip install --no-deps` leaves
     code = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); "
-            "runpy.run_module('pipeline.constraints', run_name='__main__')")
+            "runpy.run_module('salmap.pipeline.constraints', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(tmp_path / "site")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == (REPO / "constraints.txt").read_text()
+    assert proc.stdout == (REPO / "constraints-lock.txt").read_text()
 
 
-def test_the_packaged_constraints_are_the_top_level_file():
+def test_the_packaged_constraints_are_the_lock():
     assert (REPO / "pipeline" / "constraints.txt").read_text() == \
-        (REPO / "constraints.txt").read_text(), \
-        "pipeline/constraints.txt is the copy the wheel carries: copy constraints.txt onto it"
+        (REPO / "constraints-lock.txt").read_text(), \
+        "pipeline/constraints.txt is the copy the wheel carries: copy constraints-lock.txt onto it"
 
 
 def test_salmap_constraints_prints_them(capsys):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     assert main(["constraints"]) == 0
-    assert capsys.readouterr().out == (REPO / "constraints.txt").read_text()
+    assert capsys.readouterr().out == (REPO / "constraints-lock.txt").read_text()
 
 
 def test_the_readme_shows_the_install_without_a_clone():
@@ -81,7 +84,7 @@ def test_the_readme_shows_the_install_without_a_clone():
     assert steps[:5] == [
         "python3 -m venv .venv",
         ".venv/bin/pip install --no-deps SALMAP",
-        ".venv/bin/python -m pipeline.constraints > constraints.txt",
+        ".venv/bin/python -m salmap.pipeline.constraints > constraints.txt",
         ".venv/bin/pip install -c constraints.txt SALMAP",
         ".venv/bin/salmap init",
     ]
@@ -91,3 +94,27 @@ def test_the_readme_shows_the_install_without_a_clone():
     # the pins the README quotes are the file's
     torch = re.search(r"^torch==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
     assert f"`torch=={torch}`" in section and f"`{torch}+cpu`" in section
+
+
+def test_every_subpackage_folder_is_installed():
+    """pyproject.toml lists the packages by hand (salmap.pipeline is the folder pipeline/):
+    a new subpackage folder that is not listed would be missing from every wheel."""
+    import tomllib
+    from setuptools import find_namespace_packages
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"salmap", "salmap.pipeline", "salmap.workers"}
+    for top in ("pipeline", "workers"):  # code and data folders alike (configs/ holds YAML)
+        folders |= {f"salmap.{top}.{name}" for name in find_namespace_packages(
+            where=str(REPO / top), exclude=["*__pycache__*"])}
+    assert listed == folders
+
+
+def test_import_salmap_is_the_entry_point():
+    from salmap.pipeline import api
+
+    import salmap
+
+    assert salmap.Explainer is api.Explainer and salmap.run is api.run
+    assert salmap.read is api.read and salmap.maps is api.maps
+    assert salmap.__version__ == salmap.pipeline.__version__

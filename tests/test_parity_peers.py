@@ -39,9 +39,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_models import PX, tiny_convnext, tiny_swin, tiny_vit
-
-from workers.methods import build
-from workers.methods.smoothgrad import unit_noise
+from salmap.workers.methods import build
+from salmap.workers.methods.smoothgrad import unit_noise
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("captum")

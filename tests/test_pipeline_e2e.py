@@ -14,10 +14,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import SECRET, small_config
-
-from pipeline.config import load_config
-from pipeline.read import read_run
-from pipeline.run import EXIT_OK, run_job
+from salmap.pipeline.config import load_config
+from salmap.pipeline.read import read_run
+from salmap.pipeline.run import EXIT_OK, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +54,8 @@ def test_local_job_rows_maps_and_same_rows_as_in_process(tmp_path, make_shards, 
     # the multi-node run gives the rows an in-process loop gives
     import tarfile
 
-    from pipeline.decode import DecodeSpec, decode_batch
-    from workers.actor import ActorSpec, Explainer
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.workers.actor import ActorSpec, Explainer
 
     rows = []
     for shard in shards:
@@ -135,18 +134,18 @@ def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     df = read_run("s3://data/runs/t", storage={"endpoint": s3_server}).to_table().to_pandas()
     assert len(df) == 6 * 2 and (df.status == "ok").all()
     assert set(df.shard) == {"shard-000000", "shard-000001", "local-000000"}
-    from pipeline.ledger import load_commits
-    from pipeline.storage import Store
+    from salmap.pipeline.ledger import load_commits
+    from salmap.pipeline.storage import Store
 
     commits = load_commits(Store.open("s3://data/runs/t", {"endpoint": s3_server}))
     assert all(len(waves) == 1 for waves in commits.values())  # one wave per unit, no failures
-    manifest = __import__("pipeline.storage", fromlist=["Store"]).Store.open(
+    manifest = __import__("salmap.pipeline.storage", fromlist=["Store"]).Store.open(
         "s3://data/runs/t", {"endpoint": s3_server}).read_bytes("manifest.json")
     assert SECRET.encode() not in manifest
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **(env or {})})
 
 
@@ -160,7 +159,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("input.shards=[/nonexistent/shard-{000..003}.tar]", "quote list items"),
 ])
 def test_config_errors_are_clear(tmp_path, make_shards, override, expected, capsys):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     shards = make_shards(n_shards=1, per_shard=1)
     job = _job(tmp_path, shards, str(tmp_path / "out"))
@@ -179,7 +178,7 @@ def test_config_error_from_the_command_line(tmp_path):
 def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster):
     """The demo config on real photos (EfficientNet-Lite0): every metric column filled, a summary,
     Grad-CAM's insertion AUC above its deletion AUC on average, and the sanity check."""
-    from pipeline.demo_data import write_demo_shards
+    from salmap.pipeline.demo_data import write_demo_shards
 
     data = tmp_path / "demo-data"
     photos = ["chelsea", "coffee", "astronaut", "rocket", "motorcycle"]
@@ -214,8 +213,8 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
 
 
 def test_units_in_parallel_is_capped_to_what_the_cluster_holds(ray_session):
-    from pipeline.cluster import units_that_fit
-    from pipeline.config import load_config
+    from salmap.pipeline.cluster import units_that_fit
+    from salmap.pipeline.config import load_config
 
     cfg = load_config("configs/demo.yaml", ["resources.units_in_parallel=8", "resources.gpus_per_actor=0"])
     cpus = int(ray_session.cluster_resources()["CPU"])

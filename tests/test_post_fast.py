@@ -8,11 +8,10 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline.png import gray_png
-from pipeline.post import encode_png, post_batch
-from workers.columns import ACTOR_OUTPUT, BY_NAME, numpy_column
-from workers.metrics.geometry import map_to_original, maps_to_original
+from salmap.pipeline.png import gray_png
+from salmap.pipeline.post import encode_png, post_batch
+from salmap.workers.columns import ACTOR_OUTPUT, BY_NAME, numpy_column
+from salmap.workers.metrics.geometry import map_to_original, maps_to_original
 
 T = dict(orig_h=30, orig_w=41, resized_h=24, resized_w=32, crop_top=0, crop_left=4, crop_h=24,
          crop_w=24)

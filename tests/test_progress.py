@@ -11,11 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from pipeline.plan import Wave
-from pipeline.progress import ProgressLine, format_line
-from pipeline.tracker import WaveTracker
-from workers.progress import COUNTER_NAME, ProgressReporter
+from salmap.pipeline.plan import Wave
+from salmap.pipeline.progress import ProgressLine, format_line
+from salmap.pipeline.tracker import WaveTracker
+from salmap.workers.progress import COUNTER_NAME, ProgressReporter
 
 
 def _cfg(mode: str = "lines") -> SimpleNamespace:
@@ -109,7 +108,7 @@ def test_line_prints_every_interval_from_its_own_thread():
 
 # -- inside a method call ----------------------------------------------------------------------
 def test_tracked_loops_report_a_monotonic_fraction_of_the_call(tiny_model):
-    from workers.methods import build
+    from salmap.workers.methods import build
 
     ig = build("integrated_gradients", tiny_model, steps=10, inner_batch_size=4)
     seen: list[float] = []
@@ -142,8 +141,8 @@ class _Handle:
 
 
 def _batch(n: int, size: int = 32) -> dict[str, np.ndarray]:
-    from pipeline.decode import _DECODE_KINDS
-    from workers.columns import numpy_column
+    from salmap.pipeline.decode import _DECODE_KINDS
+    from salmap.workers.columns import numpy_column
 
     rng = np.random.default_rng(0)
     rows = [{"sample_id": f"s/{i}", "shard": "s", "key": str(i), "image_file": f"{i}.jpg",
@@ -159,8 +158,8 @@ def _batch(n: int, size: int = 32) -> dict[str, np.ndarray]:
 def test_explainer_reports_progress_inside_a_long_batch(tiny_model):
     """The actor tells the counter how far the batch is while the method iterates, then the
     batch's samples as finished."""
-    from workers.actor import ActorSpec, Explainer
-    from workers.models import LoadedModel, Preprocess
+    from salmap.workers.actor import ActorSpec, Explainer
+    from salmap.workers.models import LoadedModel, Preprocess
 
     spec = ActorSpec(model={"name": "tiny", "source": "in-memory"}, method="integrated_gradients",
                      method_params={"steps": 16, "inner_batch_size": 8}, channels_last=False,
@@ -265,7 +264,7 @@ def test_a_line_with_nothing_new_is_not_printed_again():
 
 
 def test_reporter_sends_the_seconds_its_batches_took_and_the_counter_sums_actor_rates():
-    from pipeline.progress import Counter
+    from salmap.pipeline.progress import Counter
 
     clock, handle = Clock(), _Handle()
     rep = ProgressReporter(handle, "u", min_interval=0.0, clock=clock)
@@ -290,7 +289,7 @@ def _tar(path, n: int, members=("jpg", "cls", "json")) -> None:
 
 
 def test_shards_without_an_index_are_counted_from_their_tar_headers(tmp_path):
-    from pipeline.shard_count import count_local, unit_total
+    from salmap.pipeline.shard_count import count_local, unit_total
 
     for k, n in enumerate((7, 12)):
         _tar(tmp_path / f"x-{k}.tar", n)
@@ -305,7 +304,7 @@ def test_shards_without_an_index_are_counted_from_their_tar_headers(tmp_path):
 def test_s3_shards_without_an_index_are_estimated_from_their_listed_sizes(tmp_path, monkeypatch):
     """One ranged read of the first shard's head gives samples per byte; the bytes listed for
     the shards give the total (an estimate, marked)."""
-    import pipeline.shard_count as sc
+    import salmap.pipeline.shard_count as sc
 
     _tar(tmp_path / "big.tar", 400)
     data = (tmp_path / "big.tar").read_bytes()

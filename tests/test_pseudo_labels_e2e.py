@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline.export import export_run
-from pipeline.read import read_run
+from salmap.pipeline.export import export_run
+from salmap.pipeline.read import read_run
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = ["chelsea", "astronaut", "rocket"]
@@ -53,7 +52,7 @@ def _horse_shard(folder: Path) -> None:
 
 
 def _salmap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", *args], capture_output=True,
                           text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -61,9 +60,8 @@ def _salmap(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_label_maps_exports_quality_and_crf_on_the_demo_photos(tmp_path, ray_cluster):
     from pycocotools.coco import COCO
-
-    from pipeline.demo_data import write_demo_shards
-    from workers.metrics.label_maps import IGNORE, classes_in, decode_png
+    from salmap.pipeline.demo_data import write_demo_shards
+    from salmap.workers.metrics.label_maps import IGNORE, classes_in, decode_png
 
     data = tmp_path / "data"
     write_demo_shards(str(data), names=PHOTOS)

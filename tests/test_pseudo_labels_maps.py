@@ -9,8 +9,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
-from workers.metrics.label_maps import (
+from salmap.workers.metrics.label_maps import (
     IGNORE,
     attach_sample_maps,
     class_scores,
@@ -128,10 +127,9 @@ def two_class_rows():
     """The astronaut photo with two annotated classes, explained by a small random ResNet for
     both (targets all_labels), through the label-map actor class."""
     import skimage.data as data
-
-    from pipeline.decode import DecodeSpec, decode_batch
-    from pipeline.execute import explainer_class
-    from workers.actor import ActorSpec
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.pipeline.execute import explainer_class
+    from salmap.workers.actor import ActorSpec
 
     photo = data.astronaut()[::4, ::4]  # 128 x 128
     gt = np.zeros(photo.shape[:2], np.uint8)
@@ -155,7 +153,7 @@ LABELS = {"label_maps": True, "fg_threshold": 0.3, "bg_threshold": 0.05, "crf": 
 
 
 def test_post_stage_writes_one_complete_label_map_per_sample_even_when_split(two_class_rows):
-    from pipeline.post import post_batch
+    from salmap.pipeline.post import post_batch
 
     out, photo = two_class_rows
     assert list(out["target"]) == [3, 7] and list(out["status"]) == ["ok", "ok"]
@@ -171,8 +169,8 @@ def test_post_stage_writes_one_complete_label_map_per_sample_even_when_split(two
         assert set(classes_in(lm)) <= {3, 7} and len(classes_in(lm)) == 2
     assert whole[0]["label_map_png"] == halves[0]["label_map_png"]
     # what the two maps give by hand: the same rule on the rows' own maps
-    from pipeline.post import transform_of
-    from workers.metrics.geometry import map_to_original
+    from salmap.pipeline.post import transform_of
+    from salmap.workers.metrics.geometry import map_to_original
 
     t = transform_of(out, 0)
     maps = np.stack([map_to_original(out["saliency"][i].astype(np.float32), t) for i in (0, 1)])
@@ -185,7 +183,7 @@ def test_post_stage_writes_one_complete_label_map_per_sample_even_when_split(two
     assert q is not None and whole[1]["label_map_quality"] is None
     assert q["valid_px"] == 128 * 123  # 5 rows of 255 are ignored
     # box quality columns on every row of an annotated sample, at the configured IoU
-    from workers.metrics.label_quality import box_match
+    from salmap.workers.metrics.label_quality import box_match
 
     gt = {3: [[10, 20, 80, 100]], 7: [[60, 0, 120, 60]]}
     assert [r["gt_box_count"] for r in whole] == [1, 1]
@@ -200,7 +198,7 @@ def test_post_stage_writes_one_complete_label_map_per_sample_even_when_split(two
 
 
 def test_no_label_maps_without_the_option(two_class_rows):
-    from pipeline.post import post_batch
+    from salmap.pipeline.post import post_batch
 
     out, _ = two_class_rows
     rows = post_batch(out, {}, False, labels=None).to_pylist()
@@ -209,7 +207,7 @@ def test_no_label_maps_without_the_option(two_class_rows):
 
 
 # -- dense CRF ---------------------------------------------------------------------------------
-crf = pytest.importorskip("workers.metrics.crf")
+crf = pytest.importorskip("salmap.workers.metrics.crf")
 
 
 def test_unary_from_labels_matches_pydensecrf():

@@ -9,16 +9,15 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-
-from workers.metrics.label_maps import IGNORE
-from workers.metrics.label_quality import (
+from salmap.workers.metrics.label_maps import IGNORE
+from salmap.workers.metrics.label_quality import (
     box_match,
     box_quality,
     decode_gt_mask,
     mask_counts,
     mask_quality,
 )
-from workers.metrics.pseudo_labels import box_score
+from salmap.workers.metrics.pseudo_labels import box_score
 
 
 def test_box_match_at_iou_half():
@@ -134,15 +133,15 @@ def test_decode_gt_mask_accepts_voc_palette_grayscale_and_16_bit():
     (["pseudo_labels.box_iou=0"], "box_iou"),
 ])
 def test_config_errors(overrides, message):
-    from pipeline.config import ConfigError, load_config
+    from salmap.pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config("configs/demo.yaml", overrides)
 
 
 def test_crf_without_the_binding_is_a_config_error(monkeypatch):
-    import workers.metrics.crf as crf
-    from pipeline.config import ConfigError, load_config
+    import salmap.workers.metrics.crf as crf
+    from salmap.pipeline.config import ConfigError, load_config
 
     monkeypatch.setattr(crf, "available", lambda: False)
     with pytest.raises(ConfigError, match=r"pip install 'salmap\[crf\]'"):
@@ -150,7 +149,7 @@ def test_crf_without_the_binding_is_a_config_error(monkeypatch):
 
 
 def test_unit_hash_changes_with_label_options_but_not_for_the_defaults():
-    from pipeline.config import load_config, unit_hash
+    from salmap.pipeline.config import load_config, unit_hash
 
     def h(*overrides):
         cfg = load_config("configs/demo.yaml", list(overrides))
@@ -167,12 +166,11 @@ def test_unit_hash_changes_with_label_options_but_not_for_the_defaults():
 def test_run_summary_and_report_show_label_quality(tmp_path):
     """A committed run (written as the pipeline writes it, tests/test_export.py) whose rows
     carry box matches and one mask's counts per wave: the numbers worked out by hand."""
+    from salmap.pipeline.ledger import committed_files, load_commits
+    from salmap.pipeline.report import render_report
+    from salmap.pipeline.storage import Store
+    from salmap.pipeline.summary import print_summaries, unit_summary
     from test_export import UNIT, write_run
-
-    from pipeline.ledger import committed_files, load_commits
-    from pipeline.report import render_report
-    from pipeline.storage import Store
-    from pipeline.summary import print_summaries, unit_summary
 
     run = write_run(str(tmp_path / "t"), quality=True)
     store = Store.open(run)
@@ -202,9 +200,8 @@ def test_run_summary_and_report_show_label_quality(tmp_path):
 
 
 def test_report_says_when_there_is_no_ground_truth(tmp_path):
+    from salmap.pipeline.report import render_report
     from test_export import write_run
-
-    from pipeline.report import render_report
 
     html = render_report(write_run(str(tmp_path / "t")))
     assert "No ground truth to score the pseudo-labels against" in html

@@ -11,10 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_report import make_run
-
-from pipeline.cli import main
-from pipeline.read import (
+from salmap.pipeline.cli import main
+from salmap.pipeline.read import (
     RunNotFound,
     UnitNotFound,
     maps,
@@ -24,6 +22,7 @@ from pipeline.read import (
     to_maps,
     units,
 )
+from test_report import make_run
 
 
 def _tensor(values: list[np.ndarray], null: list[bool]) -> pa.Array:
@@ -111,7 +110,7 @@ def test_salmap_read_cli(run, tmp_path, capsys):
 
 
 def test_export_names_units_the_same_way(run, tmp_path):
-    from pipeline.export import ExportError, export_run
+    from salmap.pipeline.export import ExportError, export_run
 
     (written,) = export_run(run, "parquet", output=str(tmp_path / "out"), unit="cam")
     assert written.rstrip("/").endswith("m__cam")

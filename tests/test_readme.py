@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import jpeg_bytes, small_config, write_shard
-
-from pipeline import config as config_module
-from pipeline.config import load_config
-from pipeline.schema import output_schema
+from salmap.pipeline import config as config_module
+from salmap.pipeline.config import load_config
+from salmap.pipeline.schema import output_schema
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -89,12 +88,12 @@ def test_reference_tables_name_everything_the_code_has():
     columns = _section("Output")
     for field in output_schema(2, 2, curves=True):
         assert f"`{field.name}`" in columns, f"column {field.name} missing from the output schema"
-    from workers.methods import REGISTRY
+    from salmap.workers.methods import REGISTRY
 
     methods = _section("Methods")
     for name in REGISTRY:
         assert f"| `{name}` |" in methods, f"method {name} missing from the methods table"
-    from workers.metrics import METRICS
+    from salmap.workers.metrics import METRICS
 
     metrics = _section("Metrics")
     for name, spec in METRICS.items():
@@ -111,7 +110,7 @@ def _snippets(section: str = "Reading results") -> list[str]:
 def small_run(tmp_path_factory, ray_cluster):
     """One real run: 3 photos-sized random JPEGs and one corrupt image, ResNet-18 at 64 px,
     gradient + gradcam, a few cheap metrics."""
-    from pipeline.run import EXIT_OK, run_job
+    from salmap.pipeline.run import EXIT_OK, run_job
 
     root = tmp_path_factory.mktemp("readme")
     samples = [{"__key__": f"img{i}", "jpg": jpeg_bytes(i), "cls": str(i).encode(),

@@ -8,9 +8,8 @@ import sys
 import uuid
 
 import pytest
-
-from pipeline.cli import build_parser, main
-from pipeline.config import ConfigError, load_config
+from salmap.pipeline.cli import build_parser, main
+from salmap.pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")

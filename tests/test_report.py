@@ -24,10 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipeline.post import encode_png
-from pipeline.report import render_pages, render_report, write_report
-from pipeline.schema import output_schema
+from salmap.pipeline.post import encode_png
+from salmap.pipeline.report import render_pages, render_report, write_report
+from salmap.pipeline.schema import output_schema
 
 REPO = Path(__file__).resolve().parent.parent
 COLORS = {"a": (220, 30, 30), "b": (30, 200, 40), "c": (40, 60, 230), "d": (200, 200, 40)}
@@ -309,7 +308,7 @@ def test_encode_png_keeps_the_sign_of_a_signed_map():
 
 
 def test_pseudo_box_of_a_signed_map_uses_the_positive_evidence():
-    from workers.metrics import compute_post_metrics
+    from salmap.workers.metrics import compute_post_metrics
 
     m = signed_map(1)  # positive blob at (30, 12); a stronger negative one at (56, 40)
     box = compute_post_metrics(["pseudo_box"], m, None)["pseudo_box"]
@@ -425,7 +424,7 @@ def _lightness(rgb: np.ndarray) -> np.ndarray:
 def test_maps_use_perceptually_uniform_colour_maps():
     """Lightness rises steadily along the sequential map (jet's goes up and down) and, on the
     diverging one, falls to white's at zero symmetrically from both ends."""
-    from pipeline.report.render import DIVERGING, SEQUENTIAL, colorize, colormap_lut
+    from salmap.pipeline.report.render import DIVERGING, SEQUENTIAL, colorize, colormap_lut
 
     seq = _lightness(colormap_lut(SEQUENTIAL))  # (8-bit colours: steps within rounding)
     assert np.all(np.diff(seq) > -0.5) and seq[-1] - seq[0] > 60
@@ -440,7 +439,7 @@ def test_maps_use_perceptually_uniform_colour_maps():
 
 
 def test_a_few_extreme_pixels_do_not_set_the_colour_range():
-    from pipeline.report.render import colorize
+    from salmap.pipeline.report.render import colorize
 
     # unsigned: levels 0..25 everywhere, five pixels at 255 (0.2% of the map)
     gray = np.tile(np.linspace(0, 25, 50).round().astype(np.uint8), (50, 1))
@@ -462,8 +461,8 @@ def test_a_few_extreme_pixels_do_not_set_the_colour_range():
 
 
 def test_thumbnails_are_large_and_fill_their_column():
-    from pipeline.report.page import CSS
-    from pipeline.report.render import THUMB_SIDE, thumb_size
+    from salmap.pipeline.report.page import CSS
+    from salmap.pipeline.report.render import THUMB_SIDE, thumb_size
 
     assert thumb_size(640, 480, THUMB_SIDE) == (320, 240)
     assert "table.gallery{width:100%;table-layout:fixed}" in CSS

@@ -9,9 +9,8 @@ import tarfile
 
 import pytest
 from conftest import jpeg_bytes, write_shard
-
-from pipeline.decode import DecodeSpec, decode_batch
-from pipeline.shard_reader import describe, read_shard, split_member
+from salmap.pipeline.decode import DecodeSpec, decode_batch
+from salmap.pipeline.shard_reader import describe, read_shard, split_member
 
 
 def _rows(url, **kw):

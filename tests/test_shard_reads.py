@@ -11,10 +11,9 @@ import tarfile
 import pytest
 from conftest import jpeg_bytes, write_shard
 from counting_moto import CountingMotoServer
-
-from pipeline.decode import DecodeSpec, decode_batch
-from pipeline.shard_reader import read_shard
-from pipeline.shard_stream import READ_BUFFER, _S3Body
+from salmap.pipeline.decode import DecodeSpec, decode_batch
+from salmap.pipeline.shard_reader import read_shard
+from salmap.pipeline.shard_stream import READ_BUFFER, _S3Body
 
 
 def _rows(url, **kw):
@@ -76,7 +75,7 @@ def _offset(data: bytes, name: str) -> int:
 
 
 def test_a_body_that_breaks_is_resumed_from_where_it_stopped(counting_s3):
-    from pipeline.storage import s3_client
+    from salmap.pipeline.storage import s3_client
 
     data = _tar([(f"k{i}.bin", os.urandom(300_000)) for i in range(4)])
     url = _put(counting_s3, "resumed.tar", data)

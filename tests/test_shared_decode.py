@@ -12,11 +12,10 @@ import threading
 import numpy as np
 import pytest
 from conftest import small_config
-
-from pipeline.config import load_config
-from pipeline.read import read_run
-from pipeline.run import EXIT_INCOMPLETE, EXIT_OK, run_job
-from pipeline.shared import group_jobs, pack_rows, unpack_rows
+from salmap.pipeline.config import load_config
+from salmap.pipeline.read import read_run
+from salmap.pipeline.run import EXIT_INCOMPLETE, EXIT_OK, run_job
+from salmap.pipeline.shared import group_jobs, pack_rows, unpack_rows
 
 
 def test_pack_rows_gives_each_input_row_its_own_output_rows():
@@ -125,10 +124,10 @@ def test_two_units_of_one_model_read_each_shard_once(tmp_path, make_shards, ray_
 
 def test_the_group_reads_and_decodes_once(tmp_path, make_shards, ray_cluster):
     """The shared execution's plan: one read and one decode stage feed both units' pools."""
-    from pipeline.plan import units_of, waves_of
-    from pipeline.run import unit_execution
-    from pipeline.shared import build_group_dataset
-    from pipeline.storage import Store
+    from salmap.pipeline.plan import units_of, waves_of
+    from salmap.pipeline.run import unit_execution
+    from salmap.pipeline.shared import build_group_dataset
+    from salmap.pipeline.storage import Store
 
     shards = make_shards(n_shards=1, per_shard=1)
     cfg = _cfg(tmp_path, small_config(shards, str(tmp_path / "o")))

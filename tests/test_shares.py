@@ -8,9 +8,8 @@ import random
 
 import numpy as np
 import pytest
-
-from pipeline.accounting import UnitAccounting, held_summary, job_peak, peak_concurrency
-from pipeline.cluster import (
+from salmap.pipeline.accounting import UnitAccounting, held_summary, job_peak, peak_concurrency
+from salmap.pipeline.cluster import (
     actor_slots,
     apportion,
     cpu_reserve,
@@ -19,9 +18,9 @@ from pipeline.cluster import (
     refine_costs,
     units_that_fit,
 )
-from pipeline.config import ConfigError, load_config
-from workers.methods import names
-from workers.methods.cost import FORWARD, method_cost, metric_cost, unit_cost
+from salmap.pipeline.config import ConfigError, load_config
+from salmap.workers.methods import names
+from salmap.workers.methods.cost import FORWARD, method_cost, metric_cost, unit_cost
 
 
 # -- cost per image ------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ def test_cost_follows_params_and_the_defaults_in_the_signature(monkeypatch):
     assert method_cost("hdm", {"stages": 1, "steps": 2, "benchmark_sizes": [4],
                                "auxiliary_sizes": [8, 16]}) == pytest.approx(3 * FORWARD + 2 * 3)
     assert method_cost("scorecam", channels=2047) == pytest.approx(2048 * FORWARD)
-    from workers.methods.smoothgrad import SmoothGrad
+    from salmap.workers.methods.smoothgrad import SmoothGrad
 
     original = SmoothGrad.__init__
     sig = inspect.signature(original)
@@ -163,7 +162,7 @@ def _cfg(*overrides: str):
 
 
 def test_defaults_are_auto_and_fixed_settings_are_validated():
-    from pipeline.config import ResourcesSection
+    from salmap.pipeline.config import ResourcesSection
 
     assert ResourcesSection().actors_per_unit == "auto" and ResourcesSection().units_in_parallel == "auto"
     cfg = _cfg("resources.units_in_parallel=2", "resources.gpus_per_actor=0.5")
@@ -254,11 +253,10 @@ def test_unit_accounting_from_batches_and_the_actor_table():
 
 def test_the_actor_reports_itself_and_the_post_stage_groups_its_batches(monkeypatch):
     from conftest import jpeg_bytes
-
-    from pipeline.decode import DecodeSpec, decode_batch
-    from pipeline.execute import actor_entries
-    from workers.actor import ActorSpec, Explainer
-    from workers.columns import output_schema
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.pipeline.execute import actor_entries
+    from salmap.workers.actor import ActorSpec, Explainer
+    from salmap.workers.columns import output_schema
 
     monkeypatch.setenv("SLEEPY_MS", "0")
     explainer = Explainer(ActorSpec(model={"name": "s", "source": "sleepy_model:sleepy_net",
@@ -286,7 +284,7 @@ def test_the_actor_reports_itself_and_the_post_stage_groups_its_batches(monkeypa
 def test_report_table_of_actors_per_unit():
     from types import SimpleNamespace
 
-    from pipeline.report.page import actors_section
+    from salmap.pipeline.report.page import actors_section
 
     actors = {"pool": [3, 4], "share": 3.45, "cost_per_image": 8.333, "actors": 3, "peak": 3,
               "device_s": 1234.5, "busy_device_s": 617.25, "busy_s_per_image": 1.2,
@@ -309,11 +307,11 @@ def test_report_table_of_actors_per_unit():
 def test_a_resumed_run_shares_by_the_rates_measured_before(tmp_path, monkeypatch):
     """Declared costs say SmoothGrad is 38x Grad-CAM; an earlier driver of the run measured
     Grad-CAM at 10x SmoothGrad's device-seconds per image: the resumed run follows the rates."""
-    import pipeline.cluster as cluster
-    from pipeline.ledger import Ledger
-    from pipeline.plan import units_of, waves_of
-    from pipeline.run import _Run, plan_run
-    from pipeline.storage import Store
+    import salmap.pipeline.cluster as cluster
+    from salmap.pipeline.ledger import Ledger
+    from salmap.pipeline.plan import units_of, waves_of
+    from salmap.pipeline.run import _Run, plan_run
+    from salmap.pipeline.storage import Store
 
     monkeypatch.setattr(cluster, "cluster_resources", lambda: {"GPU": 8.0, "CPU": 64.0})
     cfg = load_config("configs/demo.yaml", [
@@ -347,8 +345,7 @@ def test_a_resumed_run_shares_by_the_rates_measured_before(tmp_path, monkeypatch
 def test_actor_lifetimes_pick_the_units_actors_from_rays_table(monkeypatch):
     import ray
     from ray._private import state
-
-    from pipeline.accounting import actor_lifetimes
+    from salmap.pipeline.accounting import actor_lifetimes
 
     table = {
         "a1": {"ActorClassName": "MapWorker(MapBatches(Explainer[m__gradcam]))",

@@ -9,9 +9,8 @@ from importlib import metadata
 
 import pytest
 from conftest import small_config
-
-from pipeline.faults import unanswered_port
-from pipeline.storage import StorageCheckError, check_storage
+from salmap.pipeline.faults import unanswered_port
+from salmap.pipeline.storage import StorageCheckError, check_storage
 
 
 def _closed_port() -> int:
@@ -107,7 +106,7 @@ def test_a_silent_endpoint_fails_after_the_request_timeout(silent_endpoint):
 
 
 def test_the_jobs_filesystem_uses_the_same_timeouts(silent_endpoint):
-    from pipeline.storage import s3_filesystem
+    from salmap.pipeline.storage import s3_filesystem
 
     fs = s3_filesystem({"endpoint": silent_endpoint, "request_timeout_s": 0.5, "retries": 1})
     t0 = time.monotonic()
@@ -206,7 +205,7 @@ def test_a_local_output_that_cannot_be_a_folder(tmp_path):
 def test_the_cli_prints_one_line_before_any_work(tmp_path, capsys, moto, failure, code):
     """A dead endpoint may come back (exit 1: schedulers retry); a missing bucket needs a
     person (exit 2, like a config error)."""
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     endpoint = f"http://127.0.0.1:{_closed_port()}" if failure == "dead endpoint" else moto
     job = tmp_path / "job.yaml"

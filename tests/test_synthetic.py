@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from workers.synthetic import (
+from salmap.workers.synthetic import (
     accuracy,
     cue_masks,
     make_dataset,
@@ -95,7 +94,7 @@ def test_models_are_pure_relu_seeded_and_cached(arch, tmp_path):
 
 def test_ground_truth_scores():
     """Relevance mass and rank accuracy (CLEVR-XAI) and the pointing game on hand-made maps."""
-    from workers.synthetic import pointing_hits, relevance_mass, relevance_rank
+    from salmap.workers.synthetic import pointing_hits, relevance_mass, relevance_rank
 
     m = torch.zeros(3, 4, 4, dtype=torch.bool)
     m[:, :2, :2] = True

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from pipeline.plan import Wave, waves_of
-from pipeline.tracker import ReconcileError, WaveTracker
+from salmap.pipeline.plan import Wave, waves_of
+from salmap.pipeline.tracker import ReconcileError, WaveTracker
 
 
 def _tracker(n_shards=4, per_wave=2, index=None, identity=None):
@@ -116,7 +115,7 @@ def test_rows_without_the_shard_end_marker_are_not_enough():
 
 
 def test_small_shards_are_read_several_per_task_big_ones_one_each():
-    from pipeline.execute import read_groups
+    from salmap.pipeline.execute import read_groups
 
     waves = waves_of([f"/d/s-{i}.tar" for i in range(10)], 8)
     small = {f"s-{i}": {"size": 10_000} for i in range(10)}

@@ -7,7 +7,7 @@ EfficientNet V2.
 * rule-based methods are refused, naming the method, the architecture and the methods that
   do run: at config time from the model's name (nothing built), and when bound to a built
   model (``package.module:callable``), never inside a batch;
-* the family table in ``workers.methods.compat`` agrees with what torchvision's models contain
+* the family table in ``salmap.workers.methods.compat`` agrees with what torchvision's models contain
   and with the README;
 * end to end (slow): ``torchvision:vit_b_16`` and ``swin_t`` at ``weights: none`` on demo
   photos through the Ray pipeline, with metrics on the patch-grid maps.
@@ -28,12 +28,11 @@ from conftest import jpeg_bytes, randomize_bn
 from family_models import PX, TINY, tiny_vit
 from method_checks import assert_restored, mixed_state, snapshot
 from PIL import Image
+from salmap.pipeline.config import ConfigError, load_config
+from salmap.workers.methods import MethodError, build, compat, names
+from salmap.workers.methods.layers import default_target_layer_name
+from salmap.workers.models import ModelError, load_model
 from torch import nn
-
-from pipeline.config import ConfigError, load_config
-from workers.methods import MethodError, build, compat, names
-from workers.methods.layers import default_target_layer_name
-from workers.models import ModelError, load_model
 
 CAMS = ["gradcam", "gradcam_pp", "layercam", "scorecam"]
 RULE_BASED = ["guided_backprop", "rectgrad", "nobias_rectgrad", "tsgb", "dmbp"]
@@ -307,7 +306,7 @@ def test_bad_reshape_in_the_config_is_a_config_error(tmp_path):
 
 
 def test_the_cli_exits_2_with_the_message(tmp_path, capsys):
-    from pipeline.cli import main
+    from salmap.pipeline.cli import main
 
     assert main(["run", _job(tmp_path, "torchvision:vit_b_16", ["tsgb"])]) == 2
     err = capsys.readouterr().err
@@ -329,8 +328,8 @@ def test_binding_a_rule_based_method_to_a_built_transformer_fails(name, method):
 def test_the_actor_refuses_at_its_start_and_runs_cams_on_the_grid(tmp_path):
     """A ``package.module:callable`` ViT: TSGB fails in the constructor; Grad-CAM's rows carry
     4x4 maps (the actor's map shape is the method's grid, not the tokens' [T, K])."""
-    from pipeline.decode import DecodeSpec, decode_batch
-    from workers.actor import ActorSpec, Explainer
+    from salmap.pipeline.decode import DecodeSpec, decode_batch
+    from salmap.workers.actor import ActorSpec, Explainer
 
     model = {"name": "vit", "source": "family_models:tiny_vit", "weights": "none",
              "input_size": PX}
@@ -442,9 +441,9 @@ def test_random_vit_has_a_drawn_head_so_maps_are_not_zero(monkeypatch):
 # -- end to end (slow) ---------------------------------------------------------------------------
 def _demo_job(tmp_path, ray_cluster, arch: str, methods: list[dict], metrics: list,
               photos: list[str], run_id: str, targets: str = "label") -> str:
-    from pipeline.api import run
-    from pipeline.demo_data import write_demo_shards
-    from pipeline.run import EXIT_OK
+    from salmap.pipeline.api import run
+    from salmap.pipeline.demo_data import write_demo_shards
+    from salmap.pipeline.run import EXIT_OK
 
     shards = write_demo_shards(str(tmp_path / "photos"), per_shard=len(photos), names=photos)
     cfg = {
@@ -461,7 +460,7 @@ def _demo_job(tmp_path, ray_cluster, arch: str, methods: list[dict], metrics: li
 
 
 def _maps(run: str, unit: str) -> tuple[np.ndarray, object]:
-    from pipeline.read import read_run
+    from salmap.pipeline.read import read_run
 
     table = read_run(run, unit=unit).to_table()
     df = table.drop(["saliency"]).to_pandas()

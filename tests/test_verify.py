@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
+from salmap.pipeline.cli import main
+from salmap.pipeline.ledger import COMMITS
+from salmap.pipeline.storage import Store
 from test_export import UNIT, write_run
-
-from pipeline.cli import main
-from pipeline.ledger import COMMITS
-from pipeline.storage import Store
 
 
 def _verify(run, capsys) -> tuple[int, str, str]:

@@ -2,7 +2,7 @@
 
 ``torchvision.io.decode_jpeg`` runs on nvJPEG with ``device="cuda"`` and on libjpeg-turbo on
 a CPU (the fallback, and what the tests run). The geometry is the CPU path's
-(:func:`pipeline.decode.crop_geometry`): resize the original to ``resized_h x resized_w``
+(:func:`salmap.pipeline.decode.crop_geometry`): resize the original to ``resized_h x resized_w``
 (bilinear, antialiased when shrinking), crop ``crop_h x crop_w`` at ``(crop_top,
 crop_left)``. The CPU path resamples the crop window straight from the original with Pillow,
 so the pixels differ by rounding (a few grey levels), the geometry not at all.

@@ -141,7 +141,7 @@ def load_model(
     factory returns it). ``weights: none`` gives seeded random weights, with
     zero-initialised heads redrawn (:func:`redraw_zero_heads`). ``mean``/``std`` replace the
     normalisation of any source. ``reshape``: the CAM target layer's output layout
-    (:mod:`workers.methods.reshape`).
+    (:mod:`salmap.workers.methods.reshape`).
     """
     from .methods.layers import resolve_layer
     from .methods.reshape import check_reshape

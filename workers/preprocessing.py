@@ -2,7 +2,7 @@
 
 The driver needs the geometry to plan the decode stage; building a ViT-H or downloading its
 weights on the driver just to read four numbers would be waste. Must agree with
-:func:`workers.models.load_model` (tested).
+:func:`salmap.workers.models.load_model` (tested).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from .models import LITE_MEAN, LITE_STD, ModelError, Preprocess
 
 def preprocess_of(source: str, weights: str | None = None, input_size: int | None = None,
                   mean=None, std=None) -> Preprocess:
-    """The :class:`Preprocess` that :func:`~workers.models.load_model` would return."""
+    """The :class:`Preprocess` that :func:`~salmap.workers.models.load_model` would return."""
     pre = Preprocess()
     if source.startswith("torchvision:") and weights not in (None, "none", "None", ""):
         import torchvision.models as tvm

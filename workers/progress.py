@@ -1,13 +1,13 @@
 """How far a model actor is inside its current batch, told to the driver while it works.
 
-The driver (:mod:`pipeline.progress`) starts one small named Ray actor, the *counter*
+The driver (:mod:`salmap.pipeline.progress`) starts one small named Ray actor, the *counter*
 (:data:`COUNTER_NAME`, in the job's namespace, shared by the job's units). Each
-:class:`workers.actor.Explainer` looks it up once and sends it, at most once a second, its
+:class:`salmap.workers.actor.Explainer` looks it up once and sends it, at most once a second, its
 unit and its own cumulative state: samples finished, the part of the current batch done, in
 samples, and the seconds its completed batches took (so the driver has a rate from the first
 completed batch on). Inside a batch the fraction comes from the method (its loops report through
-:meth:`workers.methods.base.Method.track`), then from the model metrics' forward passes
-(:func:`workers.metrics.compute_model_metrics`'s ``progress``). Without Ray, or without a
+:meth:`salmap.workers.methods.base.Method.track`), then from the model metrics' forward passes
+(:func:`salmap.workers.metrics.compute_model_metrics`'s ``progress``). Without Ray, or without a
 counter, every call is a no-op.
 """
 

@@ -19,7 +19,7 @@ and every training parameter.
 Inputs are in [0, 1]; models expect :func:`normalise`d images (``(x - 0.5) / 0.25``), so 0 in
 model space is mid-grey, the "zero" fill of the metrics and of HDM.
 
-    from workers.synthetic import make_dataset, normalise, train_model
+    from salmap.workers.synthetic import make_dataset, normalise, train_model
     data = make_dataset(2000, seed=0, spurious_fraction=0.0)
     model = train_model("vgg", data, seed=0)
     logits = model(normalise(data.images[:4]))

@@ -1,11 +1,11 @@
 """One unit's classes analysed from its committed rows, streamed: two passes over record batches.
 
 Pass 1 reads only the columns needed (sample id, target, map, boxes, metric values) a record
-batch at a time, downsamples each map at once (:func:`pipeline.analyze.core.downsample`) and
+batch at a time, downsamples each map at once (:func:`salmap.pipeline.analyze.core.downsample`) and
 keeps per class at most ``cap`` maps: those with the smallest :func:`sample_hash` of their
 sample id (a deterministic sample; a bounded buffer of ``2 * cap`` maps per class is trimmed
 as it fills), plus a few scalars per row. The sample is clustered
-(:func:`pipeline.analyze.core.cluster_maps`). Pass 2, only for classes larger than ``cap``,
+(:func:`salmap.pipeline.analyze.core.cluster_maps`). Pass 2, only for classes larger than ``cap``,
 reads the maps again and assigns each one left out to the nearest cluster centroid (its mean
 map counts all rows; the region consistency is measured on the embedded maps). Memory is
 bounded per class by ``2 * cap`` downsampled maps (``cap=2000`` at 32 x 32: 16 MB) plus about
@@ -89,7 +89,7 @@ class _Class:
 
 def metric_columns(schema: pa.Schema) -> list[str]:
     """The run's metric columns present in this unit (averaged per cluster)."""
-    from workers.columns import METRIC_COLUMNS
+    from salmap.workers.columns import METRIC_COLUMNS
 
     return [c for c in METRIC_COLUMNS if c in schema.names]
 

@@ -7,7 +7,7 @@ distributions per method, and the failures and error rows with their reasons. Wh
 more samples than fit one page, ``gallery-0001.html``, ``gallery-0002.html``, ... show every
 sample, ranked, a page at a time. Pictures are embedded as data URIs, so the folder can be
 copied, mailed or served from a bucket as it is. Class names come from the model's weights
-and from ``classes.json`` next to the shards (:mod:`pipeline.report.classes`).
+and from ``classes.json`` next to the shards (:mod:`salmap.pipeline.report.classes`).
 
 Where it goes: ``<run>/report/``. For an ``s3://`` run it is written there in the bucket
 *and* copied to a local folder, whose ``index.html`` path is returned so it can be opened in
@@ -185,7 +185,7 @@ def write_report(run: str, storage: Any = None, rank_by: str | None = None, per_
     ``page_size``: samples per model on one gallery page; ``aggregates``: the units'
     aggregates when the caller has them (``salmap run``: the ledger's), or ``commits``: the
     run's commit records already in memory; else the records are read here, a chunk at a time.
-    Either way no row is read but the gallery's maps (:mod:`pipeline.report.data`).
+    Either way no row is read but the gallery's maps (:mod:`salmap.pipeline.report.data`).
 
     Returns the absolute path of ``<run>/report/index.html`` for a local run; for an s3 run
     the report is written to ``<run>/report/`` in the bucket and the returned path is the

@@ -1,10 +1,10 @@
 """What the report shows, read from a run: manifest, summaries, per-class means, curve means,
 error reasons, and a bounded sample of rows for the gallery and the distributions.
 
-Everything comes from the units' aggregates (:mod:`pipeline.aggregate`), which the commit
+Everything comes from the units' aggregates (:mod:`salmap.pipeline.aggregate`), which the commit
 records carry: the report reads the records (a chunk at a time, none kept), not the rows, so
 its memory does not grow with the run. ``UnitData.rows`` is the unit's hash-selected sample of
-rows (every row while the unit has at most :data:`pipeline.aggregate.UNIT_SAMPLE` samples);
+rows (every row while the unit has at most :data:`salmap.pipeline.aggregate.UNIT_SAMPLE` samples);
 maps are read later, for the gallery's samples only, from the files that hold them.
 """
 
@@ -107,7 +107,7 @@ def load_run(run: str, storage: Any = None, commits: dict | None = None,
              aggregates: dict[str, dict] | None = None) -> RunData:
     """Read a run's manifest and its units' aggregates: ``aggregates`` when the caller has
     them (``salmap run`` hands over the ledger's), else from ``commits`` (records already in
-    memory), else from the commit records, read a chunk at a time (:mod:`pipeline.rollup`)."""
+    memory), else from the commit records, read a chunk at a time (:mod:`salmap.pipeline.rollup`)."""
     from ..rollup import from_commits, unit_aggregates
 
     store = Store.open(run, storage)
@@ -211,7 +211,7 @@ def _manifest_summary(info: dict) -> dict[str, dict]:
 
 def _summary(unit: UnitData, metrics: list[str]) -> dict[str, dict]:
     """The manifest's summary where it has a metric, else computed from the unit's aggregate
-    (:func:`pipeline.summary.metric_summary`)."""
+    (:func:`salmap.pipeline.summary.metric_summary`)."""
     from ..summary import metric_summary
 
     found = _manifest_summary(unit.info)
@@ -227,7 +227,7 @@ def _summary(unit: UnitData, metrics: list[str]) -> dict[str, dict]:
 def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Mean and 95% percentile-bootstrap interval of the finite values, with their count.
 
-    The same estimate as ``workers.metrics.summary.summarize`` (used by the run's manifest
+    The same estimate as ``salmap.workers.metrics.summary.summarize`` (used by the run's manifest
     summaries); kept here so the report does not import the torch-based metrics package.
     """
     v = values[np.isfinite(values)]

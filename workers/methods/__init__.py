@@ -1,6 +1,6 @@
 """The method registry: one file per method, one entry per name here.
 
-    >>> from workers.methods import build
+    >>> from salmap.workers.methods import build
     >>> gradcam = build("gradcam", model)            # target layer: the architecture's default
     >>> maps = gradcam(images, targets)              # [B, h, w] float32, raw values
 """
@@ -18,20 +18,20 @@ from .base import PRECISIONS, Method, MethodError
 
 # name -> "module:class" (imported on first use, so a broken optional method never blocks the rest)
 REGISTRY: dict[str, str] = {
-    "gradient": "workers.methods.gradient:Gradient",
-    "gradient_x_input": "workers.methods.gradient_x_input:GradientXInput",
-    "smoothgrad": "workers.methods.smoothgrad:SmoothGrad",
-    "integrated_gradients": "workers.methods.integrated_gradients:IntegratedGradients",
-    "guided_backprop": "workers.methods.guided_backprop:GuidedBackprop",
-    "gradcam": "workers.methods.gradcam:GradCAM",
-    "gradcam_pp": "workers.methods.gradcam_pp:GradCAMPlusPlus",
-    "scorecam": "workers.methods.scorecam:ScoreCAM",
-    "layercam": "workers.methods.layercam:LayerCAM",
-    "rectgrad": "workers.methods.rectgrad:RectGrad",
-    "nobias_rectgrad": "workers.methods.nobias_rectgrad:NoBiasRectGrad",
-    "tsgb": "workers.methods.tsgb:TSGB",
-    "dmbp": "workers.methods.dmbp:DMBP",
-    "hdm": "workers.methods.hdm:HDM",
+    "gradient": "salmap.workers.methods.gradient:Gradient",
+    "gradient_x_input": "salmap.workers.methods.gradient_x_input:GradientXInput",
+    "smoothgrad": "salmap.workers.methods.smoothgrad:SmoothGrad",
+    "integrated_gradients": "salmap.workers.methods.integrated_gradients:IntegratedGradients",
+    "guided_backprop": "salmap.workers.methods.guided_backprop:GuidedBackprop",
+    "gradcam": "salmap.workers.methods.gradcam:GradCAM",
+    "gradcam_pp": "salmap.workers.methods.gradcam_pp:GradCAMPlusPlus",
+    "scorecam": "salmap.workers.methods.scorecam:ScoreCAM",
+    "layercam": "salmap.workers.methods.layercam:LayerCAM",
+    "rectgrad": "salmap.workers.methods.rectgrad:RectGrad",
+    "nobias_rectgrad": "salmap.workers.methods.nobias_rectgrad:NoBiasRectGrad",
+    "tsgb": "salmap.workers.methods.tsgb:TSGB",
+    "dmbp": "salmap.workers.methods.dmbp:DMBP",
+    "hdm": "salmap.workers.methods.hdm:HDM",
 }
 
 COMMON_OPTIONS = ("precision", "inner_batch_size")

@@ -26,7 +26,7 @@ class Method(abc.ABC):
     implement :meth:`attribute`; the base class puts the model in eval mode with frozen
     parameters for the duration of the call and restores it afterwards, even on error.
 
-    Common options every method accepts (set by :func:`workers.methods.build`):
+    Common options every method accepts (set by :func:`salmap.workers.methods.build`):
     ``precision`` (fp32 | bf16 | fp16, autocast of the forward passes only) and
     ``inner_batch_size`` (the most images an iterative method puts through one forward).
 

@@ -5,7 +5,7 @@ subclasses :class:`CAMMethod` and implements :meth:`CAMMethod.weights`. Maps com
 target layer's native resolution ``[B, u, v]`` (a transformer's patch grid: 14x14 for ViT-B/16
 at 224 px), raw (no upsampling, no min-max scaling): the pipeline upsamples and scales them
 afterwards. Token and channels-last outputs become ``[B, K, u, v]`` grids by
-:mod:`workers.methods.reshape`.
+:mod:`salmap.workers.methods.reshape`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class CAMMethod(Method):
     Gradients flow only from the target logit down to the target layer (the capture cuts the
     graph there), so the input never requires grad and nothing below the layer is touched.
     ``reshape`` (``None``/"auto", "nchw", "nhwc", "tokens"): the target layer's output layout,
-    see :mod:`workers.methods.reshape`.
+    see :mod:`salmap.workers.methods.reshape`.
     """
 
     uses_target_layer = True

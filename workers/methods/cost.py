@@ -1,5 +1,5 @@
 """Expected work per image of a method, from its parameters: what the driver uses to give each
-unit a share of the devices in proportion to its work (:mod:`pipeline.cluster`).
+unit a share of the devices in proportion to its work (:mod:`salmap.pipeline.cluster`).
 
 The unit is one forward + one backward pass of the model (``F+B``); a forward alone counts
 :data:`FORWARD` (a backward costs about two forwards). The formulas follow each method's
@@ -75,7 +75,7 @@ def metric_cost(specs: dict[str, dict]) -> float:
     """Work per image of the model-side metrics (``{name: params}``), in F+B units: forward
     passes only (deletion and insertion ``steps + 1`` each, ROAD two per percentile, Average
     Drop and Increase in Confidence one masked forward together)."""
-    from workers.metrics import METRICS
+    from salmap.workers.metrics import METRICS
 
     forwards = 0
     masked = False

@@ -17,7 +17,7 @@ class GradCAM(CAMMethod):
 
     Raw map: no upsampling and no min-max scaling (the pipeline does both; pytorch-grad-cam
     upsamples bilinearly and scales ``(L - min) / (max + 1e-7)``). Target layer defaults per
-    architecture (:func:`workers.methods.layers.default_target_layer_name`).
+    architecture (:func:`salmap.workers.methods.layers.default_target_layer_name`).
     """
 
     name = "gradcam"

@@ -13,7 +13,7 @@ from .rectgrad import RectGrad
 class NoBiasRectGrad(RectGrad):
     """The rectified gradient itself, ``A = g_x`` (lenbrocki/NoBias-Rectified-Gradient).
 
-    Same rules, parameters and defaults as :class:`~workers.methods.rectgrad.RectGrad`
+    Same rules, parameters and defaults as :class:`~salmap.workers.methods.rectgrad.RectGrad`
     (``q=98`` per sample and layer, strict ``>``, padding trick on padded convs), but no
     multiplication by the input, which removes RectGrad's "brightness bias" (zero where the
     normalised input is 0). ``NoBias * x == RectGrad`` element-wise before the reduction.

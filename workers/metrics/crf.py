@@ -6,7 +6,7 @@ of the ``pydensecrf`` binding; without it :func:`crf_label_map` raises :class:`C
 IRN (``jiwoon-ahn/irn``, ``step/cam_to_ir_label.py`` and ``misc/imutils.py``
 ``crf_inference_label``) refines twice, once with the background score set to the foreground
 threshold and once with it set to the background threshold, and combines the two labellings
-as :func:`workers.metrics.label_maps.label_map` combines thresholds: a pixel is a class where
+as :func:`salmap.workers.metrics.label_maps.label_map` combines thresholds: a pixel is a class where
 the first labelling says so, background where both say background, ignored elsewhere. Its
 unary is ``unary_from_labels`` of the arg-max labels with ``gt_prob=0.7``; its pairwise terms
 are a Gaussian kernel (``sxy=3, compat=3``) and a bilateral kernel on the image (``sxy=50,
@@ -95,7 +95,7 @@ def crf_label_map(image: np.ndarray, scores: np.ndarray, classes: Sequence[int],
                   gaussian: Sequence[float] = (3, 3),
                   bilateral: Sequence[float] = (50, 5, 10)) -> np.ndarray:
     """The CRF-refined label map (uint16 ``[H, W]``, values as in
-    :func:`workers.metrics.label_maps.label_map`) of normalised class scores ``[k, H, W]`` on
+    :func:`salmap.workers.metrics.label_maps.label_map`) of normalised class scores ``[k, H, W]`` on
     the RGB image ``[H, W, 3]`` (uint8) they were computed for."""
     check_thresholds(fg, bg)
     if unary not in UNARIES:

@@ -50,7 +50,7 @@ def compute_model_metrics(
 
     Args:
         names: model metrics (``deletion_auc``, ``insertion_auc``, ``average_drop``,
-            ``confidence_increase``, ``road``); see :data:`workers.metrics.METRICS`.
+            ``confidence_increase``, ``road``); see :data:`salmap.workers.metrics.METRICS`.
         forward: model-input batch -> float32 logits ``[N, classes]`` (eval mode; called
             under ``torch.inference_mode``).
         images: ``[B, 3, H, W]`` model-normalised input, on the model's device.
@@ -58,7 +58,7 @@ def compute_model_metrics(
             align_corners=False) to ``H x W``.
         targets: ``[B]`` int64, the explained class of each sample.
         params: flat options and/or per-metric dicts (``{"deletion_auc": {...}}``), see
-            :func:`workers.metrics.registry.resolve_params`.
+            :func:`salmap.workers.metrics.registry.resolve_params`.
         mean, std: the model's input normalisation (for pixel-space substrates/products).
         max_batch: the most images per forward (memory budget); jobs of all samples, steps
             and metrics share chunks.

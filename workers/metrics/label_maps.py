@@ -10,7 +10,7 @@ A label map gives every pixel of the original image one value:
 
 The map is stored as a 16-bit grayscale PNG (:func:`encode_png`): 1000 ImageNet classes do not
 fit an 8-bit PNG with 255 reserved. ``salmap export --format voc-masks`` rewrites it as the
-8-bit palette PNG that VOC-style training code reads (:mod:`pipeline.export`).
+8-bit palette PNG that VOC-style training code reads (:mod:`salmap.pipeline.export`).
 
 Thresholds follow IRN (Ahn, Cho & Kwak, CVPR 2019; ``jiwoon-ahn/irn``, ``run_sample.py``
 ``conf_fg_thres=0.30``, ``conf_bg_thres=0.05``; ``step/cam_to_ir_label.py``): each class map is

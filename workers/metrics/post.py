@@ -35,12 +35,12 @@ def compute_post_metrics(
         names: post metrics: ``pointing_game``, ``energy_pointing``, ``gini``,
             ``pseudo_box``, ``pseudo_mask``, ``box_iou``.
         saliency_orig: ``float32 [H0, W0]`` raw map in original-image pixels
-            (:func:`workers.metrics.geometry.map_to_original`).
+            (:func:`salmap.workers.metrics.geometry.map_to_original`).
         boxes: GT boxes of the explained class, ``[x0, y0, x1, y1]`` in original pixels
             (continuous edges, x1/y1 exclusive), or None when the dataset has none.
         params: flat options and/or per-metric dicts (see the registry defaults).
         saliency_input: the same map over the model input at the input's resolution
-            (:func:`workers.metrics.geometry.map_to_input`); required by ``gini``.
+            (:func:`salmap.workers.metrics.geometry.map_to_input`); required by ``gini``.
         difficult: one flag per box (VOC ``difficult``): the pointing game skips the trial
             (None) when every box is difficult, as TorchRay does on VOC; the other metrics use
             every box.

@@ -1,9 +1,9 @@
 """The metric registry: name -> kind, the output columns it fills, its default parameters.
 
 ``kind`` is ``"model"`` for metrics that need forward passes (run by
-:func:`workers.metrics.engine.compute_model_metrics` inside the model actor) and ``"post"`` for
+:func:`salmap.workers.metrics.engine.compute_model_metrics` inside the model actor) and ``"post"`` for
 metrics computed on CPU from the map in original-image pixels
-(:func:`workers.metrics.post.compute_post_metrics`).
+(:func:`salmap.workers.metrics.post.compute_post_metrics`).
 
 Parameter names are unique across metrics unless they mean the same thing everywhere
 (``steps``, ``tie_seed``, ``score``, ``curves``), so a caller may pass one flat dict for all

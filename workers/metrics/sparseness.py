@@ -5,7 +5,7 @@ a = |map| / max|map| + eps, sorted ascending; Gini = sum_i (2i - n - 1) a_i / (n
 higher = more concentrated. Scale- and permutation-invariant. The value depends on the map's
 resolution (an upsampled 7x7 CAM is smoother than a pixel-level gradient) and on any padding
 (zeros count as concentration): the post stage computes it on the map over the model input,
-upsampled bilinearly to the input's resolution (:func:`workers.metrics.geometry.map_to_input`),
+upsampled bilinearly to the input's resolution (:func:`salmap.workers.metrics.geometry.map_to_input`),
 so every method is compared at one resolution and the photo's margin outside the centre crop,
 which the model never saw, does not count.
 """
