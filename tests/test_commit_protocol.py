@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 
 import pytest
 from s3_counting import CountingS3
@@ -316,3 +317,51 @@ def test_a_real_run_on_s3_commits_with_three_requests_and_resumes_with_one_per_r
         assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK  # already complete
         again = [(k, p) for k, p in s3.log.since(mark) if "/_commits/" in p]
         assert sorted(k for k, p in again if p.endswith(".json")) == ["GET", "GET"], again
+
+
+@pytest.mark.parametrize("faults, committed", [(5, 2), (10, 0)])
+def test_a_failed_record_write_is_retried_by_the_unit_then_reported(tmp_path, monkeypatch,
+                                                                      faults, committed):
+    """The first record write fails after the storage's 5 attempts: the wave stays pending,
+    the unit's retry redoes it (5 faults: both waves end committed); when the retry's write
+    fails too (10 faults), the failure names the record and the storage error."""
+    import pipeline.run
+    from pipeline.run import _run_unit
+
+    cfg = _cfg(tmp_path, "/unused")
+    store = Store.open(str(tmp_path / "run"))
+    run, unit = _driver(cfg, store)
+    said: list[str] = []
+    run.out = said.append
+    waves = waves_of(["/x/s-0.tar", "/x/s-1.tar"], 1)
+    attempts = []
+
+    def execution(ex, tracker, on_commit, on_progress=None, accounting=None):
+        """The unit's execution, Ray stubbed: each pending wave's file, rows and shard end."""
+        attempts.append([w.id for w in ex.waves])
+        for wave in ex.waves:
+            name = wave.shards[0].rsplit("/", 1)[1][:-4]
+            key = f"{unit.data_prefix}/{wave.id}/part-{len(attempts)}.parquet"
+            store.write_bytes(key, b"x")
+            tracker.add_file(key, [(f"{name}/0", name, 1, "ok")])
+            tracker.add_marker(name, 1)
+            for record in tracker.ready():
+                on_commit(record)
+
+    monkeypatch.setattr(pipeline.run, "unit_execution",
+                        lambda cfg, u, w, s, a=None: types.SimpleNamespace(waves=list(w)))
+    monkeypatch.setattr(pipeline.run, "run_unit", execution)
+    monkeypatch.setenv("SALMAP_INJECT_WRITE_FAULTS", f"{faults}:{tmp_path / 'faults'}")
+    monkeypatch.setattr("pipeline.storage.time.sleep", lambda s: None)
+    _run_unit(run, unit, waves, {}, {})
+    # the first attempt failed at its first commit; the retry redid both waves
+    assert attempts == [[waves[0].id, waves[1].id]] * 2
+    assert len(load_commits(store).get(unit.id, {})) == committed
+    if committed:
+        assert not run.failures and "retrying" in " ".join(said)
+        # the first attempt's file of the redone wave is gone, the record's is there
+        assert store.list(f"{unit.data_prefix}/{waves[0].id}") == [
+            f"{unit.data_prefix}/{waves[0].id}/part-2.parquet"]
+    else:
+        (line,) = run.failures
+        assert store.url(commit_key(unit.id, waves[0].id)) in line and "SLOW_DOWN" in line
