@@ -189,13 +189,20 @@ def read_batches(run: str, unit: str | None = None, columns: list[str] | None = 
     commits = _commits(run, store, None)
     wanted = [resolve_unit(unit, list(commits))] if unit is not None else \
         sorted(u for u, w in commits.items() if w)
+    import pyarrow.parquet as pq
+
     for u in wanted:
-        ds = read_run(run, unit=u, endpoint=endpoint, storage=storage, commits=commits)
-        names = ds.schema.names
+        files = committed_files(commits, u)
+        if not files:
+            continue
+        with store.fs.open_input_file(store.path(files[0])) as src:
+            names = pq.ParquetFile(src).schema_arrow.names
         cols = [c for c in (columns or names) if c in names and (columns or c not in HEAVY_COLUMNS)]
         if columns and [c for c in columns if c not in names]:
             missing = ", ".join(c for c in columns if c not in names)
             raise KeyError(f"{u}: no column {missing}; columns: {', '.join(names)}")
-        for batch in ds.to_batches(columns=cols, batch_size=batch_rows):
-            if batch.num_rows:
-                yield batch.to_pandas()
+        for f in files:  # one file at a time: no scanner read-ahead across the unit's files
+            with store.fs.open_input_file(store.path(f)) as src:
+                for batch in pq.ParquetFile(src).iter_batches(batch_size=batch_rows, columns=cols):
+                    if batch.num_rows:
+                        yield batch.to_pandas()

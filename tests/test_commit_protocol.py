@@ -325,8 +325,8 @@ def test_a_failed_record_write_is_retried_by_the_unit_then_reported(tmp_path, mo
     """The first record write fails after the storage's 5 attempts: the wave stays pending,
     the unit's retry redoes it (5 faults: both waves end committed); when the retry's write
     fails too (10 faults), the failure names the record and the storage error."""
-    import pipeline.run
-    from pipeline.run import _run_unit
+    import salmap.pipeline.run
+    from salmap.pipeline.run import _run_unit
 
     cfg = _cfg(tmp_path, "/unused")
     store = Store.open(str(tmp_path / "run"))
@@ -348,11 +348,11 @@ def test_a_failed_record_write_is_retried_by_the_unit_then_reported(tmp_path, mo
             for record in tracker.ready():
                 on_commit(record)
 
-    monkeypatch.setattr(pipeline.run, "unit_execution",
+    monkeypatch.setattr(salmap.pipeline.run, "unit_execution",
                         lambda cfg, u, w, s, a=None: types.SimpleNamespace(waves=list(w)))
-    monkeypatch.setattr(pipeline.run, "run_unit", execution)
+    monkeypatch.setattr(salmap.pipeline.run, "run_unit", execution)
     monkeypatch.setenv("SALMAP_INJECT_WRITE_FAULTS", f"{faults}:{tmp_path / 'faults'}")
-    monkeypatch.setattr("pipeline.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr("salmap.pipeline.storage.time.sleep", lambda s: None)
     _run_unit(run, unit, waves, {}, {})
     # the first attempt failed at its first commit; the retry redid both waves
     assert attempts == [[waves[0].id, waves[1].id]] * 2
