@@ -193,7 +193,7 @@ def _base_config(shards: list[str], output: str, run_id: str, args) -> dict:
     }
 
 
-def run_once(work: Path, n_images: int, args, tag: str, tries: int = 3) -> dict:
+def run_once(work: Path, n_images: int, args, tag: str, tries: int = 6) -> dict:
     """One run; again (up to ``tries``) when Ray could not start on a loaded machine."""
     for attempt in range(1, tries + 1):
         try:
