@@ -113,7 +113,7 @@ def run_method(name: str, model, images, labels, batch: int, device) -> tuple[to
 def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> dict:
     """Per-photo deletion/insertion AUC, pointing hits and Gini of ``maps``."""
     from salmap.workers.metrics import compute_model_metrics, compute_post_metrics
-    from salmap.workers.metrics.geometry import map_to_original
+    from salmap.workers.metrics.geometry import map_to_input, map_to_original
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x).float()
@@ -125,7 +125,8 @@ def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> 
     hits, ginis = [], []
     for i in range(maps.shape[0]):
         orig = map_to_original(maps[i], transforms[i])
-        post = compute_post_metrics(["pointing_game", "gini"], orig, boxes[i])
+        post = compute_post_metrics(["pointing_game", "gini"], orig, boxes[i],
+                                    saliency_input=map_to_input(maps[i], transforms[i]))
         hits.append(post["pointing_hit"])
         ginis.append(post["gini"])
     return {"deletion": faith["deletion_auc"].tolist(), "insertion": faith["insertion_auc"].tolist(),
