@@ -60,7 +60,8 @@ def test_init_writes_the_packaged_configs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert cli._default_config() == str(packaged / "demo.yaml")
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"configs/*.yaml"' in pyproject  # and the wheel carries them (tests/test_packaging.py)
+    assert '"salmap.pipeline.configs" = ["*.yaml"]' in pyproject  # the wheel carries them
+    # (tests/test_packaging.py)
 
 
 def test_shards_prints_what_it_skipped(tmp_path, capsys):
