@@ -227,7 +227,6 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
-        self.commit_lock_idle = threading.Condition(self.commit_lock)
         self.manifest_seq = 0
         self._manifest_guard = threading.Lock()
         self._manifest_next: tuple[int, dict] | None = None
@@ -317,7 +316,6 @@ class _Run:
         finally:
             with self.commit_lock:
                 self.in_flight -= 1
-                self.commit_lock_idle.notify_all()
 
     def _publish(self, snapshot: tuple[int, dict]) -> None:
         """Write the newest manifest; a thread that finds another writing leaves its snapshot
@@ -342,8 +340,9 @@ class _Run:
 
     def wait_for_commits(self, timeout: float = 60.0) -> None:
         """After ``stopping`` is set: wait (bounded) until no commit is in flight."""
-        with self.commit_lock:
-            self.commit_lock_idle.wait_for(lambda: self.in_flight == 0, timeout)
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _fail(self, line: str) -> None:
         self.failures.append(line)
