@@ -149,6 +149,8 @@ def cmd_read(args: argparse.Namespace) -> int:
         MAP_COLUMN,
         RunNotFound,
         UnitNotFound,
+        count_rows,
+        head,
         read_run,
         resolve_unit,
         to_maps,
@@ -171,11 +173,10 @@ def cmd_read(args: argparse.Namespace) -> int:
         typ = ds.schema.field(MAP_COLUMN).type if MAP_COLUMN in ds.schema.names else None
         shape = "x".join(map(str, typ.shape)) if typ is not None else "?"
         dtype = str(typ.value_type).replace("halffloat", "float16") if typ is not None else "?"
-        n = ds.count_rows()
+        n = count_rows(ds)
         print(f"{u}: {n} committed rows, maps {shape} ({dtype})")
         # the first rows only: ``salmap read`` prints a head, it never loads the unit
-        frames.append(ds.head(args.head, columns=[c for c in ds.schema.names
-                                                  if c not in HEAVY_COLUMNS]))
+        frames.append(head(ds, args.head, [c for c in ds.schema.names if c not in HEAVY_COLUMNS]))
     if args.maps:
         if len(datasets) != 1:
             print("salmap: --maps needs one unit (--unit)", file=sys.stderr)

@@ -206,3 +206,36 @@ def read_batches(run: str, unit: str | None = None, columns: list[str] | None = 
                 for batch in pq.ParquetFile(src).iter_batches(batch_size=batch_rows, columns=cols):
                     if batch.num_rows:
                         yield batch.to_pandas()
+
+
+def count_rows(ds: pads.Dataset) -> int:
+    """The rows of a dataset from its files' footers, one file at a time (bounded memory)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in ds.files:
+        with ds.filesystem.open_input_file(f) as src:
+            total += pq.ParquetFile(src).metadata.num_rows
+    return total
+
+
+def head(ds: pads.Dataset, n: int, columns: list[str]) -> pa.Table:
+    """The first ``n`` rows of a dataset, read file by file until there are enough."""
+    import pyarrow.parquet as pq
+
+    batches: list[pa.RecordBatch] = []
+    got = 0
+    for f in ds.files:
+        if got >= n:
+            break
+        with ds.filesystem.open_input_file(f) as src:
+            pf = pq.ParquetFile(src)
+            for batch in pf.iter_batches(batch_size=max(1, n), columns=[
+                    c for c in columns if c in pf.schema_arrow.names]):
+                batches.append(batch.slice(0, n - got))
+                got += batches[-1].num_rows
+                if got >= n:
+                    break
+    if not batches:
+        return ds.schema.empty_table().select([c for c in columns if c in ds.schema.names])
+    return pa.Table.from_batches(batches).slice(0, n)
