@@ -39,7 +39,7 @@ demo: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check salmap pipeline workers tests bench scripts
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 bench: setup-test
 	$(PY) bench/run_all.py
