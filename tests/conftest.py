@@ -150,6 +150,19 @@ def photo_batch(photos, lite0) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_moto_state():
+    """moto keeps its buckets in this process's memory, shared by every moto server a test
+    starts: each test begins with none, so one test's run (s3://bkt/runs/t) is never another's."""
+    yield
+    import sys
+
+    if "moto" in sys.modules:
+        from moto.moto_api._internal import moto_api_backend
+
+        moto_api_backend.reset()
+
+
 RAY_DASHBOARD = ""
 
 

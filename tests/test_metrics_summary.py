@@ -165,7 +165,8 @@ def test_specs_are_immutable_and_listed_by_kind():
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         METRICS["gini"].kind = "model"  # type: ignore[misc]
-    assert names("model") == ["deletion_auc", "insertion_auc", "average_drop",
+    assert names("model") == ["deletion_auc", "insertion_auc", "region_deletion_auc",
+                              "region_insertion_auc", "average_drop",
                               "confidence_increase", "road"]
     assert set(names("post")) == set(METRICS) - set(names("model"))
     assert names() == list(METRICS)

@@ -12,7 +12,7 @@ from salmap.pipeline.cli import build_parser, main
 from salmap.pipeline.config import ConfigError, load_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s3():
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer

@@ -20,7 +20,7 @@ def _rows(url, **kw):
     return [r for chunk in read_shard(str(url), **kw) for r in chunk]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def counting_s3():
     import pyarrow.fs as pafs
 
