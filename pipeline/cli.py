@@ -38,8 +38,11 @@ NO_SUPERVISOR = "SALMAP_NO_SUPERVISOR"  # 1: run the driver in this process (deb
 
 
 def say(line: str, err: bool = True) -> None:
-    """One line to stderr (or stdout), credentials in URLs redacted."""
-    print(redact(line), file=sys.stderr if err else sys.stdout, flush=True)
+    """One line to stderr (or stdout), credentials in URLs redacted, in ONE write: a driver that
+    Ray's core ends between the text and its newline would glue the next line onto it."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(redact(line) + "\n")
+    stream.flush()
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # demo.yaml, example.yaml
 
@@ -119,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if noise is not None:
             noise.start()
         with sigterm_as_interrupt():  # a scheduler's SIGTERM unwinds like Ctrl-C: exit 3
-            result = run_job(cfg, out=lambda line: print(redact(line), flush=True), report=True)
+            result = run_job(cfg, out=lambda line: say(line, err=False), report=True)
     except (LockHeld, LockLost) as err:  # LockLost: another driver took the run over
         say(f"salmap: {err}")
         return EXIT_LOCKED

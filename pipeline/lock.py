@@ -43,13 +43,19 @@ class LockLost(RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host. A zombie (killed, not yet reaped: a driver whose
+    parent died, in a container whose init does not reap) is dead: it will never renew."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError, ValueError):
         return pid > 0
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # -- the compare-and-swap primitives, per kind of store ----------------------------------------

@@ -24,6 +24,7 @@ from .shard_reader import split_member
 
 PREFIX_BYTES = 4 << 20
 _cache: dict[tuple[str, int | None], int] = {}
+_prefixes: dict[tuple[str, str], tuple[bytes, int]] = {}  # the first 4 MiB of a remote shard
 _lock = threading.Lock()
 
 
@@ -59,9 +60,15 @@ def count_local(path: str) -> int:
 def _prefix(url: str, storage: Any) -> tuple[bytes, int]:
     from .storage import open_filesystem
 
+    with _lock:
+        if ("prefix", url) in _prefixes:  # one read per shard and driver, not one per unit
+            return _prefixes[("prefix", url)]
     fs, path = open_filesystem(url, storage)
     with fs.open_input_file(path) as f:
-        return f.read_at(PREFIX_BYTES, 0), f.size()
+        got = f.read_at(PREFIX_BYTES, 0), f.size()
+    with _lock:
+        _prefixes[("prefix", url)] = got
+    return got
 
 
 def unit_total(shards: list[str], index: dict[str, int], identity: dict[str, dict],

@@ -121,9 +121,9 @@ def test_run_a_dict_config_then_read_it_with_maps(tmp_path, ray_cluster, monkeyp
     assert list(result.aggregates) == ["r18__integrated_gradients"]
     assert agg["rows"] == 2 and agg["complete"] and len(agg["sample"]["rows"]) == 2
     committed = next(i for i, ln in enumerate(lines) if "committed wave" in ln)
-    inside = [float(m.group(1)) for ln in lines[:committed]
-              if (m := re.match(r"salmap: r18__integrated_gradients: (\d+\.\d) samples", ln))]
-    assert any(0 < v < 2 for v in inside), lines  # moved before the batch was written
+    inside = [int(m.group(1)) for ln in lines[:committed]
+              if (m := re.match(r"salmap: r18__integrated_gradients: \d+/2 samples \((\d+)%\)", ln))]
+    assert any(0 < v < 100 for v in inside), lines  # moved before the batch was written
     df = api.read(result.output, maps=True)
     assert len(df) == 2 and all(m.shape == (64, 64) for m in df["saliency"])
     assert np.array_equal(np.stack(df["saliency"]), api.maps(result.output, "integrated_gradients"))

@@ -152,7 +152,7 @@ def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
     assert p.stderr == "", p.stderr  # no token notice, no Ray Data INFO, no core_worker line
     salmap_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("salmap:")]
     assert any("committed wave" in ln for ln in salmap_lines)
-    assert any(ln.startswith("salmap: r18__gradient: 2 samples") for ln in salmap_lines)
+    assert any(ln.startswith("salmap: r18__gradient: 2/2 samples (100%)") for ln in salmap_lines)
     assert "INFO" not in p.stdout and "WARNING" not in p.stdout and "core_worker" not in p.stdout
 
 

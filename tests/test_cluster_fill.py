@@ -65,7 +65,10 @@ def test_default_config_fills_four_gpus_with_cost_aware_shares(tmp_path, gpu_clu
         "models": [{"name": "sleepy", "source": "sleepy_model:sleepy_net", "input_size": 32}],
         # declared work per image: 1/3 + 1 (gradient) vs 1/3 + 8 (SmoothGrad, 8 samples)
         "methods": [{"name": "gradient"}, {"name": "smoothgrad", "params": {"nsamples": 8}}],
-        "resources": {"batch_size": 2, "decode_batch_size": 2},  # actors and units: defaults
+        # actors and units: defaults; the units run apart: a shared read + decode (the default
+        # for units of one model) chains both pools for the whole execution, so the cheap
+        # unit's actors live as long as the costly one's (coupled progress, README design)
+        "resources": {"batch_size": 2, "decode_batch_size": 2, "share_decode": False},
     }
     (tmp_path / "job.yaml").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}

@@ -128,7 +128,8 @@ def test_a_hostile_shard_commits_its_good_samples_and_exports_inside(tmp_path, r
     cfg_path = tmp_path / "job.json"
     cfg_path.write_text(small_config([str(shard)], str(out), methods=[{"name": "gradcam"}],
                                      pseudo_labels={"label_maps": True}))
-    cfg = load_config(str(cfg_path), [f"ray.address={ray_cluster}"])
+    # the hostile samples are error rows on purpose: above run.max_error_rate's default
+    cfg = load_config(str(cfg_path), [f"ray.address={ray_cluster}", "run.max_error_rate=1"])
     result = run_job(cfg, out=lambda *a: None)
     assert result.exit_code == EXIT_OK and not result.failures
     df = read_frame(str(out / "t")).set_index("key")

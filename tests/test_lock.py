@@ -284,3 +284,24 @@ def test_a_run_that_loses_its_lock_commits_nothing_more(tmp_path, make_shards, r
         run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
     assert len(list(run.glob("_commits/*/*.json"))) == 1
     assert json.loads((run / LOCK_KEY).read_text())["owner"] == "intruder"
+
+
+def test_a_zombie_driver_is_dead():
+    """A driver killed with its parent stays a zombie where init does not reap (containers):
+    its lock must be taken over, not waited on for the whole lease."""
+    import signal
+    import subprocess
+
+    from salmap.pipeline.lock import _pid_alive
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while _pid_alive(child.pid) and time.time() < deadline:  # killed, not reaped yet
+            time.sleep(0.05)
+        assert not _pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()

@@ -123,7 +123,9 @@ def small_run(tmp_path_factory, ray_cluster):
     job.write_text(small_config(
         [str(root / "shards" / "readme-000000.tar")], str(root / "runs"), run_id="readme",
         metrics=["gini", "pseudo_box", {"deletion_auc": {"steps": 4}}, "insertion_auc"]))
-    result = run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=lambda *a: None)
+    # one sample of four is an error row on purpose: above run.max_error_rate's default
+    result = run_job(load_config(str(job), [f"ray.address={ray_cluster}", "run.max_error_rate=1"]),
+                     out=lambda *a: None)
     assert result.exit_code == EXIT_OK
     return root / "runs" / "readme"
 

@@ -123,7 +123,10 @@ def test_two_units_of_one_model_read_each_shard_once(tmp_path, make_shards, ray_
         df = read_run(f"s3://data/runs/r{int(share)}", storage=storage).to_table().to_pandas()
         rows[share] = df.sort_values(["method", "sample_id"]).reset_index(drop=True)
     assert counts[True] == one_read, (counts, one_read)  # read once for both units
-    assert counts[False] == [2 * n for n in one_read], (counts, one_read)  # once per unit
+    # once per unit; the first shard also gives the progress line its total (no shards.json):
+    # one ranged read of its head per driver, whatever the number of units
+    assert counts[False][1:] == [2 * n for n in one_read[1:]], (counts, one_read)
+    assert counts[False][0] in (2 * one_read[0], 2 * one_read[0] + 1), (counts, one_read)
     shared, alone = rows[True], rows[False]
     assert len(shared) == 8 and (shared.status == "ok").all()
     for col in ("sample_id", "method", "target", "pred", "saliency_png"):
