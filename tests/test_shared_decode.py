@@ -124,9 +124,9 @@ def test_two_units_of_one_model_read_each_shard_once(tmp_path, make_shards, ray_
         rows[share] = df.sort_values(["method", "sample_id"]).reset_index(drop=True)
     assert counts[True] == one_read, (counts, one_read)  # read once for both units
     # once per unit; the first shard also gives the progress line its total (no shards.json):
-    # one ranged read of its head per driver, whatever the number of units
+    # ranged reads of its head, within issue 20's bound of 2 GETs per shard and unit
     assert counts[False][1:] == [2 * n for n in one_read[1:]], (counts, one_read)
-    assert counts[False][0] in (2 * one_read[0], 2 * one_read[0] + 1), (counts, one_read)
+    assert 2 * one_read[0] <= counts[False][0] <= 2 * 2 * one_read[0], (counts, one_read)
     shared, alone = rows[True], rows[False]
     assert len(shared) == 8 and (shared.status == "ok").all()
     for col in ("sample_id", "method", "target", "pred", "saliency_png"):
