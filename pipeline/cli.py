@@ -406,9 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("folder", nargs="?", default="configs")
     it.add_argument("--force", action="store_true", help="overwrite existing files")
     it.set_defaults(func=cmd_init)
-    co = sub.add_parser("constraints", help="print the pinned torch / torchvision / Ray versions "
-                                            "salmap is tested with (pip install -c); also "
-                                            "`python -m pipeline.constraints` before the deps")
+    co = sub.add_parser("constraints", help="print the locked package set (torch, torchvision, Ray, "
+                                            "...) salmap is tested with (pip install -c); also "
+                                            "`python -m salmap.pipeline.constraints` before the deps")
     co.set_defaults(func=cmd_constraints)
     return p
 
