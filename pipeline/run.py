@@ -638,42 +638,6 @@ def _fixed_actors(cfg: SalmapConfig) -> int:
     return 1 if n == "auto" else int(n)
 
 
-def _run_units_in_threads(run: _Run, todo: list[tuple[Unit, list[Wave]]], parallel: int,
-                          identity: dict, index: dict,
-                          actors: dict[str, int | tuple[int, int]] | None = None) -> None:
-    """Several units at once, each its own execution and actor pool (several devices busy).
-
-    The units start in ``todo``'s order, each with its pool from ``actors``. Daemon threads:
-    on Ctrl-C / SIGTERM the main thread stops further commits and exits
-    without waiting for a long batch to end (the uncommitted waves are redone on resume).
-    """
-    queue = list(todo)
-    errors: list[BaseException] = []
-    qlock = threading.Lock()
-
-    def worker() -> None:
-        while not run.stopping.is_set():
-            with qlock:
-                if not queue:
-                    return
-                unit, waves = queue.pop(0)
-            try:
-                _run_unit(run, unit, waves, identity, index, (actors or {}).get(unit.id))
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(err)
-                return
-
-    threads = [threading.Thread(target=worker, name=f"salmap-unit-{i}", daemon=True)
-               for i in range(parallel)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.5)  # short joins keep the main thread responsive to signals
-    if errors:
-        raise errors[0]
-
-
 MAX_ATTEMPTS = 2  # a unit's execution is retried once for its uncommitted waves
 
 
