@@ -162,6 +162,13 @@ def plan_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
 
     key = (kind, steps, params["map_sign"], int(params["tie_seed"]), sub_name,
            int(params["blur_kernel"]), float(params["blur_sigma"]))
+    group = JobGroup(key, samples, render)
+    return Plan([ctx.clean_group(), group], curve_finish(key, kind, kind, b, steps, params))
+
+
+def curve_finish(key: tuple, kind: str, name: str, b: int, steps: int, params: dict[str, Any]):
+    """The plan's finish for a deletion / insertion curve: the clean score and the ``steps``
+    scores of job group ``key`` -> ``<name>_auc`` (and ``<name>_curve`` when asked)."""
     col = score_index(params)
     want_curves = bool(params["curves"])
 
@@ -169,13 +176,12 @@ def plan_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
         clean = scores[CLEAN][:, col].view(b, 1)
         body = scores[key][:, col].view(b, steps)
         curve = torch.cat([clean, body] if kind == "deletion" else [body, clean], dim=1)
-        out: dict[str, Any] = {f"{kind}_auc": auc(curve).cpu()}
+        out: dict[str, Any] = {f"{name}_auc": auc(curve).cpu()}
         if want_curves:
-            out[f"{kind}_curve"] = curve.cpu().tolist()
+            out[f"{name}_curve"] = curve.cpu().tolist()
         return out
 
-    group = JobGroup(key, samples, render)
-    return Plan([ctx.clean_group(), group], finish)
+    return finish
 
 
 def plan_deletion(ctx: Context, params: dict[str, Any]) -> Plan:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .faithfulness import apply_sign, auc, substrate, tie_permutation
-from .jobs import CLEAN, Context, JobGroup, Plan, score_index
+from .faithfulness import apply_sign, curve_finish, substrate, tie_permutation
+from .jobs import Context, JobGroup, Plan
 from .registry import MetricError
 
 
@@ -96,19 +96,8 @@ def plan_region_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
 
     key = ("region_" + kind, steps, size, params["map_sign"], int(params["tie_seed"]), sub_name,
            int(params["blur_kernel"]), float(params["blur_sigma"]))
-    col = score_index(params)
-    want_curves = bool(params["curves"])
-
-    def finish(scores: dict) -> dict[str, Any]:
-        clean = scores[CLEAN][:, col].view(b, 1)
-        body = scores[key][:, col].view(b, steps)
-        curve = torch.cat([clean, body] if kind == "deletion" else [body, clean], dim=1)
-        out: dict[str, Any] = {f"region_{kind}_auc": auc(curve).cpu()}
-        if want_curves:
-            out[f"region_{kind}_curve"] = curve.cpu().tolist()
-        return out
-
-    return Plan([ctx.clean_group(), JobGroup(key, samples, render)], finish)
+    return Plan([ctx.clean_group(), JobGroup(key, samples, render)],
+                curve_finish(key, kind, f"region_{kind}", b, steps, params))
 
 
 def plan_region_deletion(ctx: Context, params: dict[str, Any]) -> Plan:
