@@ -242,25 +242,35 @@ class UnitExecution:
     device_decode: bool = False  # JPEGs decoded by the actors (resources.decode_device)
 
 
-def build_dataset(ex: UnitExecution):
-    """The unit's Ray Data pipeline, ending in one small record per file and shard end."""
+def read_and_decode(ex: UnitExecution):
+    """The read and decode stages of ``ex``'s waves (shared by a group's units)."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     groups = read_groups(ex.waves, ex.identity)
     ds = ray.data.from_items([{"shards": json.dumps(g)} for g in groups],
                              override_num_blocks=len(groups))
     ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
                         num_cpus=IO_TASK_CPUS)
-    ds = ds.map_batches(decode_stage(ex), batch_format="pandas",
-                        batch_size=ex.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
+    return ds.map_batches(decode_stage(ex), batch_format="pandas",
+                          batch_size=ex.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
+
+
+def actor_pool(ex: UnitExecution):
+    """``ex``'s actor pool: fixed size, or (min, max) autoscaling."""
+    from ray.data import ActorPoolStrategy
+
     if isinstance(ex.actors, tuple):
         lo, hi = ex.actors
-        pool = ActorPoolStrategy(min_size=lo, max_size=hi,
+        return ActorPoolStrategy(min_size=lo, max_size=hi,
                                  max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
-    else:
-        pool = ActorPoolStrategy(size=ex.actors,
-                                 max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
+    return ActorPoolStrategy(size=ex.actors,
+                             max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
+
+
+def build_dataset(ex: UnitExecution):
+    """The unit's Ray Data pipeline, ending in one small record per file and shard end."""
+    ds = read_and_decode(ex)
+    pool = actor_pool(ex)
     actor = explainer_class(bool((ex.write.labels or {}).get("label_maps")))
     # a subclass per unit: its actors carry the unit's name in Ray's actor table (accounting)
     udf = type(pool_class_name(ex.unit.id), (actor,), {})

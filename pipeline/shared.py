@@ -30,16 +30,14 @@ import numpy as np
 from .accounting import UnitAccounting, pool_class_name
 from .decode import SHARD_END
 from .execute import (
-    DECODE_TASK_CPUS,
     IO_TASK_CPUS,
     POST_BATCH,
     RECORD_COLUMNS,
     UnitExecution,
-    _ReadShards,
-    decode_stage,
+    actor_pool,
     explainer_class,
     post_write,
-    read_groups,
+    read_and_decode,
 )
 from .tracker import WaveTracker
 
@@ -115,25 +113,9 @@ class _PostWriteGroup:
 
 def build_group_dataset(exs: list[UnitExecution]):
     """One Ray Data execution for units of one model with the same decode and waves."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    first = exs[0]
-    groups = read_groups(first.waves, first.identity)
-    ds = ray.data.from_items([{"shards": json.dumps(g)} for g in groups],
-                             override_num_blocks=len(groups))
-    ds = ds.map_batches(_ReadShards(first.storage), batch_size=1, batch_format="numpy",
-                        num_cpus=IO_TASK_CPUS)
-    ds = ds.map_batches(decode_stage(first), batch_format="pandas",
-                        batch_size=first.decode_batch_size, num_cpus=DECODE_TASK_CPUS)
+    ds = read_and_decode(exs[0])
     for k, ex in enumerate(exs):
-        if isinstance(ex.actors, tuple):
-            lo, hi = ex.actors
-            pool = ActorPoolStrategy(min_size=lo, max_size=hi,
-                                     max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
-        else:
-            pool = ActorPoolStrategy(size=ex.actors,
-                                     max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
+        pool = actor_pool(ex)
         udf = link_class(ex.unit.id, k, bool((ex.write.labels or {}).get("label_maps")),
                          last=k == len(exs) - 1)
         ds = ds.map_batches(udf, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
