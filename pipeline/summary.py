@@ -218,7 +218,8 @@ def quality_line(q: dict[str, Any] | None) -> str:
 # the faithfulness measures first (region-level, ROAD); pixel-level deletion / insertion last:
 # a per-pixel order leaves the data distribution, so random and high-frequency maps score well
 # there (README, "Which method explains the model best?")
-FIRST = ("region_deletion_auc", "region_insertion_auc", "road")
+FIRST = ("region_deletion_auc", "region_insertion_auc", "road_gap", "road_morf", "road_lerf",
+         "road")
 SECONDARY = ("deletion_auc", "insertion_auc")
 
 
@@ -248,7 +249,7 @@ def print_summaries(units: dict[str, dict], out=print) -> None:
             f"the {UNIT_SAMPLE} samples its bootstrap sample holds")
     if set(SECONDARY) & set(metrics):
         out("deletion_auc / insertion_auc: pixel level, secondary; the faithfulness measures "
-            "are region_deletion_auc / region_insertion_auc and road (README, Metrics)")
+            "are region_deletion_auc / region_insertion_auc and ROAD (README, Metrics)")
     _print_quality(units, out)
     pg = {uid: (u.get("summary") or {}).get("pointing_accuracy_class_mean") for uid, u in units.items()}
     if any(v is not None for v in pg.values()):

@@ -254,3 +254,83 @@ def test_max_iter_caps_the_conjugate_gradient_iterations():
     for a, b in zip(runs, runs[1:]):
         assert not torch.equal(a, b)  # every iteration counts
     assert not torch.equal(runs[-1][..., 2:22, 2:22], start)
+
+
+def probe_road_columns(x, s, percentiles, **params):
+    """All four ROAD columns of every (channel, pixel) of x as the probe's target."""
+    n = x[0].numel()
+    xs = x.expand(n, *x.shape[1:]).contiguous()
+    maps = s.expand(n, *s.shape[1:]).contiguous()
+    out = compute_model_metrics(["road"], PixelProbe(), xs, maps, torch.arange(n),
+                                {"score": "logit", "road_percentiles": percentiles, **params},
+                                MEAN, STD, max_batch=128)
+    return {k: out[k].view(x.shape[1:]) for k in ("road", "road_morf", "road_lerf", "road_gap")}
+
+
+def test_road_morf_and_lerf_are_the_two_imputed_images_and_the_gap_is_twice_road():
+    """Without noise, on the probe: road_lerf is the image with the top 70% of the map kept,
+    road_morf the image with the bottom 70% kept (rest imputed, checked against a direct
+    sparse solve), road_gap their difference and road half of it."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(1, 3, 10, 10, generator=g)
+    s = torch.rand(1, 10, 10, generator=g)
+    order = s.flatten().argsort(descending=True)
+    keep_top = torch.zeros(100, dtype=torch.bool)
+    keep_top[order[:70]] = True
+    keep_bottom = torch.zeros(100, dtype=torch.bool)
+    keep_bottom[order[30:]] = True
+    img = x[0].double().numpy()
+    lerf = direct_solve(img, keep_top.view(10, 10).numpy())
+    morf = direct_solve(img, keep_bottom.view(10, 10).numpy())
+    got = probe_road_columns(x, s, (70,), road_noise=0.0)
+    np.testing.assert_allclose(got["road_lerf"].double().numpy(), lerf, atol=2e-5)
+    np.testing.assert_allclose(got["road_morf"].double().numpy(), morf, atol=2e-5)
+    torch.testing.assert_close(got["road_gap"], got["road_lerf"] - got["road_morf"])
+    torch.testing.assert_close(got["road"], got["road_gap"] / 2)
+
+
+def test_lerf_keeps_the_most_relevant_pixels_and_morf_removes_them():
+    """At every percentile (10, 50, 90) the top 10% of the map is kept by LeRF and removed by MoRF,
+    the bottom 10% the other way round: on the probe, road_lerf equals the image exactly on
+    the most relevant pixels and road_morf on the least relevant, never the reverse (with the
+    default noise on)."""
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(1, 3, 10, 10, generator=g)
+    s = torch.rand(1, 10, 10, generator=g)
+    order = s.flatten().argsort(descending=True)
+    top, bottom = order[:10], order[-10:]
+    got = probe_road_columns(x, s, (10, 50, 90))
+    flat = {k: v.flatten(1) for k, v in got.items()}
+    img = x[0].flatten(1)
+    torch.testing.assert_close(flat["road_lerf"][:, top], img[:, top], atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat["road_morf"][:, bottom], img[:, bottom], atol=1e-6, rtol=0)
+    assert (flat["road_morf"][:, top] - img[:, top]).abs().min() > 1e-4
+    assert (flat["road_lerf"][:, bottom] - img[:, bottom]).abs().min() > 1e-4
+
+
+def test_reversing_the_map_swaps_morf_and_lerf():
+    """Without noise, the reversed map's LeRF is the map's MoRF and vice versa (the gap flips
+    sign); a map whose evidence is one bright blob has a high LeRF and a low MoRF."""
+    from torch import nn
+
+    class Blob(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = nn.Parameter(w, requires_grad=False)
+
+        def forward(self, x):
+            z = (x * self.w).flatten(1).sum(1) / 20 - 3
+            return torch.stack([z, torch.zeros_like(z)], 1)
+
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 4:11, 4:11] = 1.0
+    model = Blob(x.clone())
+    s = x[:, 0] + 1e-3 * torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(3))
+    kw = {"road_noise": 0.0, "road_percentiles": (30, 60)}
+    t = torch.tensor([0])
+    good = compute_model_metrics(["road"], model, x, s, t, kw, MEAN, STD)
+    bad = compute_model_metrics(["road"], model, x, -s, t, kw, MEAN, STD)
+    assert good["road_lerf"].item() > 0.9 and good["road_morf"].item() < 0.5
+    torch.testing.assert_close(bad["road_lerf"], good["road_morf"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(bad["road_morf"], good["road_lerf"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(bad["road_gap"], -good["road_gap"], atol=1e-6, rtol=0)

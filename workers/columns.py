@@ -95,6 +95,10 @@ COLUMNS: tuple[Column, ...] = (
     _c("average_drop", "model_metric", "float", pa.float32()),
     _c("confidence_increase", "model_metric", "float", pa.float32()),
     _c("road", "model_metric", "float", pa.float32()),
+    # ROAD's two curves, each averaged over the percentiles, and their gap (= 2 road)
+    _c("road_morf", "model_metric", "float", pa.float32()),
+    _c("road_lerf", "model_metric", "float", pa.float32()),
+    _c("road_gap", "model_metric", "float", pa.float32()),
     _c("region_deletion_auc", "model_metric", "float", pa.float32()),
     _c("region_insertion_auc", "model_metric", "float", pa.float32()),
     _c("pointing_hit", "post_metric", "bool", pa.bool_()),

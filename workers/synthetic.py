@@ -1,12 +1,17 @@
 """Images whose evidence is known by construction, and small pure-ReLU CNNs trained on them.
 
 A ground truth for saliency methods (and for dataset-level analysis): every image holds one
-object whose shape is its class (square, disc, cross, ...), at a random place, size and colour,
-on a random textured background (two oriented sinusoidal gratings plus pixel noise); ``masks``
-are the object's exact pixels. With ``spurious_fraction > 0`` that share of the images also
-carries a small bright mark in a corner that depends on the class (class c: corner c % 4), a
-shortcut a model can learn instead of the shape; ``cue_flags`` says which images carry it and
-:func:`cue_masks` where it is.
+object whose shape is its class (square, disc, cross, ...), at a random size and colour, on a
+random textured background (two oriented sinusoidal gratings plus pixel noise); ``masks`` are
+the object's exact pixels. The object's centre is uniform over every position where the whole
+object fits in the image, so a map that knows nothing of the image (a centred blob) has no
+edge over a random one beyond the geometry of fitting inside the frame. With
+``spurious_fraction > 0`` that share of the images also carries a small bright mark in a
+corner that depends on the class (class c: corner c % 4), a shortcut a model can learn instead
+of the shape; ``cue_flags`` says which images carry it and :func:`cue_masks` where it is. On
+those images only, a position whose object would touch the mark (or the 1-px ring around it)
+is drawn again, so object and cue never overlap and images without the mark are placed with no
+restriction at all.
 
 Models (:func:`train_model`): ``"vgg"`` (conv-ReLU stacks and max-pooling) and ``"resnet"``
 (residual blocks), the architectures DMBP was designed for, small enough to train on a CPU in
@@ -120,8 +125,9 @@ def make_dataset(
         spurious_fraction: share of the images (drawn at random) that carry their class's
             corner mark (a bright ``cue_size`` square 1 px from the corner).
         size: image side; num_classes: how many shapes (2 to 4: square, disc, cross, ring).
-        min_radius, max_radius: object half-size range (default ``size/6`` to ``size/3.5``);
-            objects stay clear of the corner marks.
+        min_radius, max_radius: object half-size range (default ``max(4, size/10)`` to
+            ``max(6, size/5)``); the centre is uniform over the positions where the object
+            fits, redrawn (on images that carry the mark) while it touches the mark.
         texture: amplitude of the background gratings and noise (0 = flat grey background).
     """
     if not 2 <= num_classes <= len(SHAPES):
@@ -134,12 +140,33 @@ def make_dataset(
     rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
-    lo = size / 6 if min_radius is None else float(min_radius)
-    hi = size / 3.5 if max_radius is None else float(max_radius)
+    lo = max(4.0, size / 10) if min_radius is None else float(min_radius)
+    hi = max(6.0, size / 5) if max_radius is None else float(max_radius)
+    if not 0 < lo <= hi or 2 * hi + 1 > size:
+        raise ValueError(f"need 0 < min_radius <= max_radius and 2 * max_radius + 1 <= size, "
+                         f"got {lo}, {hi} at size {size}")
     r = lo + (hi - lo) * rand(n)
-    margin = r + cue_size + 2
-    cy = margin + (size - 1 - 2 * margin).clamp_min(0) * rand(n)
-    cx = margin + (size - 1 - 2 * margin).clamp_min(0) * rand(n)
+    cue_flags = rand(n) < spurious_fraction
+    # per class: its mark and the 1-px ring around it
+    near_cue = F.max_pool2d(cue_masks(torch.arange(num_classes), size, cue_size)[:, None].float(),
+                            3, 1, 1)[:, 0] > 0
+    cy, cx = torch.empty(n), torch.empty(n)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    todo = torch.arange(n)
+    for _ in range(1000):  # redraw only the objects that touch their image's mark
+        # uniform over the centres where the whole object (half-size r) lies inside the image
+        cy[todo] = r[todo] + (size - 1 - 2 * r[todo]) * rand(len(todo))
+        cx[todo] = r[todo] + (size - 1 - 2 * r[todo]) * rand(len(todo))
+        for c in range(num_classes):
+            sel = todo[labels[todo] == c]
+            if len(sel):
+                masks[sel] = _shape_mask(SHAPES[c], cy[sel], cx[sel], r[sel], size)
+        todo = todo[cue_flags[todo]]
+        todo = todo[(masks[todo] & near_cue[labels[todo]]).flatten(1).any(1)]
+        if len(todo) == 0:
+            break
+    else:  # pragma: no cover - the mark is a few pixels of a corner
+        raise ValueError("could not place the objects clear of the corner marks")
 
     # background: two random gratings per image, random colours, plus pixel noise
     yy = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
@@ -154,11 +181,6 @@ def make_dataset(
         bg = bg + texture * 0.5 * colour * wave
     bg = bg + texture * 0.3 * (rand(n, 3, size, size) - 0.5)
 
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    for c in range(num_classes):
-        sel = labels == c
-        if sel.any():
-            masks[sel] = _shape_mask(SHAPES[c], cy[sel], cx[sel], r[sel], size)
     # object colour: saturated, far from the background's mid-grey in at least one channel
     obj = rand(n, 3, 1, 1)
     obj[torch.arange(n), torch.randint(0, 3, (n,), generator=g)] = (
@@ -166,7 +188,6 @@ def make_dataset(
     obj = obj + 0.05 * (rand(n, 3, size, size) - 0.5)
     images = torch.where(masks[:, None], obj, bg)
 
-    cue_flags = rand(n) < spurious_fraction
     if cue_flags.any():
         cue = cue_masks(labels, size, cue_size) & cue_flags.view(n, 1, 1)
         images = torch.where(cue[:, None], torch.ones_like(images), images)

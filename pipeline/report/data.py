@@ -33,7 +33,8 @@ CURVE_COLUMNS = ("deletion_curve", "insertion_curve")
 # workers/metrics/registry.py); used for the arrows in the table and to pick the best mean.
 DIRECTION: dict[str, int] = {
     "deletion_auc": -1, "insertion_auc": 1, "average_drop": -1, "confidence_increase": 1,
-    "road": 1, "pointing_hit": 1, "energy_pointing": 1, "gini": 0, "box_iou": 1,
+    "road": 1, "road_morf": -1, "road_lerf": 1, "road_gap": 1, "region_deletion_auc": -1,
+    "region_insertion_auc": 1, "pointing_hit": 1, "energy_pointing": 1, "gini": 0, "box_iou": 1,
 }
 
 # Ranking fallbacks when insertion and deletion are missing (first one with values wins).

@@ -101,7 +101,7 @@ METRICS: dict[str, MetricSpec] = {
             "Increase in Confidence % (higher is better).",
         ),
         MetricSpec(
-            "road", "model", ("road",),
+            "road", "model", ("road", "road_morf", "road_lerf", "road_gap"),
             {
                 "road_percentiles": (10, 20, 30, 40, 50, 60, 70, 80, 90),
                 "road_noise": 0.01,  # std of the noise on imputed values, model-input space
@@ -114,7 +114,10 @@ METRICS: dict[str, MetricSpec] = {
             },
             "ROAD Combined (pytorch-grad-cam ROADCombined, exact-count selection): "
             "(mean_p p_c(keep top p%) - mean_p p_c(keep bottom p%)) / 2 with noisy linear "
-            "imputation of the removed pixels (higher is better). On demand: 2P imputations.",
+            "imputation of the removed pixels (higher is better); also its two curves, "
+            "road_morf = mean_p p_c(keep bottom p%) (most relevant removed first; lower is "
+            "better), road_lerf = mean_p p_c(keep top p%) (higher is better) and road_gap = "
+            "road_lerf - road_morf (= 2 road; higher is better). On demand: 2P imputations.",
         ),
         MetricSpec(
             "pointing_game", "post", ("pointing_hit",),

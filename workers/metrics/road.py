@@ -9,6 +9,14 @@ For each percentile p (default 10, 20, ..., 90, pytorch-grad-cam's default):
 * ROAD = (mean_p p_c(LeRF(p)) - mean_p p_c(MoRF(p))) / 2, in [-0.5, 0.5] with probabilities;
   higher is better. (The clean score cancels, so it needs no clean forward.)
 
+The two curves are also columns of their own, because Combined hides which side a map gets
+right: ``road_morf`` = mean_p p_c(MoRF(p)) (the score left when the most relevant pixels are
+removed; lower is better), ``road_lerf`` = mean_p p_c(LeRF(p)) (the score kept when the least
+relevant are removed; higher is better) and ``road_gap`` = ``road_lerf - road_morf`` (= 2 x
+ROAD; higher is better). A map that ranks pixels at random has MoRF = LeRF in expectation
+(gap 0); a map that only finds where the evidence is NOT (good LeRF, poor MoRF) and one that
+finds one strong cue among several (good MoRF, poor LeRF) are told apart.
+
 Noisy linear imputation (tleemann/road_evaluation, copied into pytorch-grad-cam): each
 removed pixel equals the weighted mean of its in-image 8-neighbours (1/6 direct, 1/12
 diagonal), kept pixels are fixed; solved per channel by conjugate gradients on the
@@ -134,8 +142,10 @@ def plan_road(ctx: Context, params: dict[str, Any]) -> Plan:
     col = score_index(params)
 
     def finish(scores: dict) -> dict[str, Any]:
-        keep_top = scores[lerf.key][:, col].view(b, n_p).mean(1)
-        keep_bottom = scores[morf.key][:, col].view(b, n_p).mean(1)
-        return {"road": ((keep_top - keep_bottom) / 2).cpu()}
+        keep_top = scores[lerf.key][:, col].view(b, n_p).mean(1).cpu()
+        keep_bottom = scores[morf.key][:, col].view(b, n_p).mean(1).cpu()
+        gap = keep_top - keep_bottom
+        return {"road": gap / 2, "road_morf": keep_bottom, "road_lerf": keep_top,
+                "road_gap": gap}
 
     return Plan([lerf, morf], finish)
