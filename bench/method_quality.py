@@ -5,18 +5,22 @@ metrics, next to three maps that know nothing about the model.
 The faithfulness columns are REGION-level deletion and insertion (16-px patches replaced by /
 copied onto the blurred image, ``workers/metrics/region.py``) compared with a random patch
 order (the ``random`` row: patch means of uniform noise, so the same granularity), and ROAD
-Combined; each is a mean over the photos with a 95 % bootstrap interval. Pixel-level deletion
+(noisy linear imputation) with MoRF (score left when the most relevant pixels are removed,
+lower is better) and LeRF (score kept when the least relevant are removed, higher is better)
+reported separately and their gap LeRF - MoRF; each is a mean over the photos with a 95 %
+bootstrap interval. Pixel-level deletion
 against a per-pixel random order is kept as a secondary column only: scattered pixels push
 the image off the data distribution, so a random or high-frequency order and the centred
 blob can look "faithful" (README, "Which method explains the model best?").
 
-For each method: deletion AUC (lower is better) and insertion AUC (higher is better) with the
-metric defaults (RISE protocol, 28 steps, zero / blur substrate, softmax probability), the
-deletion AUC relative to a random ranking's, pointing game (hits / photos with a box of the
+Also, per method: the pixel-level deletion AUC (RISE protocol, 28 steps, zero substrate,
+softmax probability; secondary, last column), pointing game (hits / photos with a box of the
 explained class, on the map in original pixels), Gini (sparseness, original pixels) and the
 wall time per image. Baselines: ``random`` (uniform noise maps, the mean over ``--seeds``
-seeds; its deletion AUC is the denominator of ``del / random``) and ``centre`` (a Gaussian at
-the image centre, sigma a quarter of the side: the photographer's bias).
+seeds; its region deletion AUC is the denominator of ``region del / random``), ``centre`` (a
+Gaussian at the image centre, sigma a quarter of the side: the photographer's bias) and
+``edge`` (Sobel magnitude of the photo). ``--road-percentiles`` thins ROAD's percentiles
+(its cost is one imputation per percentile and curve) when the default nine do not fit.
 
 The explained class is each photo's label (as ``configs/demo.yaml``, ``targets: label``);
 photos are resized and cropped as the pipeline does (``salmap.pipeline.decode.preprocess``), from
@@ -35,6 +39,7 @@ network with gamma=1).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -50,6 +55,7 @@ from bench.common import device_name, load_avg, table, versions  # noqa: E402
 BASELINES = ("random", "centre", "edge")
 MODEL_METRICS = ["region_deletion_auc", "region_insertion_auc", "road", "deletion_auc",
                  "insertion_auc"]
+ROAD_COLUMNS = ("road", "road_morf", "road_lerf", "road_gap")
 
 
 def demo_photos(names: list[str] | None, resize: int, crop: int, mean, std):
@@ -110,7 +116,8 @@ def run_method(name: str, model, images, labels, batch: int, device) -> tuple[to
     return torch.cat(parts), (time.perf_counter() - t0) / images.shape[0]
 
 
-def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> dict:
+def score(maps, model, images, labels, boxes, transforms, mean, std, device,
+          params: dict | None = None) -> dict:
     """Per-photo deletion/insertion AUC, pointing hits and Gini of ``maps``."""
     from salmap.workers.metrics import compute_model_metrics, compute_post_metrics
     from salmap.workers.metrics.geometry import map_to_input, map_to_original
@@ -121,7 +128,7 @@ def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> 
     with torch.inference_mode():
         faith = compute_model_metrics(MODEL_METRICS, forward,
                                       images.to(device), maps.to(device), labels.to(device),
-                                      mean=mean, std=std)
+                                      params, mean=mean, std=std)
     hits, ginis = [], []
     for i in range(maps.shape[0]):
         orig = map_to_original(maps[i], transforms[i])
@@ -132,7 +139,7 @@ def score(maps, model, images, labels, boxes, transforms, mean, std, device) -> 
     return {"deletion": faith["deletion_auc"].tolist(), "insertion": faith["insertion_auc"].tolist(),
             "region_deletion": faith["region_deletion_auc"].tolist(),
             "region_insertion": faith["region_insertion_auc"].tolist(),
-            "road": faith["road"].tolist(), "hits": hits, "gini": ginis}
+            **{c: faith[c].tolist() for c in ROAD_COLUMNS}, "hits": hits, "gini": ginis}
 
 
 def tsgb_balance(model, images, labels, device) -> list[float]:
@@ -153,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", default="", help="comma-separated demo photos (default: all)")
     parser.add_argument("--batch", type=int, default=4, help="photos per method call")
     parser.add_argument("--seeds", type=int, default=5, help="random maps averaged")
+    parser.add_argument("--road-percentiles", default="10,20,30,40,50,60,70,80,90",
+                        help="ROAD's percentiles (comma-separated; default the metric's nine)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    parser.add_argument("--results", default="",
+                        help="JSON file that keeps each row's scores as they come; a rerun with "
+                             "the same photos, seeds and percentiles scores only what is missing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    road_p = tuple(float(v) for v in args.road_percentiles.split(",") if v)
+    mp = {"road": {"road_percentiles": road_p}}
     methods = [m for m in args.methods.split(",") if m] or method_names()
     bad = [m for m in methods if m not in method_names()]
     if bad:
@@ -178,28 +192,50 @@ def main(argv: list[str] | None = None) -> int:
     warm = images[:1].to(device).requires_grad_(True)  # first-call costs out of the timings
     model(warm)[0, 0].backward()
     h, w = images.shape[-2:]
-    results: dict[str, dict] = {}
-    times: dict[str, float | None] = {}
-    rand = [score(torch.rand(n, h, w, generator=torch.Generator().manual_seed(s)), model,
-                  images, labels, boxes, transforms, p.mean, p.std, device)
+    key = repr((photos, args.seeds, road_p))
+    saved = {}
+    if args.results and Path(args.results).exists():
+        saved = json.loads(Path(args.results).read_text())
+        if saved.get("key") != key:
+            saved = {}
+    results: dict[str, dict] = saved.get("results", {})
+    times: dict[str, float | None] = saved.get("times", {})
+
+    def keep() -> None:
+        if args.results:
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.results).write_text(json.dumps({"key": key, "results": results,
+                                                      "times": times}))
+
+    rand = [] if "random" in results else [score(torch.rand(n, h, w, generator=torch.Generator().manual_seed(s)), model,
+                  images, labels, boxes, transforms, p.mean, p.std, device, mp)
             for s in range(args.seeds)]
-    results["random"] = {k: [statistics.mean(r[k][i] for r in rand) if k != "hits" else
-                             rand[0][k][i] for i in range(n)] for k in rand[0]}
-    results["random"]["hits"] = [None if rand[0]["hits"][i] is None else
-                                 statistics.mean(float(r["hits"][i]) for r in rand)
-                                 for i in range(n)]
-    times["random"] = None
-    results["centre"] = score(centre_gaussian(n, h, w), model, images, labels, boxes,
-                              transforms, p.mean, p.std, device)
-    times["centre"] = None
-    results["edge"] = score(edge_map(images), model, images, labels, boxes, transforms, p.mean,
-                            p.std, device)
-    times["edge"] = None
+    if rand:
+        results["random"] = {k: [statistics.mean(r[k][i] for r in rand) if k != "hits" else
+                                 rand[0][k][i] for i in range(n)] for k in rand[0]}
+        results["random"]["hits"] = [None if rand[0]["hits"][i] is None else
+                                     statistics.mean(float(r["hits"][i]) for r in rand)
+                                     for i in range(n)]
+        times["random"] = None
+        keep()
+    if "centre" not in results:
+        results["centre"] = score(centre_gaussian(n, h, w), model, images, labels, boxes,
+                                  transforms, p.mean, p.std, device, mp)
+        times["centre"] = None
+    if "edge" not in results:
+        results["edge"] = score(edge_map(images), model, images, labels, boxes, transforms,
+                                p.mean, p.std, device, mp)
+        times["edge"] = None
+    keep()
+    print("... baselines scored", file=sys.stderr, flush=True)
     for name in methods:
+        if name in results:
+            continue
         maps, per_image = run_method(name, model, images, labels, args.batch, device)
         results[name] = score(maps, model, images, labels, boxes, transforms, p.mean, p.std,
-                              device)
+                              device, mp)
         times[name] = per_image
+        keep()
         print(f"... {name}: {per_image:.2f} s per image", file=sys.stderr, flush=True)
 
     from salmap.workers.metrics.summary import summarize
@@ -210,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     random_region = statistics.mean(results["random"]["region_deletion"])
     rows = []
+    methods = [m for m in methods if m in results]
     for name in [*BASELINES, *methods]:
         r = results[name]
         trials = [float(v) for v in r["hits"] if v is not None]
@@ -218,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             "region deletion ↓": ci(r["region_deletion"]),
             "region del / random ↓": statistics.mean(r["region_deletion"]) / random_region,
             "region insertion ↑": ci(r["region_insertion"]),
-            "ROAD combined ↑": ci(r["road"]),
+            "ROAD MoRF ↓": ci(r["road_morf"]),
+            "ROAD LeRF ↑": ci(r["road_lerf"]),
+            "ROAD gap ↑": ci(r["road_gap"]),
             "pointing ↑": f"{sum(trials):.1f}/{len(trials)}" if name == "random" else
                           f"{int(sum(trials))}/{len(trials)}",
             "Gini": statistics.mean(r["gini"]),
@@ -228,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     table(rows)
     print("Intervals: 95 % percentile bootstrap over the photos. `random`: region and ROAD "
           f"scores of uniform-noise maps, mean of {args.seeds} seeds (its patch order is "
-          "random at the metrics' granularity). Pixel deletion: RISE, per-pixel order, zero "
-          "substrate; secondary (see the module docstring).\n")
-    print("Per photo deletion AUC (" + ", ".join(photos) + "):\n")
-    table([{"method": k, **{ph: v["deletion"][i] for i, ph in enumerate(photos)}}
-           for k, v in results.items()])
+          "random at the metrics' granularity). ROAD percentiles "
+          f"{', '.join(f'{v:g}' for v in road_p)}; MoRF / LeRF: mean softmax probability of "
+          "the label over them; gap = LeRF - MoRF (= 2 x ROAD Combined). Pixel deletion: "
+          "RISE, per-pixel order, zero substrate; secondary (see the module docstring).\n")
+    print("Per photo ROAD gap (LeRF - MoRF; " + ", ".join(photos) + "):\n")
+    table([{"method": k, **{ph: results[k]["road_gap"][i] for i, ph in enumerate(photos)}}
+           for k in [*BASELINES, *methods]])
     balance = tsgb_balance(model, images, labels, device)
     print("TSGB relevance balance |sum M| / sum |M| on Lite0 (0 = zero-sum): "
           + ", ".join(f"{ph} {b:.3f}" for ph, b in zip(photos, balance))
