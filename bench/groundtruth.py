@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{accuracy(model, evaluation):.3f} on the evaluation split; trained (or loaded) "
               f"in {trained:.0f} s; {len(data)} images scored; mask area "
               f"{masks.float().mean():.3f} of the image\n", flush=True)
+        print(f"... {arch} trained: {accuracy(model, evaluation):.3f} evaluation accuracy",
+              file=sys.stderr, flush=True)
         rows = []
         for name in ["random", "centre", "edge", *methods]:
             t0 = time.perf_counter()
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                          "rank accuracy ↑": ci(scores["rank"]),
                          "pointing ↑": ci(scores["pointing"]),
                          "s / image": "" if name in ("random", "centre", "edge") else seconds})
-            print(f"... {arch} {name}: {seconds:.3f} s per image", file=sys.stderr, flush=True)
+            print(f"... {arch} {name}: {rows[-1]['mass in mask ↑']} | {rows[-1]['rank accuracy ↑']}"
+                  f" | {rows[-1]['pointing ↑']} | {seconds:.3f} s per image", file=sys.stderr,
+                  flush=True)
         table(rows)
     return 0
 

@@ -176,8 +176,9 @@ def test_config_error_from_the_command_line(tmp_path):
 
 
 def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster):
-    """The demo config on real photos (EfficientNet-Lite0): every metric column filled, a summary,
-    Grad-CAM's insertion AUC above its deletion AUC on average, and the sanity check."""
+    """The demo config on real photos (EfficientNet-Lite0): every metric column filled, a summary
+    that lists the region metrics first, Grad-CAM's region insertion AUC above its region
+    deletion AUC on average, the pixel-level metrics not in the demo, and the sanity check."""
     from salmap.pipeline.demo_data import write_demo_shards
 
     data = tmp_path / "demo-data"
@@ -192,17 +193,22 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
     assert (tmp_path / "runs" / "demo" / "report" / "index.html").is_file()
     assert "efficientnet_lite0__gradcam_pp" in proc.stdout and "images/s" in proc.stdout
     assert "summary (mean [95% bootstrap CI]" in proc.stdout
-    cols = ["key", "method", "status", "deletion_auc", "insertion_auc", "average_drop",
+    cols = ["key", "method", "status", "region_deletion_auc", "region_insertion_auc", "average_drop",
             "confidence_increase", "pointing_hit", "energy_pointing", "gini", "box_iou", "pseudo_box",
             "pseudo_mask_png"]
     df = read_run(str(tmp_path / "runs" / "demo")).to_table(columns=cols).to_pandas()
     assert len(df) == len(photos) * 3 and (df.status == "ok").all()
     assert df[cols[3:]].notna().all().all()  # every demo photo has a box of its labelled class
     cam = df[df.method == "gradcam"]
-    assert cam.insertion_auc.mean() > cam.deletion_auc.mean()
+    assert cam.region_insertion_auc.mean() > cam.region_deletion_auc.mean()
     manifest = json.loads((tmp_path / "runs" / "demo" / "manifest.json").read_text())
     summary = manifest["units"]["efficientnet_lite0__gradcam"]["summary"]
-    assert summary["metrics"]["insertion_auc"]["n"] == len(photos)
+    assert summary["metrics"]["region_insertion_auc"]["n"] == len(photos)
+    assert "deletion_auc" not in summary["metrics"] and "insertion_auc" not in summary["metrics"]
+    lines = proc.stdout.splitlines()
+    header = lines[lines.index("summary (mean [95% bootstrap CI] over ok rows):") + 1]
+    assert header.split()[:4] == ["unit", "errors", "region_deletion_auc",
+                                  "region_insertion_auc"], header
     sanity = _cli("sanity", "configs/demo.yaml", f"run.output={tmp_path / 'runs'}",
                   "methods=[{name: gradient}]", "--samples", "2", env=env)
     assert sanity.returncode == 0, sanity.stderr[-2000:]

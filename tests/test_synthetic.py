@@ -141,3 +141,23 @@ def test_ground_truth_scores():
     assert rank[1] == 0.0 and rank[2] == 1.0 and rank[0] in (0.25, 0.5, 0.75)
     assert pointing_hits(a, m).tolist() == [True, False, True]
     assert torch.isnan(relevance_mass(-torch.ones(1, 4, 4), m[:1])).all()
+
+
+def test_groundtruth_bench_small(tmp_path, capsys):
+    """The ground-truth benchmark end to end at toy size (the full one is in `make bench`):
+    it trains on the training split, scores the evaluation split's correctly classified
+    images, and prints one row per model-blind map and per method with three intervals."""
+    from bench.groundtruth import main
+
+    assert main(["--size", "16", "--classes", "2", "--train", "64", "--epochs", "1",
+                 "--images", "6", "--width", "4", "--archs", "vgg", "--cache", str(tmp_path),
+                 "--methods", "gradient_x_input,gradcam"]) == 0
+    out = capsys.readouterr().out
+    assert "training split: 64 images (seed 0" in out and "evaluation split: seed 2" in out
+    assert "### vgg: accuracy" in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert list(rows) == ["random", "centre", "edge", "gradient_x_input", "gradcam"]
+    for line in rows.values():
+        assert line.count("[") == 3  # mass, rank accuracy, pointing: mean [low, high]
+    assert len(list(tmp_path.iterdir())) == 1  # the model's weights, cached
