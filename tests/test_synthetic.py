@@ -61,7 +61,7 @@ def test_objects_are_placed_uniformly_and_only_marked_images_avoid_their_mark():
     blob gains nothing but the geometry of fitting inside the frame); on images with the mark,
     overlapping positions are redrawn, so those objects never touch the mark, while unmarked
     objects of the same class still reach that corner."""
-    size, n = 64, 1600
+    size, n = 48, 1000
     d = make_dataset(n, seed=5, size=size, num_classes=4)
     ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(),
                             indexing="ij")
@@ -70,23 +70,21 @@ def test_objects_are_placed_uniformly_and_only_marked_images_avoid_their_mark():
     cx = (d.masks * xs).flatten(1).sum(1) / area
     # every quadrant of the image holds about a quarter of the objects
     quad = (cy >= size / 2).long() * 2 + (cx >= size / 2).long()
-    assert (torch.bincount(quad, minlength=4).float() / n - 0.25).abs().max() < 0.04
+    assert (torch.bincount(quad, minlength=4).float() / n - 0.25).abs().max() < 0.05
     # the centre pixel is rarely object (a centred Gaussian's pointing score), and objects
     # reach every border of the frame
-    assert d.masks[:, size // 2, size // 2].float().mean() < 0.2
+    assert d.masks[:, size // 2, size // 2].float().mean() < 0.2  # 0.31 when centred
     for border in (d.masks[:, :3], d.masks[:, -3:], d.masks[:, :, :3], d.masks[:, :, -3:]):
         assert border.flatten(1).any(1).float().mean() > 0.01
-    # corners are reached: some object comes within 2 px of each corner's cue square
-    cue = cue_masks(torch.arange(4), size, d.cue_size)
-    ring = torch.nn.functional.max_pool2d(cue[:, None].float(), 5, 1, 2)[:, 0] > 0
-    for k in range(4):
-        assert (d.masks & ring[k]).flatten(1).any(1).sum() > 5
-    marked = make_dataset(n, seed=5, size=size, num_classes=4, spurious_fraction=0.5)
+    # a large mark (8 px) so that objects often reach it: never on marked images, often on
+    # the others
+    marked = make_dataset(600, seed=5, size=32, num_classes=4, spurious_fraction=0.5,
+                          cue_size=8)
     near = torch.nn.functional.max_pool2d(
-        cue_masks(marked.labels, size, marked.cue_size)[:, None].float(), 3, 1, 1)[:, 0] > 0
+        cue_masks(marked.labels, 32, marked.cue_size)[:, None].float(), 3, 1, 1)[:, 0] > 0
     touching = (marked.masks & near).flatten(1).any(1)
     assert not touching[marked.cue_flags].any()  # redrawn where the mark is
-    assert touching[~marked.cue_flags].sum() > 5  # unmarked images are not restricted
+    assert touching[~marked.cue_flags].float().mean() > 0.05  # unmarked: not restricted
 
 
 def test_bad_arguments():
