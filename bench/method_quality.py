@@ -53,8 +53,7 @@ import torch  # noqa: E402
 from bench.common import device_name, load_avg, table, versions  # noqa: E402
 
 BASELINES = ("random", "centre", "edge")
-MODEL_METRICS = ["region_deletion_auc", "region_insertion_auc", "road", "deletion_auc",
-                 "insertion_auc"]
+MODEL_METRICS = ["region_deletion_auc", "region_insertion_auc", "road", "deletion_auc"]
 ROAD_COLUMNS = ("road", "road_morf", "road_lerf", "road_gap")
 
 
@@ -118,7 +117,8 @@ def run_method(name: str, model, images, labels, batch: int, device) -> tuple[to
 
 def score(maps, model, images, labels, boxes, transforms, mean, std, device,
           params: dict | None = None) -> dict:
-    """Per-photo deletion/insertion AUC, pointing hits and Gini of ``maps``."""
+    """Per-photo region deletion / insertion AUC, ROAD columns, pixel deletion AUC, pointing
+    hits and Gini of ``maps``."""
     from salmap.workers.metrics import compute_model_metrics, compute_post_metrics
     from salmap.workers.metrics.geometry import map_to_input, map_to_original
 
@@ -136,7 +136,7 @@ def score(maps, model, images, labels, boxes, transforms, mean, std, device,
                                     saliency_input=map_to_input(maps[i], transforms[i]))
         hits.append(post["pointing_hit"])
         ginis.append(post["gini"])
-    return {"deletion": faith["deletion_auc"].tolist(), "insertion": faith["insertion_auc"].tolist(),
+    return {"deletion": faith["deletion_auc"].tolist(),
             "region_deletion": faith["region_deletion_auc"].tolist(),
             "region_insertion": faith["region_insertion_auc"].tolist(),
             **{c: faith[c].tolist() for c in ROAD_COLUMNS}, "hits": hits, "gini": ginis}
