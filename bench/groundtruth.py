@@ -34,7 +34,16 @@ from bench.common import load_avg, table, versions  # noqa: E402
 TARGET_LAYERS = {"vgg": "features.11", "resnet": "layer3"}
 
 
+BASELINES = ("random", "centre", "edge", "input")
+
+
 def baseline_maps(name: str, images: torch.Tensor) -> torch.Tensor:
+    """A map that knows nothing of the model: uniform noise, a centred Gaussian, the Sobel
+    magnitude, or ``input``: |model-space image| summed over channels (the objects are
+    saturated colours on a mid-grey background, so a map x input scores on this data partly
+    through the input alone)."""
+    from salmap.workers.synthetic import normalise
+
     from bench.method_quality import centre_gaussian, edge_map
 
     n, _, h, w = images.shape
@@ -42,6 +51,8 @@ def baseline_maps(name: str, images: torch.Tensor) -> torch.Tensor:
         return torch.rand(n, h, w, generator=torch.Generator().manual_seed(0))
     if name == "centre":
         return centre_gaussian(n, h, w)
+    if name == "input":
+        return normalise(images).abs().sum(1)
     return edge_map(images)
 
 
@@ -74,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from salmap.workers.synthetic import accuracy, make_dataset, normalise, train_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="", help="comma-separated (default: all)")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated (default: all; none: the model-blind rows only)")
     parser.add_argument("--archs", default="vgg,resnet")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--classes", type=int, default=4, help="shapes (2 to 4)")
@@ -90,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m] or method_names()
+    methods = ([] if args.methods == "none" else
+               [m for m in args.methods.split(",") if m] or method_names())
     data_kw = {"size": args.size, "num_classes": args.classes}
     train = make_dataset(args.train, seed=0, spurious_fraction=args.spurious, **data_kw)
     evaluation = make_dataset(2 * args.images, seed=2, **data_kw)
@@ -119,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {arch} trained: {accuracy(model, evaluation):.3f} evaluation accuracy",
               file=sys.stderr, flush=True)
         rows = []
-        for name in ["random", "centre", "edge", *methods]:
+        for name in [*BASELINES, *methods]:
             t0 = time.perf_counter()
-            if name in ("random", "centre", "edge"):
+            if name in BASELINES:
                 maps = baseline_maps(name, data.images)
             else:
                 maps = method_maps(name, model, x, y, arch, args.batch)
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": name, "mass in mask ↑": ci(scores["mass"]),
                          "rank accuracy ↑": ci(scores["rank"]),
                          "pointing ↑": ci(scores["pointing"]),
-                         "s / image": "" if name in ("random", "centre", "edge") else seconds})
+                         "s / image": "" if name in BASELINES else seconds})
             print(f"... {arch} {name}: {rows[-1]['mass in mask ↑']} | {rows[-1]['rank accuracy ↑']}"
                   f" | {rows[-1]['pointing ↑']} | {seconds:.3f} s per image", file=sys.stderr,
                   flush=True)

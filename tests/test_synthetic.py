@@ -155,7 +155,7 @@ def test_groundtruth_bench_small(tmp_path, capsys):
     assert "### vgg: accuracy" in out
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
-    assert list(rows) == ["random", "centre", "edge", "gradient_x_input", "gradcam"]
+    assert list(rows) == ["random", "centre", "edge", "input", "gradient_x_input", "gradcam"]
     for line in rows.values():
         assert line.count("[") == 3  # mass, rank accuracy, pointing: mean [low, high]
     assert len(list(tmp_path.iterdir())) == 1  # the model's weights, cached
