@@ -128,6 +128,17 @@ def _minmax(s: Tensor) -> Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(s)
 
 
+def total_variation(m: Tensor) -> Tensor:
+    """Per-sample ``[b]`` mean absolute difference of vertically plus horizontally
+    neighbouring cells of masks ``[b,1,h,w]`` (0 along a side of one cell)."""
+    tv = m.new_zeros(m.shape[0])
+    if m.shape[-2] > 1:
+        tv = tv + (m[..., 1:, :] - m[..., :-1, :]).abs().mean((1, 2, 3))
+    if m.shape[-1] > 1:
+        tv = tv + (m[..., :, 1:] - m[..., :, :-1]).abs().mean((1, 2, 3))
+    return tv
+
+
 def apply_keep(x: Tensor, fill: Tensor, keep: Tensor) -> Tensor:
     """``x * keep + fill * (1 - keep)`` for keep masks ``[b,H,W]``, exact where keep = 1."""
     return x - (1.0 - keep)[:, None] * (x - fill)
@@ -168,7 +179,7 @@ class HDM(Method):
         self,
         model: nn.Module,
         benchmark_sizes: Sequence[int] = (7, 14),
-        auxiliary_sizes: Sequence[int] = (56, 0),
+        auxiliary_sizes: Sequence[int] = (28, 56),
         steps: int = 30,
         lr: float = 0.1,
         optimizer: str = "adam",
@@ -179,7 +190,9 @@ class HDM(Method):
         norm_eps: float = 1e-3,
         guidance: str = "loss",
         guidance_weight: float = 1.0,
-        stack: str = "auxiliary",
+        smooth_weight: float = 0.05,
+        min_cell: int = 4,
+        stack: str = "all",
         stages: int = 2,
         remove_fraction: float = 0.2,
         stage_weights: Sequence[float] | None = None,
@@ -208,7 +221,14 @@ class HDM(Method):
                 (extra ``guidance_weight * mean((up(m) - B)^2)``), ``"multiply"`` (effective
                 mask ``B * up(m)``), ``"init"`` (auxiliary masks start at ``B`` pooled) or
                 ``"none"``.
-            stack: DM map = mean of the ``"auxiliary"`` (effective) masks, or of ``"all"``.
+            smooth_weight: weight of the total variation of each auxiliary mask (mean
+                absolute difference of neighbouring cells): against adversarial pixel
+                patterns.
+            min_cell: auxiliary masks are never finer than cells of ``min_cell`` pixels
+                (a size is capped at ``input side // min_cell``; 0 = no cap, and size 0 then
+                means one free value per pixel).
+            stack: DM map = mean of ``"all"`` masks superimposed (benchmark and effective
+                auxiliary, default) or of the ``"auxiliary"`` ones only.
             stages, remove_fraction, stage_weights: the hierarchy; ``stage_weights`` None =
                 ``0.5^(t-1)``.
             stop_fraction: stop a sample's hierarchy early when the softmax probability of its
@@ -233,6 +253,8 @@ class HDM(Method):
                                     ("stack", stack, STACKS), ("fill", fill, FILLS)):
             if value not in allowed:
                 raise MethodError(f"hdm: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        if int(min_cell) < 0 or smooth_weight < 0:
+            raise MethodError("hdm: min_cell and smooth_weight must be >= 0")
         if int(forward_images) < 1:
             raise MethodError(f"hdm: forward_images must be >= 1, got {forward_images}")
         if steps < 0 or stages < 1:
@@ -250,6 +272,7 @@ class HDM(Method):
         self.hinge_width, self.norm, self.norm_eps = float(hinge_width), norm, float(norm_eps)
         self.guidance, self.guidance_weight = guidance, float(guidance_weight)
         self.stack = stack
+        self.smooth_weight, self.min_cell = float(smooth_weight), int(min_cell)
         self.stages, self.remove_fraction = int(stages), float(remove_fraction)
         self.stage_weights = [0.5**t for t in range(self.stages)] if stage_weights is None else [
             float(w) for w in stage_weights]
@@ -317,14 +340,20 @@ class HDM(Method):
             return d.square().sum(-1)
         return smooth_norm(d, self.norm_eps)
 
-    def mask_shape(self, s: int, size: tuple[int, int]) -> tuple[int, int]:
-        return tuple(size) if s == 0 else (s, s)
+    def mask_shape(self, s: int, size: tuple[int, int], auxiliary: bool = False
+                   ) -> tuple[int, int]:
+        """The grid of a mask of side ``s`` (0 = input resolution) on ``size`` inputs; an
+        auxiliary mask is capped at ``size // min_cell`` per side."""
+        shape = tuple(size) if s == 0 else (s, s)
+        if auxiliary and self.min_cell > 0:
+            shape = tuple(max(1, min(a, b // self.min_cell)) for a, b in zip(shape, size))
+        return shape
 
     def init_masks(self, n: int, sizes: Sequence[int], offset: int, size: tuple[int, int],
-                   device: torch.device) -> list[Tensor]:
+                   device: torch.device, auxiliary: bool = False) -> list[Tensor]:
         masks = []
         for i, s in enumerate(sizes):
-            shape = (1, 1, *self.mask_shape(s, size))
+            shape = (1, 1, *self.mask_shape(s, size, auxiliary))
             m0 = torch.full(shape, self.init_value)
             if self.init_noise > 0:
                 m0 = m0 - self.init_noise * shared_noise(self.seed, shape, offset + i)
@@ -409,7 +438,7 @@ class HDM(Method):
         guide = bench_keep.mean(1, keepdim=True)  # B, [b,1,H,W]
 
         aux = self.init_masks(xt.shape[0], self.auxiliary_sizes, len(self.benchmark_sizes),
-                              size, xt.device)
+                              size, xt.device, auxiliary=True)
         if self.guidance == "init":
             with torch.no_grad():
                 for p in aux:
@@ -424,6 +453,8 @@ class HDM(Method):
                 if self.guidance == "loss":
                     total = total + self.guidance_weight * (up - guide).square().mean(
                         (1, 2, 3)).sum()
+                if self.smooth_weight:
+                    total = total + self.smooth_weight * total_variation(p).sum()
             return total
 
         if aux:
@@ -469,7 +500,7 @@ class HDM(Method):
                     "samples": idx,
                     "benchmark": [x.new_zeros(0, 1, *self.mask_shape(s, size))
                                   for s in self.benchmark_sizes],
-                    "auxiliary": [x.new_zeros(0, 1, *self.mask_shape(s, size))
+                    "auxiliary": [x.new_zeros(0, 1, *self.mask_shape(s, size, True))
                                   for s in self.auxiliary_sizes],
                     "guide": x.new_zeros(0, 1, *size),
                 })
