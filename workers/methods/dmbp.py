@@ -258,7 +258,7 @@ class DMBP(Method):
         "per-filter masks on the backward pass, positive / negative / nuisance mappings that "
         "decompose the output: abstract + Figure 2 caption; display clip 99.99: official "
         "visualization_funcs.py. RECONSTRUCTED, no source: the loss terms and weights "
-        "(reconstruction 100, evidence 1, sign 0.5, sparsity 0.05; chosen on the synthetic "
+        "(reconstruction 100, evidence 1, sign 2, sparsity 0.05; chosen on the synthetic "
         "tuning split, seed 1, BENCHMARKS.md section 10), Adam lr=0.1, 100 steps (the "
         "third-party call uses 200), sigmoid masks from 0.98, every Conv2d"
     )
@@ -296,7 +296,7 @@ class DMBP(Method):
             evidence_weight: weight of ``-(<W+,x> - <W-,x>) / S``: the positive mapping's
                 output as large, the negative one's as negative, as the masks allow.
             sign_weight: weight of ``(sum relu(-A+) + sum relu(A-)) / S`` (pixel signs);
-                None = 0.5 for ``"decompose"``, 0 for ``"fit"``, 1 for ``"completeness"``.
+                None = 2 for ``"decompose"``, 0 for ``"fit"``, 1 for ``"completeness"``.
             nuisance_weight: weight of ``sum |A - A+ - A-| / S`` (nuisance small in norm).
             sparsity_weight: weight of ``mean(m+) + mean(m-)``; None = 0.05 for
                 ``"decompose"``, 0.1 for the others.
@@ -350,7 +350,7 @@ class DMBP(Method):
         self.sparsity_weight = float(sparsity_weight)
         self.completeness_weight = float(completeness_weight)
         if sign_weight is None:
-            sign_weight = {"decompose": 0.5, "fit": 0.0, "completeness": 1.0}[objective]
+            sign_weight = {"decompose": 2.0, "fit": 0.0, "completeness": 1.0}[objective]
         self.sign_weight = float(sign_weight)
         self.reconstruction_weight = float(reconstruction_weight)
         self.evidence_weight, self.nuisance_weight = float(evidence_weight), float(nuisance_weight)
