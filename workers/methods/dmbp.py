@@ -20,36 +20,27 @@ Reconstructed (every choice is a constructor parameter):
     after a conv is per-channel affine, so masking the conv masks the BN output too; the ReLU
     gates and max-pool switches stay those of the single forward pass (masks act only on the
     backward, so forward values never change); masks ``m = sigmoid(theta)`` from ``0.98``.
-  * **the loss, [R2]** ``objective="fit"``: the positive mapping must reproduce the positive
-    evidence of gradient x input ``A = x * dS_t/dx`` and the negative mapping its negative
-    evidence, region by region, with as few filters as possible. With ``P(.)`` the channel sum
-    average-pooled over ``fit_pool`` x ``fit_pool`` pixel regions (16: a 14 x 14 grid at
-    224 px), per image::
+  * **the loss** ``objective="decompose"`` (the paper's structure: the OUTPUT decomposed into
+    linear mappings). For a piecewise-linear net (ReLU, max-pool, eval BN, ReLU6) the logit
+    is locally affine: ``f_t(x) = <W,x> + beta(x)``, ``W = dS_t/dx``, ``beta`` = biases, BN
+    shifts and saturated ReLU6 units (0 for a ReLU net without biases, where ``F(x) = A x``
+    exactly). With ``N = W - W+ - W-`` (the nuisance), exactly
+    ``f_t(x) = <W+,x> + <W-,x> + <N,x> + beta``; ``beta`` is counted as its own term
+    (``DMBPResult.bias_term``), attributed to no pixel. Per image, with ``S = sum|x*W|``::
 
-        (|P(A+) - relu(P(A))|^2 + |P(A-) + relu(-P(A))|^2) / |P(A)|^2
-            + sparsity_weight * (mean(m+) + mean(m-))
+        rw * (((<W+,x> + <W-,x> - <W,x>) / S)^2 + relu(-<W+,x>/S)^2 + relu(<W-,x>/S)^2)
+          - ew * (<W+,x> - <W-,x>) / S
+          + sw * (sum relu(-A+) + sum relu(A-)) / S  + nw * sum|x*N| / S
+          + sparsity_weight * (mean(m+) + mean(m-))
 
-    What the masks cannot fit (cancellations inside a region) is the nuisance,
-    ``A - A+ - A-``, returned by :meth:`DMBP.explain`. Regions, not pixels: one mask per filter
-    cannot follow the sign of single pixels (gradient x input flips sign from pixel to pixel),
-    so a pixel-wise fit only rescales the gradient (measured on EfficientNet-Lite0: ``A+ ~
-    0.5 A``, half its pixels negative); at 16 px regions the masks separate the evidence (the
-    pooled ``A+`` is > 98 % positive, the pooled ``A-`` > 98 % negative, both keeping about
-    half of the pooled mass) and switch most head filters fully on or off.
-  * why it cannot collapse: all-zero masks give ``A+ = A- = 0`` and a fit term of exactly 1,
-    while masks that halve the gradient (``A+ = A- = A/2``, e.g. the stem at 0.5) give
-    exactly 0.5, and the best such scalings ``2 p n / (p + n)^2 <= 0.5`` (``p, n``: the
-    squared pooled positive and negative evidence); with the sparsity cost of at most
-    ``2 * sparsity_weight`` the empty mapping is never optimal for ``sparsity_weight < 0.25``.
-    The optimisation starts near all ones, at about ``0.5 + 2 * sparsity_weight``, and goes
-    down from there. The first reconstruction, [R1] ``objective=
-    "completeness"`` (``((sum A+ + sum A-) - sum A)^2 / S^2 + sign_weight * (sum relu(-A+) +
-    sum relu(A-)) / S + sparsity``, ``S = sum |A|``) is minimised by all-zero masks whenever
-    ``sum A ~ 0``, which is common: on EfficientNet-Lite0 it returned leftover noise
-    (``|A+| / |A| = 0.0002``). It is kept as an option and warns.
-  * Adam, ``lr=0.1``, ``steps=100``: the fit loss levels off by 80-100 steps on
-    EfficientNet-Lite0 photos. (The third-party call uses ``num_its=200``, for the official
-    loss, which is unknown; 100 halves the cost.)
+    i.e. the two mappings reproduce the output's linear part (the nuisance carries no
+    evidence), the positive one's output is >= 0 and the negative one's <= 0 (always
+    feasible: one set all ones, the other all zeros), each carries as much evidence of its
+    sign as the masks allow (bounded: masks are in [0, 1]), pixels of the wrong sign cost,
+    few filters. Weights rw=100, ew=1, sw=2, nw=0, sparsity 0.05, chosen on the synthetic
+    tuning split (seed 1; BENCHMARKS.md section 10.2). Assumed, no source: every term and
+    weight. The earlier region fit of gradient x input ([R2] ``"fit"``, [R1]
+    ``"completeness"``) is :class:`DMBPFit` (``dmbp_fit``), not in the registry.
   * the returned map: ``output="net"`` gives ``mean_c A+ + mean_c A-`` (signed), the official
     display ``P - Q`` before its clip / shift / scaling; ``"positive"`` / ``"negative"`` give
     ``mean_c A+`` / ``mean_c A-``. Raw values, ``[B,H,W]``; the pipeline normalises.

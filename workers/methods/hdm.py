@@ -26,20 +26,16 @@ Reconstructed [R2] (all constructor parameters; the first version [R1] is kept a
   and the unit makes ``area_weight`` mean the same on every model and image. [R1]'s full
   logit L2 (``"logits"``, HSPI) ignores the target class, so every class got the same map;
   ``"target"`` is [R1]'s two-sided ``|f_t - f_t(x~)|``.
-* **Sizes**: benchmark masks (7, 14), auxiliary masks (56, 0), where 0 is the input
-  resolution: the finest auxiliary mask has one value per pixel, which "captures fine-grained
-  pixel importance". On EfficientNet-Lite0 [R1]'s (4, 7, 14)/(28, 56, 112) barely moved from
-  their all-ones start (means 1.0 / 0.999 / 0.95), and maps stacking such coarse masks rank
-  pixels worse than a random order in the deletion metric (BENCHMARKS.md section 7.1).
+* **Sizes**: benchmark masks (7, 14), auxiliary masks (28, 56), the auxiliary grids capped
+  at cells of ``min_cell=4`` px (at 32 px both are 8 x 8): no free per-pixel mask (the classic
+  adversarial-mask failure), plus a total-variation term ``smooth_weight=0.05`` on each
+  auxiliary mask (``0`` sizes and ``min_cell=0`` restore a per-pixel mask).
 * **Guidance** ``guidance="loss"``: the auxiliary masks are pulled towards the benchmark map
   ``B = mean_j up(m_b,j)`` by ``guidance_weight * mean((up(m_a) - B)^2)`` (both phases start at
-  all ones). [R1]'s ``"multiply"`` (effective mask ``B * up(m_a)``) makes the map a product of
-  a coarse region and pixel detail, which ranks pixels region first: its deletion AUC on the
-  demo photos was twice that of ``"loss"`` (BENCHMARKS.md). ``"init"`` starts the auxiliary
-  masks at ``B``; ``"none"`` optimises them alone (for comparison).
-* **DM map** ``stack="auxiliary"``: the mean of the auxiliary masks (guided by B, so the
-  benchmark masks act through them), min-max scaled; ``"all"`` also stacks the benchmark
-  masks ([R1]), whose coarse cells then dominate the ranking of pixels.
+  all ones); ``"multiply"`` (effective mask ``B * up(m_a)``), ``"init"`` (start at ``B``) and
+  ``"none"`` are options.
+* **DM map** ``stack="all"``: the mean of the SUPERIMPOSED masks, benchmark and auxiliary
+  (the abstract's "superimposed masks"), min-max scaled; ``"auxiliary"`` stacks those only.
 * **Hierarchy**: ``stages=2``; stage t > 1 removes (fills) the top ``remove_fraction=0.2`` of
   ``max(S_1..S_{t-1})`` (pixels with a value > 0) and runs a DM module on the rest; fusion
   ``sum_t w_t * S_t * (1 - R_{t-1})`` with ``w_t = 0.5^(t-1)`` (``stage_weights``), so what a
