@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from salmap.workers.methods import build
+from salmap.workers.methods.dmbp import DMBPFit
 from salmap.workers.metrics import compute_model_metrics
 
 PHOTOS = {"chelsea": 285, "coffee": 967, "rocket": 657}  # photo_batch rows 0, 1, 3
@@ -56,7 +57,7 @@ def test_dmbp_maps_follow_the_evidence_and_beat_random_deletion(scene):
     correlates with gradient x input (the model's first-order evidence; [R1]: 0.08), and its
     mean deletion AUC is at most 0.75x the random ranking's (measured: about 0.45x)."""
     model, x, labels, deletion, random = scene
-    res = build("dmbp", model, steps=30).explain(x, labels)
+    res = DMBPFit(model, steps=30).explain(x, labels)  # the region fit (dmbp_fit)
     a = res.gradient_x_input
     mass = a.abs().flatten(1).sum(1)
     for part in (res.pos_attribution, res.neg_attribution):
