@@ -57,16 +57,18 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def train(x: np.ndarray, y: np.ndarray, epochs: int = 4, seed: int = 0,
-          batch: int = 64) -> nn.Module:
+          batch: int = 64, width: int = 16) -> nn.Module:
     """``synthetic.train_model("vgg", ...)`` on images ``x`` in [0, 1] (no cache: each caller
-    trains its own); the model takes ``synthetic.normalise``d images."""
+    trains its own; ``width``: the first layer's channels); the model takes
+    ``synthetic.normalise``d images."""
     from salmap.workers.synthetic import SyntheticData, train_model
 
     xt, yt = torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long()
     # cue_flags all set: train_model then never flips an image (a flip moves a corner mark)
     data = SyntheticData(xt, yt, torch.zeros(len(x), SIZE, SIZE, dtype=torch.bool),
                          torch.ones(len(x), dtype=torch.bool), 3)
-    return train_model("vgg", data, seed=seed, epochs=epochs, batch_size=batch, cache_dir=None)
+    return train_model("vgg", data, seed=seed, epochs=epochs, batch_size=batch, width=width,
+                       cache_dir=None)
 
 
 def predict(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -219,15 +221,17 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
 def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: int = 3,
                 seed: int = 0, test_cue_share: float | None = None,
                 model: nn.Module | None = None, with_images: bool = False,
-                dataset: dict | None = None) -> tuple[str, np.ndarray, dict, nn.Module]:
+                dataset: dict | None = None, width: int = 16, batch: int = 64
+                ) -> tuple[str, np.ndarray, dict, nn.Module]:
     """Train on a planted dataset (or take ``model``), explain a fresh test set (seed + 1)
     with Grad-CAM (target: the label), the mark on ``test_cue_share`` of its images (default
     ``cue_share``), and write the run: ``(run, cue [n_test], facts, model)``, facts = the
     model's accuracy overall, on marked and on unmarked images, how many are marked.
-    ``dataset``: more ``make_dataset`` arguments, for both sets."""
+    ``dataset``: more ``make_dataset`` arguments, for both sets; ``width``, ``batch``: the
+    CNN's and the training's (:func:`train`)."""
     if model is None:
         x, y, _, _ = make_images(n_train, cue_share, seed, **(dataset or {}))
-        model = train(x, y, epochs=epochs, seed=seed)
+        model = train(x, y, epochs=epochs, seed=seed, batch=batch, width=width)
     share = cue_share if test_cue_share is None else test_cue_share
     xt, yt, cue, boxes = make_images(n_test, share, seed + 1, **(dataset or {}))
     pred = predict(model, xt)
