@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("methods_vs_peers", "pipeline_efficiency", "metric_cost", "scaling", "memory",
            "precision", "control_plane", "small_shards", "storage_faults", "method_quality",
            "cluster_fill", "end_of_run", "cpu_per_image", "shard_reads", "batch_independence",
-           "groundtruth")
+           "groundtruth", "analyze_shortcut")
 # small sizes that keep the whole run around half an hour on a 2-core CPU (none on CUDA)
 CPU_DEFAULTS = {
     "pipeline_efficiency": ["--images", "32", "--metric-images", "8"],
@@ -30,6 +30,8 @@ CPU_DEFAULTS = {
     "scaling": ["--images", "32"],
     "precision": ["--models", "resnet50", "--batch", "4", "--repeats", "1"],
     "end_of_run": ["--sizes", "10000,1000000"],  # 10^7 rows: run it alone (BENCHMARKS.md)
+    # the full size (--train 4000 --test 10000, BENCHMARKS.md section 13): run it alone
+    "analyze_shortcut": ["--train", "2000", "--test", "4000"],
 }
 
 
