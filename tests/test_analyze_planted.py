@@ -32,7 +32,6 @@ CORNERS = {0: (0.0, 0.0), 1: (1.0, 0.0)}  # class 0: top left, class 1: top righ
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("planted")
     run, cue, facts, model = planted_run(str(root / "cue"), N_TRAIN, N_TEST, 0.5, epochs=EPOCHS,
                                          with_images=True, dataset=DATASET)
