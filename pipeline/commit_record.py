@@ -1,5 +1,6 @@
 """A wave's commit record: the one writer (:func:`encode_record`) and the one reader
-(:func:`decode_record`, validated) of ``_commits/<unit>/<wave>.json``.
+(:func:`decode_record`, validated) of ``_commits/<unit>/<wave>.g<generation>.json``, and the
+one place its key is built (:func:`commit_key`) and parsed (:func:`parse_commit_key`).
 
 A record is a JSON object; the fields below are checked on every load, and any other field
 (aggregates other parts of salmap add) is kept as it is. A damaged record is never read
@@ -9,7 +10,42 @@ silently: :class:`DamagedRecord` names the record, what is wrong and the way out
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+COMMITS = "_commits"
+# a generation's adoption list (pipeline.ledger): not a record, hence no ``.json`` suffix
+GENERATIONS = f"{COMMITS}/_generations"
+_RECORD_NAME = re.compile(r"^(?P<wave>.+?)(?:\.g(?P<gen>[0-9]+))?\.json$")
+
+
+def commit_key(unit_id: str, wave_id: str, generation: int = 0) -> str:
+    """The key of a wave's record written by the driver of ``generation`` (0: a ledger
+    outside a locked run, e.g. a test or a bench: ``<wave>.json``)."""
+    suffix = f".g{generation}" if generation else ""
+    return f"{COMMITS}/{unit_id}/{wave_id}{suffix}.json"
+
+
+def parse_commit_key(key: str) -> tuple[str, str, int] | None:
+    """(unit id, wave id, generation) of a record's key; None for anything else."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != COMMITS or parts[1].startswith("_"):
+        return None
+    m = _RECORD_NAME.match(parts[2])
+    if m is None:
+        return None
+    return parts[1], m["wave"], int(m["gen"] or 0)
+
+
+def generation_key(generation: int) -> str:
+    return f"{GENERATIONS}/g{generation:010d}"
+
+
+def parse_generation_key(key: str) -> int | None:
+    folder, _, name = key.rpartition("/")
+    if folder != GENERATIONS or not name.startswith("g") or not name[1:].isdigit():
+        return None
+    return int(name[1:])
 
 # field -> the JSON types it may have
 REQUIRED: dict[str, tuple[type, ...]] = {
@@ -19,6 +55,7 @@ REQUIRED: dict[str, tuple[type, ...]] = {
 OPTIONAL: dict[str, tuple[type, ...]] = {
     "per_shard": (dict,), "shard_identity": (dict,), "unreadable": (dict,),
     "config_hash": (str, type(None)), "elapsed_s": (int, float), "committed_at": (int, float),
+    "generation": (int,),
 }
 WAY_OUT = ("move the record away to have `salmap run` redo its wave, or restore it from a "
            "copy; `salmap verify` checks the whole run")
@@ -71,12 +108,15 @@ def validate_record(record: Any, key: str, where: str | None = None) -> None:
                                (isinstance(value, bool) and bool not in types)):
             raise DamagedRecord(where, f"field {name!r} is {type(value).__name__}, expected "
                                        f"{' or '.join(t.__name__ for t in types)}")
-    parts = key.split("/")
-    if len(parts) >= 3 and parts[-1].endswith(".json"):
-        unit_id, wave_id = parts[-2], parts[-1][:-5]
+    parsed = parse_commit_key(key)
+    if parsed is not None:
+        unit_id, wave_id, generation = parsed
         if record["unit"] != unit_id or record["wave"] != wave_id:
             raise DamagedRecord(where, f"it names unit {record['unit']!r} wave "
                                        f"{record['wave']!r}, not {unit_id!r} {wave_id!r}")
+        if record.get("generation", 0) != generation:
+            raise DamagedRecord(where, f"it names generation {record.get('generation', 0)}, "
+                                       f"its key {generation}")
     for name in ("shards", "files"):
         items = record[name]
         if not all(isinstance(x, str) and x for x in items):

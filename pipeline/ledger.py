@@ -26,57 +26,173 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit_record import DamagedRecord, decode_record, encode_record
+from .commit_record import (
+    COMMITS,
+    GENERATIONS,
+    DamagedRecord,
+    commit_key,
+    decode_record,
+    encode_record,
+    generation_key,
+    parse_commit_key,
+    parse_generation_key,
+)
+from .lock import LockLost
 from .storage import Store
+
+__all__ = ["COMMITS", "GENERATIONS", "commit_key", "parse_commit_key"]
 
 MANIFEST_KEY = "manifest.json"
 PLAN_KEY = "_plan.json"
-COMMITS = "_commits"
 MANIFEST_FORMAT = 2
 MAX_FAILURE_LINES = 200  # the manifest lists at most this many; the count is always exact
 
 
-def commit_key(unit_id: str, wave_id: str) -> str:
-    return f"{COMMITS}/{unit_id}/{wave_id}.json"
+@dataclass
+class RecordIndex:
+    """What one listing of ``_commits/`` says: the record readers use for each wave (the newest
+    one a generation vouches for), the records nobody vouches for, and the newest generation."""
+
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)  # unit -> wave -> key
+    sizes: dict[str, int] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)
+    generation: int = 0  # the newest generation that started on this run (0: none)
 
 
-def load_commits(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
-    """unit id -> wave id -> commit record: one listing of ``_commits/`` and one read per record
-    (in parallel), each validated (:func:`salmap.pipeline.commit_record.decode_record`); a shard
-    committed by two records of a unit is damage too. Raises :class:`DamagedRecord`."""
-    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
-             if k.endswith(".json") and len(k.split("/")) == 3}
-    keys = list(sizes)
+def list_records(store: Store) -> RecordIndex:
+    """Which commit records count: one listing of ``_commits/`` and, only when records of
+    older generations are there, one read of the newest generation's adoption list.
+
+    A record of generation ``g`` counts when ``g`` is the newest generation, or when the
+    newest generation adopted it at its start; every other record was written by a driver
+    that had lost the run's lock after its successor started (or was superseded by a newer
+    record of its wave) and is ignored. Records without a generation (``<wave>.json``: ledgers
+    outside a locked run) count while no generation has started."""
+    listed = store.list_sizes(COMMITS)
+    generations = [g for g in map(parse_generation_key, listed) if g is not None]
+    newest = max(generations, default=0)
+    found: list[tuple[str, str, int, str]] = []
+    for key in listed:
+        parsed = parse_commit_key(key)
+        if parsed is not None:
+            found.append((*parsed, key))
+    adopted: dict[str, dict[str, int]] = {}
+    if newest and any(g < newest for _, _, g, _ in found):
+        adopted = read_generation(store, newest).get("adopted", {})
+    index = RecordIndex(generation=newest)
+    best: dict[tuple[str, str], tuple[int, str]] = {}
+    for unit_id, wave_id, g, key in found:
+        if g == newest or adopted.get(unit_id, {}).get(wave_id) == g:
+            had = best.get((unit_id, wave_id))
+            if had is None or g > had[0]:
+                if had is not None:
+                    index.stale.append(had[1])
+                best[(unit_id, wave_id)] = (g, key)
+                continue
+        index.stale.append(key)
+    for (unit_id, wave_id), (_, key) in sorted(best.items()):
+        index.keys.setdefault(unit_id, {})[wave_id] = key
+        index.sizes[key] = listed[key]
+    index.stale.sort()
+    return index
+
+
+def read_generation(store: Store, generation: int) -> dict:
+    """A generation's adoption list (``{"generation", "owner", "adopted": {unit: {wave: g}}}``)."""
+    key = generation_key(generation)
+    raw = store.read_bytes(key)
+    try:
+        info = json.loads(raw.decode("utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("adopted", {}), dict):
+            raise ValueError("not an object with an 'adopted' map")
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DamagedRecord(store.url(key), f"the generation's adoption list is unreadable "
+                                            f"({err})") from None
+    return info
+
+
+def next_generation(store: Store) -> int:
+    """One more than every generation started on this run (a listing of its adoption lists):
+    the floor of the generation a driver takes with the run's lock."""
+    listed = store.list(GENERATIONS)
+    return max((g for g in map(parse_generation_key, listed) if g is not None), default=0) + 1
+
+
+class GenerationTaken(LockLost):
+    """Another driver started the same generation (this one lost the run's lock)."""
+
+
+def begin_generation(store: Store, generation: int, owner: str = "",
+                     out: Callable[[str], None] | None = None) -> RecordIndex:
+    """Start this driver's generation (right after it took the run's lock with it): adopt the
+    records that count now, in one conditional create of the generation's adoption list, then
+    delete the records that do not count. From then on a record of an older generation that
+    lands (a driver that lost the lock, paused between its lock check and its record write)
+    is ignored by every reader. Returns the index the driver loads (:func:`load_commits`)."""
+    index = list_records(store)
+    if index.generation >= generation:
+        raise GenerationTaken(f"generation {generation} of this run is not newer than the "
+                              f"newest one started ({index.generation}): another driver took "
+                              "the run's lock; run again to resume")
+    adopted = {u: {w: parse_commit_key(k)[2] for w, k in waves.items()}  # type: ignore[index]
+               for u, waves in index.keys.items()}
+    body = json.dumps({"generation": generation, "owner": owner, "started": time.time(),
+                       "adopted": adopted}, sort_keys=True).encode()
+    if not store.create_exclusive(generation_key(generation), body):
+        raise GenerationTaken(f"generation {generation} of this run was started by another "
+                              "driver (this one lost the run's lock); run again to resume")
+    for key in index.stale:
+        store.delete(key)
+    if index.stale and out is not None:
+        out(f"salmap: removed {len(index.stale)} stale commit record(s) of drivers that had lost "
+            f"the run's lock (e.g. {store.url(index.stale[0])})")
+    index.stale, index.generation = [], generation
+    return index
+
+
+def load_commits(store: Store, threads: int = 16, index: RecordIndex | None = None
+                 ) -> dict[str, dict[str, dict]]:
+    """unit id -> wave id -> commit record: the records that count (:func:`list_records`),
+    one read per record (in parallel), each validated
+    (:func:`salmap.pipeline.commit_record.decode_record`); a shard committed by two records of
+    a unit is damage too. Raises :class:`DamagedRecord`."""
+    index = list_records(store) if index is None else index
+    keys = [k for waves in index.keys.values() for k in waves.values()]
     if not keys:
         return {}
 
     def read(key: str) -> dict:
-        return decode_record(store.read_bytes(key, sizes[key]), key, store.url(key))
+        return decode_record(store.read_bytes(key, index.sizes.get(key)), key, store.url(key))
 
     with ThreadPoolExecutor(max(1, min(threads, len(keys)))) as pool:
         records = list(pool.map(read, keys))
     out: dict[str, dict[str, dict]] = {}
-    for key, rec in zip(keys, records):
-        _, unit_id, fname = key.split("/")
-        out.setdefault(unit_id, {})[fname[:-5]] = rec
-    for unit_id, waves in out.items():
+    for rec in records:
+        out.setdefault(rec["unit"], {})[rec["wave"]] = rec
+    for waves in out.values():
         seen: dict[str, str] = {}
         for wave_id, rec in waves.items():
             for shard in rec["shards"]:
                 if shard in seen:
                     raise DamagedRecord(
-                        store.url(commit_key(unit_id, wave_id)),
+                        store.url(record_key(rec)),
                         f"shard {shard} is committed by it and by "
-                        f"{store.url(commit_key(unit_id, seen[shard]))} too (its rows would be "
+                        f"{store.url(record_key(waves[seen[shard]]))} too (its rows would be "
                         "read twice)")
                 seen[shard] = wave_id
     return out
+
+
+def record_key(record: dict) -> str:
+    """Where a (loaded or written) record is stored."""
+    return commit_key(record["unit"], record["wave"], int(record.get("generation", 0)))
 
 
 def committed_files(commits: dict[str, dict[str, dict]], unit_id: str | None = None) -> list[str]:
@@ -143,6 +259,11 @@ class Ledger:
     fence: Callable[[], None] | None = None
     # held while the roll-up changes (the driver's lock over its in-memory state)
     guard: Any = field(default_factory=contextlib.nullcontext)
+    # the generation this driver writes its records with (begin_generation); 0: outside a
+    # locked run (records named <wave>.json, no generation)
+    generation: int = 0
+    # unit id -> wave id -> generation of the record that committed it
+    wave_generation: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, store: Store, commits: dict[str, dict[str, dict]] | None = None) -> Ledger:
@@ -154,6 +275,8 @@ class Ledger:
 
     def _apply(self, unit_id: str, record: dict) -> None:
         self.totals.setdefault(unit_id, UnitTotals()).add(record)
+        self.wave_generation.setdefault(unit_id, {})[record["wave"]] = \
+            int(record.get("generation", 0))
         waves = self.shard_wave.setdefault(unit_id, {})
         identities = record.get("shard_identity") or {}
         for shard in record["shards"]:
@@ -220,7 +343,9 @@ class Ledger:
 
     def write(self, unit_id: str, record: dict, fence: Callable[[], None] | None = None) -> dict:
         """:meth:`commit`'s storage part (no change in memory)."""
-        key = commit_key(unit_id, record["wave"])
+        if self.generation:
+            record = {**record, "generation": self.generation}
+        key = commit_key(unit_id, record["wave"], self.generation)
         data = encode_record(record)
         try:
             created = self.store.create_exclusive(key, data)
@@ -257,10 +382,11 @@ class Ledger:
     def uncommit(self, unit_id: str, wave_id: str, data_prefix: str) -> list[str]:
         """Withdraw a committed wave (its shard changed): the record goes first, then the rows.
         Returns the shards that become pending again."""
-        key = commit_key(unit_id, wave_id)
+        key = commit_key(unit_id, wave_id, self.wave_generation.get(unit_id, {}).get(wave_id, 0))
         record = decode_record(self.store.read_bytes(key), key, self.store.url(key))
-        self.store.delete(commit_key(unit_id, wave_id))
+        self.store.delete(key)
         self.store.delete_dir(f"{data_prefix}/{wave_id}")
+        self.wave_generation.get(unit_id, {}).pop(wave_id, None)
         if unit_id in self.totals:
             self.totals[unit_id].add(record, sign=-1)
         waves = self.shard_wave.get(unit_id, {})

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .commit_record import unit_data_prefix
-from .ledger import Ledger
+from .ledger import Ledger, record_key
 from .storage import Store
 
 
@@ -30,7 +30,7 @@ def redo_waves_with_missing_files(store: Store, ledger: Ledger, commits: dict[st
     pending, so this run redoes them); returns failure lines for the waves of other units."""
     failures = []
     for (unit_id, wave_id), gone in missing_files(store, commits).items():
-        where = store.url(f"_commits/{unit_id}/{wave_id}.json")
+        where = store.url(record_key(commits[unit_id][wave_id]))
         if unit_id in units:
             ledger.uncommit(unit_id, wave_id, unit_data_prefix(unit_id))
             commits[unit_id].pop(wave_id, None)

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.dataset as pads
 
 from . import aggregate as agg_mod
-from .ledger import COMMITS, Ledger
+from .ledger import Ledger, list_records, parse_commit_key
 from .storage import Store
 
 READ_CHUNK = 64  # commit records read (in parallel) and folded at a time
@@ -58,10 +58,10 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
     """unit id -> aggregate of its committed rows: one listing of ``_commits/``, then the
     records read :data:`READ_CHUNK` at a time and folded (in wave order), none kept."""
     wanted = None if units is None else set(units)
-    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
-             if k.endswith(".json") and len(k.split("/")) == 3
-             and (wanted is None or k.split("/")[1] in wanted)}
-    keys = sorted(sizes)
+    index = list_records(store)
+    sizes = index.sizes
+    keys = sorted(k for uid, waves in index.keys.items() if wanted is None or uid in wanted
+                  for k in waves.values())
     out: dict[str, dict] = {}
     files: dict[str, list[str] | None] = {}  # while a unit is small enough to refold
 
@@ -73,7 +73,7 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
         for start in range(0, len(keys), READ_CHUNK):
             chunk = keys[start:start + READ_CHUNK]
             for key, (a, fs) in zip(chunk, pool.map(read, chunk)):
-                uid = key.split("/")[1]
+                uid = parse_commit_key(key)[0]  # type: ignore[index]
                 out[uid] = agg_mod.merge(out.get(uid), a)
                 kept = files.setdefault(uid, [])
                 files[uid] = kept + fs if kept is not None and out[uid]["rows"] <= REFOLD_ROWS \
@@ -87,16 +87,16 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
 def committed_file_lists(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
     """unit id -> wave id -> ``{"files": [...]}``: what readers and exports need of the commit
     records, read a chunk at a time with the rest (aggregates, shard detail) let go."""
-    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
-             if k.endswith(".json") and len(k.split("/")) == 3}
+    index = list_records(store)
+    sizes = index.sizes
     keys = sorted(sizes)
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(max(1, min(threads, len(keys) or 1))) as pool:
         for start in range(0, len(keys), READ_CHUNK):
             chunk = keys[start:start + READ_CHUNK]
             for key, rec in zip(chunk, pool.map(lambda k: store.read_json(k, sizes[k]), chunk)):
-                _, uid, fname = key.split("/")
-                out.setdefault(uid, {})[fname[:-5]] = {"files": list(rec["files"])}
+                uid, wave_id, _ = parse_commit_key(key)  # type: ignore[misc]
+                out.setdefault(uid, {})[wave_id] = {"files": list(rec["files"])}
     return out
 
 

@@ -37,8 +37,10 @@ from .ledger import (
     MAX_FAILURE_LINES,
     PLAN_KEY,
     Ledger,
+    begin_generation,
     load_commits,
     manifest,
+    next_generation,
     remove_uncommitted,
     remove_unlisted,
 )
@@ -296,7 +298,7 @@ class _Run:
             written = record
             if record["shards"]:  # the record's PUT; the roll-up under commit_lock
                 written = self.ledger.commit(unit.id, record) or record
-                if written is not record or (unit.id, record["wave"]) in self.dirty:
+                if written["files"] != record["files"] or (unit.id, record["wave"]) in self.dirty:
                     remove_unlisted(self.store, f"{unit.data_prefix}/{record['wave']}", written)
                     self.dirty.discard((unit.id, record["wave"]))
             with self.commit_lock:
@@ -403,7 +405,7 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
     shards = expand_shards(cfg.input.shards, cfg.storage, missing=missing, identity=identity)
     units = units_of(cfg)
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
-    lock.acquire()
+    lock.acquire(next_generation(store))
     note(run={"store": store.uri, "storage": to_container(cfg)["storage"], "run_id": run_id,
               "lock_owner": lock.owner})
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
@@ -414,8 +416,12 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
             raise ConfigError(f"run {run_id!r} was written by an older salmap (format "
                               f"{previous.get('salmap_format', 1)}); use a new run.id")
         plan_before = store.read_json_if_exists(PLAN_KEY)
-        commits = load_commits(store)
+        # this driver's generation: the records that count now are adopted, any record a
+        # driver that lost the lock writes from here on is ignored (pipeline.ledger)
+        commits = load_commits(store, index=begin_generation(store, lock.generation,
+                                                             lock.owner, out))
         ledger = Ledger.load(store, commits)
+        ledger.generation = lock.generation
         lost = redo_waves_with_missing_files(store, ledger, commits, {u.id for u in units}, out)
         check_compatible(run_id, ledger, plan_before, cfg, units, shards, previous)
         index = load_shard_index(shards, cfg.storage)

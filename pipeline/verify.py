@@ -2,7 +2,9 @@
 one table. Every commit record is read and validated (:mod:`salmap.pipeline.commit_record`), every
 file it lists must exist (one listing per unit) and hold the rows the record counts (Parquet
 footers); a shard may be committed by one record only. Files in wave folders that no record
-lists are leftovers of failed attempts: noted, not damage (readers never see them)."""
+lists are leftovers of failed attempts, and records of generations no newer driver vouches for
+are stale (written by a driver that had lost the run's lock): both noted, not damage (readers
+never see them)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .commit_record import WAY_OUT, DamagedRecord, decode_record, unit_data_prefix
-from .ledger import COMMITS
+from .ledger import list_records, parse_commit_key
 from .storage import Store
 
 
@@ -24,6 +26,7 @@ class UnitCheck:
     rows_recorded: int = 0
     rows_found: int = 0
     leftovers: int = 0
+    stale: int = 0  # records no generation vouches for (ignored by readers)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -42,8 +45,9 @@ def verify_run(uri: str, storage: Any = None, threads: int = 16) -> dict[str, Un
     """unit id -> what was found; a unit's ``problems`` name the record or file and the way
     out. Raises FileNotFoundError when ``uri`` holds no run."""
     store = Store.open(uri, storage)
-    keys = [k for k in store.list(COMMITS) if k.endswith(".json") and len(k.split("/")) == 3]
-    if not keys and not store.list("data"):
+    index = list_records(store)
+    keys = [k for waves in index.keys.values() for k in waves.values()]
+    if not keys and not index.stale and not store.list("data"):
         raise FileNotFoundError(f"no run at {store.uri}: no commit records and no data")
 
     def load(key: str) -> tuple[str, dict | None, str]:
@@ -56,6 +60,8 @@ def verify_run(uri: str, storage: Any = None, threads: int = 16) -> dict[str, Un
         loaded = list(pool.map(load, keys))
     units: dict[str, UnitCheck] = {}
     records: dict[str, dict[str, dict]] = {}
+    for key in index.stale:
+        units.setdefault(parse_commit_key(key)[0], UnitCheck()).stale += 1  # type: ignore[index]
     for key, rec, problem in loaded:
         unit_id = key.split("/")[1]
         u = units.setdefault(unit_id, UnitCheck())
@@ -137,4 +143,8 @@ def format_table(units: dict[str, UnitCheck]) -> list[str]:
             lines.append(f"{uid}: note: {u.leftovers} file(s) of failed attempts in committed wave "
                          "folders, listed by no record (never read; the next commit of such a "
                          "wave deletes them)")
+        if u.stale:
+            lines.append(f"{uid}: note: {u.stale} stale commit record(s) of a driver that had "
+                         "lost the run's lock, vouched for by no generation (never read; the "
+                         "next `salmap run` deletes them)")
     return lines
