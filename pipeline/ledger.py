@@ -157,6 +157,18 @@ def begin_generation(store: Store, generation: int, owner: str = "",
     return index
 
 
+def start_ledger(store: Store, generation: int, owner: str = "",
+                 out: Callable[[str], None] | None = None
+                 ) -> tuple[Ledger, dict[str, dict[str, dict]]]:
+    """A driver's start, right after it took the run's lock with ``generation``: begin the
+    generation (:func:`begin_generation`), read the records that count, and the ledger that
+    writes this generation's records."""
+    commits = load_commits(store, index=begin_generation(store, generation, owner, out))
+    ledger = Ledger.load(store, commits)
+    ledger.generation = generation
+    return ledger, commits
+
+
 def load_commits(store: Store, threads: int = 16, index: RecordIndex | None = None
                  ) -> dict[str, dict[str, dict]]:
     """unit id -> wave id -> commit record: the records that count (:func:`list_records`),

@@ -37,12 +37,11 @@ from .ledger import (
     MAX_FAILURE_LINES,
     PLAN_KEY,
     Ledger,
-    begin_generation,
-    load_commits,
     manifest,
     next_generation,
     remove_uncommitted,
     remove_unlisted,
+    start_ledger,
 )
 from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
@@ -418,10 +417,7 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
         plan_before = store.read_json_if_exists(PLAN_KEY)
         # this driver's generation: the records that count now are adopted, any record a
         # driver that lost the lock writes from here on is ignored (pipeline.ledger)
-        commits = load_commits(store, index=begin_generation(store, lock.generation,
-                                                             lock.owner, out))
-        ledger = Ledger.load(store, commits)
-        ledger.generation = lock.generation
+        ledger, commits = start_ledger(store, lock.generation, lock.owner, out)
         lost = redo_waves_with_missing_files(store, ledger, commits, {u.id for u in units}, out)
         check_compatible(run_id, ledger, plan_before, cfg, units, shards, previous)
         index = load_shard_index(shards, cfg.storage)
