@@ -631,6 +631,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
         actors=actors if actors is not None else _fixed_actors(cfg), actor_resources=resources,
         max_tasks_in_flight_per_actor=cfg.resources.max_tasks_in_flight_per_actor,
         decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage,
+        max_member_bytes=cfg.input.max_member_bytes,
         device_decode=cfg.resources.decode_device == "cuda"
         or (cfg.resources.decode_device == "auto" and gpus > 0))
 
