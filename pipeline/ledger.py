@@ -4,21 +4,37 @@ cost per commit that does not grow with the run.
 Layout under ``<run.output>/<run.id>/``::
 
     data/<model>/<method>/<wave id>/part-<hash>.parquet   rows, written by the pipeline's tasks
-    _commits/<unit id>/<wave id>.json                      a wave's commit record, written LAST
+    _commits/<unit id>/<wave id>.g<N>.json                 a wave's commit record, written LAST
+                                                           by the driver of generation N
+    _commits/_generations/g<N>                             generation N's start: the records
+                                                           it adopted (JSON; not a record)
     _plan.json                                             the run's shards and their identity
     manifest.json                                          a small roll-up, rewritten per commit
     _lock.json                                             one driver at a time (pipeline.lock)
 
-A wave's rows are committed iff its commit record exists; the record lists its files, its
+A wave's rows are committed iff a commit record of it *counts*; the record lists its files, its
 shards with their identity (size, modification time, indexed sample count) and the reconciled
 counts. Readers that go through the commit records (``salmap read``, :func:`read_run`) never see
 partial or duplicate data. A driver that starts work first deletes wave folders that have no
 commit record (leftovers of a crashed attempt).
 
+Fencing. Each driver has a generation N, carried by the run's lock (:mod:`salmap.pipeline.lock`:
+one more than the lock it took over, at least one more than any generation started). At its
+start (:func:`start_ledger`) it creates ``_commits/_generations/g<N>`` (conditionally: one
+driver per N) listing the records that count then, deletes the others, and writes its records
+as ``<wave>.g<N>.json``. A record counts when it is of the newest generation or adopted by it
+(:func:`list_records`; per wave the newest such). A driver paused between its lock check and
+its record write, that resumes after a successor started, therefore writes a record that
+never counts (and is never read by anyone, deleted by the next start), whatever the successor
+did with that wave. Records without a generation (``<wave>.json``, a ledger used outside a
+locked run) count while no generation has started.
+
 Costs: the driver reads the commit records once when it starts (one listing, one GET per
-record in parallel) and keeps the roll-up in memory; a commit is two single PUTs (its record,
-created conditionally so that it never replaces another, and the manifest, which holds per-unit
-totals only) plus the run lock's check, whatever came before. Per-wave detail stays in the
+record in parallel, one GET of the newest adoption list when older generations' records are
+there; plus one listing of ``_generations/`` and one conditional PUT to start its generation)
+and keeps the roll-up in memory; a commit is two single PUTs (its record, created
+conditionally so that it never replaces another, and the manifest, which holds per-unit
+totals only) plus the run lock's check, whatever came before: three requests. Per-wave detail stays in the
 commit records (:mod:`salmap.pipeline.commit_record`: the one reader and writer, validated on load).
 """
 
@@ -28,7 +44,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +52,7 @@ from typing import Any
 from .commit_record import (
     COMMITS,
     GENERATIONS,
+    CommitRecord,
     DamagedRecord,
     commit_key,
     decode_record,
@@ -159,7 +176,7 @@ def begin_generation(store: Store, generation: int, owner: str = "",
 
 def start_ledger(store: Store, generation: int, owner: str = "",
                  out: Callable[[str], None] | None = None
-                 ) -> tuple[Ledger, dict[str, dict[str, dict]]]:
+                 ) -> tuple[Ledger, dict[str, dict[str, CommitRecord]]]:
     """A driver's start, right after it took the run's lock with ``generation``: begin the
     generation (:func:`begin_generation`), read the records that count, and the ledger that
     writes this generation's records."""
@@ -170,7 +187,7 @@ def start_ledger(store: Store, generation: int, owner: str = "",
 
 
 def load_commits(store: Store, threads: int = 16, index: RecordIndex | None = None
-                 ) -> dict[str, dict[str, dict]]:
+                 ) -> dict[str, dict[str, CommitRecord]]:
     """unit id -> wave id -> commit record: the records that count (:func:`list_records`),
     one read per record (in parallel), each validated
     (:func:`salmap.pipeline.commit_record.decode_record`); a shard committed by two records of
@@ -185,13 +202,13 @@ def load_commits(store: Store, threads: int = 16, index: RecordIndex | None = No
 
     with ThreadPoolExecutor(max(1, min(threads, len(keys)))) as pool:
         records = list(pool.map(read, keys))
-    out: dict[str, dict[str, dict]] = {}
+    out: dict[str, dict[str, CommitRecord]] = {}
     for rec in records:
-        out.setdefault(rec["unit"], {})[rec["wave"]] = rec
+        out.setdefault(rec.unit, {})[rec.wave] = rec
     for waves in out.values():
         seen: dict[str, str] = {}
         for wave_id, rec in waves.items():
-            for shard in rec["shards"]:
+            for shard in rec.shards:
                 if shard in seen:
                     raise DamagedRecord(
                         store.url(record_key(rec)),
@@ -202,18 +219,18 @@ def load_commits(store: Store, threads: int = 16, index: RecordIndex | None = No
     return out
 
 
-def record_key(record: dict) -> str:
+def record_key(record: CommitRecord) -> str:
     """Where a (loaded or written) record is stored."""
-    return commit_key(record["unit"], record["wave"], int(record.get("generation", 0)))
+    return commit_key(record.unit, record.wave, record.generation)
 
 
-def committed_files(commits: dict[str, dict[str, dict]], unit_id: str | None = None) -> list[str]:
+def committed_files(commits: dict[str, dict[str, CommitRecord]], unit_id: str | None = None) -> list[str]:
     """Relative keys of every committed Parquet file (optionally of one unit), in order."""
     files: list[str] = []
     for uid, waves in sorted(commits.items()):
         if unit_id is None or uid == unit_id:
             for _, rec in sorted(waves.items()):
-                files.extend(rec["files"])
+                files.extend(rec.files)
     return files
 
 
@@ -234,22 +251,22 @@ class UnitTotals:
     aggregate: dict | None = field(default=None, repr=False)
     aggregated: bool = True
 
-    def add(self, record: dict, sign: int = 1) -> None:
+    def add(self, record: CommitRecord, sign: int = 1) -> None:
         """Extend the totals by a commit record (``sign=-1``: take a withdrawn one out)."""
-        if sign < 0 or "aggregate" not in record:
+        if sign < 0 or record.aggregate is None:
             self.aggregated, self.aggregate = False, None
         elif self.aggregated:
             from .aggregate import merge, unpack
 
-            self.aggregate = merge(self.aggregate, unpack(record["aggregate"]))
-        self.rows += sign * int(record["rows"])
-        self.errors += sign * int(record["errors"])
-        self.samples += sign * int(record["samples"])
+            self.aggregate = merge(self.aggregate, unpack(record.aggregate))
+        self.rows += sign * record.rows
+        self.errors += sign * record.errors
+        self.samples += sign * record.samples
         self.waves += sign
-        self.shards += sign * len(record["shards"])
-        self.elapsed_s += sign * float(record.get("elapsed_s", 0.0))
+        self.shards += sign * len(record.shards)
+        self.elapsed_s += sign * float(record.elapsed_s)
         if sign > 0:
-            self.config_hash = record.get("config_hash", self.config_hash)
+            self.config_hash = record.config_hash or self.config_hash
 
 
 @dataclass
@@ -278,26 +295,26 @@ class Ledger:
     wave_generation: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, store: Store, commits: dict[str, dict[str, dict]] | None = None) -> Ledger:
+    def load(cls, store: Store, commits: dict[str, dict[str, CommitRecord]] | None = None) -> Ledger:
         ledger = cls(store)
         for unit_id, waves in (load_commits(store) if commits is None else commits).items():
             for rec in waves.values():
                 ledger._apply(unit_id, rec)
         return ledger
 
-    def _apply(self, unit_id: str, record: dict) -> None:
+    def _apply(self, unit_id: str, record: CommitRecord | Mapping[str, Any]) -> None:
+        if not isinstance(record, CommitRecord):
+            record = CommitRecord.from_dict({"unit": unit_id, **record})
         self.totals.setdefault(unit_id, UnitTotals()).add(record)
-        self.wave_generation.setdefault(unit_id, {})[record["wave"]] = \
-            int(record.get("generation", 0))
+        self.wave_generation.setdefault(unit_id, {})[record.wave] = record.generation
         waves = self.shard_wave.setdefault(unit_id, {})
-        identities = record.get("shard_identity") or {}
-        for shard in record["shards"]:
-            waves[shard] = record["wave"]
+        identities = record.shard_identity
+        for shard in record.shards:
+            waves[shard] = record.wave
             if shard in identities and shard not in self.identity:
                 self.identity[shard] = identities[shard]
-        for shard, info in (record.get("per_shard") or {}).items():
-            if info.get("failure"):
-                self._set_failure(unit_id, shard, info["failure"])
+        for shard, why in record.failures.items():
+            self._set_failure(unit_id, shard, why)
 
     def _set_failure(self, unit_id: str, shard: str, why: str | None) -> None:
         had = (unit_id, shard) in self.shard_failures
@@ -338,7 +355,7 @@ class Ledger:
                 for (unit, shard), why in itertools.islice(self.shard_failures.items(), n)]
 
     # -- changes -----------------------------------------------------------------------
-    def commit(self, unit_id: str, record: dict) -> dict:
+    def commit(self, unit_id: str, record: CommitRecord | Mapping[str, Any]) -> CommitRecord:
         """Make one wave visible: create its commit record (one conditional PUT: it never
         replaces a record), then extend the roll-up (under ``guard``); returns the record now
         committed.
@@ -353,11 +370,13 @@ class Ledger:
             self._apply(unit_id, record)
         return record
 
-    def write(self, unit_id: str, record: dict, fence: Callable[[], None] | None = None) -> dict:
+    def write(self, unit_id: str, record: CommitRecord | Mapping[str, Any],
+              fence: Callable[[], None] | None = None) -> CommitRecord:
         """:meth:`commit`'s storage part (no change in memory)."""
+        record = CommitRecord.from_dict(record)
         if self.generation:
-            record = {**record, "generation": self.generation}
-        key = commit_key(unit_id, record["wave"], self.generation)
+            record = record.replace(generation=self.generation)
+        key = commit_key(unit_id, record.wave, self.generation)
         data = encode_record(record)
         try:
             created = self.store.create_exclusive(key, data)
@@ -369,8 +388,8 @@ class Ledger:
             record = self._settle(unit_id, key, record, data, fence)
         return record
 
-    def _settle(self, unit_id: str, key: str, record: dict, data: bytes,
-                fence: Callable[[], None] | None) -> dict:
+    def _settle(self, unit_id: str, key: str, record: CommitRecord, data: bytes,
+                fence: Callable[[], None] | None) -> CommitRecord:
         raw = self.store.read_bytes(key)
         if raw == data:
             return record
@@ -380,10 +399,10 @@ class Ledger:
             other = decode_record(raw, key, self.store.url(key))
         except DamagedRecord:
             other = None
-        if other is not None and sorted(other["shards"]) == sorted(record["shards"]):
-            folder = key_folder(other["files"][0]) if other["files"] else None
+        if other is not None and sorted(other.shards) == sorted(record.shards):
+            folder = key_folder(other.files[0]) if other.files else None
             there = set(self.store.list(folder)) if folder else set()
-            if all(f in there for f in other["files"]):
+            if all(f in there for f in other.files):
                 return other
         self.store.delete(key)
         if not self.store.create_exclusive(key, data):
@@ -402,10 +421,10 @@ class Ledger:
         if unit_id in self.totals:
             self.totals[unit_id].add(record, sign=-1)
         waves = self.shard_wave.get(unit_id, {})
-        for shard in record["shards"]:
+        for shard in record.shards:
             waves.pop(shard, None)
             self._set_failure(unit_id, shard, None)
-        return list(record["shards"])
+        return list(record.shards)
 
     def forget_identity(self, shards: Iterable[str]) -> None:
         for s in shards:
@@ -459,10 +478,10 @@ def remove_uncommitted(store: Store, ledger: Ledger, unit_prefixes: dict[str, st
     return removed
 
 
-def remove_unlisted(store: Store, folder: str, record: dict) -> list[str]:
+def remove_unlisted(store: Store, folder: str, record: CommitRecord) -> list[str]:
     """Delete the files of a committed wave's folder that its record does not list (what an
     earlier attempt left there); returns them."""
-    listed = set(record["files"])
+    listed = set(record.files)
     gone = [k for k in store.list(folder) if k not in listed]
     for k in gone:
         store.delete(k)

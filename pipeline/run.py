@@ -19,6 +19,7 @@ from . import __version__
 from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
 from .aggregate import wave_sample_size
 from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
+from .commit_record import CommitRecord
 from .config import (
     ConfigError,
     SalmapConfig,
@@ -281,7 +282,7 @@ class _Run:
         self.store.write_json(MANIFEST_KEY, m)
         return m
 
-    def commit(self, unit: Unit, record: dict) -> None:
+    def commit(self, unit: Unit, record: CommitRecord | dict) -> None:
         """One wave: the run lock's check, its record (one conditional PUT), the manifest (one
         PUT): three requests, none of them under ``commit_lock`` (which the other units'
         threads wait on; it guards the roll-up in memory only)."""
@@ -289,28 +290,28 @@ class _Run:
             if self.stopping.is_set():  # interrupted: the lock is about to be released
                 raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
             self.in_flight += 1
+        record = CommitRecord.from_dict(record)
         try:
             if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
             if self.after_check is not None:
                 self.after_check(unit, record)
             written = record
-            if record["shards"]:  # the record's PUT; the roll-up under commit_lock
+            if record.shards:  # the record's PUT; the roll-up under commit_lock
                 written = self.ledger.commit(unit.id, record) or record
-                if written["files"] != record["files"] or (unit.id, record["wave"]) in self.dirty:
-                    remove_unlisted(self.store, f"{unit.data_prefix}/{record['wave']}", written)
-                    self.dirty.discard((unit.id, record["wave"]))
+                if written.files != record.files or (unit.id, record.wave) in self.dirty:
+                    remove_unlisted(self.store, f"{unit.data_prefix}/{record.wave}", written)
+                    self.dirty.discard((unit.id, record.wave))
             with self.commit_lock:
-                for shard, why in written.get("unreadable", {}).items():
+                for shard, why in written.unreadable.items():
                     self._fail(f"{unit.id}: shard {shard} could not be read: {why}")
-                for shard, info in written.get("per_shard", {}).items():
-                    if info.get("failure"):
-                        self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
-                                 f"{info['failure']}")
+                for shard, why in written.failures.items():
+                    self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
+                             f"{why}")
                 self.waves_done += 1
                 self.out(f"salmap: [{self.waves_done}/{self.waves_total}] {unit.id}: committed "
-                         f"wave {written['wave']} ({written['rows']} rows, "
-                         f"{len(written['shards'])} shard(s))")
+                         f"wave {written.wave} ({written.rows} rows, "
+                         f"{len(written.shards)} shard(s))")
                 self.manifest_seq += 1
                 snapshot = (self.manifest_seq, self.manifest("running", running=True))
             self._publish(snapshot)
@@ -661,11 +662,11 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         ex = unit_execution(run.cfg, unit, waves, run.store, actors)
         ex.identity = identity
 
-        def on_commit(record: dict, tracker=tracker) -> None:
+        def on_commit(record: CommitRecord, tracker=tracker) -> None:
             try:
                 run.commit(unit, record)
             except Exception:  # not durable: the wave stays pending for the unit's retry
-                tracker.not_committed(record["wave"])
+                tracker.not_committed(record.wave)
                 raise
             progress.wave_done(record)
 

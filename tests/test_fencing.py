@@ -136,3 +136,68 @@ def test_a_generation_is_started_once(tmp_path):
     with pytest.raises(LockLost, match="generation 1"):
         start_ledger(store, 1)
     assert next_generation(store) == 2
+
+
+@pytest.mark.slow
+def test_a_real_run_paused_at_the_seam_loses_its_wave_to_the_driver_that_took_over(
+        tmp_path, make_shards, ray_cluster, monkeypatch):
+    """``salmap run`` on Ray, paused at its real seam (after its lock check, before its first
+    record write): meanwhile another driver takes the lock over, commits that wave with its own
+    files and ends. The paused run's record lands but never counts; the run stops at its next
+    lock check; the next run resumes from the other driver's record, deletes the late one, and
+    ``salmap verify`` finds the run whole."""
+    import shutil
+
+    from conftest import small_config
+    from salmap.pipeline.config import load_config
+    from salmap.pipeline.run import EXIT_OK, run_job
+    from salmap.pipeline.verify import verify_run
+
+    shards = make_shards(n_shards=2, per_shard=2)
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(shards, str(out), methods=[{"name": "gradient"}],
+                                run={"id": "fenced", "output": str(out), "report": False,
+                                     "shards_per_wave": 1}))
+    cfg = load_config(str(job), [f"ray.address={ray_cluster}"])
+    store = Store.open(str(out / "fenced"))
+    taken: list[dict] = []
+
+    def other_driver_takes_over(unit, record):
+        """Driver B, while A is paused: the lock goes stale, B takes it, commits A's wave with
+        its own copy of the files, and releases."""
+        if taken:
+            return
+        info = json.loads(store.read_bytes(LOCK_KEY))
+        store.write_bytes(LOCK_KEY, json.dumps({**info, "heartbeat": time.time() - 1e4,
+                                                "pid": 1 << 30}).encode())
+        lock_b = RunLock(store, lease_s=600)
+        lock_b.acquire(next_generation(store))
+        ledger_b, _ = start_ledger(store, lock_b.generation, lock_b.owner)
+        files = [f.replace("/part-", "/part-b") for f in record["files"]]
+        for src, dst in zip(record["files"], files):
+            shutil.copyfile(store.path(src), store.path(dst))
+        taken.append(ledger_b.commit(unit.id, {**record, "files": files}))
+        lock_b.release()
+
+    real_post_init = _Run.__post_init__
+
+    def with_seam(self):
+        real_post_init(self)
+        self.after_check = other_driver_takes_over
+
+    monkeypatch.setattr(_Run, "__post_init__", with_seam)
+    with pytest.raises(LockLost):
+        run_job(cfg, out=lambda *a: None)
+    monkeypatch.setattr(_Run, "__post_init__", real_post_init)
+    (b_record,) = taken
+    late = list_records(store).stale
+    assert len(late) == 1 and late[0].endswith(f"{b_record['wave']}.g1.json")  # A's, ignored
+    (unit_id,) = load_commits(store)
+    assert load_commits(store)[unit_id] == {b_record["wave"]: b_record}
+    assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK
+    commits = load_commits(store)[unit_id]
+    assert len(commits) == 2 and commits[b_record["wave"]] == b_record
+    assert list_records(store).stale == []
+    checks = verify_run(str(out / "fenced"))
+    assert all(u.ok for u in checks.values()) and checks[unit_id].rows_found == 4
