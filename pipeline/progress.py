@@ -28,12 +28,8 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from salmap.workers.progress import COUNTER_NAME
-
-if TYPE_CHECKING:
-    from .commit_record import CommitRecord
 
 RATE_WINDOW_S = 120.0  # the rate is measured over this much recent history
 QUIET_S = 60.0  # a line with nothing new is printed at most this often
@@ -171,10 +167,10 @@ class ProgressLine:
         with self.lock:
             self.written = max(self.written, float(done))
 
-    def wave_done(self, record: CommitRecord) -> None:
+    def wave_done(self, record: dict) -> None:
         with self.lock:
-            self.committed_samples += record.samples
-            self.rows += record.rows
+            self.committed_samples += int(record["samples"])
+            self.rows += int(record["rows"])
 
     # -- output ----------------------------------------------------------------------------
     def current(self) -> float:

@@ -25,6 +25,7 @@ from salmap.pipeline.plan import units_of, waves_of
 from salmap.pipeline.rollup import committed_file_lists
 from salmap.pipeline.run import _Run
 from salmap.pipeline.storage import Store
+from salmap.pipeline.verify import format_table, verify_run
 from test_commit_protocol import _cfg, _config_once, _wave_record  # noqa: F401 - a fixture
 
 SHARDS = ["/x/s-0.tar", "/x/s-1.tar"]
@@ -94,6 +95,10 @@ def _round(store: Store, cfg, unit, variant: str) -> None:
     lock_b.release()
     expected = [] if variant == "withdrawn" else [w.id for w in b_waves]
     _check(store, unit, expected)
+    # A's late record is there, ignored; `salmap verify` notes it
+    checks = verify_run(store.uri, store.storage)
+    assert checks[unit.id].stale == 1 and "1 stale commit record(s)" in "\n".join(
+        format_table(checks))
     # the next driver's start deletes A's late record and reads the same
     run_c, lock_c = _start(cfg, store, unit)
     lock_c.release()
@@ -151,7 +156,6 @@ def test_a_real_run_paused_at_the_seam_loses_its_wave_to_the_driver_that_took_ov
     from conftest import small_config
     from salmap.pipeline.config import load_config
     from salmap.pipeline.run import EXIT_OK, run_job
-    from salmap.pipeline.verify import verify_run
 
     shards = make_shards(n_shards=2, per_shard=2)
     out = tmp_path / "out"
