@@ -2,7 +2,7 @@
 the report) reads instead of every row, so its memory does not grow with the run.
 
 Each post/write task computes the aggregate of the rows it wrote (:func:`of_table`), the
-driver merges a wave's into its commit record (``record["aggregate"]``), and the ledger merges
+driver merges a wave's into its commit record (``CommitRecord.aggregate``), and the ledger merges
 the records into one per unit as the run goes (:func:`merge`). An aggregate is a JSON dict:
 
 * ``rows``, ``errors``: row counts (errors: status other than ``ok``);

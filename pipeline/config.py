@@ -67,6 +67,8 @@ class InputSection:
     boxes_key: str = "json"
     mask_key: str | None = None  # ground-truth label masks, e.g. "seg.png" (label-map quality)
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    # a tar member larger than this is its sample's error row, skipped unread (memory guard)
+    max_member_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -394,6 +396,11 @@ def validate(cfg: SalmapConfig) -> None:
         raise ConfigError(f"storage.retries must be >= 1, got {cfg.storage.retries}")
     if cfg.input.max_pixels < 1:
         raise ConfigError("input.max_pixels must be >= 1")
+    if isinstance(cfg.input.max_member_bytes, bool) or not isinstance(
+            cfg.input.max_member_bytes, int) or cfg.input.max_member_bytes < 1:
+        raise ConfigError(f"input.max_member_bytes must be a whole number of bytes >= 1 (the "
+                          f"largest tar member read into memory; default {256 * 2**20}, "
+                          f"256 MiB), got {cfg.input.max_member_bytes!r}")
     if cfg.ray.progress not in ("auto", "bars", "lines", "off"):
         raise ConfigError(f"ray.progress: {cfg.ray.progress!r} is not auto, bars, lines or off")
 

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from . import coco_rle
+from .commit_record import CommitRecord
 from .ledger import MANIFEST_KEY
 from .rollup import committed_file_lists
 from .safe_path import UnsafePath, join_inside, shown_key
@@ -65,9 +66,9 @@ class ExportError(ValueError):
 
 
 # -- reading committed rows, wave by wave ----------------------------------------------------
-def unit_waves(commits: dict[str, dict[str, dict]], unit: str) -> list[list[str]]:
+def unit_waves(commits: dict[str, dict[str, CommitRecord]], unit: str) -> list[list[str]]:
     """The unit's committed files grouped by wave (a sample's rows never cross waves)."""
-    return [list(rec["files"]) for _, rec in sorted(commits.get(unit, {}).items())]
+    return [list(rec.files) for _, rec in sorted(commits.get(unit, {}).items())]
 
 
 def iter_batches(store: Store, files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:

@@ -19,6 +19,7 @@ from . import __version__
 from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
 from .aggregate import wave_sample_size
 from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
+from .commit_record import CommitRecord
 from .config import (
     ConfigError,
     SalmapConfig,
@@ -37,10 +38,11 @@ from .ledger import (
     MAX_FAILURE_LINES,
     PLAN_KEY,
     Ledger,
-    load_commits,
     manifest,
+    next_generation,
     remove_uncommitted,
     remove_unlisted,
+    start_ledger,
 )
 from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
@@ -280,7 +282,7 @@ class _Run:
         self.store.write_json(MANIFEST_KEY, m)
         return m
 
-    def commit(self, unit: Unit, record: dict) -> None:
+    def commit(self, unit: Unit, record: CommitRecord | dict) -> None:
         """One wave: the run lock's check, its record (one conditional PUT), the manifest (one
         PUT): three requests, none of them under ``commit_lock`` (which the other units'
         threads wait on; it guards the roll-up in memory only)."""
@@ -288,28 +290,28 @@ class _Run:
             if self.stopping.is_set():  # interrupted: the lock is about to be released
                 raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
             self.in_flight += 1
+        record = CommitRecord.from_dict(record)
         try:
             if self.lock is not None:
                 self.lock.check()  # fencing: never commit after losing the run lock
             if self.after_check is not None:
                 self.after_check(unit, record)
             written = record
-            if record["shards"]:  # the record's PUT; the roll-up under commit_lock
+            if record.shards:  # the record's PUT; the roll-up under commit_lock
                 written = self.ledger.commit(unit.id, record) or record
-                if written is not record or (unit.id, record["wave"]) in self.dirty:
-                    remove_unlisted(self.store, f"{unit.data_prefix}/{record['wave']}", written)
-                    self.dirty.discard((unit.id, record["wave"]))
+                if written.files != record.files or (unit.id, record.wave) in self.dirty:
+                    remove_unlisted(self.store, f"{unit.data_prefix}/{record.wave}", written)
+                    self.dirty.discard((unit.id, record.wave))
             with self.commit_lock:
-                for shard, why in written.get("unreadable", {}).items():
+                for shard, why in written.unreadable.items():
                     self._fail(f"{unit.id}: shard {shard} could not be read: {why}")
-                for shard, info in written.get("per_shard", {}).items():
-                    if info.get("failure"):
-                        self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
-                                 f"{info['failure']}")
+                for shard, why in written.failures.items():
+                    self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
+                             f"{why}")
                 self.waves_done += 1
                 self.out(f"salmap: [{self.waves_done}/{self.waves_total}] {unit.id}: committed "
-                         f"wave {written['wave']} ({written['rows']} rows, "
-                         f"{len(written['shards'])} shard(s))")
+                         f"wave {written.wave} ({written.rows} rows, "
+                         f"{len(written.shards)} shard(s))")
                 self.manifest_seq += 1
                 snapshot = (self.manifest_seq, self.manifest("running", running=True))
             self._publish(snapshot)
@@ -403,7 +405,7 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
     shards = expand_shards(cfg.input.shards, cfg.storage, missing=missing, identity=identity)
     units = units_of(cfg)
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
-    lock.acquire()
+    lock.acquire(next_generation(store))
     note(run={"store": store.uri, "storage": to_container(cfg)["storage"], "run_id": run_id,
               "lock_owner": lock.owner})
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
@@ -414,8 +416,9 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
             raise ConfigError(f"run {run_id!r} was written by an older salmap (format "
                               f"{previous.get('salmap_format', 1)}); use a new run.id")
         plan_before = store.read_json_if_exists(PLAN_KEY)
-        commits = load_commits(store)
-        ledger = Ledger.load(store, commits)
+        # this driver's generation: the records that count now are adopted, any record a
+        # driver that lost the lock writes from here on is ignored (pipeline.ledger)
+        ledger, commits = start_ledger(store, lock.generation, lock.owner, out)
         lost = redo_waves_with_missing_files(store, ledger, commits, {u.id for u in units}, out)
         check_compatible(run_id, ledger, plan_before, cfg, units, shards, previous)
         index = load_shard_index(shards, cfg.storage)
@@ -629,6 +632,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
         actors=actors if actors is not None else _fixed_actors(cfg), actor_resources=resources,
         max_tasks_in_flight_per_actor=cfg.resources.max_tasks_in_flight_per_actor,
         decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage,
+        max_member_bytes=cfg.input.max_member_bytes,
         device_decode=cfg.resources.decode_device == "cuda"
         or (cfg.resources.decode_device == "auto" and gpus > 0))
 
@@ -658,11 +662,11 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         ex = unit_execution(run.cfg, unit, waves, run.store, actors)
         ex.identity = identity
 
-        def on_commit(record: dict, tracker=tracker) -> None:
+        def on_commit(record: CommitRecord, tracker=tracker) -> None:
             try:
                 run.commit(unit, record)
             except Exception:  # not durable: the wave stays pending for the unit's retry
-                tracker.not_committed(record["wave"])
+                tracker.not_committed(record.wave)
                 raise
             progress.wave_done(record)
 

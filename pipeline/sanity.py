@@ -42,7 +42,8 @@ def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]
 
     out: list[dict] = []
     for shard in expand_shards(cfg.input.shards, cfg.storage):
-        for chunk in read_shard(shard, cfg.storage, chunk=8):
+        for chunk in read_shard(shard, cfg.storage, chunk=8,
+                                max_member_bytes=cfg.input.max_member_bytes):
             for r in chunk:
                 if r["shard_end"]:
                     continue
