@@ -39,6 +39,7 @@ for _k, _v in CREDENTIALS.items():
     os.environ.setdefault(_k, _v)
 
 COMMIT = re.compile(r"committed wave \S+ \((\d+) rows")
+PROGRESS = re.compile(r": (\d+)/~?\d+ samples")
 RUN_ID = "s3run"
 
 
@@ -229,14 +230,17 @@ def table(entries: list[list[str]]) -> dict[str, Counter[str]]:
 
 
 def rates(commits: list[tuple[float, int]], start: float) -> dict[str, float]:
-    """images/s overall, in the first and last quarter of the commits (by their times)."""
+    """images/s over the first and the last ``q`` intervals between commits (q = a quarter of
+    the commits): rows committed at the interval's end over its length; the first commit's own
+    rows (start-up included) are left out of both."""
     q = max(1, len(commits) // 4)
 
     def rate(part: list[tuple[float, int]], since: float) -> float:
         return sum(n for _, n in part) / max(1e-9, part[-1][0] - since)
 
-    first = rate(commits[:q], commits[0][0]) if q > 1 else float("nan")
-    last = rate(commits[-q:], commits[-q - 1][0]) if len(commits) > q else float("nan")
+    ok = len(commits) > q
+    first = rate(commits[1:q + 1], commits[0][0]) if ok else float("nan")
+    last = rate(commits[-q:], commits[-q - 1][0]) if ok else float("nan")
     steady = rate(commits[1:], commits[0][0]) if len(commits) > 1 else float("nan")
     return {"first": first, "last": last, "steady": steady, "quarter": q}
 
@@ -329,6 +333,27 @@ def report(args: Any, raw: dict) -> None:
     print(f"| {rows} | {first['wall']:.0f} | {rows / first['wall']:.1f} | {r['first']:.1f} | "
           f"{r['last']:.1f} | {r['last'] / r['first']:.2f} | {peak_mb:.0f} | {q1:.0f} / "
           f"{rss[-1] if rss else float('nan'):.0f} |\n")
+    if len(commits) > 2 * r["quarter"]:
+        def mean_load(a: float, b: float) -> float:
+            xs = [s[3] for s in first["samples"] if a <= s[0] + first["start"] <= b]
+            return sum(xs) / max(1, len(xs))
+
+        q = int(r["quarter"])
+        print(f"Load average (1 min) during the first quarter of the commits "
+              f"{mean_load(commits[0][0], commits[q][0]):.1f}, during the last "
+              f"{mean_load(commits[-q - 1][0], commits[-1][0]):.1f}\n")
+    done = [(t, int(m.group(1))) for t, ln in first["lines"] if (m := PROGRESS.search(ln))]
+    if done and done[-1][1]:
+        n = done[-1][1]
+
+        def when(k: float) -> float:  # the first progress line at or past k samples
+            return next(t for t, d in done if d >= k)
+
+        start = next(t for t, d in done if d > 0)
+        print(f"From the progress lines (samples done, every 10 s): first quarter of the images "
+              f"{(n / 4) / max(1e-9, when(n / 4) - start):.1f} images/s (from the first done "
+              f"batch), last quarter {(n / 4) / max(1e-9, when(n) - when(3 * n / 4)):.1f} "
+              f"images/s; first sample done at {start:.0f} s\n")
     print("Requests during the run, counted at the server, by what they touched:\n")
     print("| object | requests by type | total | per shard | per commit |")
     print("|---|---|---|---|---|")
