@@ -178,7 +178,7 @@ def test_a_tar_cut_at_a_member_boundary_is_truncated_not_complete(tmp_path):
 def test_the_report_reads_its_photos_with_one_get_per_shard(counting_s3):
     """The gallery's photos (``report.photos.load_photos``) come through the same buffered
     stream as the run's reads: one GET of a shard for all its wanted samples, not one ranged GET
-    per 10 KiB of tar as pyarrow's unbuffered stream made (about 60 for this 0.6 MB shard)."""
+    per 10 KiB of tar as pyarrow's unbuffered stream made (32 for this 0.33 MB shard)."""
     from salmap.pipeline.report.photos import load_photos
 
     images = {i: jpeg_bytes(i, size=(96, 96)) for i in range(40)}  # ~15 KB of noise each
