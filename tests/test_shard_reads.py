@@ -181,7 +181,7 @@ def test_the_report_reads_its_photos_with_one_get_per_shard(counting_s3):
     per 10 KiB of tar as pyarrow's unbuffered stream made (32 for this 0.33 MB shard)."""
     from salmap.pipeline.report.photos import load_photos
 
-    images = {i: jpeg_bytes(i, size=(96, 96)) for i in range(40)}  # ~15 KB of noise each
+    images = {i: jpeg_bytes(i, size=(96, 96)) for i in range(40)}  # ~8 KB of noise each
     members = [(f"k{i:03d}.{ext}", data) for i in range(40)
                for ext, data in (("jpg", images[i]), ("json", b'{"boxes": []}'))]
     url = _put(counting_s3, "photos.tar", _tar(members))
