@@ -23,6 +23,8 @@ SCRIPTS = ("methods_vs_peers", "pipeline_efficiency", "metric_cost", "scaling", 
            "precision", "control_plane", "small_shards", "storage_faults", "method_quality",
            "cluster_fill", "end_of_run", "cpu_per_image", "shard_reads", "batch_independence",
            "groundtruth", "analyze_shortcut")
+# long end-to-end runs, only with --only (e.g. --only s3_run --args s3_run="--images 100000")
+OPTIONAL = ("large_run", "s3_run")
 # small sizes that keep the whole run around half an hour on a 2-core CPU (none on CUDA)
 CPU_DEFAULTS = {
     "pipeline_efficiency": ["--images", "32", "--metric-images", "8"],
@@ -45,14 +47,15 @@ def torch_cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated subset of " + ", ".join(SCRIPTS))
+    parser.add_argument("--only", default="", help="comma-separated subset of "
+                        + ", ".join(SCRIPTS) + "; optional, only when named: " + ", ".join(OPTIONAL))
     parser.add_argument("--device", default=None, help="passed to every script (cpu | cuda)")
     parser.add_argument("--args", action="append", default=[],
                         help='extra options for one script: NAME="--flag value"')
     parser.add_argument("--out", default=None, help="also write everything to this file")
     args = parser.parse_args(argv)
     chosen = [s for s in (args.only.split(",") if args.only else SCRIPTS) if s]
-    unknown = [s for s in chosen if s not in SCRIPTS]
+    unknown = [s for s in chosen if s not in SCRIPTS + OPTIONAL]
     if unknown:
         parser.error(f"unknown script(s): {', '.join(unknown)}")
     extra: dict[str, list[str]] = {}
