@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..workers.unit_id import UnitId
 from . import coco_rle
 from .ledger import MANIFEST_KEY
 from .rollup import committed_file_lists
@@ -206,7 +207,7 @@ def export_coco(store: Store, commits: dict, unit: str, out: Store, names: Calla
                         anns.write(("," if n_boxes > 1 else "") + json.dumps(ann))
         if not n_boxes:
             raise ExportError(f"{unit}: nothing to export: {_why_no_boxes(store, n_images)}")
-        model, _, method = unit.partition("__")
+        model, method = UnitId.parse(unit)
         head = {
             "info": {"description": f"salmap pseudo boxes: model {model}, method {method}",
                      "salmap_run": run, "salmap_unit": unit,
@@ -415,7 +416,7 @@ def export_run(run: str, fmt: str, output: str | None = None, unit: str | None =
             shutil.rmtree(out.path(u), ignore_errors=True)  # no stale parts of an earlier export
     written = []
     for u in [unit] if unit else sorted(commits):
-        model = u.partition("__")[0]
+        model = UnitId.parse(u).model
         if fmt == "coco":
             written.append(export_coco(store, commits, u, out, namer(store, model, class_names), run))
         elif fmt == "voc-masks":

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import braceexpand
 import pyarrow.fs as pafs
 
+from ..workers.unit_id import UnitId, format_unit_id
 from .config import ConfigError, MethodSection, ModelSection, SalmapConfig, unit_hash
 from .decode import shard_name
 from .storage import open_filesystem
@@ -25,11 +26,11 @@ class Unit:
 
     @property
     def id(self) -> str:
-        return f"{self.model.name}__{self.method.name}"
+        return format_unit_id(self.model.name, self.method.name)
 
     @property
     def data_prefix(self) -> str:
-        return f"data/{self.model.name}/{self.method.name}"
+        return UnitId(self.model.name, self.method.name).data_prefix
 
 
 @dataclass

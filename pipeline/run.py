@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..workers.unit_id import UnitId, data_prefix
 from . import __version__
 from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
 from .aggregate import wave_sample_size
@@ -170,10 +171,7 @@ def reconcile_changed_shards(ledger: Ledger, cfg: SalmapConfig, run_id: str,
             + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
             + "; its rows would be stale. Use a new run.id, or pass run.extend=true to redo the "
             "changed shard(s) under this run")
-    prefixes = {}
-    for unit_id in ledger.shard_wave:
-        model, _, method = unit_id.partition("__")
-        prefixes[unit_id] = f"data/{model}/{method}"
+    prefixes = {unit_id: data_prefix(unit_id) for unit_id in ledger.shard_wave}
     withdrawn = 0
     for unit_id, waves in list(ledger.shard_wave.items()):
         for wave_id in sorted({waves[s] for s in changed if s in waves}):
@@ -239,10 +237,10 @@ class _Run:
         info = {u.id: {"model": u.model.name, "method": u.method.name,
                        "config_hash": u.config_hash, "data": u.data_prefix} for u in self.units}
         for uid in self.ledger.totals:  # units of earlier runs under this id
-            model, _, method = uid.partition("__")
-            info.setdefault(uid, {"model": model, "method": method,
+            parsed = UnitId.parse(uid)
+            info.setdefault(uid, {"model": parsed.model, "method": parsed.method,
                                   "config_hash": self.ledger.totals[uid].config_hash,
-                                  "data": f"data/{model}/{method}"})
+                                  "data": parsed.data_prefix})
         for uid, entry in info.items():
             acc = self.accounting.get(uid)
             actors = {**self.pools.get(uid, {}), **(acc.summary() if acc else {})}

@@ -27,6 +27,7 @@ from salmap.workers.metrics.randomization import (
 )
 from salmap.workers.models import load_model
 
+from ..workers.unit_id import format_unit_id
 from .config import SalmapConfig
 from .decode import DecodeSpec, decode_row
 from .plan import expand_shards
@@ -95,7 +96,7 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
             png = f"/tmp/salmap-sanity-{mcfg.name}-{meth.name}.png"
             plot_randomization(results, png, title=f"{mcfg.name} / {meth.name}")
             with open(png, "rb") as f:
-                store.write_bytes(f"{mcfg.name}__{meth.name}.png", f.read())
+                store.write_bytes(f"{format_unit_id(mcfg.name, meth.name)}.png", f.read())
     buf = io.BytesIO()
     table = pa.Table.from_pylist(records).replace_schema_metadata(
         {"salmap.sanity.protocol": json.dumps(protocols)})

@@ -31,6 +31,7 @@ from .columns import (
 )
 from .models import LoadedModel, load_model
 from .progress import ProgressReporter
+from .unit_id import format_unit_id
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Explainer:
         self.forward_fn = self._make_forward()
         self.map_shape = self._probe_map_shape()
         # in-batch progress for the driver (pipeline.progress); a no-op without its counter
-        self.progress = ProgressReporter.for_unit(f"{m['name']}__{spec.method}")
+        self.progress = ProgressReporter.for_unit(format_unit_id(m["name"], spec.method))
 
     # -- setup -------------------------------------------------------------------------
     def _make_forward(self):
