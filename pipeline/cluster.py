@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SalmapConfig
+from .config import SalmapConfig, split_metrics
 from .interrupt import reassert_sigterm_handler
 
 
@@ -299,8 +299,6 @@ def units_that_fit(cfg: SalmapConfig, wanted: int, res: dict[str, float] | None 
 def job_work_per_image(cfg: SalmapConfig) -> float:
     """The mean expected work per image over the config's units (F+B units)."""
     from salmap.workers.methods.cost import unit_cost
-
-    from .run import split_metrics
 
     model_metrics = split_metrics(cfg)[0]
     costs = [unit_cost(m.name, dict(m.params), model_metrics) for m in cfg.methods]

@@ -320,6 +320,18 @@ def metric_specs(cfg: SalmapConfig) -> dict[str, dict]:
     return out
 
 
+def split_metrics(cfg: SalmapConfig) -> tuple[dict[str, dict], dict[str, dict], bool]:
+    """(model-side metrics, post-stage metrics, curves wanted): the first go to the actors,
+    the second to the post stage, the third asks for the curve columns."""
+    from salmap.workers.metrics import METRICS
+
+    model, post = {}, {}
+    for name, params in metric_specs(cfg).items():
+        (model if METRICS[name].kind == "model" else post)[name] = params
+    curves = any(p.get("curves") for p in {**model, **post}.values())
+    return model, post, curves
+
+
 def validate(cfg: SalmapConfig) -> None:
     """Checks OmegaConf cannot express: names, ranges, combinations."""
     from salmap.workers import methods as method_registry

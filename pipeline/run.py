@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..workers.unit_id import UnitId, data_prefix
+from salmap.workers.unit_id import UnitId, data_prefix
+
 from . import __version__
 from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
 from .aggregate import wave_sample_size
@@ -23,9 +24,9 @@ from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray,
 from .config import (
     ConfigError,
     SalmapConfig,
-    metric_specs,
     parse_targets,
     pseudo_label_options,
+    split_metrics,
     stable_hash,
     to_container,
 )
@@ -107,17 +108,6 @@ def _public_config(cfg: SalmapConfig) -> dict:
     return redact_obj(to_container(cfg))
 
 
-
-
-def split_metrics(cfg: SalmapConfig) -> tuple[dict[str, dict], dict[str, dict], bool]:
-    """(model-side metrics, post-stage metrics, curves wanted)."""
-    from salmap.workers.metrics import METRICS
-
-    model, post = {}, {}
-    for name, params in metric_specs(cfg).items():
-        (model if METRICS[name].kind == "model" else post)[name] = params
-    curves = any(p.get("curves") for p in {**model, **post}.values())
-    return model, post, curves
 
 
 # -- resume checks ----------------------------------------------------------------------------
