@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..workers.unit_id import UnitId
+from salmap.workers.unit_id import UnitId
 
 _INPUT_KEYS = ("image_keys", "label_key", "boxes_key", "max_pixels", "mask_key")
 

@@ -44,8 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from salmap.workers.unit_id import UnitId
 
-from ..workers.unit_id import UnitId
 from . import coco_rle
 from .ledger import MANIFEST_KEY
 from .rollup import committed_file_lists

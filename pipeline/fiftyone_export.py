@@ -27,8 +27,8 @@ import re
 from typing import Any
 
 import pyarrow.compute as pc
+from salmap.workers.unit_id import UnitId
 
-from ..workers.unit_id import UnitId
 from .ledger import MANIFEST_KEY
 from .read import read_run, units
 from .storage import Store

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import braceexpand
 import pyarrow.fs as pafs
+from salmap.workers.unit_id import UnitId, format_unit_id
 
-from ..workers.unit_id import UnitId, format_unit_id
 from .config import ConfigError, MethodSection, ModelSection, SalmapConfig, unit_hash
 from .decode import shard_name
 from .storage import open_filesystem

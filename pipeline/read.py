@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+from salmap.workers.unit_id import unit_parts
 
-from ..workers.unit_id import unit_parts
 from .ledger import COMMITS, MANIFEST_KEY, committed_files
 from .rollup import committed_file_lists
 from .storage import Store

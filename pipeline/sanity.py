@@ -26,8 +26,8 @@ from salmap.workers.metrics.randomization import (
     steps_for,
 )
 from salmap.workers.models import load_model
+from salmap.workers.unit_id import format_unit_id
 
-from ..workers.unit_id import format_unit_id
 from .config import SalmapConfig
 from .decode import DecodeSpec, decode_row
 from .plan import expand_shards

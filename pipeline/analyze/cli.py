@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...workers.unit_id import UnitId
+from salmap.workers.unit_id import UnitId
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
+from salmap.workers.unit_id import UnitId
 
-from ...workers.unit_id import UnitId
 from ..aggregate import UNIT_SAMPLE, sample_samples, sample_table
 from ..ledger import MANIFEST_KEY
 from ..schema import METRIC_COLUMNS

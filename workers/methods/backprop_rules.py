@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Method, MethodError, check_inputs, model_guard, target_scores
+from .base import Method, check_inputs, model_guard, target_scores
+from .errors import MethodError
+from .features import RELU_NETS_ONLY
 
 Handler = Callable[["RuleTrace", Callable, tuple, dict], Tensor]
 
@@ -443,6 +445,11 @@ class ModifiedBackprop(Method):
     After each call ``last_trace.touched`` counts the calls each rule handled, per layer.
     """
 
+    # one modified backward costs about an ordinary one
+    work_per_image = staticmethod(lambda p: 1.0)
+    no_rule = RELU_NETS_ONLY
+    no_rule_why = ("backward rules for ReLU convolutional networks only: none for GELU / "
+                   "SiLU-type activations, hardswish, LayerNorm or attention")
     times_input: ClassVar[bool] = False
     reduction: str = "sum"
     last_trace: RuleTrace | None = None

@@ -78,8 +78,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backprop_rules import RuleTable, RuleTrace, apply_rules, conv_args, explicit_padding
-from .base import Method, MethodError, check_inputs, model_guard, target_scores
+from .base import FORWARD, Method, MethodError, check_inputs, model_guard, target_scores
+from .features import ATTENTION, HARD, LAYER_NORM
 from .mask_opt import MaskOptimizer, check_optimizer, logit, shared_noise
+from .registry import register
 
 OUTPUTS = ("net", "positive", "negative")
 OBJECTIVES = ("fit", "completeness")
@@ -230,10 +232,16 @@ class DMBPResult:
     losses: list[float]
 
 
+@register("dmbp")
 class DMBP(Method):
     """Disentangled masked backpropagation (reconstructed loss; see the module docstring)."""
 
-    name = "dmbp"
+    # 1 F + steps x (2 masked backwards with create_graph + 1 double backward ~ 2 B) + 3 B
+    work_per_image = staticmethod(lambda p: FORWARD + (1 - FORWARD) * (4 * int(p["steps"]) + 3))
+    no_rule = frozenset({HARD, LAYER_NORM, ATTENTION})
+    no_rule_why = ("masks cover nn.Conv2d filters only (LayerNorm models mix channels in "
+                   "nn.Linear layers, attention has no filters), and the backward pass is "
+                   "differentiated twice, which PyTorch cannot do through hardswish")
     cost = (
         "1 forward + steps x (2 masked backwards with create_graph + 1 double backward) "
         "+ 3 backwards; steps=100"

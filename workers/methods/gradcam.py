@@ -10,8 +10,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from .cam_base import CAMMethod
+from .registry import register
 
 
+@register("gradcam")
 class GradCAM(CAMMethod):
     """``ReLU(sum_k mean_ij(dS_t/dA_k) * A_k)`` at the target layer's resolution ``[B,u,v]``.
 
@@ -20,7 +22,6 @@ class GradCAM(CAMMethod):
     architecture (:func:`salmap.workers.methods.layers.default_target_layer_name`).
     """
 
-    name = "gradcam"
     cost = "1 forward + 1 backward to the target layer"
     defaults_source = (
         "mean-gradient weights (Selvaraju et al. 2017; jacobgil GradCAM.get_cam_weights); "

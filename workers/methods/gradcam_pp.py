@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import MethodError
 from .cam_base import CAMMethod
+from .errors import MethodError
+from .registry import register
 
 
+@register("gradcam_pp")
 class GradCAMPlusPlus(CAMMethod):
     """``ReLU(sum_k w_k A_k)`` with ``w_k = sum_ij alpha_kij ReLU(g_kij)``, ``g = dS_t/dA``.
 
@@ -38,7 +40,6 @@ class GradCAMPlusPlus(CAMMethod):
     normalisation; the authors divide by the max, pytorch-grad-cam uses min-max).
     """
 
-    name = "gradcam_pp"
     cost = "1 forward + 1 backward to the target layer"
     defaults_source = (
         "closed form of the paper (arXiv 1710.11063) as in jacobgil GradCAMPlusPlus; "

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Method, target_scores
+from .registry import register
 
 
 def input_gradient(method: Method, x: Tensor, targets: Tensor) -> Tensor:
@@ -26,6 +27,7 @@ def input_gradient(method: Method, x: Tensor, targets: Tensor) -> Tensor:
     return grad.float()
 
 
+@register("gradient")
 class Gradient(Method):
     """Saliency ``M(i,j) = max_c |dS_t/dx_c(i,j)|`` over the colour channels.
 
@@ -33,7 +35,7 @@ class Gradient(Method):
     Returns ``[B,H,W]`` at the input resolution. No parameters.
     """
 
-    name = "gradient"
+    work_per_image = staticmethod(lambda p: 1.0)
     cost = "1 forward + 1 backward to the input"
     defaults_source = "no hyperparameters; max_c|.| reduction as in Simonyan et al. 2014"
 

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from .base import Method
 from .gradient import input_gradient
+from .registry import register
 
 
+@register("gradient_x_input")
 class GradientXInput(Method):
     """Map ``M(i,j) = sum_c x_c(i,j) * dS_t/dx_c(i,j)``: the SIGNED sum over colour channels.
 
@@ -21,7 +23,7 @@ class GradientXInput(Method):
     model input after normalisation, so "zero" is the dataset-mean colour. Returns ``[B,H,W]``.
     """
 
-    name = "gradient_x_input"
+    work_per_image = staticmethod(lambda p: 1.0)
     cost = "1 forward + 1 backward to the input"
     defaults_source = "no hyperparameters; signed channel sum (keeps completeness)"
 

@@ -16,8 +16,10 @@ from .backprop_rules import (
     activation_handlers,
     check_reduction,
 )
+from .registry import register
 
 
+@register("guided_backprop")
 class GuidedBackprop(ModifiedBackprop):
     """Input gradient where every ReLU-type activation passes ``g * 1[z > 0] * 1[g > 0]``.
 
@@ -31,7 +33,6 @@ class GuidedBackprop(ModifiedBackprop):
       ``attribute_channels`` returns the raw ``[B,3,H,W]`` gradient. Returns ``[B,H,W]``.
     """
 
-    name = "guided_backprop"
     cost = "1 forward + 1 modified backward to the input"
     defaults_source = (
         "Springenberg et al. 2015 ReLU rule; no hyperparameters; reduction max_c|.| "

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Method, MethodError
+from .base import Method
+from .errors import MethodError
 from .gradient import input_gradient
+from .registry import register
 
 METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
@@ -44,6 +46,7 @@ def path_points(method: str, steps: int) -> tuple[Tensor, Tensor]:
     return k / (steps - 1), w
 
 
+@register("integrated_gradients")
 class IntegratedGradients(Method):
     """``A = x * sum_k w_k grad(alpha_k x)``, baseline 0; map = SIGNED channel sum of ``A``.
 
@@ -59,7 +62,7 @@ class IntegratedGradients(Method):
     The ``B * steps`` path points go through the model ``inner_batch_size`` at a time.
     """
 
-    name = "integrated_gradients"
+    work_per_image = staticmethod(lambda p: float(p["steps"]))
     cost = "steps x (1 forward + 1 backward to the input)"
     defaults_source = (
         "baseline 0 (PAIR/DeepExplain/Captum); steps=50 and Gauss-Legendre nodes as Captum "

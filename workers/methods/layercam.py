@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from .cam_base import CAMMethod
+from .registry import register
 
 
+@register("layercam")
 class LayerCAM(CAMMethod):
     """``ReLU(sum_k ReLU(dS_t/dA_k) * A_k)``, element-wise weights, at ``[B,u,v]``.
 
@@ -21,7 +23,6 @@ class LayerCAM(CAMMethod):
     single-layer code and is left out. Raw map: no upsampling, no min-max scaling.
     """
 
-    name = "layercam"
     cost = "1 forward + 1 backward to the target layer"
     defaults_source = (
         "element-wise ReLU(gradient) weights as PengtaoJiang/LayerCAM-jittor convert.py and "

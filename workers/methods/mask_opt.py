@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import MethodError
+from .errors import MethodError
 
 OPTIMIZERS = ("adam", "sgd")
 

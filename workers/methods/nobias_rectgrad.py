@@ -8,8 +8,10 @@ Defaults and their sources: as RectGrad (q=98, padding trick) without the produc
 from __future__ import annotations
 
 from .rectgrad import RectGrad
+from .registry import register
 
 
+@register("nobias_rectgrad")
 class NoBiasRectGrad(RectGrad):
     """The rectified gradient itself, ``A = g_x`` (lenbrocki/NoBias-Rectified-Gradient).
 
@@ -21,7 +23,6 @@ class NoBiasRectGrad(RectGrad):
     ``"max_abs"`` or ``"positive_sum"``. Returns ``[B,H,W]``.
     """
 
-    name = "nobias_rectgrad"
     cost = "1 forward + 1 modified backward (+1 per-sample k-th value per activation call)"
     defaults_source = (
         "lenbrocki/NoBias-Rectified-Gradient methods.py NoBiasRectifiedGradient: as RectGrad "

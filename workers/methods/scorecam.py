@@ -12,12 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MethodError, target_scores
+from .base import FORWARD, target_scores
 from .cam_base import CAMMethod, combine
+from .errors import MethodError
+from .registry import register
 
 VARIANTS = ("official", "jacobgil")
+#: Score-CAM does one forward per channel of its target layer; the driver does not build the
+#: model to count them, so its cost estimate assumes this many (ResNet-18/34 layer4;
+#: ResNet-50 has 2048)
+ASSUMED_CHANNELS = 512
 
 
+@register("scorecam")
 class ScoreCAM(CAMMethod):
     """``ReLU(sum_k w_k A_k)`` with ``w_k`` read from one masked forward per channel.
 
@@ -40,7 +47,8 @@ class ScoreCAM(CAMMethod):
     ``inner_batch_size`` at a time.
     """
 
-    name = "scorecam"
+    # one masked forward per channel of the target layer, plus the prediction's forward
+    work_per_image = staticmethod(lambda p: (1 + int(p.get("channels", ASSUMED_CHANNELS))) * FORWARD)
     cost = "1 + K forwards (K = channels of the target layer), no backward"
     defaults_source = (
         "variant 'official': haofanwang/Score-CAM cam/scorecam.py (softmax probability "

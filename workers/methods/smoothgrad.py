@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Method, MethodError
+from .base import Method
+from .errors import MethodError
 from .gradient import input_gradient
+from .registry import register
 
 
 def unit_noise(seed: int, nsamples: int, shape: tuple[int, ...]) -> Tensor:
@@ -24,6 +26,7 @@ def unit_noise(seed: int, nsamples: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn((nsamples, *shape), generator=gen)
 
 
+@register("smoothgrad")
 class SmoothGrad(Method):
     """``G = mean_i grad(x + sigma * z_i)`` (or of its square), reduced with ``max_c |.|``.
 
@@ -39,7 +42,7 @@ class SmoothGrad(Method):
     The ``B * nsamples`` noisy copies go through the model ``inner_batch_size`` at a time.
     """
 
-    name = "smoothgrad"
+    work_per_image = staticmethod(lambda p: float(p["nsamples"]))
     cost = "nsamples x (1 forward + 1 backward to the input)"
     defaults_source = (
         "PAIR-code/saliency core/base.py GetSmoothedMask: stdev_spread=0.15 of the input range, "

@@ -28,7 +28,10 @@ from .backprop_rules import (
     conv_args,
     explicit_padding,
 )
-from .base import MethodError
+from .base import FORWARD
+from .errors import MethodError
+from .features import CONV_HEAD, RELU_NETS_ONLY
+from .registry import register
 
 GROUPED_RULES = ("group", "slim")
 
@@ -238,6 +241,7 @@ class _TSGBPass:
             )
 
 
+@register("tsgb")
 class TSGB(ModifiedBackprop):
     """TSGB map ``M = sum_c x_c * g_x,c``: relevance-style gradient times input.
 
@@ -278,7 +282,11 @@ class TSGB(ModifiedBackprop):
     negatives and max-normalises). Returns ``[B,H,W]`` at the input resolution.
     """
 
-    name = "tsgb"
+    # each conv backward recomputes its forward and runs two all-ones convs: ~2 backwards
+    work_per_image = staticmethod(lambda p: FORWARD + 2 * (1 - FORWARD))
+    no_rule = RELU_NETS_ONLY | {CONV_HEAD}
+    no_rule_why = ("rules for ReLU convolutional networks only, and the relevance is passed "
+                   "to the input through an nn.Linear classifier")
     cost = (
         "1 forward + 1 modified backward (each conv backward recomputes its forward and runs "
         "two single-channel-per-group all-ones convs)"

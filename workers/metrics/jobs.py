@@ -72,6 +72,24 @@ class Context:
         return JobGroup(CLEAN, torch.arange(self.batch, device=images.device), lambda j: images[j])
 
 
+Planner = Callable[[Context, dict[str, Any]], Plan]
+#: model metric name -> its planner, filled by :func:`planner` where each planner is defined
+PLANNERS: dict[str, Planner] = {}
+
+
+def planner(name: str) -> Callable[[Planner], Planner]:
+    """Register the decorated function as the planner of the model metric ``name`` (the
+    metric's spec, with its defaults and columns, is in :mod:`.registry`)."""
+
+    def decorate(fn: Planner) -> Planner:
+        if PLANNERS.get(name, fn) is not fn:
+            raise ValueError(f"metric {name!r} has a planner already")
+        PLANNERS[name] = fn
+        return fn
+
+    return decorate
+
+
 def score_index(params: dict[str, Any]) -> int:
     score = params.get("score", "softmax")
     if score not in SCORES:
