@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,12 +44,7 @@ def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose
     from .run import run_job
 
     if isinstance(config, dict):
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(config, f)
-        try:
-            cfg = load_config(f.name, list(overrides))
-        finally:
-            os.unlink(f.name)
+        cfg = load_config(config, list(overrides))
     else:
         cfg = load_config(str(config), list(overrides), allow_remote_code=allow_remote_code)
     quiet_ray_logging(verbose)
@@ -86,7 +80,7 @@ class Explainer:
         from salmap.workers import methods as method_registry
         from salmap.workers.metrics import METRICS, check_params
 
-        from .config import ConfigError, metric_specs, parse_targets
+        from .config import ConfigError, metric_specs, parse_targets, split_metric_specs
 
         method_registry.check_params(method, dict(params or {}))
         self.mode, self.topk = parse_targets(targets)
@@ -95,9 +89,7 @@ class Explainer:
         if unknown:
             raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
         check_params(specs)
-        self.model_metrics = {k: v for k, v in specs.items() if METRICS[k].kind == "model"}
-        self.post_metrics = {k: v for k, v in specs.items() if METRICS[k].kind == "post"}
-        self.curves = any(p.get("curves") for p in specs.values())
+        self.model_metrics, self.post_metrics, self.curves = split_metric_specs(specs)
         self.method, self.params, self.name = method, dict(params or {}), name
         self.device, self.precision, self.batch_size = device, precision, int(batch_size)
         self.loaded = self._load(model, weights, input_size, mean, std, target_layer)

@@ -3,7 +3,6 @@ explain, defaults) and each model metric its planner and forward count; cost.py,
 and the metric engine only read them."""
 
 import pytest
-
 from salmap.workers.methods import REGISTRY, get_class, names
 from salmap.workers.methods.compat import FEATURES
 from salmap.workers.methods.registry import register
