@@ -273,7 +273,7 @@ def _rows(images: Any, pre, offset: int) -> list[dict[str, Any]]:
     import torch
     from PIL import Image
 
-    from .decode import DecodeError, _to_rgb, open_image, preprocess
+    from .decode import DecodeError, open_image, preprocess, to_rgb
 
     def base(i: int) -> dict[str, Any]:
         sid = str(offset + i)
@@ -305,12 +305,12 @@ def _rows(images: Any, pre, offset: int) -> list[dict[str, Any]]:
                 r["image_file"] = Path(item).name
                 img = open_image(Path(item).read_bytes(), 89_478_485)
             elif isinstance(item, Image.Image):
-                img = _to_rgb(item)
+                img = to_rgb(item)
             else:
                 arr = np.asarray(item)
                 if arr.dtype != np.uint8:
                     raise DecodeError(f"an image array must be uint8 [H, W, 3], got {arr.dtype}")
-                img = _to_rgb(Image.fromarray(arr))
+                img = to_rgb(Image.fromarray(arr))
             r["orig_width"], r["orig_height"] = img.size
             r["image"], geo = preprocess(img, pre.resize, pre.crop)
             r.update(geo)
@@ -324,13 +324,13 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Rows -> the actor's input batch (numpy columns; failed images get a blank image)."""
     from salmap.workers.columns import numpy_column
 
-    from .decode import _DECODE_KINDS
+    from .decode import DECODE_KINDS
 
     first = next((r["image"] for r in rows if r["image"] is not None), None)
     crop = rows[0]["_crop"]
     blank = np.zeros_like(first) if first is not None else np.zeros((crop, crop, 3), np.uint8)
     batch = {"image": np.stack([r["image"] if r["image"] is not None else blank for r in rows])}
-    for col, kind in _DECODE_KINDS.items():
+    for col, kind in DECODE_KINDS.items():
         batch[col] = numpy_column(kind, [r.get(col) for r in rows])
     return batch
 

@@ -38,7 +38,7 @@ from .storage import Store
 def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]:
     """The first ``samples`` decodable samples of the dataset, read with the pipeline's shard
     reader (one streaming GET, keys checked, a damaged tar read up to the damage)."""
-    from .decode import _unpack
+    from .decode import unpack
     from .shard_reader import read_shard
 
     out: list[dict] = []
@@ -47,7 +47,7 @@ def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]
             for r in chunk:
                 if r["shard_end"]:
                     continue
-                row = decode_row(_unpack(r), spec)
+                row = decode_row(unpack(r), spec)
                 if row["status"] == "ok":
                     out.append(row)
                     if len(out) >= samples:

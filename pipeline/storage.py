@@ -86,16 +86,29 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     raise AssertionError("unreachable")
 
 
-def create_exclusive_local(path: str, data: bytes) -> bool:
-    """Create ``path`` with ``data`` unless it exists, content and existence in one step (a temp
-    file hard-linked to the name). Without hard links (some FUSE mounts): ``O_EXCL``, then the
-    content; a reader may then see it empty for a moment, which the run lock takes as held."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_temp_local(path: str, data: bytes) -> str:
+    """``data`` in a new temp file beside ``path``, flushed to disk; returns its name. The
+    first half of every atomic local write: the caller renames or links it into place."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic_local(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step (temp file + rename): a reader sees the old
+    content or the new, never a part."""
+    os.replace(write_temp_local(path, data), path)
+
+
+def create_exclusive_local(path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists, content and existence in one step (a temp
+    file hard-linked to the name). Without hard links (some FUSE mounts): ``O_EXCL``, then the
+    content; a reader may then see it empty for a moment, which the run lock takes as held."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = write_temp_local(path, data)
     try:
         os.link(tmp, path)
         return True
@@ -192,12 +205,7 @@ class Store:
             with_retries(put, f"write {key}")
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic_local(path, data)
 
     # -- small objects on S3: one boto3 request each, retried by botocore's policy
     # (storage.retries, standard mode) and, for injected faults, by with_retries

@@ -27,6 +27,7 @@ from .columns import (
     MAP_DTYPES,
     MODEL_METRIC_COLUMNS,
     PASS_THROUGH,
+    SHARD_END,
     numpy_column,
 )
 from .models import LoadedModel, load_model
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 # a decoded row with this status marks the end of a shard (see pipeline.shard_reader); the
 # actor and the post stage pass it on untouched
-SHARD_END = "shard_end"
 
 
 def _text(batch: dict[str, np.ndarray], column: str, i: int) -> str:

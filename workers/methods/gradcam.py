@@ -1,7 +1,6 @@
 """Grad-CAM (Selvaraju et al. 2017): channels weighted by their mean gradient.
 
 Cost per image: 1 forward + 1 backward down to the target layer only.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.035 s per image.
 Defaults and their sources: mean-gradient channel weights (Selvaraju et al. 2017; jacobgil GradCAM); target layer per architecture (ResNet layer4, VGG16 conv5_3 ReLU as in the paper, MobileNet last features block, Lite0 head activation).
 """
 

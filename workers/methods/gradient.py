@@ -1,7 +1,6 @@
 """Vanilla gradient (Simonyan, Vedaldi & Zisserman 2014): how the target logit moves with each pixel.
 
 Cost per image: 1 forward + 1 backward to the input.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.072 s per image.
 Defaults and their sources: no hyperparameters; map max_c|dS_t/dx_c| (Simonyan et al. 2014; Captum Saliency abs=True).
 """
 

@@ -1,7 +1,6 @@
 """Gradient x Input (Shrikumar et al. 2016): first-order contribution of each input value.
 
 Cost per image: 1 forward + 1 backward to the input.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.062 s per image.
 Defaults and their sources: no hyperparameters; map = signed sum over channels of x * dS_t/dx (keeps completeness; baselines.md 2).
 """
 

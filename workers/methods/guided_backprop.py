@@ -1,7 +1,6 @@
 """Guided Backpropagation (Springenberg et al. 2015): gradient through "guided" ReLUs.
 
 Cost per image: 1 forward + 1 modified backward to the input.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.065 s per image.
 Defaults and their sources: no hyperparameters (Springenberg et al. 2015 ReLU rule, jacobgil GuidedBackpropReLUasModule); reduction max_c|.|.
 """
 

@@ -1,7 +1,6 @@
 """Integrated Gradients (Sundararajan, Taly & Yan 2017): gradients integrated along a straight path.
 
 Cost per image: steps x (1 forward + 1 backward to the input) = 50 F+B with the defaults.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 8.71 s per image.
 Defaults and their sources: baseline 0 in model-input space (PAIR, DeepExplain, Captum); steps=50, method='gausslegendre' (Captum IntegratedGradients n_steps=50 default); map = signed channel sum.
 """
 

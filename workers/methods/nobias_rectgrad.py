@@ -1,7 +1,6 @@
 """NoBias-RectGrad (Brocki & Chung 2020): RectGrad without the final product with the input.
 
 Cost per image: 1 forward + 1 modified backward (+ one per-sample k-th value per activation call).
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.136 s per image.
 Defaults and their sources: as RectGrad (q=98, padding trick) without the product with the input (lenbrocki/NoBias-Rectified-Gradient NoBiasRectifiedGradient); signed channel sum.
 """
 

@@ -1,7 +1,6 @@
 """RectGrad (Kim et al. 2019): gradient thresholded per layer by activation x gradient.
 
 Cost per image: 1 forward + 1 modified backward (+ one per-sample k-th value per activation call).
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.137 s per image.
 Defaults and their sources: q=98 per sample and layer, strict >, padding trick on padded (SAME) convs, times input (1202kbs/Rectified-Gradient methods.py RectifiedGradient); signed channel sum (utils.preprocess).
 """
 

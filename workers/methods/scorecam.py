@@ -1,8 +1,6 @@
 """Score-CAM (Wang et al. 2020): channels weighted by the score of the image masked with them.
 
 Cost per image: 1 forward + K masked forwards (K = channels of the target layer; 1280 on Lite0's head), no backward.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): ~29 s per image (extrapolated from 128
-of the 1280 head channels on one image).
 Defaults and their sources: variant='official' (haofanwang/Score-CAM cam/scorecam.py: softmax-probability weights, min-max normalised upsampled masks, constant channels skipped); 'jacobgil' = pytorch-grad-cam ScoreCAM.
 """
 

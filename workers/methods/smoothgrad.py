@@ -1,7 +1,6 @@
 """SmoothGrad (Smilkov et al. 2017): the input gradient averaged over noisy copies of the image.
 
 Cost per image: nsamples x (1 forward + 1 backward to the input) = 25 F+B with the defaults.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 4.06 s per image.
 Defaults and their sources: stdev_spread=0.15 of each image's input range, nsamples=25, magnitude=True (squared gradients): PAIR-code/saliency core/base.py GetSmoothedMask; map max_c|.|; seed=0.
 """
 

@@ -6,7 +6,6 @@ Follows the reference code 123fxdx/CNNvisualizationTSGB (``explainer/RGBP_cbp/
 functionsGBP.py``: ``WoneConv2dG``, ``LRPBNG``, ``CLinearG``, ``AVGPoolG``).
 
 Cost per image: 1 forward + 1 modified backward (each conv backward recomputes its forward and runs two all-ones convs).
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.178 s per image.
 Defaults and their sources: gamma=1.0 and epsilon=1e-10 (123fxdx/CNNvisualizationTSGB functionsGBP.py CLinearG/WoneConv2dG); grouped_rule='group' (the reference's commented-out full rule; 'slim' = its shipped code); signed RGB sum of gradient x input.
 """
 
