@@ -550,14 +550,17 @@ def pseudo_label_options(cfg: SalmapConfig) -> dict[str, Any]:
 
 
 def to_container(cfg: SalmapConfig) -> dict:
+    """The config as plain dicts and lists (resolved), as the manifest stores it."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: SalmapConfig) -> str:
+    """The config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def stable_hash(obj: Any) -> str:
+    """A short hash of ``obj``'s JSON (sorted keys): equal settings, equal hash, across processes."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -597,8 +600,10 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
 
 
 def to_container_section(section: Any) -> dict:
+    """One config section as a plain dict (resolved)."""
     return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)  # type: ignore[return-value]
 
 
 def is_list(x: Any) -> bool:
+    """A list in any of the forms a config may hold one (list, tuple, OmegaConf ListConfig)."""
     return isinstance(x, (list, tuple, ListConfig))

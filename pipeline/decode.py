@@ -199,6 +199,8 @@ def preprocess(img: Image.Image, resize: int, crop: int) -> tuple[np.ndarray, di
 
 
 def parse_label(raw: Any) -> int:
+    """A class label from a shard's ``cls`` member (bytes, text or int); DecodeError when it is
+    not an integer."""
     if isinstance(raw, (int, np.integer)):
         return int(raw)
     text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)

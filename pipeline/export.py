@@ -81,6 +81,7 @@ def iter_batches(store: Store, files: list[str], columns: list[str]) -> Iterator
 
 
 def unit_schema(store: Store, commits: dict, unit: str) -> pa.Schema | None:
+    """The Arrow schema of the unit's committed rows (its first file's), or None without files."""
     files = [f for w in unit_waves(commits, unit) for f in w]
     if not files:
         return None
@@ -151,6 +152,8 @@ def model_class_names(manifest: dict, model: str) -> dict[int, str]:
 
 
 def namer(store: Store, model: str, names_file: str | None) -> Callable[[int], str]:
+    """Class index -> name: from ``names_file``, else the model's names in the manifest, else
+    ``class_<i>``."""
     names = load_class_names(names_file)
     if not names:
         manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}

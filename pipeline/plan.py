@@ -26,10 +26,12 @@ class Unit:
 
     @property
     def id(self) -> str:
+        """The unit id, ``<model>__<method>`` (:mod:`salmap.workers.unit_id`)."""
         return format_unit_id(self.model.name, self.method.name)
 
     @property
     def data_prefix(self) -> str:
+        """The folder of the unit's rows: ``data/<model>/<method>``."""
         return UnitId(self.model.name, self.method.name).data_prefix
 
 
@@ -128,6 +130,7 @@ def _expand_one(item: str, storage: object) -> dict[str, pafs.FileInfo]:
 
 
 def units_of(cfg: SalmapConfig) -> list[Unit]:
+    """One unit per (model, method) of the config, each with its config hash."""
     return [Unit(model=m, method=meth, config_hash=unit_hash(cfg, m, meth))
             for m in cfg.models for meth in cfg.methods]
 

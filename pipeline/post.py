@@ -30,6 +30,7 @@ GEOMETRY_KEYS = ("orig_h", "orig_w", "resized_h", "resized_w", "crop_top", "crop
 
 
 def transform_of(batch: dict[str, np.ndarray], i: int) -> dict[str, int]:
+    """Row ``i``'s decode geometry (original size, resize, crop): what maps it back to its pixels."""
     return {
         "orig_h": int(batch["orig_height"][i]), "orig_w": int(batch["orig_width"][i]),
         "resized_h": int(batch["resized_h"][i]), "resized_w": int(batch["resized_w"][i]),

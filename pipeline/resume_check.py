@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .commit_record import unit_data_prefix
+from salmap.workers.unit_id import data_prefix as unit_data_prefix
+
 from .ledger import Ledger
 from .storage import Store
 

@@ -89,6 +89,7 @@ class RunResult:
 
 
 def resolve_run_id(cfg: SalmapConfig) -> str:
+    """``run.id``, or a new one from the time (``run-YYYYmmdd-HHMMSS``, UTC)."""
     return cfg.run.id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
 

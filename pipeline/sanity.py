@@ -56,6 +56,8 @@ def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]
 
 
 def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> str:
+    """Run the randomization test of each (model, method) and store its table and plots;
+    returns the table's URL."""
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{resolve_run_id(cfg)}/sanity", cfg.storage)
     records = []
     protocols: dict[str, dict] = {}

@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit_record import WAY_OUT, DamagedRecord, decode_record, unit_data_prefix
+from salmap.workers.unit_id import data_prefix as unit_data_prefix
+
+from .commit_record import WAY_OUT, DamagedRecord, decode_record
 from .ledger import COMMITS
 from .storage import Store
 
@@ -28,6 +30,7 @@ class UnitCheck:
 
     @property
     def ok(self) -> bool:
+        """Whether the unit showed no problem."""
         return not self.problems
 
 

@@ -89,6 +89,7 @@ def _actor_id() -> str:
 
 
 def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error (CUDA or host): the actor then halves the batch."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(err, (RuntimeError, MemoryError)) and (

@@ -49,6 +49,7 @@ class Column:
 
     @property
     def written(self) -> bool:
+        """Whether the column is stored in the Parquet output (not internal to the pipeline)."""
         return self.arrow is not None or self.kind == "map"
 
 

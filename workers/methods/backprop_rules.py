@@ -102,6 +102,7 @@ LAYER_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Conv2d, nn.BatchNorm2d, nn.Lin
 
 
 def func_name(func: Callable) -> str:
+    """A torch function's name for messages and counts."""
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
@@ -131,13 +132,16 @@ class RuleTrace:
 
     @property
     def layer(self) -> str:
+        """The name of the layer running now ('' outside any)."""
         return self.stack[-1][0] if self.stack else ""
 
     @property
     def module(self) -> nn.Module | None:
+        """The module running now, or None."""
         return self.stack[-1][1] if self.stack else None
 
     def where(self) -> str:
+        """Where the forward is now, for an error message."""
         if not self.stack:
             return "outside the model"
         name, module = self.stack[-1]
@@ -150,9 +154,11 @@ class RuleTrace:
         return f"{self.layer or '<model>'}:{func_name(func)}"
 
     def touch(self, func: Callable) -> None:
+        """Count one call a rule handled in the current layer."""
         self.touched[self.key(func)] += 1
 
     def error(self, what: str) -> MethodError:
+        """A MethodError naming the method and where the forward was."""
         return MethodError(f"{self.method}: {what} in {self.where()}")
 
 
@@ -428,6 +434,7 @@ REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def check_reduction(method: str, reduction: str) -> str:
+    """``reduction`` if it is a known channel reduction, else a MethodError naming the choices."""
     if reduction not in REDUCTIONS:
         raise MethodError(
             f"{method}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}"
@@ -459,6 +466,7 @@ class ModifiedBackprop(Method):
         """A fresh rule table for one forward pass (per-call state lives in it)."""
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map: the channel attribution reduced with ``reduction``."""
         return REDUCTIONS[self.reduction](self.channels(images, targets))
 
     def attribute_channels(self, images: Tensor, targets: Tensor | list[int]) -> Tensor:
@@ -468,6 +476,8 @@ class ModifiedBackprop(Method):
             return self.channels(images, targets).detach().float()
 
     def channels(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Input gradient of the target logits under the rules (times the input with
+        ``times_input``), ``[B,C,H,W]``."""
         x = images.detach().requires_grad_(True)
         with apply_rules(self.model, self.rules(), self.name, x.shape[0]) as trace:
             logits = self.forward(x)

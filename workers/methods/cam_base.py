@@ -48,6 +48,7 @@ class CAMMethod(Method):
 
     # -- shared steps -------------------------------------------------------------------
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map ``ReLU(sum_k w_k A_k)`` at the target layer's resolution."""
         acts, grads = self.activations_and_gradients(images, targets)
         return combine(self.weights(acts, grads), acts)
 

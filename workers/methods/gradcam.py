@@ -28,4 +28,5 @@ class GradCAM(CAMMethod):
     )
 
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        """Per-channel weights: the gradients' spatial mean."""
         return grads.mean(dim=(2, 3))

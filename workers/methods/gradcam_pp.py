@@ -61,6 +61,7 @@ class GradCAMPlusPlus(CAMMethod):
         self.alpha_renorm = bool(alpha_renorm)
 
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        """Per-channel weights: the positive gradients weighted by the closed-form alphas."""
         pos = grads > 0
         g = torch.where(pos, grads, torch.ones_like(grads))  # dummy 1 where g <= 0 (masked out)
         sums = acts.sum(dim=(2, 3), keepdim=True)

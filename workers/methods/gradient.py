@@ -42,4 +42,5 @@ class Gradient(Method):
         super().__init__(model)
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map ``max_c |dS_t/dx_c|``."""
         return input_gradient(self, images, targets).abs().amax(dim=1)

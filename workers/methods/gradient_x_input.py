@@ -30,5 +30,6 @@ class GradientXInput(Method):
         super().__init__(model)
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map: the signed channel sum of input times gradient."""
         grad = input_gradient(self, images, targets)
         return (images.float() * grad).sum(dim=1)

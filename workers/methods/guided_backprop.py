@@ -43,4 +43,5 @@ class GuidedBackprop(ModifiedBackprop):
         self.reduction = check_reduction(self.name, reduction)
 
     def rules(self) -> RuleTable:
+        """The guided ReLU rule on every activation."""
         return RuleTable(handlers=activation_handlers(GuidedClamp.apply))

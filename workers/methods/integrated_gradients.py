@@ -91,4 +91,5 @@ class IntegratedGradients(Method):
         return x * total
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map: the signed channel sum of the attributions."""
         return self.attributions(images, targets).sum(dim=1)

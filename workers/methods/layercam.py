@@ -29,4 +29,5 @@ class LayerCAM(CAMMethod):
     )
 
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        """Per-position weights: the positive part of the gradients."""
         return torch.relu(grads)

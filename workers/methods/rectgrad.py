@@ -91,6 +91,7 @@ class RectGrad(ModifiedBackprop):
         return RectifiedClamp.apply(x, upper, self.q, self.tau, self.and_relu_mask)
 
     def rules(self) -> RuleTable:
+        """The rectified rule on every activation, plus the padding trick's conv rule where asked."""
         handlers = activation_handlers(self._rule, per_sample=self.tau is None)
         if self.padding_trick != "none":
             handlers.update(padding_trick_handlers(self.padding_trick))

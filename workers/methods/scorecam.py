@@ -76,6 +76,7 @@ class ScoreCAM(CAMMethod):
         return (up - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map from the score-weighted channels, without gradients."""
         with torch.no_grad():
             logits, acts = self.layer_forward(images, cut_graph=False)
             target_scores(logits, targets)  # an invalid target fails here, not silently later

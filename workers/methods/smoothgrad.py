@@ -76,6 +76,7 @@ class SmoothGrad(Method):
         return self.stdev_spread * (flat.amax(dim=1) - flat.amin(dim=1))
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map: the (squared) input gradient averaged over ``nsamples`` noisy copies."""
         b, n = images.shape[0], self.nsamples
         noise = unit_noise(self.seed, n, tuple(images.shape[1:])).to(images.device)
         sigma = self.sigmas(images)

@@ -318,4 +318,5 @@ class TSGB(ModifiedBackprop):
         self.reduction = check_reduction(self.name, reduction)
 
     def rules(self) -> RuleTable:
+        """The TSGB rules of one forward pass."""
         return _TSGBPass(self).table()

@@ -100,6 +100,7 @@ def _y_o(scores: dict, group: JobGroup, scale: Tensor, params: dict[str, Any]
 
 @planner("average_drop")
 def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Average Drop's jobs: the clean and the map-masked image of each sample."""
     group, scale = _masked_group(ctx, params)
     score_index(params)  # fail on a bad score name before any forward
 
@@ -118,6 +119,7 @@ def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
 
 @planner("confidence_increase")
 def plan_confidence_increase(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Increase in Confidence's jobs: the clean and the map-masked image (shared with Average Drop)."""
     group, scale = _masked_group(ctx, params)
     score_index(params)  # fail on a bad score name before any forward
 

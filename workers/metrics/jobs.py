@@ -59,9 +59,11 @@ class Context:
 
     @property
     def batch(self) -> int:
+        """The number of samples."""
         return int(self.images.shape[0])
 
     def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value under ``key``, made once by ``make``."""
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
@@ -91,6 +93,8 @@ def planner(name: str) -> Callable[[Planner], Planner]:
 
 
 def score_index(params: dict[str, Any]) -> int:
+    """The score column a metric reads (0: softmax probability, 1: logit); MetricError for another
+    name."""
     score = params.get("score", "softmax")
     if score not in SCORES:
         raise MetricError(f"score must be one of {', '.join(SCORES)}, got {score!r}")

@@ -102,9 +102,11 @@ def plan_region_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
 
 @planner("region_deletion_auc")
 def plan_region_deletion(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Region deletion's jobs: patches replaced by the substrate, most salient first."""
     return plan_region_curve(ctx, params, "deletion")
 
 
 @planner("region_insertion_auc")
 def plan_region_insertion(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Region insertion's jobs: patches copied onto the substrate, most salient first."""
     return plan_region_curve(ctx, params, "insertion")
