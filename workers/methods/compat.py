@@ -30,13 +30,13 @@ from torch import nn
 
 from .errors import MethodError
 from .features import ATTENTION, CONV_HEAD, FEATURES, HARD, LAYER_NORM, SMOOTH
-from .registry import classes
+from .registry import classes, lookup
 
 
 def no_rule(method: str) -> frozenset[str]:
     """The model features ``method`` has no rule for (its class's ``no_rule``; an unknown
     name has none: the name check is the registry's)."""
-    cls = classes().get(method)
+    cls = lookup(method)
     return cls.no_rule if cls is not None else frozenset()
 
 

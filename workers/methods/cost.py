@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import FORWARD
-from .registry import classes, get_class
+from .registry import get_class, lookup
 
 __all__ = ["FORWARD", "defaults", "method_cost", "metric_cost", "unit_cost"]
 
@@ -30,7 +30,7 @@ def method_cost(name: str, params: dict[str, Any] | None = None, **known: Any) -
 
     ``known``: facts about the model the formula may use (``channels``: the target layer's
     channel count, for Score-CAM)."""
-    cls = classes().get(name)
+    cls = lookup(name)
     if cls is None or cls.work_per_image is None:
         raise KeyError(f"no cost formula for method {name!r}")
     resolved = {**cls.defaults(), **dict(params or {}), **known}

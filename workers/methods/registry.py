@@ -49,15 +49,19 @@ def register(name: str) -> Callable[[T], T]:
     return decorate
 
 
+def _import(module: str) -> None:
+    try:
+        importlib.import_module(f"{__package__}.{module}")
+    except Exception as err:  # noqa: BLE001 - one broken method must not hide the rest
+        _BROKEN[module] = f"{type(err).__name__}: {err}"
+
+
 def classes() -> dict[str, type[Method]]:
     """Every registered method class by name, in :data:`MODULES` order (imports them once)."""
     global _loaded
     if not _loaded:
         for module in MODULES:
-            try:
-                importlib.import_module(f"{__package__}.{module}")
-            except Exception as err:  # noqa: BLE001 - one broken method must not hide the rest
-                _BROKEN[module] = f"{type(err).__name__}: {err}"
+            _import(module)
         _loaded = True
     order = {f"{__package__}.{m}": i for i, m in enumerate(MODULES)}
     ranked = sorted(_CLASSES.items(), key=lambda kv: order.get(kv[1].__module__, len(order)))
@@ -77,9 +81,17 @@ def unknown_name_message(name: str) -> str:
     return f"unknown method {name!r}{hint}; known methods: {', '.join(names())}{broken}"
 
 
+def lookup(name: str) -> type[Method] | None:
+    """The class registered under ``name``, or None. A method's module is named as the method,
+    so that module is imported first: an actor imports its own method, not all of them."""
+    if name not in _CLASSES and name in MODULES:
+        _import(name)
+    return _CLASSES.get(name) or classes().get(name)
+
+
 def get_class(name: str) -> type[Method]:
     """The class registered under ``name``."""
-    found = classes().get(name)
+    found = lookup(name)
     if found is None:
         raise MethodError(unknown_name_message(name))
     return found
