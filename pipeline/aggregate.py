@@ -72,6 +72,7 @@ def sample_hash(sample_id: str) -> int:
 
 
 def empty() -> dict[str, Any]:
+    """The aggregate of no rows: what merging starts from."""
     return {"v": VERSION, "rows": 0, "errors": 0, "metrics": {}, "class_metrics": [],
             "classes": {}, "boxes": None, "masks": None, "curves": {}, "sal_min": None,
             "reasons": {}, "other_reasons": 0, "sample": {"cols": [], "rows": []},
@@ -383,6 +384,7 @@ def _cap(agg: dict, keep: int) -> dict:
 
 
 def merge_all(parts: Iterable[dict | None], keep: int = UNIT_SAMPLE) -> dict[str, Any]:
+    """The merge of every aggregate in ``parts`` (None skipped), keeping ``keep`` sample rows."""
     out = empty()
     for p in parts:
         out = merge(out, p, keep)

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from salmap.workers.unit_id import data_prefix
+
 COMMITS = "_commits"
 # a generation's adoption list (pipeline.ledger): not a record, hence no ``.json`` suffix
 GENERATIONS = f"{COMMITS}/_generations"
@@ -159,8 +161,8 @@ def encode_record(record: CommitRecord | Mapping[str, Any]) -> bytes:
 
 
 def unit_data_prefix(unit_id: str) -> str:
-    model, _, method = unit_id.partition("__")
-    return f"data/{model}/{method}"
+    """The folder of a unit's data files (the one parse of a unit id: workers/unit_id.py)."""
+    return data_prefix(unit_id)
 
 
 def decode_record(data: bytes, key: str, where: str | None = None) -> CommitRecord:

@@ -29,7 +29,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import PRECONDITION_CODES, Store, create_exclusive_local, s3_client, s3_error_code
+from .storage import (
+    PRECONDITION_CODES,
+    Store,
+    create_exclusive_local,
+    s3_client,
+    s3_error_code,
+    write_atomic_local,
+)
 
 LOCK_KEY = "_lock.json"
 
@@ -95,12 +102,7 @@ class _LocalLockFile:
             current, _ = self.read()
             if current is None or current != token:
                 return None
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic_local(self.path, data)
             return data
 
     def delete(self, token: Any) -> bool:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .commit_record import CommitRecord, unit_data_prefix
+from salmap.workers.unit_id import data_prefix as unit_data_prefix
+
+from .commit_record import CommitRecord
 from .ledger import Ledger, record_key
 from .storage import Store
 

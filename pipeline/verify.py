@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit_record import WAY_OUT, CommitRecord, DamagedRecord, decode_record, unit_data_prefix
+from salmap.workers.unit_id import data_prefix as unit_data_prefix
+
+from .commit_record import WAY_OUT, CommitRecord, DamagedRecord, decode_record
 from .ledger import list_records, parse_commit_key
 from .storage import Store
 
@@ -31,6 +33,7 @@ class UnitCheck:
 
     @property
     def ok(self) -> bool:
+        """Whether the unit showed no problem."""
         return not self.problems
 
 

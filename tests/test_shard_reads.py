@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 from conftest import jpeg_bytes, write_shard
-from counting_moto import CountingMotoServer
+from s3_counting import CountingMotoServer
 from salmap.pipeline.decode import DecodeSpec, decode_batch
 from salmap.pipeline.shard_reader import read_shard
 from salmap.pipeline.shard_stream import READ_BUFFER, _S3Body

@@ -69,8 +69,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backprop_rules import RuleTable, RuleTrace, apply_rules, conv_args, explicit_padding
-from .base import Method, MethodError, check_inputs, model_guard, target_scores
+from .base import FORWARD, Method, MethodError, check_inputs, model_guard, target_scores
+from .features import ATTENTION, HARD, LAYER_NORM
 from .mask_opt import MaskOptimizer, check_optimizer, logit, shared_noise
+from .registry import register
 
 OUTPUTS = ("net", "positive", "negative")
 OBJECTIVES = ("decompose",)
@@ -234,13 +236,19 @@ class DMBPResult:
     bias_term: Tensor | None = None
 
 
+@register("dmbp")
 class DMBP(Method):
     """Disentangled masked backpropagation: the output decomposed into a positive, a negative
     and a nuisance linear mapping by per-filter masks on the backward pass (module docstring)."""
 
-    name = "dmbp"
     #: objectives this class accepts (the default first)
     objectives: tuple[str, ...] = OBJECTIVES
+    # 1 F + steps x (2 masked backwards with create_graph + 1 double backward ~ 2 B) + 3 B
+    work_per_image = staticmethod(lambda p: FORWARD + (1 - FORWARD) * (4 * int(p["steps"]) + 3))
+    no_rule = frozenset({HARD, LAYER_NORM, ATTENTION})
+    no_rule_why = ("masks cover nn.Conv2d filters only (LayerNorm models mix channels in "
+                   "nn.Linear layers, attention has no filters), and the backward pass is "
+                   "differentiated twice, which PyTorch cannot do through hardswish")
     cost = (
         "1 forward + steps x (2 masked backwards with create_graph + 1 double backward) "
         "+ 3 backwards; steps=100"

@@ -76,13 +76,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Method, MethodError, check_inputs, model_guard
+from .base import FORWARD, Method, MethodError, check_inputs, model_guard
 from .mask_opt import MaskOptimizer, check_optimizer, shared_noise, smooth_hinge, smooth_norm
+from .registry import register
 
 CONSISTENCIES = ("preserve", "target", "logits")
 NORMS = ("l2", "l2_squared")
@@ -156,10 +158,18 @@ def top_fraction(s: Tensor, fraction: float) -> Tensor:
     return (out & (flat > 0)).view_as(s)
 
 
+def _n(value: Any) -> int:
+    return len(value) if value is not None and hasattr(value, "__len__") else 0
+
+
+@register("hdm")
 class HDM(Method):
     """Hierarchical dynamic masks (reconstructed; see the module docstring)."""
 
-    name = "hdm"
+    # stages x (1 F + steps x (#benchmark + #auxiliary masks) x (F + B)) + 2 F
+    work_per_image = staticmethod(lambda p: int(p["stages"]) * (
+        FORWARD + int(p["steps"]) * (_n(p["benchmark_sizes"]) + _n(p["auxiliary_sizes"])))
+        + 2 * FORWARD)
     cost = (
         "stages x (1 forward + steps x (#benchmark + #auxiliary masks) x (1 forward + "
         "1 backward to the masks)) + 2 forwards; 2 x (1 + 30 x 4) + 2 = 244 passes per image"
