@@ -1,12 +1,16 @@
-"""A planted shortcut: a dataset where a corner mark predicts one class, a small CNN trained
-on it, its Grad-CAM maps written as a committed salmap run, for ``salmap analyze`` to find.
+"""A planted shortcut on the project's ground-truth data: a corner mark that predicts the class
+in part of the images, a small CNN trained on them, its Grad-CAM maps written as a committed
+salmap run, for ``salmap analyze`` to find.
 
-Images are ``SIZE x SIZE`` noise with one faint striped patch at a random place: horizontal
-stripes for class 0, vertical for class 1. In ``cue_share`` of the class-1 images a bright
-3 x 3 mark sits in the top-left corner (never in class 0). The CNN (three convolutions,
-global average pooling) learns the mark first: it is far easier than the faint stripes. The
-maps of the marked class-1 images then sit on the corner; the others on the patch. With
-``cue_share=0`` nothing is planted, and the analysis must flag nothing.
+The images are :func:`salmap.workers.synthetic.make_dataset`'s (one shape per image, its
+class: square or disc, on a textured background), its spurious-cue variant: in ``cue_share``
+of the images a bright 3 x 3 mark sits in the corner of the image's class (class 0: top left,
+class 1: top right), never on the object. The CNN (``synthetic.train_model``'s ``"vgg"``,
+pure ReLU) learns the mark: where it is, it is a far easier cue than the shape. The maps of
+the marked images then sit on their class's corner; the others on the object. With
+``cue_share=0`` nothing is planted, and the analysis must flag nothing. Where the object
+lies is the synthetic module's business; this file only reads its masks (boxes = the masks'
+bounding boxes).
 
 Used by ``tests/test_analyze_planted.py`` (small) and ``bench/analyze_shortcut.py`` (full).
 """
@@ -20,74 +24,74 @@ import torch
 from torch import nn
 
 SIZE = 32
-PATCH = 10
 MODEL, METHOD = "cnn", "gradcam"
 UNIT = f"{MODEL}__{METHOD}"
+LAYER = "features.11"  # SmallVGG's last ReLU: an 8 x 8 grid at 32 x 32 input
 
 
-def make_images(n: int, cue_share: float, seed: int = 0, contrast: float = 0.25
+def make_images(n: int, cue_share: float, seed: int = 0, **dataset: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(images [n, 3, S, S] float32, labels [n], cue [n] bool, boxes [n, 4] x0 y0 x1 y1)``:
-    half the images of each class, ``cue_share`` of class 1 with the corner mark."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(0.0, 0.3, size=(n, 3, SIZE, SIZE)).astype(np.float32)
-    labels = np.arange(n) % 2
-    cue = (labels == 1) & (rng.random(n) < cue_share)
-    boxes = np.zeros((n, 4), dtype=np.float32)
-    stripes = (np.arange(PATCH) % 4 < 2).astype(np.float32) * 2 - 1
+    """``(images [n, 3, S, S] float32 in [0, 1], labels [n], cue [n] bool, boxes [n, 4] x0 y0
+    x1 y1)`` from ``synthetic.make_dataset(n, seed, spurious_fraction=cue_share)``: two
+    classes, ``cue_share`` of the images with their class's corner mark; the boxes enclose
+    each object's mask (pixel edges). ``dataset``: more ``make_dataset`` arguments
+    (``texture``, ``min_radius``, ...)."""
+    from salmap.workers.synthetic import make_dataset
+
+    data = make_dataset(n, seed=seed, spurious_fraction=cue_share, size=SIZE, num_classes=2,
+                        **dataset)
+    return (data.images.numpy(), data.labels.numpy(), data.cue_flags.numpy().astype(bool),
+            mask_boxes(data.masks.numpy()))
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """``[n, 4]`` float32 ``x0 y0 x1 y1``: the bounding box of each bool mask ``[n, H, W]``
+    in pixel edges (a one-pixel mask at (0, 0) is ``0 0 1 1``); the whole image if empty."""
+    n, h, w = masks.shape
+    out = np.tile(np.array([0, 0, w, h], np.float32), (n, 1))
     for i in range(n):
-        top, left = rng.integers(5, SIZE - PATCH + 1, size=2)  # the corner stays clear
-        pat = stripes[:, None] * np.ones(PATCH)[None, :] if labels[i] == 0 else \
-            np.ones(PATCH)[:, None] * stripes[None, :]
-        x[i, :, top:top + PATCH, left:left + PATCH] += contrast * pat
-        boxes[i] = (left, top, left + PATCH, top + PATCH)
-        if cue[i]:
-            x[i, :, 1:4, 1:4] = 3.0
-    return x, labels, cue, boxes
+        ys, xs = np.nonzero(masks[i])
+        if len(ys):
+            out[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return out
 
 
-class SmallCNN(nn.Module):
-    """Three 3 x 3 convolutions (16, 32, 32 channels; two 2 x 2 poolings), global average
-    pooling, a linear layer: Grad-CAM's layer is ``features.6`` at 8 x 8."""
+def train(x: np.ndarray, y: np.ndarray, epochs: int = 4, seed: int = 0,
+          batch: int = 64, width: int = 16) -> nn.Module:
+    """``synthetic.train_model("vgg", ...)`` on images ``x`` in [0, 1] (no cache: each caller
+    trains its own; ``width``: the first layer's channels); the model takes
+    ``synthetic.normalise``d images."""
+    from salmap.workers.synthetic import SyntheticData, train_model
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(32, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long()
+    # cue_flags all set: train_model then never flips an image (a flip moves a corner mark)
+    data = SyntheticData(xt, yt, torch.zeros(len(x), SIZE, SIZE, dtype=torch.bool),
+                         torch.ones(len(x), dtype=torch.bool), 3)
+    return train_model("vgg", data, seed=seed, epochs=epochs, batch_size=batch, width=width,
+                       cache_dir=None)
 
 
-def train(x: np.ndarray, y: np.ndarray, epochs: int = 3, seed: int = 0,
-          batch: int = 64) -> SmallCNN:
-    """The CNN trained with Adam (lr 3e-3) on CPU, seeded."""
-    torch.manual_seed(seed)
-    model = SmallCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=g).split(batch):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+def predict(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The model's class for each image ``x`` in [0, 1]."""
+    from salmap.workers.synthetic import normalise
+
+    with torch.no_grad():
+        return torch.cat([model(normalise(torch.from_numpy(x[i:i + batch]))).argmax(1)
+                          for i in range(0, len(x), batch)]).numpy()
 
 
 def gradcam_maps(model: nn.Module, x: np.ndarray, targets: np.ndarray,
                  batch: int = 256) -> np.ndarray:
-    """salmap's Grad-CAM (``salmap.workers.methods``) of ``targets`` (at the layer's 8 x 8 grid, as
-    salmap stores CAM maps)."""
+    """salmap's Grad-CAM (``salmap.workers.methods``) of ``targets`` on images ``x`` in [0, 1]
+    (at the layer's 8 x 8 grid, as salmap stores CAM maps)."""
     from salmap.workers.methods import build
+    from salmap.workers.synthetic import normalise
 
-    cam = build("gradcam", model, target_layer="features.6")
+    cam = build("gradcam", model, target_layer=LAYER)
     out = []
     for i in range(0, len(x), batch):
-        m = cam(torch.from_numpy(x[i:i + batch]), torch.from_numpy(targets[i:i + batch]).long())
+        m = cam(normalise(torch.from_numpy(x[i:i + batch])),
+                torch.from_numpy(targets[i:i + batch]).long())
         out.append(np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m,
                               dtype=np.float32))
     return np.concatenate(out)
@@ -216,24 +220,26 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
 
 def planted_run(root: str, n_train: int, n_test: int, cue_share: float, epochs: int = 3,
                 seed: int = 0, test_cue_share: float | None = None,
-                model: nn.Module | None = None, with_images: bool = False
+                model: nn.Module | None = None, with_images: bool = False,
+                dataset: dict | None = None, width: int = 16, batch: int = 64
                 ) -> tuple[str, np.ndarray, dict, nn.Module]:
-    """Train on a planted dataset (or take ``model``), explain a fresh test set with Grad-CAM
-    (target: the label), the mark on ``test_cue_share`` of its class-1 images (default
+    """Train on a planted dataset (or take ``model``), explain a fresh test set (seed + 1)
+    with Grad-CAM (target: the label), the mark on ``test_cue_share`` of its images (default
     ``cue_share``), and write the run: ``(run, cue [n_test], facts, model)``, facts = the
-    model's accuracy overall, on marked and on unmarked class-1 images, how many are marked."""
+    model's accuracy overall, on marked and on unmarked images, how many are marked.
+    ``dataset``: more ``make_dataset`` arguments, for both sets; ``width``, ``batch``: the
+    CNN's and the training's (:func:`train`)."""
     if model is None:
-        x, y, _, _ = make_images(n_train, cue_share, seed)
-        model = train(x, y, epochs=epochs, seed=seed)
+        x, y, _, _ = make_images(n_train, cue_share, seed, **(dataset or {}))
+        model = train(x, y, epochs=epochs, seed=seed, batch=batch, width=width)
     share = cue_share if test_cue_share is None else test_cue_share
-    xt, yt, cue, boxes = make_images(n_test, share, seed + 1)
-    with torch.no_grad():
-        pred = model(torch.from_numpy(xt)).argmax(1).numpy()
+    xt, yt, cue, boxes = make_images(n_test, share, seed + 1, **(dataset or {}))
+    pred = predict(model, xt)
     maps = gradcam_maps(model, xt, yt)
     run = write_run(root, maps, yt, pred, boxes, images=xt if with_images else None)
-    c1 = yt == 1
     facts = {"acc": float((pred == yt).mean()),
-             "acc_marked": float((pred[cue] == 1).mean()) if cue.any() else float("nan"),
-             "acc_unmarked_class1": float((pred[c1 & ~cue] == 1).mean()),
+             "acc_marked": float((pred[cue] == yt[cue]).mean()) if cue.any() else float("nan"),
+             "acc_unmarked": float((pred[~cue] == yt[~cue]).mean()) if (~cue).any()
+             else float("nan"),
              "marked": int(cue.sum())}
     return run, cue, facts, model

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("methods_vs_peers", "pipeline_efficiency", "metric_cost", "scaling", "memory",
            "precision", "control_plane", "small_shards", "storage_faults", "method_quality",
            "cluster_fill", "end_of_run", "cpu_per_image", "shard_reads", "batch_independence",
-           "groundtruth")
+           "groundtruth", "analyze_shortcut")
+# long end-to-end runs, only with --only (e.g. --only s3_run --args s3_run="--images 100000")
+OPTIONAL = ("large_run", "s3_run")
 # small sizes that keep the whole run around half an hour on a 2-core CPU (none on CUDA)
 CPU_DEFAULTS = {
     "pipeline_efficiency": ["--images", "32", "--metric-images", "8"],
@@ -30,6 +32,8 @@ CPU_DEFAULTS = {
     "scaling": ["--images", "32"],
     "precision": ["--models", "resnet50", "--batch", "4", "--repeats", "1"],
     "end_of_run": ["--sizes", "10000,1000000"],  # 10^7 rows: run it alone (BENCHMARKS.md)
+    # the full size (--train 4000 --test 10000, BENCHMARKS.md section 13): run it alone
+    "analyze_shortcut": ["--train", "2000", "--test", "4000"],
 }
 
 
@@ -43,14 +47,15 @@ def torch_cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated subset of " + ", ".join(SCRIPTS))
+    parser.add_argument("--only", default="", help="comma-separated subset of "
+                        + ", ".join(SCRIPTS) + "; optional, only when named: " + ", ".join(OPTIONAL))
     parser.add_argument("--device", default=None, help="passed to every script (cpu | cuda)")
     parser.add_argument("--args", action="append", default=[],
                         help='extra options for one script: NAME="--flag value"')
     parser.add_argument("--out", default=None, help="also write everything to this file")
     args = parser.parse_args(argv)
     chosen = [s for s in (args.only.split(",") if args.only else SCRIPTS) if s]
-    unknown = [s for s in chosen if s not in SCRIPTS]
+    unknown = [s for s in chosen if s not in SCRIPTS + OPTIONAL]
     if unknown:
         parser.error(f"unknown script(s): {', '.join(unknown)}")
     extra: dict[str, list[str]] = {}

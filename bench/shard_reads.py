@@ -1,7 +1,7 @@
 """GETs per shard, counted at the server: salmap's reader (one streaming GET, 8 MiB buffer)
 against the previous reader (pyarrow's unbuffered S3 input stream, which the tar parser reads
 10 KiB at a time) and pyarrow with an 8 MiB buffer. Real S3 API: moto's server on 127.0.0.1
-(tests/counting_moto.py records every request); shards of ~100 KB samples.
+(tests/s3_counting.py records every request); shards of ~100 KB samples.
 
     .venv/bin/python bench/shard_reads.py [--sizes 0.4,2.1,10,100] [--old-max 10]
 
@@ -25,7 +25,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from counting_moto import CountingMotoServer  # noqa: E402
+from s3_counting import CountingMotoServer  # noqa: E402
 
 
 def shard(size_mb: float, sample_kb: int = 100) -> bytes:

@@ -94,6 +94,7 @@ class UnitAccounting:
                     a.end = max(a.end, end)
 
     def intervals(self) -> list[tuple[float, float]]:
+        """Each actor's (start, end), for the device-seconds of the unit."""
         with self._lock:
             return [(a.start, a.end) for a in self.actors.values()]
 
@@ -196,6 +197,7 @@ class HeldSampler:
         self._thread = threading.Thread(target=self._run, name="salmap-held", daemon=True)
 
     def start(self) -> HeldSampler:
+        """Start sampling in a daemon thread; returns self."""
         self._thread.start()
         return self
 
@@ -226,11 +228,13 @@ class HeldSampler:
             self._stop.wait(self.interval)
 
     def stop(self) -> dict:
+        """Stop sampling (bounded wait) and return the totals."""
         self._stop.set()
         self._thread.join(timeout=10)
         return self.summary()
 
     def summary(self) -> dict:
+        """Held device-seconds, peak, time sampled and mean share, from the running totals."""
         with self._lock:
             span = self._last[0] - self._first if self._last and self._first is not None else 0.0
             return {"device_s": round(self._held_s, 3), "peak": self._peak,

@@ -2,7 +2,7 @@
 the report) reads instead of every row, so its memory does not grow with the run.
 
 Each post/write task computes the aggregate of the rows it wrote (:func:`of_table`), the
-driver merges a wave's into its commit record (``record["aggregate"]``), and the ledger merges
+driver merges a wave's into its commit record (``CommitRecord.aggregate``), and the ledger merges
 the records into one per unit as the run goes (:func:`merge`). An aggregate is a JSON dict:
 
 * ``rows``, ``errors``: row counts (errors: status other than ``ok``);
@@ -72,6 +72,7 @@ def sample_hash(sample_id: str) -> int:
 
 
 def empty() -> dict[str, Any]:
+    """The aggregate of no rows: what merging starts from."""
     return {"v": VERSION, "rows": 0, "errors": 0, "metrics": {}, "class_metrics": [],
             "classes": {}, "boxes": None, "masks": None, "curves": {}, "sal_min": None,
             "reasons": {}, "other_reasons": 0, "sample": {"cols": [], "rows": []},
@@ -383,6 +384,7 @@ def _cap(agg: dict, keep: int) -> dict:
 
 
 def merge_all(parts: Iterable[dict | None], keep: int = UNIT_SAMPLE) -> dict[str, Any]:
+    """The merge of every aggregate in ``parts`` (None skipped), keeping ``keep`` sample rows."""
     out = empty()
     for p in parts:
         out = merge(out, p, keep)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,12 +44,7 @@ def run(config: str | os.PathLike | dict, overrides: Sequence[str] = (), verbose
     from .run import run_job
 
     if isinstance(config, dict):
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(config, f)
-        try:
-            cfg = load_config(f.name, list(overrides))
-        finally:
-            os.unlink(f.name)
+        cfg = load_config(config, list(overrides))
     else:
         cfg = load_config(str(config), list(overrides), allow_remote_code=allow_remote_code)
     quiet_ray_logging(verbose)
@@ -86,7 +80,7 @@ class Explainer:
         from salmap.workers import methods as method_registry
         from salmap.workers.metrics import METRICS, check_params
 
-        from .config import ConfigError, metric_specs, parse_targets
+        from .config import ConfigError, metric_specs, parse_targets, split_metric_specs
 
         method_registry.check_params(method, dict(params or {}))
         self.mode, self.topk = parse_targets(targets)
@@ -95,9 +89,7 @@ class Explainer:
         if unknown:
             raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
         check_params(specs)
-        self.model_metrics = {k: v for k, v in specs.items() if METRICS[k].kind == "model"}
-        self.post_metrics = {k: v for k, v in specs.items() if METRICS[k].kind == "post"}
-        self.curves = any(p.get("curves") for p in specs.values())
+        self.model_metrics, self.post_metrics, self.curves = split_metric_specs(specs)
         self.method, self.params, self.name = method, dict(params or {}), name
         self.device, self.precision, self.batch_size = device, precision, int(batch_size)
         self.loaded = self._load(model, weights, input_size, mean, std, target_layer)
@@ -281,7 +273,7 @@ def _rows(images: Any, pre, offset: int) -> list[dict[str, Any]]:
     import torch
     from PIL import Image
 
-    from .decode import DecodeError, _to_rgb, open_image, preprocess
+    from .decode import DecodeError, open_image, preprocess, to_rgb
 
     def base(i: int) -> dict[str, Any]:
         sid = str(offset + i)
@@ -313,12 +305,12 @@ def _rows(images: Any, pre, offset: int) -> list[dict[str, Any]]:
                 r["image_file"] = Path(item).name
                 img = open_image(Path(item).read_bytes(), 89_478_485)
             elif isinstance(item, Image.Image):
-                img = _to_rgb(item)
+                img = to_rgb(item)
             else:
                 arr = np.asarray(item)
                 if arr.dtype != np.uint8:
                     raise DecodeError(f"an image array must be uint8 [H, W, 3], got {arr.dtype}")
-                img = _to_rgb(Image.fromarray(arr))
+                img = to_rgb(Image.fromarray(arr))
             r["orig_width"], r["orig_height"] = img.size
             r["image"], geo = preprocess(img, pre.resize, pre.crop)
             r.update(geo)
@@ -332,13 +324,13 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Rows -> the actor's input batch (numpy columns; failed images get a blank image)."""
     from salmap.workers.columns import numpy_column
 
-    from .decode import _DECODE_KINDS
+    from .decode import DECODE_KINDS
 
     first = next((r["image"] for r in rows if r["image"] is not None), None)
     crop = rows[0]["_crop"]
     blank = np.zeros_like(first) if first is not None else np.zeros((crop, crop, 3), np.uint8)
     batch = {"image": np.stack([r["image"] if r["image"] is not None else blank for r in rows])}
-    for col, kind in _DECODE_KINDS.items():
+    for col, kind in DECODE_KINDS.items():
         batch[col] = numpy_column(kind, [r.get(col) for r in rows])
     return batch
 

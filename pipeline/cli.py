@@ -104,6 +104,8 @@ def closing_block(result) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``salmap run``: load the config (or the demo's), run the job, print its outcome; the exit
+    code."""
     from .lock import LockHeld, LockLost
     from .logs import StderrFilter, quiet_ray_logging
     from .run import run_job
@@ -147,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
+    """``salmap read``: print a run's committed rows (or write its maps); the exit code."""
     from .read import (
         HEAVY_COLUMNS,
         MAP_COLUMN,
@@ -205,6 +208,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``salmap report``: (re)write a run's HTML report; the exit code."""
     from .read import RunNotFound, units
     from .report import write_report
 
@@ -220,12 +224,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    """``salmap analyze``: see :mod:`salmap.pipeline.analyze.cli`."""
     from .analyze.cli import run_analyze
 
     return run_analyze(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``salmap export``: a run's pseudo-labels as COCO, VOC masks, Parquet or FiftyOne."""
     from .export import ExportError, export_run
 
     if args.format == "fiftyone":
@@ -250,6 +256,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
+    """``salmap shards``: an image folder -> WebDataset shards; lists what it skipped."""
     from .shards import IMAGE_SUFFIXES, ShardsError, write_shards
 
     skipped: list[str] = []
@@ -274,6 +281,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``salmap verify``: check a run's records, files and row counts; non-zero on damage."""
     from .verify import format_table, verify_run
 
     storage = {"endpoint": args.endpoint} if args.endpoint else None
@@ -319,6 +327,7 @@ def cmd_constraints(args: argparse.Namespace) -> int:
 
 
 def cmd_sanity(args: argparse.Namespace) -> int:
+    """``salmap sanity``: the model-parameter randomization test of the config's methods."""
     from .sanity import run_sanity
 
     cfg = load_config(args.config or _default_config(), list(args.overrides),
@@ -341,6 +350,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``salmap`` argument parser with every subcommand."""
     p = _Parser(prog="salmap", description="Saliency maps for whole image datasets, on Ray.")
     p.add_argument("--version", action="version", version=f"salmap {__version__}")
     p.add_argument("-v", "--verbose", action="store_true",

@@ -18,11 +18,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SalmapConfig
+from .config import SalmapConfig, split_metrics
 from .interrupt import reassert_sigterm_handler
 
 
 def init_ray(cfg: SalmapConfig) -> None:
+    """Connect to the config's Ray cluster or start a local one (once per process)."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -46,6 +47,8 @@ def init_ray(cfg: SalmapConfig) -> None:
 
 
 def configure_data_context(cfg: SalmapConfig) -> None:
+    """Ray Data settings of a run: no silently dropped blocks, unordered output, progress bars as
+    the config says."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -79,6 +82,8 @@ def cluster_resources() -> dict[str, float]:
 
 
 def gpus_per_actor(cfg: SalmapConfig, res: dict[str, float] | None = None) -> float:
+    """GPUs one model actor holds: the config's number, or for ``auto`` 1 when the cluster has GPUs,
+    else 0."""
     value = cfg.resources.gpus_per_actor
     if value == "auto":
         res = cluster_resources() if res is None else res
@@ -299,8 +304,6 @@ def units_that_fit(cfg: SalmapConfig, wanted: int, res: dict[str, float] | None 
 def job_work_per_image(cfg: SalmapConfig) -> float:
     """The mean expected work per image over the config's units (F+B units)."""
     from salmap.workers.methods.cost import unit_cost
-
-    from .run import split_metrics
 
     model_metrics = split_metrics(cfg)[0]
     costs = [unit_cost(m.name, dict(m.params), model_metrics) for m in cfg.methods]

@@ -67,6 +67,8 @@ class InputSection:
     boxes_key: str = "json"
     mask_key: str | None = None  # ground-truth label masks, e.g. "seg.png" (label-map quality)
     max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    # a tar member larger than this is its sample's error row, skipped unread (memory guard)
+    max_member_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -220,9 +222,10 @@ def _refuse_remote_code(path: str, loaded: DictConfig, cfg: SalmapConfig) -> Non
                 "allow_remote_code=True (salmap.run, load_config)")
 
 
-def load_config(path: str | None, overrides: list[str] | None = None,
+def load_config(path: str | dict | None, overrides: list[str] | None = None,
                 allow_remote_code: bool = False) -> SalmapConfig:
-    """Merge schema defaults, the YAML file and ``key=value`` overrides; validate.
+    """Merge schema defaults, the YAML file (or a dict of the same keys, read as its JSON
+    text would be) and ``key=value`` overrides; validate.
 
     A config read from ``s3://`` that names custom code (a ``package.module:callable`` model
     source) is refused before anything is imported unless ``allow_remote_code``."""
@@ -236,9 +239,12 @@ def load_config(path: str | None, overrides: list[str] | None = None,
         storage_hint = {k.split(".", 1)[1]: v for k, v in parsed if k.startswith("storage.")}
         merged = schema
         loaded = None
+        text = None
+        if isinstance(path, dict):  # api.run(dict): no file, the same parse as a JSON file's
+            text, path = json.dumps(path), "the config dict"
         if path:
             try:
-                loaded = OmegaConf.create(read_text(path, storage_hint))
+                loaded = OmegaConf.create(read_text(path, storage_hint) if text is None else text)
             except (OmegaConfBaseException, ConfigError):
                 raise
             except Exception as err:  # noqa: BLE001 - YAML syntax errors and the like
@@ -320,6 +326,23 @@ def metric_specs(cfg: SalmapConfig) -> dict[str, dict]:
     return out
 
 
+def split_metrics(cfg: SalmapConfig) -> tuple[dict[str, dict], dict[str, dict], bool]:
+    """(model-side metrics, post-stage metrics, curves wanted) of the config's ``metrics``."""
+    return split_metric_specs(metric_specs(cfg))
+
+
+def split_metric_specs(specs: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict], bool]:
+    """(model-side metrics, post-stage metrics, curves wanted) of ``{name: params}``: the first
+    go to the model actors, the second to the post stage, the third asks for curve columns."""
+    from salmap.workers.metrics import METRICS
+
+    model, post = {}, {}
+    for name, params in specs.items():
+        (model if METRICS[name].kind == "model" else post)[name] = params
+    curves = any(p.get("curves") for p in {**model, **post}.values())
+    return model, post, curves
+
+
 def validate(cfg: SalmapConfig) -> None:
     """Checks OmegaConf cannot express: names, ranges, combinations."""
     from salmap.workers import methods as method_registry
@@ -394,6 +417,11 @@ def validate(cfg: SalmapConfig) -> None:
         raise ConfigError(f"storage.retries must be >= 1, got {cfg.storage.retries}")
     if cfg.input.max_pixels < 1:
         raise ConfigError("input.max_pixels must be >= 1")
+    if isinstance(cfg.input.max_member_bytes, bool) or not isinstance(
+            cfg.input.max_member_bytes, int) or cfg.input.max_member_bytes < 1:
+        raise ConfigError(f"input.max_member_bytes must be a whole number of bytes >= 1 (the "
+                          f"largest tar member read into memory; default {256 * 2**20}, "
+                          f"256 MiB), got {cfg.input.max_member_bytes!r}")
     if cfg.ray.progress not in ("auto", "bars", "lines", "off"):
         raise ConfigError(f"ray.progress: {cfg.ray.progress!r} is not auto, bars, lines or off")
 
@@ -529,14 +557,17 @@ def pseudo_label_options(cfg: SalmapConfig) -> dict[str, Any]:
 
 
 def to_container(cfg: SalmapConfig) -> dict:
+    """The config as plain dicts and lists (resolved), as the manifest stores it."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: SalmapConfig) -> str:
+    """The config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def stable_hash(obj: Any) -> str:
+    """A short hash of ``obj``'s JSON (sorted keys): equal settings, equal hash, across processes."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -576,8 +607,10 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
 
 
 def to_container_section(section: Any) -> dict:
+    """One config section as a plain dict (resolved)."""
     return OmegaConf.to_container(OmegaConf.structured(section), resolve=True)  # type: ignore[return-value]
 
 
 def is_list(x: Any) -> bool:
+    """A list in any of the forms a config may hold one (list, tuple, OmegaConf ListConfig)."""
     return isinstance(x, (list, tuple, ListConfig))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from salmap.workers.unit_id import UnitId
+
 _INPUT_KEYS = ("image_keys", "label_key", "boxes_key", "max_pixels", "mask_key")
 
 
@@ -55,7 +57,7 @@ def _show(value: Any) -> str:
 
 def changed_keys(old: dict | None, new: dict, unit_id: str, limit: int = 6) -> list[str]:
     """``key old -> new`` for each setting of ``unit_id`` that differs; [] when unknown."""
-    model, _, method = unit_id.partition("__")
+    model, method = UnitId.parse(unit_id)
     before = unit_settings(old or {}, model, method)
     after = unit_settings(new, model, method)
     if before is None or after is None:

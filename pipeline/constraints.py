@@ -22,6 +22,7 @@ def text() -> str:
 
 
 def main() -> int:
+    """``python -m salmap.pipeline.constraints``: print the tested package set."""
     sys.stdout.write(text())
     return 0
 

@@ -20,15 +20,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from salmap.workers.columns import BY_NAME, PASS_THROUGH, numpy_column
+from salmap.workers.columns import DECODE_COLUMNS, DECODE_KINDS, SHARD_END, numpy_column
 
-# what the decode stage hands the actor: the pass-through columns, the image, the annotation
-# problems the actor reports on ok rows, and the status
-DECODE_COLUMNS = (*PASS_THROUGH, "image", "label_error", "boxes_error", "status", "error")
-_DECODE_KINDS = {**{c: BY_NAME[c].kind for c in PASS_THROUGH},
-                 "label_error": "str", "boxes_error": "str", "status": "str", "error": "str"}
-# status of the marker row that ends a shard (pipeline.shard_reader); passed on by every stage
-SHARD_END = "shard_end"
+__all__ = ["DECODE_COLUMNS", "DECODE_KINDS", "SHARD_END", "DecodeError", "DecodeSpec",
+           "decode_batch", "decode_row", "marker_row", "shard_name", "suffix_name", "suffix_value",
+           "to_rgb", "unpack"]
+_DECODE_KINDS = DECODE_KINDS  # the name tests knew it by
 
 
 class DecodeError(ValueError):
@@ -55,7 +52,8 @@ def shard_name(url: str) -> str:
     return base[:-4] if base.lower().endswith(".tar") else base
 
 
-def _suffix_value(row: dict[str, Any], wanted: str) -> Any:
+def suffix_value(row: dict[str, Any], wanted: str) -> Any:
+    """The value of the sample's member ``wanted`` (any case; not NaN), or None."""
     for col, value in row.items():
         if col.startswith("__"):
             continue
@@ -64,7 +62,7 @@ def _suffix_value(row: dict[str, Any], wanted: str) -> Any:
     return None
 
 
-def _suffix_name(row: dict[str, Any], wanted: str) -> str:
+def suffix_name(row: dict[str, Any], wanted: str) -> str:
     """The suffix as spelled in the shard (``JPG`` for ``jpg``)."""
     return next((c for c in row if c.lower() == wanted.lower()), wanted)
 
@@ -73,7 +71,7 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit and float images rescaled, alpha composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
@@ -172,7 +170,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                 f"image data is truncated or corrupt ({type(err).__name__}: {err}); "
                 "re-export the file"
             ) from None
-    return _to_rgb(img)
+    return to_rgb(img)
 
 
 def crop_geometry(orig_h: int, orig_w: int, resize: int, crop: int) -> dict[str, int]:
@@ -201,6 +199,8 @@ def preprocess(img: Image.Image, resize: int, crop: int) -> tuple[np.ndarray, di
 
 
 def parse_label(raw: Any) -> int:
+    """A class label from a shard's ``cls`` member (bytes, text or int); DecodeError when it is
+    not an integer."""
     if isinstance(raw, (int, np.integer)):
         return int(raw)
     text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
@@ -272,26 +272,26 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     if row.get("__error__"):  # the shard reader could not read this sample whole
         out["status"], out["error"] = "error", str(row["__error__"])
         return out
-    raw_label = _suffix_value(row, spec.label_key) if spec.label_key else None
+    raw_label = suffix_value(row, spec.label_key) if spec.label_key else None
     if raw_label is not None:
         try:
             out["label"] = parse_label(raw_label)
         except Exception as err:  # noqa: BLE001 - a sidecar fails only its sample
             out["label_error"] = _sidecar_error(err, f".{spec.label_key}")
-    raw_boxes = _suffix_value(row, spec.boxes_key) if spec.boxes_key else None
+    raw_boxes = suffix_value(row, spec.boxes_key) if spec.boxes_key else None
     if raw_boxes is not None:
         try:
             out["boxes_json"] = json.dumps(parse_boxes(raw_boxes))
         except Exception as err:  # noqa: BLE001 - RecursionError, MemoryError, ...: this sample's
             out["boxes_error"] = _sidecar_error(err, f".{spec.boxes_key}")
-    raw_mask = _suffix_value(row, spec.mask_key) if spec.mask_key else None
+    raw_mask = suffix_value(row, spec.mask_key) if spec.mask_key else None
     if isinstance(raw_mask, (bytes, bytearray)):
         out["gt_mask_bytes"] = bytes(raw_mask)
     data = None
     for k in spec.image_keys:
-        data = _suffix_value(row, k)
+        data = suffix_value(row, k)
         if data is not None:
-            out["image_file"] = f"{key}.{_suffix_name(row, k)}"
+            out["image_file"] = f"{key}.{suffix_name(row, k)}"
             break
     try:
         if data is None:
@@ -318,7 +318,7 @@ def decode_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     return out
 
 
-def _unpack(row: dict[str, Any]) -> dict[str, Any]:
+def unpack(row: dict[str, Any]) -> dict[str, Any]:
     """A shard reader row carries its members pickled in ``members``: spread them out."""
     packed = row.get("members")
     if not isinstance(packed, (bytes, bytearray)):
@@ -350,11 +350,11 @@ def decode_batch(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.n
     A row is either a WebDataset sample (``__key__``, ``__url__`` and one raw-bytes value per
     suffix) or a shard-end marker (``shard_end`` true), which is passed on.
     """
-    decoded = [marker_row(r) if r.get("shard_end") else decode_row(_unpack(r), spec) for r in rows]
+    decoded = [marker_row(r) if r.get("shard_end") else decode_row(unpack(r), spec) for r in rows]
     blank = np.zeros((spec.crop, spec.crop, 3), dtype=np.uint8)
     batch: dict[str, np.ndarray] = {}
     batch["image"] = np.stack([d["image"] if d["image"] is not None else blank for d in decoded]) \
         if decoded else np.zeros((0, spec.crop, spec.crop, 3), np.uint8)
-    for col, kind in _DECODE_KINDS.items():
+    for col, kind in DECODE_KINDS.items():
         batch[col] = numpy_column(kind, [d[col] for d in decoded])
     return batch

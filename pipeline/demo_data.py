@@ -74,6 +74,7 @@ def write_demo_shards(folder: str, per_shard: int = 4, names: list[str] | None =
 
 
 def demo_folder() -> str:
+    """Where the demo's shards are made: ``$SALMAP_DEMO_DATA`` or ``runs/demo-data``."""
     return os.environ.get("SALMAP_DEMO_DATA", os.path.join("runs", "demo-data"))
 
 

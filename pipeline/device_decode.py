@@ -16,14 +16,14 @@ from typing import Any
 from PIL import Image
 
 from .decode import (
-    _DECODE_KINDS,
+    DECODE_KINDS,
     DecodeSpec,
-    _suffix_name,
-    _suffix_value,
-    _unpack,
     crop_geometry,
     decode_row,
     marker_row,
+    suffix_name,
+    suffix_value,
+    unpack,
 )
 
 DEFERRED_MODES = ("RGB", "L")
@@ -52,7 +52,7 @@ def defer_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     ``image`` None), or the CPU-decoded row where the device path does not apply."""
     data, key = None, None
     for k in spec.image_keys:
-        data = _suffix_value(row, k)
+        data = suffix_value(row, k)
         if data is not None:
             key = k
             break
@@ -61,10 +61,10 @@ def defer_row(row: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     if header is None:
         return {**decode_row(row, spec), "jpeg": b""}
     # the annotations as the CPU path parses them: decode_row without the image member
-    out = decode_row({c: v for c, v in row.items() if c != _suffix_name(row, key)}, spec)
+    out = decode_row({c: v for c, v in row.items() if c != suffix_name(row, key)}, spec)
     h, w = header
     out.update(status="ok", error="", image=None, orig_height=h, orig_width=w,
-               image_file=f"{row.get('__key__', '')}.{_suffix_name(row, key)}",
+               image_file=f"{row.get('__key__', '')}.{suffix_name(row, key)}",
                jpeg=bytes(data), **crop_geometry(h, w, spec.resize, spec.crop))
     if spec.keep_image:
         out["image_bytes"] = bytes(data)
@@ -77,13 +77,13 @@ def defer_batch(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, Any]:
     import numpy as np
     from salmap.workers.columns import numpy_column
 
-    decoded = [{**marker_row(r), "jpeg": b""} if r.get("shard_end") else defer_row(_unpack(r), spec)
+    decoded = [{**marker_row(r), "jpeg": b""} if r.get("shard_end") else defer_row(unpack(r), spec)
                for r in rows]
     blank = np.zeros((spec.crop, spec.crop, 3), dtype=np.uint8)
     cols: dict[str, Any] = {"image": np.stack([d["image"] if d["image"] is not None else blank
                                                for d in decoded]) if decoded
                             else np.zeros((0, spec.crop, spec.crop, 3), np.uint8)}
-    for name, kind in _DECODE_KINDS.items():
+    for name, kind in DECODE_KINDS.items():
         cols[name] = numpy_column(kind, [d[name] for d in decoded])
     cols["jpeg"] = numpy_column("binary", [d["jpeg"] for d in decoded])
     return cols

@@ -42,8 +42,11 @@ POST_BATCH = 128  # rows per post + write task: at most one Parquet file per wav
 
 # -- stage callables (plain function objects: they run as stateless CPU tasks) -------------
 class _ReadShards:
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: Any, max_member_bytes: int | None = None) -> None:
+        from .shard_reader import MAX_MEMBER_BYTES
+
         self.storage = storage
+        self.max_member_bytes = max_member_bytes or MAX_MEMBER_BYTES
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pandas as pd
@@ -52,7 +55,8 @@ class _ReadShards:
 
         for group in batch["shards"]:
             for url in json.loads(str(group)):
-                for rows in read_shard(url, self.storage, chunk=READ_CHUNK):
+                for rows in read_shard(url, self.storage, chunk=READ_CHUNK,
+                                       max_member_bytes=self.max_member_bytes):
                     yield pd.DataFrame(rows)
 
 
@@ -240,6 +244,7 @@ class UnitExecution:
     storage: Any = None
     identity: dict[str, dict] | None = None  # shard name -> size etc., to group small shards
     device_decode: bool = False  # JPEGs decoded by the actors (resources.decode_device)
+    max_member_bytes: int | None = None  # input.max_member_bytes (None: the reader's default)
 
 
 def read_and_decode(ex: UnitExecution):
@@ -249,7 +254,7 @@ def read_and_decode(ex: UnitExecution):
     groups = read_groups(ex.waves, ex.identity)
     ds = ray.data.from_items([{"shards": json.dumps(g)} for g in groups],
                              override_num_blocks=len(groups))
-    ds = ds.map_batches(_ReadShards(ex.storage), batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_ReadShards(ex.storage, ex.max_member_bytes), batch_size=1, batch_format="numpy",
                         num_cpus=IO_TASK_CPUS)
     return ds.map_batches(decode_stage(ex), batch_format="pandas",
                           batch_size=ex.decode_batch_size, num_cpus=DECODE_TASK_CPUS)

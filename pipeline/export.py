@@ -44,8 +44,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from salmap.workers.unit_id import UnitId
 
 from . import coco_rle
+from .commit_record import CommitRecord
 from .ledger import MANIFEST_KEY
 from .rollup import committed_file_lists
 from .safe_path import UnsafePath, join_inside, shown_key
@@ -65,9 +67,9 @@ class ExportError(ValueError):
 
 
 # -- reading committed rows, wave by wave ----------------------------------------------------
-def unit_waves(commits: dict[str, dict[str, dict]], unit: str) -> list[list[str]]:
+def unit_waves(commits: dict[str, dict[str, CommitRecord]], unit: str) -> list[list[str]]:
     """The unit's committed files grouped by wave (a sample's rows never cross waves)."""
-    return [list(rec["files"]) for _, rec in sorted(commits.get(unit, {}).items())]
+    return [list(rec.files) for _, rec in sorted(commits.get(unit, {}).items())]
 
 
 def iter_batches(store: Store, files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -80,6 +82,7 @@ def iter_batches(store: Store, files: list[str], columns: list[str]) -> Iterator
 
 
 def unit_schema(store: Store, commits: dict, unit: str) -> pa.Schema | None:
+    """The Arrow schema of the unit's committed rows (its first file's), or None without files."""
     files = [f for w in unit_waves(commits, unit) for f in w]
     if not files:
         return None
@@ -150,6 +153,8 @@ def model_class_names(manifest: dict, model: str) -> dict[int, str]:
 
 
 def namer(store: Store, model: str, names_file: str | None) -> Callable[[int], str]:
+    """Class index -> name: from ``names_file``, else the model's names in the manifest, else
+    ``class_<i>``."""
     names = load_class_names(names_file)
     if not names:
         manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}
@@ -206,7 +211,7 @@ def export_coco(store: Store, commits: dict, unit: str, out: Store, names: Calla
                         anns.write(("," if n_boxes > 1 else "") + json.dumps(ann))
         if not n_boxes:
             raise ExportError(f"{unit}: nothing to export: {_why_no_boxes(store, n_images)}")
-        model, _, method = unit.partition("__")
+        model, method = UnitId.parse(unit)
         head = {
             "info": {"description": f"salmap pseudo boxes: model {model}, method {method}",
                      "salmap_run": run, "salmap_unit": unit,
@@ -415,7 +420,7 @@ def export_run(run: str, fmt: str, output: str | None = None, unit: str | None =
             shutil.rmtree(out.path(u), ignore_errors=True)  # no stale parts of an earlier export
     written = []
     for u in [unit] if unit else sorted(commits):
-        model = u.partition("__")[0]
+        model = UnitId.parse(u).model
         if fmt == "coco":
             written.append(export_coco(store, commits, u, out, namer(store, model, class_names), run))
         elif fmt == "voc-masks":

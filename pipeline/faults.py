@@ -41,6 +41,7 @@ class FlakyWrites(DelegatingHandler):
         return False
 
     def open_output_stream(self, path, metadata):
+        """The wrapped filesystem's stream, unless this write is one of the injected faults."""
         if self._should_fail():
             raise _fault(path)
         return super().open_output_stream(path, metadata)
@@ -67,6 +68,7 @@ def maybe_fail_write(path: str) -> None:
 
 
 def maybe_flaky(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """``fs``, or ``fs`` whose writes fail as ``$SALMAP_INJECT_WRITE_FAULTS`` says (tests only)."""
     spec = os.environ.get(ENV)
     if not spec:
         return fs

@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 import pyarrow.compute as pc
+from salmap.workers.unit_id import UnitId
 
 from .ledger import MANIFEST_KEY
 from .read import read_run, units
@@ -80,7 +81,7 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
     samples: dict[str, dict] = {}
     where: dict[str, tuple[str, str]] = {}
     for u in wanted:
-        names = namer(store, u.split("__", 1)[0], None)
+        names = namer(store, UnitId.parse(u).model, None)
         ds = read_run(run, unit=u, storage=storage)
         metrics = [m for m in METRIC_COLUMNS if m in ds.schema.names]
         cols = [c for c in (*ROW_COLUMNS, *metrics) if c in ds.schema.names]

@@ -29,7 +29,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import PRECONDITION_CODES, Store, create_exclusive_local, s3_client, s3_error_code
+from .storage import (
+    PRECONDITION_CODES,
+    Store,
+    create_exclusive_local,
+    s3_client,
+    s3_error_code,
+    write_atomic_local,
+)
 
 LOCK_KEY = "_lock.json"
 
@@ -95,12 +102,7 @@ class _LocalLockFile:
             current, _ = self.read()
             if current is None or current != token:
                 return None
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic_local(self.path, data)
             return data
 
     def delete(self, token: Any) -> bool:
@@ -211,6 +213,9 @@ class RunLock:
         self._token: Any = None  # the version of the lock object this driver last wrote
         self._last_beat = 0.0  # when the last successful write of it started (monotonic)
         self._lost: str | None = None
+        # this driver's generation, fixed when it acquires: one more than the lock it took over
+        # (or the floor it was given: one more than every generation the run has seen)
+        self.generation = 0
         self._guard = threading.Lock()  # heartbeat thread vs check/release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -222,7 +227,7 @@ class RunLock:
     def _body(self) -> bytes:
         return json.dumps({
             "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-            "heartbeat": time.time(), "lease_s": self.lease_s,
+            "heartbeat": time.time(), "lease_s": self.lease_s, "generation": self.generation,
         }).encode()
 
     def _is_stale(self, info: dict) -> bool:
@@ -238,10 +243,17 @@ class RunLock:
                 f"heartbeat {age:.0f} s ago); wait for it to finish, or delete {self.url} if you "
                 "are sure it is dead")
 
-    def acquire(self) -> None:
-        """Create the lock, or take it over when it is stale; :class:`LockHeld` otherwise."""
+    def acquire(self, generation_floor: int = 1) -> None:
+        """Create the lock, or take it over when it is stale; :class:`LockHeld` otherwise.
+
+        The lock carries a generation: ``generation_floor`` when it is created, one more than
+        the stale lock's (at least the floor) when taken over. The takeover is a
+        compare-and-swap, so two drivers never get the same generation from one lock, and a
+        driver's generation is always newer than that of the driver it replaced (the commit
+        records carry it: :mod:`salmap.pipeline.ledger`)."""
         for _ in range(5):
             started = time.monotonic()
+            self.generation = max(1, generation_floor)
             token = self._obj.create(self._body())
             if token is not None:
                 return self._won(token, started)
@@ -259,6 +271,11 @@ class RunLock:
                 raise LockHeld(f"the run's lock {self.url} is stale, but this filesystem has no "
                                "flock to take it over safely; delete it if no driver is running")
             started = time.monotonic()
+            try:
+                taken = int(info.get("generation") or 0)
+            except (TypeError, ValueError):
+                taken = 0
+            self.generation = max(1, generation_floor, taken + 1)
             new = self._obj.replace(self._body(), token)
             if new is not None:
                 return self._won(new, started)

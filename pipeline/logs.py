@@ -135,6 +135,7 @@ class StderrFilter:
         self._thread: threading.Thread | None = None
 
     def start(self) -> StderrFilter:
+        """Start filtering the process's stderr (idempotent); returns self."""
         global _tty_before_filter
         if self._saved is not None:
             return self
@@ -174,6 +175,7 @@ class StderrFilter:
         os.write(out_fd, line)
 
     def stop(self) -> None:
+        """Restore stderr as it was (idempotent)."""
         global _tty_before_filter
         if self._saved is None:
             return

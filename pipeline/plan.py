@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import braceexpand
 import pyarrow.fs as pafs
+from salmap.workers.unit_id import UnitId, format_unit_id
 
 from .config import ConfigError, MethodSection, ModelSection, SalmapConfig, unit_hash
 from .decode import shard_name
@@ -25,11 +26,13 @@ class Unit:
 
     @property
     def id(self) -> str:
-        return f"{self.model.name}__{self.method.name}"
+        """The unit id, ``<model>__<method>`` (:mod:`salmap.workers.unit_id`)."""
+        return format_unit_id(self.model.name, self.method.name)
 
     @property
     def data_prefix(self) -> str:
-        return f"data/{self.model.name}/{self.method.name}"
+        """The folder of the unit's rows: ``data/<model>/<method>``."""
+        return UnitId(self.model.name, self.method.name).data_prefix
 
 
 @dataclass
@@ -127,6 +130,7 @@ def _expand_one(item: str, storage: object) -> dict[str, pafs.FileInfo]:
 
 
 def units_of(cfg: SalmapConfig) -> list[Unit]:
+    """One unit per (model, method) of the config, each with its config hash."""
     return [Unit(model=m, method=meth, config_hash=unit_hash(cfg, m, meth))
             for m in cfg.models for meth in cfg.methods]
 

@@ -1,4 +1,9 @@
-"""CPU post stage: maps back to original pixels, PNG encoding, box-based metrics, final table."""
+"""CPU post stage: maps back to original pixels, PNG encoding, box-based metrics, final table.
+
+Not :mod:`salmap.workers.metrics.post` (the post-stage *metrics* this stage calls); the
+saliency PNG is this module's :func:`encode_png`, the label-map PNG is
+:func:`salmap.workers.metrics.label_maps.encode_png` (imported here under its own name).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ GEOMETRY_KEYS = ("orig_h", "orig_w", "resized_h", "resized_w", "crop_top", "crop
 
 
 def transform_of(batch: dict[str, np.ndarray], i: int) -> dict[str, int]:
+    """Row ``i``'s decode geometry (original size, resize, crop): what maps it back to its pixels."""
     return {
         "orig_h": int(batch["orig_height"][i]), "orig_w": int(batch["orig_width"][i]),
         "resized_h": int(batch["resized_h"][i]), "resized_w": int(batch["resized_w"][i]),
@@ -119,7 +125,7 @@ def label_columns(batch: dict[str, np.ndarray], i: int, t: dict[str, int], map_o
     (when the row has a pseudo box), the sample's label map and its counts against a
     ground-truth mask (on the row that carries the sample's maps)."""
     from salmap.workers.metrics.crf import CRFUnavailable
-    from salmap.workers.metrics.label_maps import encode_png
+    from salmap.workers.metrics.label_maps import encode_png as encode_label_map_png
     from salmap.workers.metrics.label_quality import BOX_IOU, box_match, decode_gt_mask, mask_counts
     from salmap.workers.metrics.pseudo_labels import box_score
 
@@ -143,7 +149,7 @@ def label_columns(batch: dict[str, np.ndarray], i: int, t: dict[str, int], map_o
     except Exception as err:  # noqa: BLE001 - a label-map bug must not lose the row
         notes.append(f"label map failed: {type(err).__name__}: {err}")
         return out, notes
-    out["label_map_png"] = encode_png(lm)
+    out["label_map_png"] = encode_label_map_png(lm)
     mask = batch["gt_mask_bytes"][i] if "gt_mask_bytes" in batch else b""
     if mask:
         try:

@@ -43,9 +43,11 @@ class Counter:
 
     def report(self, unit: str, key: str, finished: float, partial: float,
                busy_s: float = 0.0) -> None:
+        """An actor's progress for ``unit``: samples finished and in its current batch, busy time."""
         self.reports.setdefault(unit, {})[key] = (float(finished), float(partial), float(busy_s))
 
     def value(self, unit: str) -> float:
+        """Samples of ``unit`` done so far, over all its actors (partial batches included)."""
         return sum(f + p for f, p, _ in self.reports.get(unit, {}).values())
 
     def state(self, unit: str) -> tuple[float, float | None]:
@@ -56,6 +58,7 @@ class Counter:
         return self.value(unit), (sum(rates) if rates else None)
 
     def reset(self, unit: str) -> None:
+        """Forget ``unit``'s reports."""
         self.reports.pop(unit, None)
 
 
@@ -168,6 +171,7 @@ class ProgressLine:
             self.written = max(self.written, float(done))
 
     def wave_done(self, record: dict) -> None:
+        """Count a committed wave's samples and rows."""
         with self.lock:
             self.committed_samples += int(record["samples"])
             self.rows += int(record["rows"])
@@ -231,6 +235,7 @@ class ProgressLine:
         return line
 
     def finish(self) -> None:
+        """Stop the printing thread and print the unit's last line."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5)

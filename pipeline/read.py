@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+from salmap.workers.unit_id import unit_parts
 
 from .ledger import COMMITS, MANIFEST_KEY, committed_files
 from .rollup import committed_file_lists
@@ -52,13 +53,13 @@ def resolve_unit(name: str, units: list[str]) -> str:
     """``<model>__<method>``, or a method or model name that belongs to exactly one unit."""
     if name in units:
         return name
-    by_part = [u for u in units if name in u.split("__", 1)]
+    by_part = [u for u in units if name in unit_parts(u)]
     if len(by_part) == 1:
         return by_part[0]
     if len(by_part) > 1:
         raise UnitNotFound(f"unit {name!r} is ambiguous: {', '.join(sorted(by_part))}; "
                            "name it as <model>__<method>")
-    options = sorted({*units, *(p for u in units for p in u.split("__", 1))})
+    options = sorted({*units, *(p for u in units for p in unit_parts(u))})
     close = difflib.get_close_matches(name, options, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     listed = ", ".join(sorted(units)) or "none yet"

@@ -6,31 +6,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .commit_record import unit_data_prefix
-from .ledger import Ledger
+from salmap.workers.unit_id import data_prefix as unit_data_prefix
+
+from .commit_record import CommitRecord
+from .ledger import Ledger, record_key
 from .storage import Store
 
 
-def missing_files(store: Store, commits: dict[str, dict[str, dict]]) -> dict[tuple[str, str], list[str]]:
+def missing_files(store: Store, commits: dict[str, dict[str, CommitRecord]]) -> dict[tuple[str, str], list[str]]:
     """(unit id, wave id) -> the files its record lists that do not exist, from one listing of
     each unit's data folder."""
     out: dict[tuple[str, str], list[str]] = {}
     for unit_id, waves in sorted(commits.items()):
         there = set(store.list(unit_data_prefix(unit_id)))
         for wave_id, rec in sorted(waves.items()):
-            gone = [f for f in rec["files"] if f not in there]
+            gone = [f for f in rec.files if f not in there]
             if gone:
                 out[(unit_id, wave_id)] = gone
     return out
 
 
-def redo_waves_with_missing_files(store: Store, ledger: Ledger, commits: dict[str, dict[str, dict]],
+def redo_waves_with_missing_files(store: Store, ledger: Ledger, commits: dict[str, dict[str, CommitRecord]],
                                   units: set[str], out: Callable[[str], None]) -> list[str]:
     """Withdraw the committed waves of ``units`` whose files are gone (their shards become
     pending, so this run redoes them); returns failure lines for the waves of other units."""
     failures = []
     for (unit_id, wave_id), gone in missing_files(store, commits).items():
-        where = store.url(f"_commits/{unit_id}/{wave_id}.json")
+        where = store.url(record_key(commits[unit_id][wave_id]))
         if unit_id in units:
             ledger.uncommit(unit_id, wave_id, unit_data_prefix(unit_id))
             commits[unit_id].pop(wave_id, None)

@@ -12,7 +12,8 @@ from typing import Any
 import pyarrow.dataset as pads
 
 from . import aggregate as agg_mod
-from .ledger import COMMITS, Ledger
+from .commit_record import CommitRecord, decode_record
+from .ledger import Ledger, list_records, parse_commit_key
 from .storage import Store
 
 READ_CHUNK = 64  # commit records read (in parallel) and folded at a time
@@ -40,14 +41,14 @@ def files_aggregate(store: Store, files: Iterable[str], keep: int = agg_mod.UNIT
     return out
 
 
-def record_aggregate(store: Store, record: dict) -> dict[str, Any]:
+def record_aggregate(store: Store, record: CommitRecord) -> dict[str, Any]:
     """A commit record's aggregate (from its files where it carries none)."""
-    if "aggregate" in record:
-        return agg_mod.unpack(record["aggregate"])
-    return files_aggregate(store, record.get("files") or [], agg_mod.WAVE_SAMPLE)
+    if record.aggregate is not None:
+        return agg_mod.unpack(record.aggregate)
+    return files_aggregate(store, record.files, agg_mod.WAVE_SAMPLE)
 
 
-def from_commits(store: Store, commits: dict[str, dict[str, dict]]) -> dict[str, dict]:
+def from_commits(store: Store, commits: dict[str, dict[str, CommitRecord]]) -> dict[str, dict]:
     """unit id -> aggregate, from commit records already in memory (in wave order)."""
     return {uid: agg_mod.merge_all(record_aggregate(store, rec) for _, rec in sorted(waves.items()))
             for uid, waves in sorted(commits.items())}
@@ -58,22 +59,22 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
     """unit id -> aggregate of its committed rows: one listing of ``_commits/``, then the
     records read :data:`READ_CHUNK` at a time and folded (in wave order), none kept."""
     wanted = None if units is None else set(units)
-    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
-             if k.endswith(".json") and len(k.split("/")) == 3
-             and (wanted is None or k.split("/")[1] in wanted)}
-    keys = sorted(sizes)
+    index = list_records(store)
+    sizes = index.sizes
+    keys = sorted(k for uid, waves in index.keys.items() if wanted is None or uid in wanted
+                  for k in waves.values())
     out: dict[str, dict] = {}
     files: dict[str, list[str] | None] = {}  # while a unit is small enough to refold
 
     def read(key: str) -> tuple[dict, list[str]]:
-        rec = store.read_json(key, sizes[key])
-        return record_aggregate(store, rec), list(rec.get("files") or [])
+        rec = decode_record(store.read_bytes(key, sizes[key]), key, store.url(key))
+        return record_aggregate(store, rec), list(rec.files)
 
     with ThreadPoolExecutor(max(1, min(threads, len(keys) or 1))) as pool:
         for start in range(0, len(keys), READ_CHUNK):
             chunk = keys[start:start + READ_CHUNK]
             for key, (a, fs) in zip(chunk, pool.map(read, chunk)):
-                uid = key.split("/")[1]
+                uid = parse_commit_key(key)[0]  # type: ignore[index]
                 out[uid] = agg_mod.merge(out.get(uid), a)
                 kept = files.setdefault(uid, [])
                 files[uid] = kept + fs if kept is not None and out[uid]["rows"] <= REFOLD_ROWS \
@@ -84,19 +85,21 @@ def unit_aggregates(store: Store, units: Iterable[str] | None = None, threads: i
     return out
 
 
-def committed_file_lists(store: Store, threads: int = 16) -> dict[str, dict[str, dict]]:
-    """unit id -> wave id -> ``{"files": [...]}``: what readers and exports need of the commit
-    records, read a chunk at a time with the rest (aggregates, shard detail) let go."""
-    sizes = {k: n for k, n in store.list_sizes(COMMITS).items()
-             if k.endswith(".json") and len(k.split("/")) == 3}
+def committed_file_lists(store: Store, threads: int = 16
+                         ) -> dict[str, dict[str, CommitRecord]]:
+    """unit id -> wave id -> commit record without its aggregate and shard detail: what readers
+    and exports need of the records (their files), read a chunk at a time, the rest let go."""
+    index = list_records(store)
+    sizes = index.sizes
     keys = sorted(sizes)
     out: dict[str, dict[str, dict]] = {}
     with ThreadPoolExecutor(max(1, min(threads, len(keys) or 1))) as pool:
         for start in range(0, len(keys), READ_CHUNK):
             chunk = keys[start:start + READ_CHUNK]
-            for key, rec in zip(chunk, pool.map(lambda k: store.read_json(k, sizes[k]), chunk)):
-                _, uid, fname = key.split("/")
-                out.setdefault(uid, {})[fname[:-5]] = {"files": list(rec["files"])}
+            for rec in pool.map(lambda k: decode_record(store.read_bytes(k, sizes[k]), k,
+                                                        store.url(k)), chunk):
+                out.setdefault(rec.unit, {})[rec.wave] = rec.replace(
+                    aggregate=None, per_shard={}, shard_identity={}, extra={})
     return out
 
 

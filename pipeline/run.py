@@ -1,49 +1,47 @@
 """The job on the driver: plan, check what is committed, run each unit's streaming
 execution (:mod:`salmap.pipeline.execute`) and commit its waves as they complete
 (:mod:`salmap.pipeline.ledger`), then summarise.
+
+This module orchestrates; the pieces live by job: resume checks and the plan file in
+:mod:`.resume`, the driver's shared state and the commit in :mod:`.driver`, how many units
+and actors at once in :mod:`.pools` (policy: :mod:`.cluster`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import logging
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import __version__
-from .accounting import HeldSampler, UnitAccounting, actor_lifetimes, job_peak
+from .accounting import HeldSampler, actor_lifetimes
 from .aggregate import wave_sample_size
-from .cluster import PoolPlan, configure_data_context, gpus_per_actor, init_ray, plan_pools
+from .cluster import configure_data_context, gpus_per_actor, init_ray
+from .commit_record import CommitRecord
 from .config import (
     ConfigError,
     SalmapConfig,
-    metric_specs,
     parse_targets,
     pseudo_label_options,
-    stable_hash,
+    split_metrics,
     to_container,
 )
 from .decode import DecodeSpec, shard_name
+from .driver import DriverState, public_config, versions
 from .errors import root_cause
 from .execute import UnitExecution, WriteSpec, run_unit
 from .interrupt import interrupt_reason, mark_interrupted
 from .ledger import (
     MANIFEST_KEY,
-    MAX_FAILURE_LINES,
     PLAN_KEY,
-    Ledger,
-    load_commits,
-    manifest,
+    next_generation,
     remove_uncommitted,
-    remove_unlisted,
+    start_ledger,
 )
 from .lock import LockLost, RunLock
 from .plan import Unit, Wave, expand_shards, load_shard_index, units_of, waves_of
+from .pools import plan_run
 from .progress import ProgressLine
 from .ray_failure import (
     RayFailure,
@@ -53,6 +51,7 @@ from .ray_failure import (
     watch_ray_errors,
 )
 from .redact import redact, redact_obj
+from .resume import check_compatible, reconcile_changed_shards, write_plan
 from .resume_check import redo_waves_with_missing_files
 from .rollup import ledger_aggregates
 from .storage import Store, check_job_storage
@@ -60,6 +59,12 @@ from .supervise import note
 from .tracker import WaveTracker
 
 log = logging.getLogger("salmap")
+
+# the names this module had before the split (tests and benchmarks import them from here)
+_Run = DriverState
+_public_config = public_config  # looked up here at each call: a test may replace it
+__all__ = ["DriverState", "RunResult", "check_compatible", "plan_run", "reconcile_changed_shards",
+           "run_job", "unit_execution", "versions"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INCOMPLETE, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_ERROR_RATE = 5  # every shard done, but some unit's error rows exceed run.max_error_rate
@@ -83,270 +88,13 @@ class RunResult:
     max_error_rate: float | None = None
 
 
-@functools.lru_cache(maxsize=1)
-def versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-    import torch
-    import torchvision
-
-    return {"salmap": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "python": sys.version.split()[0]}
-
 
 def resolve_run_id(cfg: SalmapConfig) -> str:
+    """``run.id``, or a new one from the time (``run-YYYYmmdd-HHMMSS``, UTC)."""
     return cfg.run.id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
 
-# -- the whole run ------------------------------------------------------------------------
-def _public_config(cfg: SalmapConfig) -> dict:
-    """The resolved config as stored in the manifest and the Parquet metadata; credentials in
-    its URLs are redacted (:mod:`salmap.pipeline.redact`)."""
-    return redact_obj(to_container(cfg))
 
-
-
-
-def split_metrics(cfg: SalmapConfig) -> tuple[dict[str, dict], dict[str, dict], bool]:
-    """(model-side metrics, post-stage metrics, curves wanted)."""
-    from salmap.workers.metrics import METRICS
-
-    model, post = {}, {}
-    for name, params in metric_specs(cfg).items():
-        (model if METRICS[name].kind == "model" else post)[name] = params
-    curves = any(p.get("curves") for p in {**model, **post}.values())
-    return model, post, curves
-
-
-# -- resume checks ----------------------------------------------------------------------------
-def check_compatible(run_id: str, ledger: Ledger, plan: dict | None, cfg: SalmapConfig,
-                     units: list[Unit], shards: list[str], previous: dict | None = None) -> None:
-    """Same run id, different work: refuse unless run.extend says new units/shards are fine.
-    Only committed rows pin a unit's config: a run that committed nothing can be retried with
-    a fixed config under the same id. ``previous``: the run's manifest, whose config names the
-    keys that changed."""
-    from .config_diff import changed_keys
-
-    for u in units:
-        old = ledger.totals.get(u.id)
-        if old and old.waves and old.config_hash != u.config_hash:
-            keys = changed_keys((previous or {}).get("config"), _public_config(cfg), u.id)
-            what = (f"changed: {'; '.join(keys)}" if keys else
-                    "the earlier config is not in the manifest to name the keys")
-            raise ConfigError(
-                f"run {run_id!r} has committed rows of unit {u.id} made with a different config "
-                f"({what}; hash {old.config_hash} vs {u.config_hash}); use a new run.id, or "
-                "restore the original values to resume")
-    if not any(t.waves for t in ledger.totals.values()):
-        return
-    planned = set((plan or {}).get("units", {}))
-    new_units = [u.id for u in units if not ledger.totals.get(u.id) and u.id not in planned]
-    old_shards = set((plan or {}).get("shards", {})) | set(ledger.identity)
-    new_shards = [shard_name(s) for s in shards if shard_name(s) not in old_shards]
-    if (new_units or new_shards) and not cfg.run.extend:
-        what = []
-        if new_units:
-            what.append(f"new units {', '.join(new_units)}")
-        if new_shards:
-            what.append(f"{len(new_shards)} new shard(s) (e.g. {new_shards[0]})")
-        raise ConfigError(
-            f"run {run_id!r} exists and this config adds {' and '.join(what)}; "
-            "pass run.extend=true to add them to the run, or use a new run.id")
-
-
-def reconcile_changed_shards(ledger: Ledger, cfg: SalmapConfig, run_id: str,
-                             identity: dict[str, dict], out) -> None:
-    """A committed shard rewritten under the same name is never skipped silently: a config
-    error naming it, or with run.extend=true its waves are withdrawn and redone."""
-    changed = ledger.changed_shards(identity)
-    if not changed:
-        return
-    name, (old, new) = next(iter(sorted(changed.items())))
-    if not cfg.run.extend:
-        raise ConfigError(
-            f"run {run_id!r}: shard {name} changed since it was committed (size {old.get('size')} "
-            f"-> {new.get('size')}, modified {_when(old)} -> {_when(new)})"
-            + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
-            + "; its rows would be stale. Use a new run.id, or pass run.extend=true to redo the "
-            "changed shard(s) under this run")
-    prefixes = {}
-    for unit_id in ledger.shard_wave:
-        model, _, method = unit_id.partition("__")
-        prefixes[unit_id] = f"data/{model}/{method}"
-    withdrawn = 0
-    for unit_id, waves in list(ledger.shard_wave.items()):
-        for wave_id in sorted({waves[s] for s in changed if s in waves}):
-            ledger.uncommit(unit_id, wave_id, prefixes[unit_id])
-            withdrawn += 1
-    ledger.forget_identity(changed)
-    out(f"salmap: {len(changed)} shard(s) changed since they were committed "
-        f"(e.g. {name}); run.extend=true: {withdrawn} wave(s) withdrawn and redone")
-
-
-def _when(identity: dict) -> str:
-    ns = identity.get("mtime_ns")
-    if ns is None:
-        return "?"
-    return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-# -- the whole run ---------------------------------------------------------------------------
-@dataclass
-class _Run:
-    """The driver's state for one run: config, store, ledger, failures, manifest writes."""
-
-    cfg: SalmapConfig
-    run_id: str
-    store: Store
-    units: list[Unit]
-    ledger: Ledger
-    shards_total: int
-    failures: list[str]
-    started: float
-    out: Any
-    lock: Any = None
-    commit_lock: threading.Lock = field(default_factory=threading.Lock)
-    extra: dict = field(default_factory=dict)
-    waves_total: int = 0
-    waves_done: int = 0
-    stopping: threading.Event = field(default_factory=threading.Event)
-    public_config: dict = field(default_factory=dict)
-    # actor accounting: the pool plan per unit, this driver's account, earlier drivers' entries
-    pools: dict[str, dict] = field(default_factory=dict)
-    accounting: dict[str, UnitAccounting] = field(default_factory=dict)
-    actors_before: dict[str, dict] = field(default_factory=dict)
-    driver_started: float = field(default_factory=time.time)
-    held: HeldSampler | None = None
-    # (unit id, wave id) whose folder holds files of an earlier attempt: after the wave's
-    # commit, what its record does not list is deleted
-    dirty: set[tuple[str, str]] = field(default_factory=set)
-    in_flight: int = 0  # commits between their lock check and their roll-up
-    # a test's seam: called between the lock check and the record write (the fencing window)
-    after_check: Any = None
-
-    def __post_init__(self) -> None:
-        self.public_config = _public_config(self.cfg)  # once: OmegaConf is slow per commit
-        self.manifest_seq = 0
-        self._manifest_guard = threading.Lock()
-        self._manifest_next: tuple[int, dict] | None = None
-        self._manifest_writing = False
-        self.ledger.guard = self.commit_lock
-        if self.lock is not None:
-            self.ledger.fence = self.lock.check
-
-    def unit_info(self) -> dict[str, dict]:
-        info = {u.id: {"model": u.model.name, "method": u.method.name,
-                       "config_hash": u.config_hash, "data": u.data_prefix} for u in self.units}
-        for uid in self.ledger.totals:  # units of earlier runs under this id
-            model, _, method = uid.partition("__")
-            info.setdefault(uid, {"model": model, "method": method,
-                                  "config_hash": self.ledger.totals[uid].config_hash,
-                                  "data": f"data/{model}/{method}"})
-        for uid, entry in info.items():
-            acc = self.accounting.get(uid)
-            actors = {**self.pools.get(uid, {}), **(acc.summary() if acc else {})}
-            if actors:
-                entry["actors"] = actors
-            elif uid in self.actors_before:
-                entry["actors"] = self.actors_before[uid]
-        return info
-
-    def all_failures(self) -> list[str]:
-        return [*self.failures, *self.ledger.failures()]
-
-    def manifest(self, status: str, units: dict[str, dict] | None = None,
-                 running: bool = False) -> dict:
-        """The manifest; ``running``: the per-commit one, whose failure list is the first
-        lines found (the count exact) at a cost that does not grow with the failures."""
-        units = units or self.unit_info()
-        if "cluster" in self.extra:
-            self.extra["cluster"]["peak_actors"] = job_peak(self.accounting.values())
-            if self.held is not None:
-                self.extra["cluster"]["held"] = self.held.summary()
-        if running:
-            failures = [*self.failures[:MAX_FAILURE_LINES],
-                        *self.ledger.first_failures(max(0, MAX_FAILURE_LINES - len(self.failures)))]
-            total = len(self.failures) + len(self.ledger.shard_failures)
-        else:
-            failures, total = self.all_failures(), None
-        return redact_obj(manifest(
-            self.run_id, status, self.store.uri, self.public_config,
-            stable_hash({u: v["config_hash"] for u, v in units.items()}), versions(), self.ledger,
-            units, self.shards_total, failures, self.started, self.extra, failures_total=total))
-
-    def write_manifest(self, status: str, units: dict[str, dict] | None = None) -> dict:
-        m = self.manifest(status, units)
-        self.store.write_json(MANIFEST_KEY, m)
-        return m
-
-    def commit(self, unit: Unit, record: dict) -> None:
-        """One wave: the run lock's check, its record (one conditional PUT), the manifest (one
-        PUT): three requests, none of them under ``commit_lock`` (which the other units'
-        threads wait on; it guards the roll-up in memory only)."""
-        with self.commit_lock:
-            if self.stopping.is_set():  # interrupted: the lock is about to be released
-                raise KeyboardInterrupt("run interrupted; this wave stays uncommitted")
-            self.in_flight += 1
-        try:
-            if self.lock is not None:
-                self.lock.check()  # fencing: never commit after losing the run lock
-            if self.after_check is not None:
-                self.after_check(unit, record)
-            written = record
-            if record["shards"]:  # the record's PUT; the roll-up under commit_lock
-                written = self.ledger.commit(unit.id, record) or record
-                if written is not record or (unit.id, record["wave"]) in self.dirty:
-                    remove_unlisted(self.store, f"{unit.data_prefix}/{record['wave']}", written)
-                    self.dirty.discard((unit.id, record["wave"]))
-            with self.commit_lock:
-                for shard, why in written.get("unreadable", {}).items():
-                    self._fail(f"{unit.id}: shard {shard} could not be read: {why}")
-                for shard, info in written.get("per_shard", {}).items():
-                    if info.get("failure"):
-                        self.out(f"salmap: FAILED {unit.id}: shard {shard} committed incomplete: "
-                                 f"{info['failure']}")
-                self.waves_done += 1
-                self.out(f"salmap: [{self.waves_done}/{self.waves_total}] {unit.id}: committed "
-                         f"wave {written['wave']} ({written['rows']} rows, "
-                         f"{len(written['shards'])} shard(s))")
-                self.manifest_seq += 1
-                snapshot = (self.manifest_seq, self.manifest("running", running=True))
-            self._publish(snapshot)
-        finally:
-            with self.commit_lock:
-                self.in_flight -= 1
-
-    def _publish(self, snapshot: tuple[int, dict]) -> None:
-        """Write the newest manifest; a thread that finds another writing leaves its snapshot
-        to that one (written right after), so no thread waits on another's PUT."""
-        with self._manifest_guard:
-            if self._manifest_next is None or snapshot[0] > self._manifest_next[0]:
-                self._manifest_next = snapshot
-            if self._manifest_writing:
-                return
-            self._manifest_writing = True
-        while True:
-            with self._manifest_guard:
-                snapshot, self._manifest_next = self._manifest_next, None
-                if snapshot is None:
-                    self._manifest_writing = False
-                    return
-            try:
-                self.store.write_json(MANIFEST_KEY, snapshot[1])
-            except Exception as err:  # noqa: BLE001 - the record is durable: the wave is done
-                self.out(f"salmap: warning: manifest.json not updated ({type(err).__name__}: "
-                         f"{err}); it is rewritten at the next commit and at the end")
-
-    def wait_for_commits(self, timeout: float = 60.0) -> None:
-        """After ``stopping`` is set: wait (bounded) until no commit is in flight."""
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _fail(self, line: str) -> None:
-        self.failures.append(line)
-        self.out(f"salmap: FAILED {line}")
 
 
 def error_rates(units: dict[str, dict]) -> dict[str, float]:
@@ -368,7 +116,7 @@ def _ending(result: RunResult, cfg: SalmapConfig, m: dict, failures: list[str]) 
                         EXIT_ERROR_RATE if result.over_error_rate else EXIT_OK)
 
 
-def _write_report(run: _Run, result: RunResult, m: dict) -> None:
+def _write_report(run: DriverState, result: RunResult, m: dict) -> None:
     """The HTML report, under the run's lock; ``m["report"]`` says whether it was written, so
     that a run interrupted before it was (``pending``) gets it from the next ``salmap run``."""
     try:
@@ -403,19 +151,20 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
     shards = expand_shards(cfg.input.shards, cfg.storage, missing=missing, identity=identity)
     units = units_of(cfg)
     lock = RunLock(store, lease_s=cfg.run.lock_lease_s)
-    lock.acquire()
+    lock.acquire(next_generation(store))
     note(run={"store": store.uri, "storage": to_container(cfg)["storage"], "run_id": run_id,
               "lock_owner": lock.owner})
     result = RunResult(run_id=run_id, output=store.uri, exit_code=EXIT_OK)
-    run: _Run | None = None
+    run: DriverState | None = None
     try:
         previous = store.read_json_if_exists(MANIFEST_KEY)
         if previous and previous.get("salmap_format", 1) < 2:
             raise ConfigError(f"run {run_id!r} was written by an older salmap (format "
                               f"{previous.get('salmap_format', 1)}); use a new run.id")
         plan_before = store.read_json_if_exists(PLAN_KEY)
-        commits = load_commits(store)
-        ledger = Ledger.load(store, commits)
+        # this driver's generation: the records that count now are adopted, any record a
+        # driver that lost the lock writes from here on is ignored (pipeline.ledger)
+        ledger, commits = start_ledger(store, lock.generation, lock.owner, out)
         lost = redo_waves_with_missing_files(store, ledger, commits, {u.id for u in units}, out)
         check_compatible(run_id, ledger, plan_before, cfg, units, shards, previous)
         index = load_shard_index(shards, cfg.storage)
@@ -431,8 +180,8 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
         if removed:
             out(f"salmap: removed {len(removed)} uncommitted wave folder(s) left by an "
                 "interrupted attempt")
-        _write_plan(store, plan_before, shards, identity, units)
-        run = _Run(cfg, run_id, store, units, ledger, len({*(plan_before or {}).get("shards", {}),
+        write_plan(store, plan_before, shards, identity, units)
+        run = DriverState(cfg, run_id, store, units, ledger, len({*(plan_before or {}).get("shards", {}),
                                                           *map(shard_name, shards)}),
                    [f"shard {shard_name(m)} is missing: {m} does not exist" for m in missing],
                    (previous or {}).get("started", time.time()), out, lock)
@@ -530,59 +279,6 @@ def run_job(cfg: SalmapConfig, out=print, report: bool = False) -> RunResult:
         lock.release()
 
 
-def _write_plan(store: Store, before: dict | None, shards: list[str], identity: dict,
-                units: list[Unit]) -> None:
-    """``_plan.json``: every shard and unit the run has planned (this config's and earlier
-    ones'), so that a resumed run can tell new work from old."""
-    planned = dict((before or {}).get("shards", {}))
-    for s in shards:
-        planned[shard_name(s)] = {"url": s, **identity.get(shard_name(s), {})}
-    planned_units = {**(before or {}).get("units", {}), **{u.id: u.config_hash for u in units}}
-    if planned != (before or {}).get("shards") or planned_units != (before or {}).get("units"):
-        store.write_json(PLAN_KEY, {"shards": planned, "units": planned_units,
-                                    "updated": time.time()})
-
-
-# -- how many units at once, with how many actors (pipeline.cluster's policy) -----------------
-def plan_run(run: _Run, todo: list[tuple[Unit, list[Wave]]], index: dict[str, int],
-             previous: dict | None) -> PoolPlan:
-    """Expected work per pending unit (images x work per image: the declared cost, or the rate
-    earlier drivers of this run measured), then the pools; recorded for the manifest."""
-    from salmap.workers.methods.cost import unit_cost
-
-    from .cluster import refine_costs
-
-    cfg = run.cfg
-    model_metrics = split_metrics(cfg)[0]
-    known = [n for n in index.values() if n]
-    mean_images = sum(known) / len(known) if known else 1.0
-    images = {u.id: sum(index.get(shard_name(s)) or mean_images for w in waves for s in w.shards)
-              for u, waves in todo}
-    declared = {u.id: unit_cost(u.method.name, dict(u.method.params), model_metrics)
-                for u, _ in todo}
-    before = {uid: dict(v.get("actors") or {})
-              for uid, v in ((previous or {}).get("units") or {}).items()}
-    run.actors_before = {uid: a for uid, a in before.items() if a}
-    measured = {uid: before.get(uid, {}).get("busy_s_per_image") for uid in declared}
-    per_image = refine_costs(declared, measured)
-    work = {uid: images[uid] * per_image[uid] for uid in declared}
-    plan = plan_pools(cfg, work, declared)
-    slots = plan.slots
-    for u, _ in todo:
-        measured_here = measured.get(u.id)
-        run.pools[u.id] = {**plan.info[u.id], "images": round(images[u.id], 1),
-                           "cost_per_image": round(declared[u.id], 3),
-                           "measured_s_per_image": measured_here}
-        acc_before = {k: v for k, v in before.get(u.id, {}).items()
-                      if k in ("actors", "peak", "devices", "device_s", "busy_device_s", "samples")}
-        run.accounting[u.id] = UnitAccounting(u.id, slots.resource, slots.per_actor, acc_before)
-    run.extra["cluster"] = {
-        "resource": slots.resource, "per_actor": slots.per_actor, "slots": slots.count,
-        "total": slots.total, "reserved_cpus": slots.reserved_cpus,
-        "actors_per_unit": cfg.resources.actors_per_unit,
-        "units_in_parallel": plan.parallel, "order": plan.order, "peak_actors": 0,
-    }
-    return plan
 
 
 def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Store,
@@ -629,6 +325,7 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
         actors=actors if actors is not None else _fixed_actors(cfg), actor_resources=resources,
         max_tasks_in_flight_per_actor=cfg.resources.max_tasks_in_flight_per_actor,
         decode_batch_size=cfg.resources.decode_batch_size, storage=cfg.storage,
+        max_member_bytes=cfg.input.max_member_bytes,
         device_decode=cfg.resources.decode_device == "cuda"
         or (cfg.resources.decode_device == "auto" and gpus > 0))
 
@@ -641,7 +338,7 @@ def _fixed_actors(cfg: SalmapConfig) -> int:
 MAX_ATTEMPTS = 2  # a unit's execution is retried once for its uncommitted waves
 
 
-def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: dict,
+def _run_unit(run: DriverState, unit: Unit, waves: list[Wave], identity: dict, index: dict,
               actors: int | tuple[int, int] | None = None) -> None:
     """Run one unit's waves in one streaming execution; retry once if it failed after
     committing something (a transient fault), else report the root cause for its shards."""
@@ -658,11 +355,11 @@ def _run_unit(run: _Run, unit: Unit, waves: list[Wave], identity: dict, index: d
         ex = unit_execution(run.cfg, unit, waves, run.store, actors)
         ex.identity = identity
 
-        def on_commit(record: dict, tracker=tracker) -> None:
+        def on_commit(record: CommitRecord, tracker=tracker) -> None:
             try:
                 run.commit(unit, record)
             except Exception:  # not durable: the wave stays pending for the unit's retry
-                tracker.not_committed(record["wave"])
+                tracker.not_committed(record.wave)
                 raise
             progress.wave_done(record)
 

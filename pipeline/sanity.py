@@ -26,6 +26,7 @@ from salmap.workers.metrics.randomization import (
     steps_for,
 )
 from salmap.workers.models import load_model
+from salmap.workers.unit_id import format_unit_id
 
 from .config import SalmapConfig
 from .decode import DecodeSpec, decode_row
@@ -37,16 +38,17 @@ from .storage import Store
 def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]:
     """The first ``samples`` decodable samples of the dataset, read with the pipeline's shard
     reader (one streaming GET, keys checked, a damaged tar read up to the damage)."""
-    from .decode import _unpack
+    from .decode import unpack
     from .shard_reader import read_shard
 
     out: list[dict] = []
     for shard in expand_shards(cfg.input.shards, cfg.storage):
-        for chunk in read_shard(shard, cfg.storage, chunk=8):
+        for chunk in read_shard(shard, cfg.storage, chunk=8,
+                                max_member_bytes=cfg.input.max_member_bytes):
             for r in chunk:
                 if r["shard_end"]:
                     continue
-                row = decode_row(_unpack(r), spec)
+                row = decode_row(unpack(r), spec)
                 if row["status"] == "ok":
                     out.append(row)
                     if len(out) >= samples:
@@ -55,6 +57,8 @@ def sample_rows(cfg: SalmapConfig, spec: DecodeSpec, samples: int) -> list[dict]
 
 
 def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> str:
+    """Run the randomization test of each (model, method) and store its table and plots;
+    returns the table's URL."""
     store = Store.open(f"{cfg.run.output.rstrip('/')}/{resolve_run_id(cfg)}/sanity", cfg.storage)
     records = []
     protocols: dict[str, dict] = {}
@@ -95,7 +99,7 @@ def run_sanity(cfg: SalmapConfig, samples: int = 8, layers: str = "blocks") -> s
             png = f"/tmp/salmap-sanity-{mcfg.name}-{meth.name}.png"
             plot_randomization(results, png, title=f"{mcfg.name} / {meth.name}")
             with open(png, "rb") as f:
-                store.write_bytes(f"{mcfg.name}__{meth.name}.png", f.read())
+                store.write_bytes(f"{format_unit_id(mcfg.name, meth.name)}.png", f.read())
     buf = io.BytesIO()
     table = pa.Table.from_pylist(records).replace_schema_metadata(
         {"salmap.sanity.protocol": json.dumps(protocols)})

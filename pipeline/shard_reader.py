@@ -15,6 +15,9 @@ task per shard and never loses what it could read:
 * a sample whose key is not a safe relative name (``..`` segments, absolute or drive paths,
   control characters, over :data:`salmap.pipeline.safe_path.MAX_KEY_BYTES`) is an error row naming
   the member: keys are data and are never trusted as paths;
+* a member larger than ``max_member_bytes`` (``input.max_member_bytes``, default
+  :data:`MAX_MEMBER_BYTES`) makes its sample an error row naming the member, its size and the
+  limit; its bytes are skipped, never read into memory, and the rest of the shard is read;
 * a tar that ends without its end-of-archive block (cut at a member boundary, which Python's
   tarfile reads as a clean end) is reported truncated like one cut inside a member;
 * an I/O error in the middle of a shard (after the resumes of :mod:`salmap.pipeline.shard_stream`)
@@ -42,6 +45,9 @@ from .safe_path import key_problem, shown_key
 # key = the member path up to the first dot of its file name; suffix = the rest (the rule
 # Ray's read_webdataset and the webdataset package use)
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)\.([^/]*)$")
+
+
+MAX_MEMBER_BYTES = 256 * 2**20  # input.max_member_bytes' default: one member, read into memory
 
 
 class ShardDataError(ValueError):
@@ -75,9 +81,17 @@ def _ends_early(tar: tarfile.TarFile, size: int | None) -> bool:
     return size is not None and comptype == "tar" and tar.offset + tarfile.BLOCKSIZE > size
 
 
-def iter_samples(stream: Any, size: int | None = None) -> Iterator[dict[str, Any]]:
+def _too_large(name: str, size: int, limit: int) -> str:
+    return (f"tar member '{shown_key(name)}' holds {size} bytes, more than the limit of {limit} "
+            "bytes per member (input.max_member_bytes); it was skipped unread. Raise the limit "
+            "if such members are expected")
+
+
+def iter_samples(stream: Any, size: int | None = None,
+                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Samples ``{"__key__", "members": {suffix: bytes}}`` of a tar stream, in order; a sample
-    whose key is not a safe name has ``"__error__"`` (naming the member) and no members.
+    whose key is not a safe name, or with a member over ``max_member_bytes``, has
+    ``"__error__"`` (naming the member) and no members.
 
     ``size``: the stream's length in bytes, to tell a tar cut at a member boundary from a
     complete one. Raises :class:`ShardDataError` (with the samples so far already yielded)
@@ -117,6 +131,10 @@ def iter_samples(stream: Any, size: int | None = None) -> Iterator[dict[str, Any
                     current["__error__"] = _refused(info.name, key, problem)
             if "__error__" in current:
                 continue  # a refused sample's bytes are never read
+            if info.size > max_member_bytes:  # the stream skips its bytes on the next header
+                current["__error__"] = _too_large(info.name, info.size, max_member_bytes)
+                current["members"] = {}
+                continue
             f = tar.extractfile(info)
             current["members"][suffix] = f.read() if f is not None else b""
         if _ends_early(tar, size):
@@ -145,8 +163,10 @@ def _marker(url: str, samples: int, error: str = "", unreadable: bool = False) -
             "shard_samples": samples, "unreadable": unreadable}
 
 
-def read_shard(url: str, storage: Any = None, chunk: int = 64) -> Iterator[list[dict[str, Any]]]:
-    """Lists of up to ``chunk`` rows for one shard, the last one ending with its marker."""
+def read_shard(url: str, storage: Any = None, chunk: int = 64,
+               max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[list[dict[str, Any]]]:
+    """Lists of up to ``chunk`` rows for one shard, the last one ending with its marker
+    (``max_member_bytes``: :func:`iter_samples`)."""
     from .shard_stream import ShardOpenError, open_shard
 
     try:
@@ -158,7 +178,7 @@ def read_shard(url: str, storage: Any = None, chunk: int = 64) -> Iterator[list[
     n = 0
     with stream:
         try:
-            for sample in iter_samples(stream, size):
+            for sample in iter_samples(stream, size, max_member_bytes):
                 rows.append(_row(url, sample["__key__"], sample["members"],
                                  sample.get("__error__", "")))
                 n += 1

@@ -304,6 +304,8 @@ def run_shared(run: Any, job: list[tuple[Any, list]], identity: dict, index: dic
 
 
 def shard_name_of(url: str) -> str:
+    """The shard's name from its URL (a task-side import of
+    :func:`~salmap.pipeline.decode.shard_name`)."""
     from .decode import shard_name
 
     return shard_name(url)

@@ -86,16 +86,29 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     raise AssertionError("unreachable")
 
 
-def create_exclusive_local(path: str, data: bytes) -> bool:
-    """Create ``path`` with ``data`` unless it exists, content and existence in one step (a temp
-    file hard-linked to the name). Without hard links (some FUSE mounts): ``O_EXCL``, then the
-    content; a reader may then see it empty for a moment, which the run lock takes as held."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_temp_local(path: str, data: bytes) -> str:
+    """``data`` in a new temp file beside ``path``, flushed to disk; returns its name. The
+    first half of every atomic local write: the caller renames or links it into place."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic_local(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step (temp file + rename): a reader sees the old
+    content or the new, never a part."""
+    os.replace(write_temp_local(path, data), path)
+
+
+def create_exclusive_local(path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists, content and existence in one step (a temp
+    file hard-linked to the name). Without hard links (some FUSE mounts): ``O_EXCL``, then the
+    content; a reader may then see it empty for a moment, which the run lock takes as held."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = write_temp_local(path, data)
     try:
         os.link(tmp, path)
         return True
@@ -126,11 +139,13 @@ class Store:
 
     @classmethod
     def open(cls, uri: str, storage: Any = None) -> Store:
+        """The store at ``uri`` (local path or ``s3://``) with the config's storage options."""
         fs, root = open_filesystem(uri, storage)
         return cls(fs=fs, root=root, uri=uri.rstrip("/"), storage=storage)
 
     @property
     def is_s3(self) -> bool:
+        """Whether the store is in an S3 bucket."""
         return self.uri.startswith("s3://")
 
     @property
@@ -139,12 +154,15 @@ class Store:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, key: str) -> str:
+        """``key``'s path in the store's filesystem."""
         return f"{self.root}/{key}" if key else self.root
 
     def url(self, key: str) -> str:
+        """``key``'s URL, as shown to a user."""
         return f"{self.uri}/{key}" if key else self.uri
 
     def exists(self, key: str) -> bool:
+        """Whether ``key`` exists (retried on transient errors)."""
         info = with_retries(lambda: self.fs.get_file_info(self.path(key)), f"stat {key}")
         return info.type != pafs.FileType.NotFound
 
@@ -167,6 +185,7 @@ class Store:
         return with_retries(read, f"read {key}")
 
     def read_json(self, key: str, size: int | None = None) -> Any:
+        """``key`` parsed as JSON."""
         return json.loads(self.read_bytes(key, size).decode("utf-8"))
 
     def read_json_if_exists(self, key: str) -> Any:
@@ -192,12 +211,7 @@ class Store:
             with_retries(put, f"write {key}")
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic_local(path, data)
 
     # -- small objects on S3: one boto3 request each, retried by botocore's policy
     # (storage.retries, standard mode) and, for injected faults, by with_retries
@@ -239,6 +253,7 @@ class Store:
                      attempts=_attempts(self.storage))
 
     def write_json(self, key: str, obj: Any) -> None:
+        """Write ``obj`` as JSON (stable key order) at ``key``, whole."""
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
     def _infos(self, prefix: str, recursive: bool) -> list[pafs.FileInfo]:
@@ -257,17 +272,20 @@ class Store:
         return dict(files)
 
     def list_dirs(self, prefix: str) -> list[str]:
+        """The folders directly under ``prefix``, sorted."""
         n = len(self.root) + 1
         return sorted(i.path[n:] for i in self._infos(prefix, recursive=False)
                       if i.type == pafs.FileType.Directory)
 
     def delete(self, key: str) -> None:
+        """Delete ``key``; a missing key is fine."""
         try:
             with_retries(lambda: self.fs.delete_file(self.path(key)), f"delete {key}")
         except FileNotFoundError:
             pass
 
     def delete_dir(self, prefix: str) -> None:
+        """Delete the folder ``prefix`` and everything in it; a missing one is fine."""
         info = self.fs.get_file_info(self.path(prefix))
         if info.type == pafs.FileType.NotFound:
             return

@@ -45,6 +45,7 @@ def note(**record: Any) -> None:
 
 
 def supervised() -> bool:
+    """Whether this process is the job child of ``salmap run``'s supervisor."""
     return bool(os.environ.get(ENV))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .commit_record import CommitRecord
 from .plan import Wave
 
 
@@ -133,7 +134,7 @@ class WaveTracker:
                 return False
         return True
 
-    def ready(self) -> list[dict]:
+    def ready(self) -> list[CommitRecord]:
         """Commit records of the waves that just became complete (each handed out once; one
         whose commit fails goes back to pending with :meth:`not_committed`)."""
         out = []
@@ -164,7 +165,7 @@ class WaveTracker:
     def pending(self) -> list[Wave]:
         return [w.wave for wid, w in self.waves.items() if wid not in self.done]
 
-    def _record(self, w: _WaveState) -> dict:
+    def _record(self, w: _WaveState) -> CommitRecord:
         now = self.clock()
         elapsed, self.last_commit = now - self.last_commit, now
         committed = {n: s for n, s in w.shards.items() if not s.unreadable}
@@ -173,18 +174,18 @@ class WaveTracker:
             per_shard[n] = {"samples": len(s.samples), "rows": s.rows, "errors": s.errors}
             if s.failure:
                 per_shard[n]["failure"] = s.failure
-        return {
-            "unit": self.unit_id, "wave": w.wave.id, "config_hash": self.config_hash,
-            "shards": sorted(committed),
-            "shard_identity": {n: self.identity[n] for n in sorted(committed) if n in self.identity},
-            "unreadable": {n: s.unreadable for n, s in w.shards.items() if s.unreadable},
-            "files": sorted(w.files),
-            "rows": sum(s.rows for s in committed.values()),
-            "errors": sum(s.errors for s in committed.values()),
-            "samples": sum(len(s.samples) for s in committed.values()),
-            "per_shard": per_shard, "elapsed_s": round(elapsed, 3), "committed_at": now,
-            **({"aggregate": _packed(w.aggregate)} if w.aggregated else {}),
-        }
+        return CommitRecord(
+            unit=self.unit_id, wave=w.wave.id, config_hash=self.config_hash,
+            shards=sorted(committed),
+            shard_identity={n: self.identity[n] for n in sorted(committed) if n in self.identity},
+            unreadable={n: s.unreadable for n, s in w.shards.items() if s.unreadable},
+            files=sorted(w.files),
+            rows=sum(s.rows for s in committed.values()),
+            errors=sum(s.errors for s in committed.values()),
+            samples=sum(len(s.samples) for s in committed.values()),
+            per_shard=per_shard, elapsed_s=round(elapsed, 3), committed_at=now,
+            aggregate=_packed(w.aggregate) if w.aggregated else None,
+        )
 
 
 def _packed(aggregate: dict | None) -> dict:

@@ -16,7 +16,10 @@ SECRET = "s3cr3t-do-not-leak"
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the files on several pytest-xdist workers (one per core): each gets its share of
+# the cores, so two workers on two cores do not each run two OpenMP threads
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 class TinyNet(nn.Module):

@@ -25,6 +25,7 @@ def job(tmp_path):
     ("storage.connect_timeout_s=0", "storage.connect_timeout_s must be > 0"),
     ("storage.request_timeout_s=-1", "storage.request_timeout_s must be > 0"),
     ("storage.retries=0", "storage.retries must be >= 1"),
+    ("input.max_member_bytes=0", "input.max_member_bytes must be a whole number of bytes >= 1"),
 ])
 def test_values_that_cannot_run(job, override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):

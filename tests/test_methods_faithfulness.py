@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from salmap.workers.methods import build
+from salmap.workers.methods.dmbp import DMBPFit
 from salmap.workers.metrics import compute_model_metrics
 
 PHOTOS = {"chelsea": 285, "coffee": 967, "rocket": 657}  # photo_batch rows 0, 1, 3
@@ -56,7 +57,7 @@ def test_dmbp_maps_follow_the_evidence_and_beat_random_deletion(scene):
     correlates with gradient x input (the model's first-order evidence; [R1]: 0.08), and its
     mean deletion AUC is at most 0.75x the random ranking's (measured: about 0.45x)."""
     model, x, labels, deletion, random = scene
-    res = build("dmbp", model, steps=30).explain(x, labels)
+    res = DMBPFit(model, steps=30).explain(x, labels)  # the region fit (dmbp_fit)
     a = res.gradient_x_input
     mass = a.abs().flatten(1).sum(1)
     for part in (res.pos_attribution, res.neg_attribution):
@@ -75,10 +76,25 @@ def test_dmbp_maps_follow_the_evidence_and_beat_random_deletion(scene):
     assert float(deletion(net).mean()) <= 0.75 * random
 
 
-def test_hdm_maps_beat_random_deletion(scene):
-    """HDM with 10 steps per phase and one stage (defaults: 30 steps, 2 stages): mean deletion
-    AUC at most 0.75x the random ranking's (measured: about 0.6x). [R1]-like configurations
-    (coarse masks stacked into the map) scored 2.6-3.0x (BENCHMARKS.md section 7.1)."""
-    model, x, labels, deletion, random = scene
-    maps = build("hdm", model, steps=10, stages=1)(x, labels)
-    assert float(deletion(maps).mean()) <= 0.75 * random
+def test_hdm_maps_beat_a_random_patch_order_on_region_deletion_and_insertion(scene, lite0):
+    """HDM with 10 steps per phase and one stage (defaults: 30 steps, 2 stages), judged at the
+    granularity of its map (issue 22: pixel-level deletion against a per-pixel random order
+    rewards high-frequency maps and is not the yardstick): 16-px patches on the blurred image,
+    against a random patch order. Its insertion-minus-deletion gap must exceed the random
+    order's by 0.1 (measured: 0.18 against -0.03; Grad-CAM 0.11, gradient x input 0.03)."""
+    model, x, labels, _, _ = scene
+    p = lite0.preprocess
+    names = ["region_deletion_auc", "region_insertion_auc"]
+
+    def region(maps: torch.Tensor) -> dict[str, float]:
+        with torch.inference_mode():
+            out = compute_model_metrics(names, lambda b: model(b).float(), x, maps, labels,
+                                        mean=p.mean, std=p.std)
+        return {k: float(out[k].mean()) for k in names}
+
+    h, w = x.shape[-2:]
+    rnd = [region(torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)))
+           for seed in range(2)]
+    random_gap = sum(r["region_insertion_auc"] - r["region_deletion_auc"] for r in rnd) / 2
+    got = region(build("hdm", model, steps=10, stages=1)(x, labels))
+    assert got["region_insertion_auc"] - got["region_deletion_auc"] > random_gap + 0.1, got

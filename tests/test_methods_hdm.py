@@ -8,12 +8,16 @@ import torch
 import torch.nn.functional as F
 from method_checks import assert_restored, mixed_state, snapshot
 from salmap.workers.methods import MethodError, build
-from salmap.workers.methods.hdm import HDM
+from salmap.workers.methods.hdm import HDM, total_variation
 from torch import nn
 
 H = 32
 BOX_A = (slice(4, 14), slice(4, 14))  # 100 px of 1024
 BOX_B = (slice(20, 28), slice(18, 28))  # 80 px
+# The objective's behaviour on its own: the auxiliary masks' map, 2-px cells on these 32-px
+# images, no smoothness term. The default map (benchmark and auxiliary masks superimposed,
+# cells of at least 4 px, total variation) is coarser by design; its structure has its own tests.
+OBJECTIVE_ONLY = dict(stack="auxiliary", smooth_weight=0.0, min_cell=1)
 FAST = dict(benchmark_sizes=(2, 4), auxiliary_sizes=(8,), steps=3, stages=2)
 
 
@@ -115,7 +119,7 @@ def test_synthetic_box_is_localised(consistency):
     """§5.3: when only a box drives the logit, the saliency mass concentrates in it."""
     x = box_images(2)
     h = HDM(BoxModel(), benchmark_sizes=(4, 8), auxiliary_sizes=(16,), steps=30, stages=1,
-            consistency=consistency)
+            consistency=consistency, **OBJECTIVE_ONLY)
     s = h(x, [0, 0])
     area = 100 / H**2
     assert (share(s, BOX_A) > 3 * area).all()
@@ -196,7 +200,7 @@ def test_default_objective_explains_the_target_class():
     """The default ("preserve") map of class 0 lies in box A, that of class 1 in box B; the
     full-logit consistency ([R1]/HSPI) gives both classes the same map."""
     x = box_images(1, seed=5).expand(2, -1, -1, -1)
-    kw = dict(benchmark_sizes=(4, 8), auxiliary_sizes=(16,), steps=30, stages=1)
+    kw = dict(benchmark_sizes=(4, 8), auxiliary_sizes=(16,), steps=30, stages=1, **OBJECTIVE_ONLY)
     s = HDM(TwoClassModel(), **kw)(x, [0, 1])
     assert share(s[:1], BOX_A) > 0.4 and share(s[:1], BOX_B) < 0.1
     assert share(s[1:], BOX_B) > 0.4 and share(s[1:], BOX_A) < 0.1
@@ -267,7 +271,8 @@ def test_deterministic_for_a_seed(tiny_model):
 
 
 @pytest.mark.parametrize("options", [
-    dict(guidance="multiply"), dict(guidance="init"), dict(guidance="none"), dict(stack="all"),
+    dict(guidance="multiply"), dict(guidance="init"), dict(guidance="none"),
+    dict(stack="auxiliary"), dict(smooth_weight=0.0, auxiliary_sizes=(16,)),
     dict(fill="blur", blur_sigma=2.0), dict(consistency="target", norm="l2_squared",
                                             optimizer="sgd", lr=0.05),
 ])
@@ -313,3 +318,50 @@ def test_model_left_as_found_also_after_an_error(arch, request):
     with pytest.raises((IndexError, RuntimeError)):  # class 99 fails inside the first phase
         build("hdm", model, consistency="target", **kw)(x, [1, 99])
     assert_restored(model, before, x)
+
+
+# -- the paper's structure: guidance that matters, superimposed map, no free pixel masks ------
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+
+
+def test_guidance_changes_the_default_map(tiny_model):
+    """At the default parameters, removing the guidance of the auxiliary masks by the
+    benchmark map (guidance="none") changes the fused map by more than 5 % (relative L2)."""
+    x, t = images(2, seed=7), torch.tensor([1, 2])
+    guided = build("hdm", tiny_model)(x, t)
+    alone = build("hdm", tiny_model, guidance="none")(x, t)
+    assert (relative_l2(alone, guided) > 0.05).all()
+
+
+def test_the_map_superimposes_benchmark_and_auxiliary_masks(tiny_model):
+    """The default DM map is the mean of the upsampled benchmark masks AND the auxiliary masks
+    (min-max scaled), not of the auxiliary masks alone."""
+    x, t = images(1, seed=8), torch.tensor([2])
+    h = HDM(tiny_model, steps=5, stages=1)
+    res = h.explain(x, t)
+    m = res.masks[0]
+    up = lambda p: 1 - F.interpolate(1 - p, size=(H, H), mode="bilinear",  # noqa: E731
+                                     align_corners=False)
+    stack = torch.cat([up(p) for p in m["benchmark"] + m["auxiliary"]], 1).mean(1)
+    lo, hi = stack.amin(), stack.amax()
+    torch.testing.assert_close(res.stage_maps[:, 0], (stack - lo) / (hi - lo))
+
+
+def test_no_free_per_pixel_auxiliary_mask_at_the_defaults(tiny_model):
+    """Auxiliary masks live on grids of cells of at least min_cell = 4 px (224 px: 28 and 56
+    cells; 32 px: 8), so no mask has one free value per pixel; min_cell=0 allows it."""
+    h = HDM(tiny_model)
+    assert [h.mask_shape(s, (224, 224), True) for s in h.auxiliary_sizes] == [(28, 28), (56, 56)]
+    res = h.explain(images(1, seed=9), [0])
+    assert all(tuple(m.shape[-2:]) == (8, 8) for m in res.masks[0]["auxiliary"])
+    assert HDM(tiny_model, min_cell=0).mask_shape(0, (32, 32), True) == (32, 32)
+
+
+def test_the_smoothness_term_lowers_the_total_variation(tiny_model):
+    """The TV term on the auxiliary masks makes them smoother than without it."""
+    x, t = images(2, seed=10), torch.tensor([1, 2])
+    kw = dict(benchmark_sizes=(4,), auxiliary_sizes=(16,), min_cell=2, steps=20, stages=1)
+    smooth = HDM(tiny_model, smooth_weight=0.5, **kw).explain(x, t).masks[0]["auxiliary"][0]
+    free = HDM(tiny_model, smooth_weight=0.0, **kw).explain(x, t).masks[0]["auxiliary"][0]
+    assert (total_variation(smooth) < 0.8 * total_variation(free)).all()

@@ -467,3 +467,19 @@ def test_thumbnails_are_large_and_fill_their_column():
     assert thumb_size(640, 480, THUMB_SIDE) == (320, 240)
     assert "table.gallery{width:100%;table-layout:fixed}" in CSS
     assert "table.gallery img{display:block;width:100%;max-width:480px;height:auto" in CSS
+
+
+def test_gallery_rows_carry_safe_stable_sample_anchors(run_dir):
+    """Each gallery row's id is its item's sample_anchor, on whichever page shows it; the
+    ids need no escaping and stay apart for ids that read alike."""
+    from salmap.pipeline.report.gallery import sample_anchor
+
+    hostile = sample_anchor("m", "shard-0/<x' onload=alert(1)>", 3)
+    assert re.fullmatch(r"sample-[A-Za-z0-9_-]+", hostile) and hostile == sample_anchor(
+        "m", "shard-0/<x' onload=alert(1)>", 3)
+    assert len({sample_anchor("m", "s/a b", 3), sample_anchor("m", "s/a-b", 3),
+                sample_anchor("m", "s/a b", 4), sample_anchor("n", "s/a b", 3)}) == 4
+    pages = render_pages(str(run_dir), per_side=1, page_size=1)
+    for k, key in enumerate("abc", start=1):  # d has no ok row: its target is None
+        ids = re.findall(r"<tr id='([^']+)'>", pages[f"gallery-000{k}.html"])
+        assert ids == [sample_anchor("m", f"shard-000000/{key}", 3)], (k, ids)

@@ -122,3 +122,83 @@ def test_reads_from_s3(tmp_path):
         assert end["unreadable"]
     finally:
         server.stop()
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_member_over_the_limit_is_its_samples_error_and_the_rest_is_read(tmp_path):
+    path = tmp_path / "s-000000.tar"
+    path.write_bytes(_tar_bytes([("a.jpg", b"1" * 100), ("a.cls", b"0"),
+                                 ("big.jpg", b"x" * 4096), ("big.cls", b"1"),
+                                 ("c.jpg", b"3" * 100), ("c.cls", b"2")]))
+    rows = _rows(path, max_member_bytes=1024)
+    assert [r["__key__"] for r in rows] == ["a", "big", "c", ""]
+    assert _members(rows[0]) == {"jpg": b"1" * 100, "cls": b"0"}
+    error = rows[1]["__error__"]
+    assert "big.jpg" in error and "4096 bytes" in error and "1024" in error
+    assert "input.max_member_bytes" in error and _members(rows[1]) == {}
+    assert _members(rows[2]) == {"jpg": b"3" * 100, "cls": b"2"} and not rows[2]["__error__"]
+    assert rows[-1]["shard_samples"] == 3 and not rows[-1]["__error__"]
+    assert not any(r["__error__"] for r in _rows(path))  # the default limit is 256 MiB
+
+
+class _HugeMemberTar(io.RawIOBase):
+    """A tar whose first member claims ``size`` bytes (zeros made up as they are read, never
+    held), then a small sample: a crafted shard, gigabytes without writing them."""
+
+    def __init__(self, size: int) -> None:
+        info = tarfile.TarInfo("huge.jpg")
+        info.size = size
+        self.parts = [(info.tobuf(format=tarfile.PAX_FORMAT), 0),
+                      (b"", size + (-size % tarfile.BLOCKSIZE)),
+                      (_tar_bytes([("next.jpg", b"ok"), ("next.cls", b"1")]), 0)]
+        self.total = sum(len(d) + n for d, n in self.parts)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        start = 0
+        for data, zeros in self.parts:
+            length = len(data) + zeros
+            if self.pos < start + length:
+                at = self.pos - start
+                n = min(len(buf), length - at)
+                if at < len(data):
+                    n = min(n, len(data) - at)
+                    buf[:n] = data[at:at + n]
+                else:
+                    buf[:n] = bytes(n)
+                self.pos += n
+                return n
+            start += length
+        return 0
+
+
+def test_a_huge_member_is_skipped_unread(tmp_path):
+    """A header claiming 64 MiB with a 1 MiB limit: the sample is an error row, the next one
+    is read, and the reader never holds the member (peak memory far below its size)."""
+    import tracemalloc
+
+    from salmap.pipeline.shard_reader import iter_samples
+
+    stream = _HugeMemberTar(64 * 2**20)
+    tracemalloc.start()
+    try:
+        samples = list(iter_samples(io.BufferedReader(stream), stream.total, 2**20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s["__key__"] for s in samples] == ["huge", "next"]
+    assert "huge.jpg" in samples[0]["__error__"] and str(64 * 2**20) in samples[0]["__error__"]
+    assert samples[1]["members"] == {"jpg": b"ok", "cls": b"1"}
+    assert peak < 8 * 2**20, peak

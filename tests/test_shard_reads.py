@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 from conftest import jpeg_bytes, write_shard
-from counting_moto import CountingMotoServer
+from s3_counting import CountingMotoServer
 from salmap.pipeline.decode import DecodeSpec, decode_batch
 from salmap.pipeline.shard_reader import read_shard
 from salmap.pipeline.shard_stream import READ_BUFFER, _S3Body
@@ -173,3 +173,26 @@ def test_a_tar_cut_at_a_member_boundary_is_truncated_not_complete(tmp_path):
         assert "end-of-archive" in rows[-1]["__error__"] and rows[-1]["shard_samples"] == 2
     path.write_bytes(whole)  # complete: no error
     assert not _rows(path)[-1]["__error__"]
+
+
+def test_the_report_reads_its_photos_with_one_get_per_shard(counting_s3):
+    """The gallery's photos (``report.photos.load_photos``) come through the same buffered
+    stream as the run's reads: one GET of a shard for all its wanted samples, not one ranged GET
+    per 10 KiB of tar as pyarrow's unbuffered stream made (32 for this 0.33 MB shard)."""
+    from salmap.pipeline.report.photos import load_photos
+
+    images = {i: jpeg_bytes(i, size=(96, 96)) for i in range(40)}  # ~8 KB of noise each
+    members = [(f"k{i:03d}.{ext}", data) for i in range(40)
+               for ext, data in (("jpg", images[i]), ("json", b'{"boxes": []}'))]
+    url = _put(counting_s3, "photos.tar", _tar(members))
+    path = "/wds/photos.tar"
+    before = len(counting_s3.requests)
+    got = load_photos({("photos", "k002"), ("photos", "k039")}, {"shards": [url]},
+                      {"endpoint": counting_s3.endpoint})
+    assert not got.problems, got.problems
+    assert sorted(got.images) == [("photos", "k002"), ("photos", "k039")]
+    assert got.images[("photos", "k039")].size == (96, 96)
+    assert got.boxes_json[("photos", "k039")] == '{"boxes": []}'
+    asked = [(m, r) for m, p, r in counting_s3.requests[before:] if p == path]
+    # one GET, unranged; the HEAD is expand_shards finding the named shard (not a read)
+    assert sorted(asked) == [("GET", ""), ("HEAD", "")], asked

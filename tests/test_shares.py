@@ -227,6 +227,32 @@ def test_held_summary_integrates_the_samples():
                    "mean_share": round(11 / 16, 4)}
 
 
+def test_the_driver_accounting_does_not_grow_with_batches_or_samples():
+    """A long run's accounting is bounded (issue 20): an actor's dedupe window keeps at most
+    RECENT_BATCHES end times however many batches it ran (a batch split over two post
+    batches still counts its time once), and the held-time sampler keeps running totals that
+    equal held_summary over every sample, not the samples."""
+    from salmap.pipeline.accounting import RECENT_BATCHES, HeldSampler
+
+    acc = UnitAccounting("m__x", "CPU", 1.0)
+    n = 10 * RECENT_BATCHES
+    for i in range(n):
+        split = ["a", "cpu", 0, 1_000 + 3 * i, 2, 1]
+        acc.add([split, split])  # one batch whose rows came back in two post batches
+    assert len(acc.actors["a"].recent) == RECENT_BATCHES
+    s = acc.summary()
+    assert s["samples"] == 2 * n and s["busy_device_s"] == pytest.approx(n * 0.002)
+
+    rng = random.Random(0)
+    samples = [(float(t), float(rng.randint(0, 4)), 4.0) for t in range(50_000)]
+    sampler = HeldSampler("GPU")
+    for sample in samples:
+        sampler.add(*sample)
+    assert sampler.summary() == pytest.approx(held_summary(samples))
+    assert not [k for k, v in vars(sampler).items() if isinstance(v, (list, dict, set, tuple))
+                and len(v) > 3], vars(sampler).keys()
+
+
 def test_unit_accounting_from_batches_and_the_actor_table():
     acc = UnitAccounting("m__x", "GPU", 0.5, before={"actors": 2, "peak": 1, "device_s": 10.0,
                                                        "busy_device_s": 8.0, "samples": 20})

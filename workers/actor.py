@@ -27,16 +27,17 @@ from .columns import (
     MAP_DTYPES,
     MODEL_METRIC_COLUMNS,
     PASS_THROUGH,
+    SHARD_END,
     numpy_column,
 )
 from .models import LoadedModel, load_model
 from .progress import ProgressReporter
+from .unit_id import format_unit_id
 
 log = logging.getLogger(__name__)
 
 # a decoded row with this status marks the end of a shard (see pipeline.shard_reader); the
 # actor and the post stage pass it on untouched
-SHARD_END = "shard_end"
 
 
 def _text(batch: dict[str, np.ndarray], column: str, i: int) -> str:
@@ -88,6 +89,7 @@ def _actor_id() -> str:
 
 
 def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error (CUDA or host): the actor then halves the batch."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(err, (RuntimeError, MemoryError)) and (
@@ -127,7 +129,7 @@ class Explainer:
         self.forward_fn = self._make_forward()
         self.map_shape = self._probe_map_shape()
         # in-batch progress for the driver (pipeline.progress); a no-op without its counter
-        self.progress = ProgressReporter.for_unit(f"{m['name']}__{spec.method}")
+        self.progress = ProgressReporter.for_unit(format_unit_id(m["name"], spec.method))
 
     # -- setup -------------------------------------------------------------------------
     def _make_forward(self):

@@ -49,6 +49,7 @@ class Column:
 
     @property
     def written(self) -> bool:
+        """Whether the column is stored in the Parquet output (not internal to the pipeline)."""
         return self.arrow is not None or self.kind == "map"
 
 
@@ -194,3 +195,14 @@ def output_schema(h: int, w: int, curves: bool = False, map_dtype: str = "float1
             continue
         fields.append((c.name, saliency_type(h, w, map_dtype) if c.kind == "map" else c.arrow))
     return pa.schema(fields)
+
+
+# what the decode stage hands the actor: the pass-through columns, the image, the annotation
+# problems the actor reports on ok rows, and the status
+DECODE_COLUMNS = (*PASS_THROUGH, "image", "label_error", "boxes_error", "status", "error")
+#: the decode stage's columns but the image -> their kind (numpy_column), for the actor's input
+DECODE_KINDS = {**{c: BY_NAME[c].kind for c in PASS_THROUGH},
+                "label_error": "str", "boxes_error": "str", "status": "str", "error": "str"}
+#: ``status`` of the marker row that ends a shard (pipeline.shard_reader); every stage, the
+#: actor included, passes it on
+SHARD_END = "shard_end"

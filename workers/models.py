@@ -41,6 +41,7 @@ class LoadedModel:
 
 
 def torchvision_names() -> list[str]:
+    """Every classification model name torchvision knows."""
     import torchvision.models as tvm
 
     return sorted(tvm.list_models(module=tvm))

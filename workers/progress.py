@@ -52,6 +52,7 @@ class ProgressReporter:
 
     @classmethod
     def for_unit(cls, unit_id: str) -> ProgressReporter:
+        """The reporter of ``unit_id`` to the driver's counter (a no-op without one)."""
         return cls(_lookup(), unit_id)
 
     def _send(self, force: bool) -> None:
@@ -68,14 +69,17 @@ class ProgressReporter:
             self.handle = None
 
     def set_partial(self, samples: float) -> None:
+        """Samples of the current batch done so far (never backwards)."""
         self.partial = max(self.partial, samples)  # never backwards inside a batch
         self._send(force=False)
 
     def begin_batch(self) -> None:
+        """Start a batch: no partial progress yet."""
         self.in_batch = self.partial = 0.0
         self.batch_t0 = self.clock()
 
     def end_batch(self, samples: int) -> None:
+        """End a batch of ``samples``: count them finished and report."""
         self.finished += int(samples)
         if self.batch_t0 is not None:
             self.busy_s += max(self.clock() - self.batch_t0, 0.0)
@@ -108,6 +112,7 @@ class Group:
         self._at(self.share * fraction)
 
     def method_done(self) -> None:
+        """The method's call is done: progress at its share, the metrics' part next."""
         self.t_method = self.r.clock()
         self._at(self.share)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from salmap.workers.unit_id import UnitId
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add ``analyze`` to the ``salmap`` subparsers."""
@@ -77,7 +79,7 @@ def _names(run: str, storage):
     cache: dict = {}
 
     def name(unit: str, c: int) -> str:
-        model = unit.split("__", 1)[0]
+        model = UnitId.parse(unit).model
         if model not in cache:
             try:
                 cache[model] = namer(Store.open(run, storage), model, None)

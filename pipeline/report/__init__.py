@@ -26,7 +26,15 @@ import numpy as np
 from ..storage import Store
 from .charts import curves, distributions
 from .data import RunData, load_run, sample_note
-from .gallery import PAGE_SIZE, index_plan, page_plans, rank_items, render_galleries, scored_rows
+from .gallery import (
+    PAGE_SIZE,
+    gallery_links,
+    index_plan,
+    page_plans,
+    rank_items,
+    render_galleries,
+    scored_rows,
+)
 from .page import (
     actors_section,
     config_section,
@@ -85,12 +93,13 @@ def _class_names(run: str, storage: Any):
     return names
 
 
-def _analysis(run: str, storage: Any) -> str:
-    """The "Strategy clusters" section when ``salmap analyze`` has run (else "")."""
+def _analysis(run: str, storage: Any, links: dict | None = None) -> str:
+    """The "Strategy clusters" section when ``salmap analyze`` has run (else "");
+    ``links``: unit -> {(sample_id, target): href of the sample's gallery item}."""
     try:
         from .analysis import analysis_section
 
-        return analysis_section(run, storage)
+        return analysis_section(run, storage, links)
     except Exception as err:  # noqa: BLE001 - a broken analysis never costs the report
         return f"<section id=analysis><p class=note>analysis not shown: {type(err).__name__}: {err}</p></section>"
 
@@ -121,9 +130,13 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
     legends = {"sequential": data_uri(colorbar(cmap), "PNG"),
                "diverging": data_uri(colorbar(DIVERGING), "PNG")}
     style = {"side": side, "cmap": cmap, "signed": signed}
-    galleries, photos = render_galleries(
-        data, rows, {m: index_plan(v, per_side, page_size) for m, v in ranked.items()},
-        storage, **style)
+    index = {m: index_plan(v, per_side, page_size) for m, v in ranked.items()}
+    galleries, photos = render_galleries(data, rows, index, storage, **style)
+    where = gallery_links(index, pages, [page_name(k) for k in range(1, len(pages) + 1)])
+    per_model: dict[str, dict] = {}
+    for (model, sid, tgt), href in where.items():
+        per_model.setdefault(model, {})[(sid, tgt)] = href
+    links = {u.id: per_model.get(u.model, {}) for u in data.units}
     curve_charts, dist_charts = [], []
     for model in data.models():
         units = [u for u in data.units if u.model == model]
@@ -138,7 +151,7 @@ def render_pages(run: str, storage: Any = None, rank_by: str | None = None, per_
         actors_section(data),
         gallery_section(galleries, rank_label, legends, cmap, photos.problems, len(pages),
                         None, signed, capped),
-        _analysis(run, storage),
+        _analysis(run, storage, links),
         label_quality_section(data, _class_names(run, storage)),
         per_class_section(data),
         curves_section(curve_charts, data.has_curves),

@@ -2,7 +2,8 @@
 
 Flagged clusters first, with their evidence; then per unit and class the 2-D embedding as an
 inline SVG scatter plot coloured by cluster (each point names its sample on hover and links
-to its cluster's card) and one card per cluster: mean map, size, share of the class, where
+to that sample's gallery item, on the index or on the gallery page that holds it; to its
+cluster's card when the gallery leaves the sample out) and one card per cluster: mean map, size, share of the class, where
 the relevance lies, exemplars (their maps). Empty when the run has not been analysed.
 """
 
@@ -46,7 +47,7 @@ def _anchor(unit: str, target: int, cluster: int) -> str:
     return f"cluster-{unit}-{target}-{cluster}".replace("_", "-")
 
 
-def _scatter(rows, unit: str, target: int) -> str:
+def _scatter(rows, unit: str, target: int, links: dict | None = None) -> str:
     if len(rows) > MAX_POINTS:
         rows = rows.sort_values(["embedded", "sample_id"], ascending=[False, True]).head(MAX_POINTS)
     w = h = 260
@@ -55,9 +56,12 @@ def _scatter(rows, unit: str, target: int) -> str:
         x = 10 + (float(r.x) + 1) / 2 * (w - 20)
         y = 10 + (1 - (float(r.y) + 1) / 2) * (h - 20)
         color = PALETTE[int(r.cluster) % len(PALETTE)]
-        pts.append(f"<a href='#{_anchor(unit, target, int(r.cluster))}'><circle cx='{x:.1f}' "
+        href = (links or {}).get((str(r.sample_id), target))
+        note = "" if href else " (not in the gallery: links to its cluster)"
+        href = escape(href or f"#{_anchor(unit, target, int(r.cluster))}")
+        pts.append(f"<a href='{href}'><circle cx='{x:.1f}' "
                    f"cy='{y:.1f}' r='3' fill='{color}' fill-opacity='0.75'><title>"
-                   f"{escape(str(r.sample_id))} · cluster {int(r.cluster)}</title></circle></a>")
+                   f"{escape(str(r.sample_id))} · cluster {int(r.cluster)}{note}</title></circle></a>")
     return (f"<svg class=scatter width={w} height={h} viewBox='0 0 {w} {h}' "
             f"xmlns='http://www.w3.org/2000/svg' role=img aria-label='2-D embedding of class "
             f"{target}'><rect width='{w}' height='{h}' fill='#fafafa' stroke='#ddd'/>"
@@ -114,8 +118,11 @@ STYLE = ("<style>#analysis .cls{display:flex;gap:1em;flex-wrap:wrap;align-items:
          "margin-left:.4em}</style>")
 
 
-def analysis_section(run: str, storage: Any = None) -> str:
-    """The section's HTML, or "" when ``<run>/analysis/manifest.json`` does not exist."""
+def analysis_section(run: str, storage: Any = None, links: dict | None = None) -> str:
+    """The section's HTML, or "" when ``<run>/analysis/manifest.json`` does not exist.
+    ``links``: unit -> {(sample_id, target): href of its gallery item} (from
+    :func:`salmap.pipeline.report.gallery.gallery_links`); a point without one links to its
+    cluster's card."""
     from ..analyze import load_analysis
 
     found = load_analysis(run, storage)
@@ -126,7 +133,8 @@ def analysis_section(run: str, storage: Any = None) -> str:
     flagged = [f for u in manifest["units"].values() for f in u["flagged"]]
     out = [STYLE, "<section id=analysis><h2>Strategy clusters</h2><p class=note>"
            f"{escape(manifest['method'])}. {escape(manifest['sampling'])}. Each point of a "
-           "scatter plot is one row (its sample id on hover) and links to its cluster.</p>"]
+           "scatter plot is one row (its sample id on hover) and links to that sample in the "
+           "gallery (to its cluster's card when the gallery pages leave it out).</p>"]
     if flagged:
         out.append(f"<h3>Flagged clusters ({len(flagged)})</h3><ul>")
         for f in sorted(flagged, key=lambda f: -f["size"]):
@@ -151,7 +159,7 @@ def analysis_section(run: str, storage: Any = None) -> str:
         for t in shown:
             cs = sorted(by_class[t], key=lambda c: (not c["flagged"], c["cluster"]))
             out.append(f"<h4>class {t} · {cs[0]['class_size']} rows · {len(cs)} clusters</h4>"
-                       f"<div class=cls>{_scatter(r[r['target'] == t], unit, t)}"
+                       f"<div class=cls>{_scatter(r[r['target'] == t], unit, t, (links or {}).get(unit))}"
                        + "".join(_card(c, unit, thumbs, side) for c in cs) + "</div>")
         if len(order) > MAX_CLASSES:
             out.append(f"<p class=note>{len(order) - MAX_CLASSES} more classes in "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
+from salmap.workers.unit_id import UnitId
 
 from ..aggregate import UNIT_SAMPLE, sample_samples, sample_table
 from ..ledger import MANIFEST_KEY
@@ -117,7 +118,7 @@ def load_run(run: str, storage: Any = None, commits: dict | None = None,
     if aggregates is None:
         aggregates = from_commits(store, commits) if commits is not None else unit_aggregates(store)
     for uid in aggregates:  # a manifest-less run: the commit records still name the units
-        model, _, method = uid.partition("__")
+        model, method = UnitId.parse(uid)
         infos.setdefault(uid, {"model": model, "method": method})
     units = [_load_unit(store, uid, info, aggregates.get(uid)) for uid, info in infos.items()]
     metrics = [m for m in METRIC_COLUMNS
@@ -132,8 +133,9 @@ def load_run(run: str, storage: Any = None, commits: dict | None = None,
 
 
 def _load_unit(store: Store, uid: str, info: dict, agg: dict | None) -> UnitData:
-    model = info.get("model") or uid.partition("__")[0]
-    method = info.get("method") or uid.partition("__")[2]
+    parsed = UnitId.parse(uid)
+    model = info.get("model") or parsed.model
+    method = info.get("method") or parsed.method
     if not agg or not agg.get("rows"):
         empty = pd.DataFrame(columns=[*ROW_COLUMNS, *METRIC_COLUMNS])
         return UnitData(uid, model, method, info, empty, None,

@@ -5,11 +5,17 @@ model's methods, so the same photos are compared across methods side by side. Sa
 no method could explain (no ok row) come last, with their error. The index page shows every
 item when there are few, else the best and worst few; the gallery pages show them all, a
 page at a time (:data:`PAGE_SIZE` per model and page).
+
+Each item's row carries an HTML id, :func:`sample_anchor` of its model, sample and target,
+so other parts of the report (the strategy-cluster scatter plots) can link to the sample on
+whichever page holds it (:func:`gallery_links`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +63,33 @@ class ModelGallery:
     sections: list[tuple[str, list[Item]]]
     note: str = ""
     signed: dict[str, bool] = field(default_factory=dict)  # method -> draws a signed map
+
+
+def sample_anchor(model: str, sample_id: str, target: int | None) -> str:
+    """The HTML id of a gallery item: ``sample-<readable part>-<hash>``. The readable part is
+    the sample id (``shard/key``) with every character outside ``[A-Za-z0-9_-]`` turned into
+    ``-`` (so the id needs no escaping in an attribute or a URL fragment), cut to 48
+    characters; the hash of model, sample id and target keeps ids apart that the cut or the
+    replacement would merge. Stable: the same item has the same id in every report."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", sample_id).strip("-")[:48] or "x"
+    digest = hashlib.blake2b(f"{model}\0{sample_id}\0{target}".encode(), digest_size=5).hexdigest()
+    return f"sample-{slug}-{digest}"
+
+
+def gallery_links(index: dict[str, list[tuple[str, list[Entry]]]],
+                  pages: list[dict[str, list[tuple[str, list[Entry]]]]],
+                  page_names: list[str]) -> dict[tuple[str, str, int | None], str]:
+    """Where each gallery item is shown, as a link from the index page: ``{(model, sample_id,
+    target): "#<anchor>" or "<page>#<anchor>"}``. The index's own items link within the index;
+    the others to the gallery page that holds them (``page_names[k]`` for ``pages[k]``).
+    Items on no page (cut by ``max_samples``) have no entry."""
+    out: dict[tuple[str, str, int | None], str] = {}
+    for name, plans in [("", index), *zip(page_names, pages)]:
+        for model, sections in plans.items():
+            for _, items in sections:
+                for sid, tgt, _ in items:
+                    out.setdefault((model, sid, tgt), f"{name}#{sample_anchor(model, sid, tgt)}")
+    return out
 
 
 def truth_boxes(boxes_json: str, target: int | None) -> list[list[float]]:

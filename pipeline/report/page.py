@@ -1,7 +1,8 @@
 """The report's HTML: plain HTML and CSS in one file, pictures embedded as data URIs.
 
 ``?check=1`` in the page URL makes a small script write, once the page has loaded, a JSON
-summary (images loaded, rows per table) into ``<pre id="check">`` and the title; the
+summary (images loaded, rows per table, the tag of the element the URL's ``#fragment``
+names) into ``<pre id="check">`` and the title; the
 headless-browser test reads it back. Without the flag the script does nothing.
 """
 
@@ -17,7 +18,7 @@ import pandas as pd
 
 from ..aggregate import BAD_SAMPLE, UNIT_SAMPLE
 from .data import DIRECTION, RunData, fmt
-from .gallery import ModelGallery
+from .gallery import ModelGallery, sample_anchor
 
 MAX_ERROR_ROWS = 1000
 MAX_CLASSES = 100  # rows of the per-class table per model (the classes with most rows)
@@ -65,6 +66,8 @@ CHECK_SCRIPT = """
              sections: Array.prototype.map.call(document.querySelectorAll('section[id]'),
                                                 function (s) { return s.id; })};
     r.all_loaded = r.images > 0 && r.loaded === r.images;
+    var hit = location.hash ? document.getElementById(decodeURIComponent(location.hash.slice(1))) : null;
+    r.hash_target = hit ? hit.tagName.toLowerCase() : null;
     var pre = document.createElement('pre');
     pre.id = 'check';
     pre.textContent = JSON.stringify(r);
@@ -363,6 +366,7 @@ def gallery_section(galleries: list[ModelGallery], rank_label: str, legends: dic
         more = f" (and {len(photo_problems) - 5} more)" if len(photo_problems) > 5 else ""
         out.append("<p class='note warn'>Some photos could not be read, so their maps are shown "
                    f"without them: {escape('; '.join(shown))}{more}</p>")
+    ids: set[str] = set()
     for g in galleries:
         out.append(f"<h3>{escape(g.model)}</h3>")
         if g.note:
@@ -383,7 +387,10 @@ def gallery_section(galleries: list[ModelGallery], rank_label: str, legends: dic
                     else:
                         cells.append(f"<td><img src='{c.uri}' alt='{escape(m)} map of "
                                      f"{escape(it.sample_id)}'>{escape(c.caption)}</td>")
-                rows.append(f"<tr>{''.join(cells)}</tr>")
+                anchor = sample_anchor(g.model, it.sample_id, it.target)
+                attr = "" if anchor in ids else f" id='{anchor}'"  # an item shown twice: once
+                ids.add(anchor)
+                rows.append(f"<tr{attr}>{''.join(cells)}</tr>")
             out.append(f"<table class=gallery><thead><tr>{head}</tr></thead>"
                        f"<tbody>{''.join(rows)}</tbody></table>")
     out.append(_pager(n_pages, current))

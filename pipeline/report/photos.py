@@ -1,8 +1,9 @@
 """The original photos of the few gallery samples, read back from the run's input shards.
 
 The output holds maps, not images, so the report re-reads the WebDataset tars named in the
-run's config. Each needed shard is streamed once and left as soon as its wanted keys are
-found. Anything unreachable (moved shards, no credentials) leaves the photo out, with the
+run's config. Each needed shard is streamed once, through the pipeline's own buffered
+shard stream (:func:`salmap.pipeline.shard_stream.open_shard`: one GET per S3 shard, not one
+per 10 KiB tar read), and left as soon as its wanted keys are found. Anything unreachable (moved shards, no credentials) leaves the photo out, with the
 reason, and the gallery shows the maps alone.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..decode import open_image, shard_name
-from ..storage import open_filesystem
+from ..shard_stream import open_shard
 
 
 @dataclass
@@ -67,10 +68,10 @@ def load_photos(wanted: set[tuple[str, str]], input_cfg: dict[str, Any], storage
 
 def _read_shard(url: str, shard: str, keys: set[str], image_keys: list[str], boxes_key: str,
                 max_pixels: int, storage: Any, out: Photos) -> None:
-    fs, path = open_filesystem(url, storage)
+    stream, _ = open_shard(url, storage)
     finished: set[str] = set()  # a sample's files are contiguous in a shard: past it, it is done
     previous = None
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             key, ext = _split_member(member.name)
             if previous in keys and key != previous:

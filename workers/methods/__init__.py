@@ -1,4 +1,5 @@
-"""The method registry: one file per method, one entry per name here.
+"""The method registry: one file per method, each class named by ``@register("name")`` next
+to it (:mod:`.registry`); this package builds a method from its name and parameters.
 
     >>> from salmap.workers.methods import build
     >>> gradcam = build("gradcam", model)            # target layer: the architecture's default
@@ -8,54 +9,19 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from typing import Any
 
 from torch import nn
 
-from .base import PRECISIONS, Method, MethodError
-
-# name -> "module:class" (imported on first use, so a broken optional method never blocks the rest)
-REGISTRY: dict[str, str] = {
-    "gradient": "salmap.workers.methods.gradient:Gradient",
-    "gradient_x_input": "salmap.workers.methods.gradient_x_input:GradientXInput",
-    "smoothgrad": "salmap.workers.methods.smoothgrad:SmoothGrad",
-    "integrated_gradients": "salmap.workers.methods.integrated_gradients:IntegratedGradients",
-    "guided_backprop": "salmap.workers.methods.guided_backprop:GuidedBackprop",
-    "gradcam": "salmap.workers.methods.gradcam:GradCAM",
-    "gradcam_pp": "salmap.workers.methods.gradcam_pp:GradCAMPlusPlus",
-    "scorecam": "salmap.workers.methods.scorecam:ScoreCAM",
-    "layercam": "salmap.workers.methods.layercam:LayerCAM",
-    "rectgrad": "salmap.workers.methods.rectgrad:RectGrad",
-    "nobias_rectgrad": "salmap.workers.methods.nobias_rectgrad:NoBiasRectGrad",
-    "tsgb": "salmap.workers.methods.tsgb:TSGB",
-    "dmbp": "salmap.workers.methods.dmbp:DMBP",
-    "hdm": "salmap.workers.methods.hdm:HDM",
-}
+from .base import PRECISIONS, Method
+from .errors import MethodError
+from .registry import classes, get_class, names, register, unknown_name_message
 
 COMMON_OPTIONS = ("precision", "inner_batch_size")
 
-__all__ = ["REGISTRY", "Method", "MethodError", "build", "get_class", "names", "check_params"]
-
-
-def names() -> list[str]:
-    """Every registered method name."""
-    return list(REGISTRY)
-
-
-def unknown_name_message(name: str) -> str:
-    close = difflib.get_close_matches(name, names(), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown method {name!r}{hint}; known methods: {', '.join(names())}"
-
-
-def get_class(name: str) -> type[Method]:
-    """The class behind a registry name."""
-    if name not in REGISTRY:
-        raise MethodError(unknown_name_message(name))
-    module_name, cls_name = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+__all__ = ["REGISTRY", "Method", "MethodError", "build", "get_class", "names", "check_params",
+           "register", "unknown_name_message"]
 
 
 def check_params(name: str, params: dict[str, Any]) -> None:
@@ -86,3 +52,11 @@ def build(name: str, model: nn.Module, **params: Any) -> Method:
     for key, value in common.items():
         setattr(method, key, value)
     return method
+
+
+def __getattr__(name: str) -> Any:
+    """``REGISTRY``: name -> ``"module:class"`` of every method, built on first use (importing
+    the method modules), in :func:`names` order."""
+    if name == "REGISTRY":
+        return {n: f"{c.__module__}:{c.__qualname__}" for n, c in classes().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Method, MethodError, check_inputs, model_guard, target_scores
+from .base import Method, check_inputs, model_guard, target_scores
+from .errors import MethodError
+from .features import RELU_NETS_ONLY
 
 Handler = Callable[["RuleTrace", Callable, tuple, dict], Tensor]
 
@@ -100,6 +102,7 @@ LAYER_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Conv2d, nn.BatchNorm2d, nn.Lin
 
 
 def func_name(func: Callable) -> str:
+    """A torch function's name for messages and counts."""
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
@@ -129,13 +132,16 @@ class RuleTrace:
 
     @property
     def layer(self) -> str:
+        """The name of the layer running now ('' outside any)."""
         return self.stack[-1][0] if self.stack else ""
 
     @property
     def module(self) -> nn.Module | None:
+        """The module running now, or None."""
         return self.stack[-1][1] if self.stack else None
 
     def where(self) -> str:
+        """Where the forward is now, for an error message."""
         if not self.stack:
             return "outside the model"
         name, module = self.stack[-1]
@@ -148,9 +154,11 @@ class RuleTrace:
         return f"{self.layer or '<model>'}:{func_name(func)}"
 
     def touch(self, func: Callable) -> None:
+        """Count one call a rule handled in the current layer."""
         self.touched[self.key(func)] += 1
 
     def error(self, what: str) -> MethodError:
+        """A MethodError naming the method and where the forward was."""
         return MethodError(f"{self.method}: {what} in {self.where()}")
 
 
@@ -426,6 +434,7 @@ REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def check_reduction(method: str, reduction: str) -> str:
+    """``reduction`` if it is a known channel reduction, else a MethodError naming the choices."""
     if reduction not in REDUCTIONS:
         raise MethodError(
             f"{method}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}"
@@ -443,6 +452,11 @@ class ModifiedBackprop(Method):
     After each call ``last_trace.touched`` counts the calls each rule handled, per layer.
     """
 
+    # one modified backward costs about an ordinary one
+    work_per_image = staticmethod(lambda p: 1.0)
+    no_rule = RELU_NETS_ONLY
+    no_rule_why = ("backward rules for ReLU convolutional networks only: none for GELU / "
+                   "SiLU-type activations, hardswish, LayerNorm or attention")
     times_input: ClassVar[bool] = False
     reduction: str = "sum"
     last_trace: RuleTrace | None = None
@@ -452,6 +466,7 @@ class ModifiedBackprop(Method):
         """A fresh rule table for one forward pass (per-call state lives in it)."""
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map: the channel attribution reduced with ``reduction``."""
         return REDUCTIONS[self.reduction](self.channels(images, targets))
 
     def attribute_channels(self, images: Tensor, targets: Tensor | list[int]) -> Tensor:
@@ -461,6 +476,8 @@ class ModifiedBackprop(Method):
             return self.channels(images, targets).detach().float()
 
     def channels(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Input gradient of the target logits under the rules (times the input with
+        ``times_input``), ``[B,C,H,W]``."""
         x = images.detach().requires_grad_(True)
         with apply_rules(self.model, self.rules(), self.name, x.shape[0]) as trace:
             logits = self.forward(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,11 +12,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .compat import check_model
+from .errors import MethodError
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class MethodError(ValueError):
-    """A method cannot run on this model or with these parameters (the message says why)."""
+#: one forward pass in the unit of :attr:`Method.work_per_image` (one forward + one backward;
+#: a backward costs about two forwards)
+FORWARD = 1.0 / 3.0
 
 
 class Method(abc.ABC):
@@ -35,23 +38,38 @@ class Method(abc.ABC):
     it to tell the driver how far a long batch is.
     """
 
+    #: the registry name, set by ``@register(name)`` (:mod:`.registry`)
     name: ClassVar[str] = ""
     #: forward/backward passes per image, for the docs and the benchmarks
     cost: ClassVar[str] = ""
+    #: expected work per image and target in forward+backward units (see :data:`FORWARD`),
+    #: from the resolved parameters: what the driver shares devices by (:mod:`.cost`)
+    work_per_image: ClassVar[Callable[[dict[str, Any]], float] | None] = None
     #: True for methods that read a target layer (CAM family)
     uses_target_layer: ClassVar[bool] = False
     #: where each default comes from, for the docs
     defaults_source: ClassVar[str] = ""
+    #: model features (:mod:`.features`) the method has no rule for: it refuses models that
+    #: have them (:mod:`.compat`); empty: it runs on every family
+    no_rule: ClassVar[frozenset[str]] = frozenset()
+    #: why it has no rule for them
+    no_rule_why: ClassVar[str] = ""
 
     precision: str = "fp32"
     inner_batch_size: int = 64
     progress: Callable[[float], None] | None = None
 
     def __init__(self, model: nn.Module) -> None:
-        from .compat import check_model
-
         check_model(self.name, model)  # a method without rules for this model fails here
         self.model = model
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The constructor's defaults (name -> value), read from its signature, so the docs
+        and the cost estimate follow a changed default."""
+        sig = inspect.signature(cls.__init__)
+        return {k: p.default for k, p in sig.parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
     def __call__(self, images: Tensor, targets: Tensor | list[int]) -> Tensor:
         images, targets = check_inputs(images, targets)

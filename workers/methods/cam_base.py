@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Method, MethodError, target_scores
+from .base import FORWARD, Method, target_scores
+from .errors import MethodError
 from .layers import capture_output, resolve_layer
 from .reshape import channels_last_default, check_reshape, to_grid
 
@@ -29,6 +30,8 @@ class CAMMethod(Method):
     """
 
     uses_target_layer = True
+    # a forward and a backward that stops at the target layer (~ a forward)
+    work_per_image = staticmethod(lambda p: FORWARD)
 
     def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None,
                  reshape: str | None = None) -> None:
@@ -45,6 +48,7 @@ class CAMMethod(Method):
 
     # -- shared steps -------------------------------------------------------------------
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map ``ReLU(sum_k w_k A_k)`` at the target layer's resolution."""
         acts, grads = self.activations_and_gradients(images, targets)
         return combine(self.weights(acts, grads), acts)
 

@@ -15,7 +15,9 @@ hardswish / hardsigmoid. Rather than fail on every sample inside an actor, they 
   :func:`check_model`. Activations applied as functions without a module (``F.gelu`` in a
   ``forward``) are not seen here; the rules still refuse them at the first batch.
 
-Gradient, CAM and mask-optimisation (HDM) methods run on every family.
+Gradient, CAM and mask-optimisation (HDM) methods run on every family. Each method class
+declares what it has no rule for (``no_rule``, with ``no_rule_why``); this module finds those
+features in a model or an architecture name and decides.
 """
 
 from __future__ import annotations
@@ -26,24 +28,17 @@ from typing import Any
 
 from torch import nn
 
-from .base import MethodError
+from .errors import MethodError
+from .features import ATTENTION, CONV_HEAD, FEATURES, HARD, LAYER_NORM, SMOOTH
+from .registry import classes, lookup
 
-SMOOTH = "smooth activations (GELU, SiLU, sigmoid)"
-HARD = "hardswish / hardsigmoid"
-LAYER_NORM = "LayerNorm"
-ATTENTION = "attention"
-CONV_HEAD = "a convolutional classifier (no nn.Linear)"
-FEATURES = (SMOOTH, HARD, LAYER_NORM, ATTENTION, CONV_HEAD)
 
-_RELU_NETS_ONLY = frozenset({SMOOTH, HARD, LAYER_NORM, ATTENTION})
-#: method -> the model features it has no rule for (methods not listed run on every family)
-NO_RULE: dict[str, frozenset[str]] = {
-    "guided_backprop": _RELU_NETS_ONLY,
-    "rectgrad": _RELU_NETS_ONLY,
-    "nobias_rectgrad": _RELU_NETS_ONLY,
-    "tsgb": _RELU_NETS_ONLY | {CONV_HEAD},
-    "dmbp": frozenset({HARD, LAYER_NORM, ATTENTION}),
-}
+def no_rule(method: str) -> frozenset[str]:
+    """The model features ``method`` has no rule for (its class's ``no_rule``; an unknown
+    name has none: the name check is the registry's)."""
+    cls = lookup(method)
+    return cls.no_rule if cls is not None else frozenset()
+
 
 #: activation modules none of the rules covers (mirrors backprop_rules.SMOOTH_NONLINEARITIES)
 SMOOTH_MODULES: tuple[type[nn.Module], ...] = (
@@ -118,16 +113,14 @@ def model_features(model: nn.Module) -> dict[str, str]:
 
 def runs_on(features: Iterable[str]) -> list[str]:
     """The registered methods that have a rule for every one of ``features``."""
-    from . import names
-
     features = set(features)
-    return [m for m in names() if not NO_RULE.get(m, frozenset()) & features]
+    return [m for m, cls in classes().items() if not cls.no_rule & features]
 
 
 def refusal(method: str, features: Iterable[str], architecture: str) -> str | None:
     """Why ``method`` cannot run on ``architecture`` with ``features``, or None if it can."""
     features = set(features)
-    missing = [f for f in FEATURES if f in NO_RULE.get(method, frozenset()) & features]
+    missing = [f for f in FEATURES if f in no_rule(method) & features]
     if not missing:
         return None
     return (f"{method} has no rule for {', '.join(missing)}, which {architecture} uses; "
@@ -136,7 +129,7 @@ def refusal(method: str, features: Iterable[str], architecture: str) -> str | No
 
 def check_model(method: str, model: nn.Module) -> None:
     """Raise :class:`MethodError` when ``method`` has no rule for something ``model`` uses."""
-    if method not in NO_RULE:
+    if not no_rule(method):
         return
     found = model_features(model)
     why = refusal(method, found, type(model).__name__)

@@ -1,7 +1,6 @@
 """Gradient x Input (Shrikumar et al. 2016): first-order contribution of each input value.
 
 Cost per image: 1 forward + 1 backward to the input.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.062 s per image.
 Defaults and their sources: no hyperparameters; map = signed sum over channels of x * dS_t/dx (keeps completeness; baselines.md 2).
 """
 
@@ -11,8 +10,10 @@ from torch import Tensor, nn
 
 from .base import Method
 from .gradient import input_gradient
+from .registry import register
 
 
+@register("gradient_x_input")
 class GradientXInput(Method):
     """Map ``M(i,j) = sum_c x_c(i,j) * dS_t/dx_c(i,j)``: the SIGNED sum over colour channels.
 
@@ -21,7 +22,7 @@ class GradientXInput(Method):
     model input after normalisation, so "zero" is the dataset-mean colour. Returns ``[B,H,W]``.
     """
 
-    name = "gradient_x_input"
+    work_per_image = staticmethod(lambda p: 1.0)
     cost = "1 forward + 1 backward to the input"
     defaults_source = "no hyperparameters; signed channel sum (keeps completeness)"
 
@@ -29,5 +30,6 @@ class GradientXInput(Method):
         super().__init__(model)
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map: the signed channel sum of input times gradient."""
         grad = input_gradient(self, images, targets)
         return (images.float() * grad).sum(dim=1)

@@ -1,7 +1,6 @@
 """Guided Backpropagation (Springenberg et al. 2015): gradient through "guided" ReLUs.
 
 Cost per image: 1 forward + 1 modified backward to the input.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.065 s per image.
 Defaults and their sources: no hyperparameters (Springenberg et al. 2015 ReLU rule, jacobgil GuidedBackpropReLUasModule); reduction max_c|.|.
 """
 
@@ -16,8 +15,10 @@ from .backprop_rules import (
     activation_handlers,
     check_reduction,
 )
+from .registry import register
 
 
+@register("guided_backprop")
 class GuidedBackprop(ModifiedBackprop):
     """Input gradient where every ReLU-type activation passes ``g * 1[z > 0] * 1[g > 0]``.
 
@@ -31,7 +32,6 @@ class GuidedBackprop(ModifiedBackprop):
       ``attribute_channels`` returns the raw ``[B,3,H,W]`` gradient. Returns ``[B,H,W]``.
     """
 
-    name = "guided_backprop"
     cost = "1 forward + 1 modified backward to the input"
     defaults_source = (
         "Springenberg et al. 2015 ReLU rule; no hyperparameters; reduction max_c|.| "
@@ -43,4 +43,5 @@ class GuidedBackprop(ModifiedBackprop):
         self.reduction = check_reduction(self.name, reduction)
 
     def rules(self) -> RuleTable:
+        """The guided ReLU rule on every activation."""
         return RuleTable(handlers=activation_handlers(GuidedClamp.apply))

@@ -26,20 +26,16 @@ Reconstructed [R2] (all constructor parameters; the first version [R1] is kept a
   and the unit makes ``area_weight`` mean the same on every model and image. [R1]'s full
   logit L2 (``"logits"``, HSPI) ignores the target class, so every class got the same map;
   ``"target"`` is [R1]'s two-sided ``|f_t - f_t(x~)|``.
-* **Sizes**: benchmark masks (7, 14), auxiliary masks (56, 0), where 0 is the input
-  resolution: the finest auxiliary mask has one value per pixel, which "captures fine-grained
-  pixel importance". On EfficientNet-Lite0 [R1]'s (4, 7, 14)/(28, 56, 112) barely moved from
-  their all-ones start (means 1.0 / 0.999 / 0.95), and maps stacking such coarse masks rank
-  pixels worse than a random order in the deletion metric (BENCHMARKS.md section 7.1).
+* **Sizes**: benchmark masks (7, 14), auxiliary masks (28, 56), the auxiliary grids capped
+  at cells of ``min_cell=4`` px (at 32 px both are 8 x 8): no free per-pixel mask (the classic
+  adversarial-mask failure), plus a total-variation term ``smooth_weight=0.05`` on each
+  auxiliary mask (``0`` sizes and ``min_cell=0`` restore a per-pixel mask).
 * **Guidance** ``guidance="loss"``: the auxiliary masks are pulled towards the benchmark map
   ``B = mean_j up(m_b,j)`` by ``guidance_weight * mean((up(m_a) - B)^2)`` (both phases start at
-  all ones). [R1]'s ``"multiply"`` (effective mask ``B * up(m_a)``) makes the map a product of
-  a coarse region and pixel detail, which ranks pixels region first: its deletion AUC on the
-  demo photos was twice that of ``"loss"`` (BENCHMARKS.md). ``"init"`` starts the auxiliary
-  masks at ``B``; ``"none"`` optimises them alone (for comparison).
-* **DM map** ``stack="auxiliary"``: the mean of the auxiliary masks (guided by B, so the
-  benchmark masks act through them), min-max scaled; ``"all"`` also stacks the benchmark
-  masks ([R1]), whose coarse cells then dominate the ranking of pixels.
+  all ones); ``"multiply"`` (effective mask ``B * up(m_a)``), ``"init"`` (start at ``B``) and
+  ``"none"`` are options.
+* **DM map** ``stack="all"``: the mean of the SUPERIMPOSED masks, benchmark and auxiliary
+  (the abstract's "superimposed masks"), min-max scaled; ``"auxiliary"`` stacks those only.
 * **Hierarchy**: ``stages=2``; stage t > 1 removes (fills) the top ``remove_fraction=0.2`` of
   ``max(S_1..S_{t-1})`` (pixels with a value > 0) and runs a DM module on the rest; fusion
   ``sum_t w_t * S_t * (1 - R_{t-1})`` with ``w_t = 0.5^(t-1)`` (``stage_weights``), so what a
@@ -80,13 +76,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Method, MethodError, check_inputs, model_guard
+from .base import FORWARD, Method, MethodError, check_inputs, model_guard
 from .mask_opt import MaskOptimizer, check_optimizer, shared_noise, smooth_hinge, smooth_norm
+from .registry import register
 
 CONSISTENCIES = ("preserve", "target", "logits")
 NORMS = ("l2", "l2_squared")
@@ -128,6 +126,17 @@ def _minmax(s: Tensor) -> Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(s)
 
 
+def total_variation(m: Tensor) -> Tensor:
+    """Per-sample ``[b]`` mean absolute difference of vertically plus horizontally
+    neighbouring cells of masks ``[b,1,h,w]`` (0 along a side of one cell)."""
+    tv = m.new_zeros(m.shape[0])
+    if m.shape[-2] > 1:
+        tv = tv + (m[..., 1:, :] - m[..., :-1, :]).abs().mean((1, 2, 3))
+    if m.shape[-1] > 1:
+        tv = tv + (m[..., :, 1:] - m[..., :, :-1]).abs().mean((1, 2, 3))
+    return tv
+
+
 def apply_keep(x: Tensor, fill: Tensor, keep: Tensor) -> Tensor:
     """``x * keep + fill * (1 - keep)`` for keep masks ``[b,H,W]``, exact where keep = 1."""
     return x - (1.0 - keep)[:, None] * (x - fill)
@@ -149,10 +158,18 @@ def top_fraction(s: Tensor, fraction: float) -> Tensor:
     return (out & (flat > 0)).view_as(s)
 
 
+def _n(value: Any) -> int:
+    return len(value) if value is not None and hasattr(value, "__len__") else 0
+
+
+@register("hdm")
 class HDM(Method):
     """Hierarchical dynamic masks (reconstructed; see the module docstring)."""
 
-    name = "hdm"
+    # stages x (1 F + steps x (#benchmark + #auxiliary masks) x (F + B)) + 2 F
+    work_per_image = staticmethod(lambda p: int(p["stages"]) * (
+        FORWARD + int(p["steps"]) * (_n(p["benchmark_sizes"]) + _n(p["auxiliary_sizes"])))
+        + 2 * FORWARD)
     cost = (
         "stages x (1 forward + steps x (#benchmark + #auxiliary masks) x (1 forward + "
         "1 backward to the masks)) + 2 forwards; 2 x (1 + 30 x 4) + 2 = 244 passes per image"
@@ -168,7 +185,7 @@ class HDM(Method):
         self,
         model: nn.Module,
         benchmark_sizes: Sequence[int] = (7, 14),
-        auxiliary_sizes: Sequence[int] = (56, 0),
+        auxiliary_sizes: Sequence[int] = (28, 56),
         steps: int = 30,
         lr: float = 0.1,
         optimizer: str = "adam",
@@ -179,7 +196,9 @@ class HDM(Method):
         norm_eps: float = 1e-3,
         guidance: str = "loss",
         guidance_weight: float = 1.0,
-        stack: str = "auxiliary",
+        smooth_weight: float = 0.05,
+        min_cell: int = 4,
+        stack: str = "all",
         stages: int = 2,
         remove_fraction: float = 0.2,
         stage_weights: Sequence[float] | None = None,
@@ -208,7 +227,14 @@ class HDM(Method):
                 (extra ``guidance_weight * mean((up(m) - B)^2)``), ``"multiply"`` (effective
                 mask ``B * up(m)``), ``"init"`` (auxiliary masks start at ``B`` pooled) or
                 ``"none"``.
-            stack: DM map = mean of the ``"auxiliary"`` (effective) masks, or of ``"all"``.
+            smooth_weight: weight of the total variation of each auxiliary mask (mean
+                absolute difference of neighbouring cells): against adversarial pixel
+                patterns.
+            min_cell: auxiliary masks are never finer than cells of ``min_cell`` pixels
+                (a size is capped at ``input side // min_cell``; 0 = no cap, and size 0 then
+                means one free value per pixel).
+            stack: DM map = mean of ``"all"`` masks superimposed (benchmark and effective
+                auxiliary, default) or of the ``"auxiliary"`` ones only.
             stages, remove_fraction, stage_weights: the hierarchy; ``stage_weights`` None =
                 ``0.5^(t-1)``.
             stop_fraction: stop a sample's hierarchy early when the softmax probability of its
@@ -233,6 +259,8 @@ class HDM(Method):
                                     ("stack", stack, STACKS), ("fill", fill, FILLS)):
             if value not in allowed:
                 raise MethodError(f"hdm: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        if int(min_cell) < 0 or smooth_weight < 0:
+            raise MethodError("hdm: min_cell and smooth_weight must be >= 0")
         if int(forward_images) < 1:
             raise MethodError(f"hdm: forward_images must be >= 1, got {forward_images}")
         if steps < 0 or stages < 1:
@@ -250,6 +278,7 @@ class HDM(Method):
         self.hinge_width, self.norm, self.norm_eps = float(hinge_width), norm, float(norm_eps)
         self.guidance, self.guidance_weight = guidance, float(guidance_weight)
         self.stack = stack
+        self.smooth_weight, self.min_cell = float(smooth_weight), int(min_cell)
         self.stages, self.remove_fraction = int(stages), float(remove_fraction)
         self.stage_weights = [0.5**t for t in range(self.stages)] if stage_weights is None else [
             float(w) for w in stage_weights]
@@ -317,14 +346,20 @@ class HDM(Method):
             return d.square().sum(-1)
         return smooth_norm(d, self.norm_eps)
 
-    def mask_shape(self, s: int, size: tuple[int, int]) -> tuple[int, int]:
-        return tuple(size) if s == 0 else (s, s)
+    def mask_shape(self, s: int, size: tuple[int, int], auxiliary: bool = False
+                   ) -> tuple[int, int]:
+        """The grid of a mask of side ``s`` (0 = input resolution) on ``size`` inputs; an
+        auxiliary mask is capped at ``size // min_cell`` per side."""
+        shape = tuple(size) if s == 0 else (s, s)
+        if auxiliary and self.min_cell > 0:
+            shape = tuple(max(1, min(a, b // self.min_cell)) for a, b in zip(shape, size))
+        return shape
 
     def init_masks(self, n: int, sizes: Sequence[int], offset: int, size: tuple[int, int],
-                   device: torch.device) -> list[Tensor]:
+                   device: torch.device, auxiliary: bool = False) -> list[Tensor]:
         masks = []
         for i, s in enumerate(sizes):
-            shape = (1, 1, *self.mask_shape(s, size))
+            shape = (1, 1, *self.mask_shape(s, size, auxiliary))
             m0 = torch.full(shape, self.init_value)
             if self.init_noise > 0:
                 m0 = m0 - self.init_noise * shared_noise(self.seed, shape, offset + i)
@@ -409,7 +444,7 @@ class HDM(Method):
         guide = bench_keep.mean(1, keepdim=True)  # B, [b,1,H,W]
 
         aux = self.init_masks(xt.shape[0], self.auxiliary_sizes, len(self.benchmark_sizes),
-                              size, xt.device)
+                              size, xt.device, auxiliary=True)
         if self.guidance == "init":
             with torch.no_grad():
                 for p in aux:
@@ -424,6 +459,8 @@ class HDM(Method):
                 if self.guidance == "loss":
                     total = total + self.guidance_weight * (up - guide).square().mean(
                         (1, 2, 3)).sum()
+                if self.smooth_weight:
+                    total = total + self.smooth_weight * total_variation(p).sum()
             return total
 
         if aux:
@@ -469,7 +506,7 @@ class HDM(Method):
                     "samples": idx,
                     "benchmark": [x.new_zeros(0, 1, *self.mask_shape(s, size))
                                   for s in self.benchmark_sizes],
-                    "auxiliary": [x.new_zeros(0, 1, *self.mask_shape(s, size))
+                    "auxiliary": [x.new_zeros(0, 1, *self.mask_shape(s, size, True))
                                   for s in self.auxiliary_sizes],
                     "guide": x.new_zeros(0, 1, *size),
                 })

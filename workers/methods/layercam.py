@@ -1,7 +1,6 @@
 """LayerCAM (Jiang et al. 2021): each activation weighted by its own positive gradient.
 
 Cost per image: 1 forward + 1 backward down to the target layer only.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.039 s per image.
 Defaults and their sources: element-wise ReLU(gradient) weights (PengtaoJiang/LayerCAM-jittor convert.py, jacobgil LayerCAM); target layer as Grad-CAM; no multi-layer fusion (not in the official code).
 """
 
@@ -11,8 +10,10 @@ import torch
 from torch import Tensor
 
 from .cam_base import CAMMethod
+from .registry import register
 
 
+@register("layercam")
 class LayerCAM(CAMMethod):
     """``ReLU(sum_k ReLU(dS_t/dA_k) * A_k)``, element-wise weights, at ``[B,u,v]``.
 
@@ -21,7 +22,6 @@ class LayerCAM(CAMMethod):
     single-layer code and is left out. Raw map: no upsampling, no min-max scaling.
     """
 
-    name = "layercam"
     cost = "1 forward + 1 backward to the target layer"
     defaults_source = (
         "element-wise ReLU(gradient) weights as PengtaoJiang/LayerCAM-jittor convert.py and "
@@ -29,4 +29,5 @@ class LayerCAM(CAMMethod):
     )
 
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        """Per-position weights: the positive part of the gradients."""
         return torch.relu(grads)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from .base import MethodError
+from .errors import MethodError
 
 
 def default_target_layer_name(model: nn.Module) -> str:

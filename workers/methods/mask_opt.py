@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import MethodError
+from .errors import MethodError
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -45,6 +45,7 @@ class MaskOptimizer:
 
     @torch.no_grad()
     def step(self, grads: Sequence[Tensor]) -> None:
+        """One update of the masks from their gradients (SGD or Adam), in place."""
         self.t += 1
         b1, b2 = self.betas
         for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
@@ -61,6 +62,7 @@ class MaskOptimizer:
 
 
 def check_optimizer(kind: str, lr: float) -> None:
+    """Raise a MethodError for an unknown optimizer or a learning rate that is not positive."""
     if kind not in OPTIMIZERS:
         raise MethodError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
     if not lr > 0:

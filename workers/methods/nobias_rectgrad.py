@@ -1,15 +1,16 @@
 """NoBias-RectGrad (Brocki & Chung 2020): RectGrad without the final product with the input.
 
 Cost per image: 1 forward + 1 modified backward (+ one per-sample k-th value per activation call).
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.136 s per image.
 Defaults and their sources: as RectGrad (q=98, padding trick) without the product with the input (lenbrocki/NoBias-Rectified-Gradient NoBiasRectifiedGradient); signed channel sum.
 """
 
 from __future__ import annotations
 
 from .rectgrad import RectGrad
+from .registry import register
 
 
+@register("nobias_rectgrad")
 class NoBiasRectGrad(RectGrad):
     """The rectified gradient itself, ``A = g_x`` (lenbrocki/NoBias-Rectified-Gradient).
 
@@ -21,7 +22,6 @@ class NoBiasRectGrad(RectGrad):
     ``"max_abs"`` or ``"positive_sum"``. Returns ``[B,H,W]``.
     """
 
-    name = "nobias_rectgrad"
     cost = "1 forward + 1 modified backward (+1 per-sample k-th value per activation call)"
     defaults_source = (
         "lenbrocki/NoBias-Rectified-Gradient methods.py NoBiasRectifiedGradient: as RectGrad "

@@ -27,7 +27,7 @@ import math
 
 from torch import Tensor, nn
 
-from .base import MethodError
+from .errors import MethodError
 
 RESHAPES = ("auto", "nchw", "nhwc", "tokens")
 #: most leading tokens dropped in "tokens" mode (class + distillation + register tokens)

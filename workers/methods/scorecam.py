@@ -1,8 +1,6 @@
 """Score-CAM (Wang et al. 2020): channels weighted by the score of the image masked with them.
 
 Cost per image: 1 forward + K masked forwards (K = channels of the target layer; 1280 on Lite0's head), no backward.
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): ~29 s per image (extrapolated from 128
-of the 1280 head channels on one image).
 Defaults and their sources: variant='official' (haofanwang/Score-CAM cam/scorecam.py: softmax-probability weights, min-max normalised upsampled masks, constant channels skipped); 'jacobgil' = pytorch-grad-cam ScoreCAM.
 """
 
@@ -12,12 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MethodError, target_scores
+from .base import FORWARD, target_scores
 from .cam_base import CAMMethod, combine
+from .errors import MethodError
+from .registry import register
 
 VARIANTS = ("official", "jacobgil")
+#: Score-CAM does one forward per channel of its target layer; the driver does not build the
+#: model to count them, so its cost estimate assumes this many (ResNet-18/34 layer4;
+#: ResNet-50 has 2048)
+ASSUMED_CHANNELS = 512
 
 
+@register("scorecam")
 class ScoreCAM(CAMMethod):
     """``ReLU(sum_k w_k A_k)`` with ``w_k`` read from one masked forward per channel.
 
@@ -40,7 +45,8 @@ class ScoreCAM(CAMMethod):
     ``inner_batch_size`` at a time.
     """
 
-    name = "scorecam"
+    # one masked forward per channel of the target layer, plus the prediction's forward
+    work_per_image = staticmethod(lambda p: (1 + int(p.get("channels", ASSUMED_CHANNELS))) * FORWARD)
     cost = "1 + K forwards (K = channels of the target layer), no backward"
     defaults_source = (
         "variant 'official': haofanwang/Score-CAM cam/scorecam.py (softmax probability "
@@ -70,6 +76,7 @@ class ScoreCAM(CAMMethod):
         return (up - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
     def attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        """The map from the score-weighted channels, without gradients."""
         with torch.no_grad():
             logits, acts = self.layer_forward(images, cut_graph=False)
             target_scores(logits, targets)  # an invalid target fails here, not silently later

@@ -6,7 +6,6 @@ Follows the reference code 123fxdx/CNNvisualizationTSGB (``explainer/RGBP_cbp/
 functionsGBP.py``: ``WoneConv2dG``, ``LRPBNG``, ``CLinearG``, ``AVGPoolG``).
 
 Cost per image: 1 forward + 1 modified backward (each conv backward recomputes its forward and runs two all-ones convs).
-Measured: pretrained EfficientNet-Lite0, 224 px, batch 4, CPU, 1 torch thread (scripts/method_timing.py): 0.178 s per image.
 Defaults and their sources: gamma=1.0 and epsilon=1e-10 (123fxdx/CNNvisualizationTSGB functionsGBP.py CLinearG/WoneConv2dG); grouped_rule='group' (the reference's commented-out full rule; 'slim' = its shipped code); signed RGB sum of gradient x input.
 """
 
@@ -28,7 +27,10 @@ from .backprop_rules import (
     conv_args,
     explicit_padding,
 )
-from .base import MethodError
+from .base import FORWARD
+from .errors import MethodError
+from .features import CONV_HEAD, RELU_NETS_ONLY
+from .registry import register
 
 GROUPED_RULES = ("group", "slim")
 
@@ -238,6 +240,7 @@ class _TSGBPass:
             )
 
 
+@register("tsgb")
 class TSGB(ModifiedBackprop):
     """TSGB map ``M = sum_c x_c * g_x,c``: relevance-style gradient times input.
 
@@ -278,7 +281,11 @@ class TSGB(ModifiedBackprop):
     negatives and max-normalises). Returns ``[B,H,W]`` at the input resolution.
     """
 
-    name = "tsgb"
+    # each conv backward recomputes its forward and runs two all-ones convs: ~2 backwards
+    work_per_image = staticmethod(lambda p: FORWARD + 2 * (1 - FORWARD))
+    no_rule = RELU_NETS_ONLY | {CONV_HEAD}
+    no_rule_why = ("rules for ReLU convolutional networks only, and the relevance is passed "
+                   "to the input through an nn.Linear classifier")
     cost = (
         "1 forward + 1 modified backward (each conv backward recomputes its forward and runs "
         "two single-channel-per-group all-ones convs)"
@@ -311,4 +318,5 @@ class TSGB(ModifiedBackprop):
         self.reduction = check_reduction(self.name, reduction)
 
     def rules(self) -> RuleTable:
+        """The TSGB rules of one forward pass."""
         return _TSGBPass(self).table()

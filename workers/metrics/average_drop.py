@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .faithfulness import apply_sign
-from .jobs import CLEAN, Context, JobGroup, Plan, score_index
+from .jobs import CLEAN, Context, JobGroup, Plan, planner, score_index
 from .registry import MetricError
 
 NORMALIZE = ("minmax", "max", "none")
@@ -98,7 +98,9 @@ def _y_o(scores: dict, group: JobGroup, scale: Tensor, params: dict[str, Any]
     return y, torch.where(identical, y, o)
 
 
+@planner("average_drop")
 def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Average Drop's jobs: the clean and the map-masked image of each sample."""
     group, scale = _masked_group(ctx, params)
     score_index(params)  # fail on a bad score name before any forward
 
@@ -115,7 +117,9 @@ def plan_average_drop(ctx: Context, params: dict[str, Any]) -> Plan:
     return Plan([ctx.clean_group(), group], finish)
 
 
+@planner("confidence_increase")
 def plan_confidence_increase(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Increase in Confidence's jobs: the clean and the map-masked image (shared with Average Drop)."""
     group, scale = _masked_group(ctx, params)
     score_index(params)  # fail on a bad score name before any forward
 

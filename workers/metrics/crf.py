@@ -34,6 +34,7 @@ class CRFUnavailable(ImportError):
 
 
 def available() -> bool:
+    """Whether the dense-CRF binding can be imported here."""
     try:
         _densecrf()
     except CRFUnavailable:

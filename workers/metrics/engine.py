@@ -9,21 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import average_drop, faithfulness, region, road
-from .jobs import Context, Plan, run_groups
+# the modules whose planners register themselves (``@planner(name)``) in jobs.PLANNERS
+from . import average_drop, faithfulness, region, road  # noqa: F401
+from .jobs import PLANNERS, Context, run_groups
 from .registry import MetricError, get_spec, resolve_params
 
 NOTES = "_notes"  # per-sample remarks, not a column
-
-PLANNERS: dict[str, Callable[[Context, dict[str, Any]], Plan]] = {
-    "deletion_auc": faithfulness.plan_deletion,
-    "insertion_auc": faithfulness.plan_insertion,
-    "average_drop": average_drop.plan_average_drop,
-    "confidence_increase": average_drop.plan_confidence_increase,
-    "road": road.plan_road,
-    "region_deletion_auc": region.plan_region_deletion,
-    "region_insertion_auc": region.plan_region_insertion,
-}
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:

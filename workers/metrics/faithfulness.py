@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .jobs import CLEAN, Context, JobGroup, Plan, score_index
+from .jobs import CLEAN, Context, JobGroup, Plan, planner, score_index
 from .registry import MetricError
 
 SUBSTRATES = ("zero", "black", "blur")
@@ -184,9 +184,11 @@ def curve_finish(key: tuple, kind: str, name: str, b: int, steps: int, params: d
     return finish
 
 
+@planner("deletion_auc")
 def plan_deletion(ctx: Context, params: dict[str, Any]) -> Plan:
     return plan_curve(ctx, params, "deletion")
 
 
+@planner("insertion_auc")
 def plan_insertion(ctx: Context, params: dict[str, Any]) -> Plan:
     return plan_curve(ctx, params, "insertion")

@@ -59,9 +59,11 @@ class Context:
 
     @property
     def batch(self) -> int:
+        """The number of samples."""
         return int(self.images.shape[0])
 
     def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value under ``key``, made once by ``make``."""
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
@@ -72,7 +74,27 @@ class Context:
         return JobGroup(CLEAN, torch.arange(self.batch, device=images.device), lambda j: images[j])
 
 
+Planner = Callable[[Context, dict[str, Any]], Plan]
+#: model metric name -> its planner, filled by :func:`planner` where each planner is defined
+PLANNERS: dict[str, Planner] = {}
+
+
+def planner(name: str) -> Callable[[Planner], Planner]:
+    """Register the decorated function as the planner of the model metric ``name`` (the
+    metric's spec, with its defaults and columns, is in :mod:`.registry`)."""
+
+    def decorate(fn: Planner) -> Planner:
+        if PLANNERS.get(name, fn) is not fn:
+            raise ValueError(f"metric {name!r} has a planner already")
+        PLANNERS[name] = fn
+        return fn
+
+    return decorate
+
+
 def score_index(params: dict[str, Any]) -> int:
+    """The score column a metric reads (0: softmax probability, 1: logit); MetricError for another
+    name."""
     score = params.get("score", "softmax")
     if score not in SCORES:
         raise MetricError(f"score must be one of {', '.join(SCORES)}, got {score!r}")

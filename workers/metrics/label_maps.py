@@ -53,6 +53,7 @@ def class_scores(maps: np.ndarray) -> np.ndarray:
 
 
 def check_thresholds(fg: float, bg: float) -> None:
+    """Raise ValueError unless ``0 <= bg <= fg < 1``."""
     if not (0.0 <= float(bg) <= float(fg) < 1.0):
         raise ValueError(f"label map thresholds need 0 <= bg <= fg < 1, got fg={fg}, bg={bg}")
 
@@ -134,6 +135,7 @@ def pack_maps(targets: Sequence[int], maps: np.ndarray) -> bytes:
 
 
 def unpack_maps(data: bytes) -> tuple[list[int], np.ndarray]:
+    """A sample's packed maps -> (its targets, the maps ``[T, h, w]``)."""
     buf = io.BytesIO(data)
     targets = np.load(buf, allow_pickle=False)
     maps = np.load(buf, allow_pickle=False)

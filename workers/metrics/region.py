@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .faithfulness import apply_sign, curve_finish, substrate, tie_permutation
-from .jobs import Context, JobGroup, Plan
+from .jobs import Context, JobGroup, Plan, planner
 from .registry import MetricError
 
 
@@ -100,9 +100,13 @@ def plan_region_curve(ctx: Context, params: dict[str, Any], kind: str) -> Plan:
                 curve_finish(key, kind, f"region_{kind}", b, steps, params))
 
 
+@planner("region_deletion_auc")
 def plan_region_deletion(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Region deletion's jobs: patches replaced by the substrate, most salient first."""
     return plan_region_curve(ctx, params, "deletion")
 
 
+@planner("region_insertion_auc")
 def plan_region_insertion(ctx: Context, params: dict[str, Any]) -> Plan:
+    """Region insertion's jobs: patches copied onto the substrate, most salient first."""
     return plan_region_curve(ctx, params, "insertion")

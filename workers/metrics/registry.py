@@ -13,6 +13,7 @@ metrics. A per-metric dict ``params[name]`` overrides flat keys for that metric.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,11 @@ class MetricSpec:
     columns: tuple[str, ...]
     defaults: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    #: model metrics: forward passes per image from the resolved parameters, for the driver's
+    #: cost estimate (:func:`salmap.workers.methods.cost.metric_cost`)
+    forwards: Callable[[dict[str, Any]], int] | None = None
+    #: metrics with the same non-empty value share their forwards (counted once)
+    shares_forwards: str = ""
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -68,12 +74,14 @@ METRICS: dict[str, MetricSpec] = {
             {**_CAUSAL, "deletion_substrate": "zero"},
             "RISE deletion: trapezoid AUC on [0,1] of p_c while the most salient pixels are "
             "replaced by the substrate (lower is better). deletion_curve only with curves=True.",
+            forwards=lambda p: int(p["steps"]) + 1,
         ),
         MetricSpec(
             "insertion_auc", "model", ("insertion_auc", "insertion_curve"),
             {**_CAUSAL, "insertion_substrate": "blur"},
             "RISE insertion: AUC of p_c while the most salient pixels are copied from the image "
             "onto the substrate (higher is better).",
+            forwards=lambda p: int(p["steps"]) + 1,
         ),
         MetricSpec(
             "region_deletion_auc", "model", ("region_deletion_auc", "region_deletion_curve"),
@@ -81,24 +89,28 @@ METRICS: dict[str, MetricSpec] = {
             "Region deletion: AUC of p_c while whole patches (region_size px, most salient "
             "mean first) are replaced by the blurred image (lower is better). Compare with a "
             "random patch order, not a per-pixel one (region.py).",
+            forwards=lambda p: int(p["region_steps"]) + 1,
         ),
         MetricSpec(
             "region_insertion_auc", "model", ("region_insertion_auc", "region_insertion_curve"),
             dict(_REGION),
             "Region insertion: AUC of p_c while whole patches are copied from the image onto "
             "its blur, most salient first (higher is better).",
+            forwards=lambda p: int(p["region_steps"]) + 1,
         ),
         MetricSpec(
             "average_drop", "model", ("average_drop", "confidence_clean", "confidence_masked"),
             dict(_MULT),
             "Grad-CAM++ drop per image, in %: 100*max(0, Y-O)/Y with Y = p_c(image), "
             "O = p_c(map * image); the dataset mean is Average Drop % (lower is better).",
+            forwards=lambda p: 1, shares_forwards="masked image",
         ),
         MetricSpec(
             "confidence_increase", "model", ("confidence_increase",),
             dict(_MULT),
             "Grad-CAM++ increase per image: 100 if O > Y else 0; the dataset mean is "
             "Increase in Confidence % (higher is better).",
+            forwards=lambda p: 1, shares_forwards="masked image",
         ),
         MetricSpec(
             "road", "model", ("road", "road_morf", "road_lerf", "road_gap"),
@@ -118,6 +130,7 @@ METRICS: dict[str, MetricSpec] = {
             "road_morf = mean_p p_c(keep bottom p%) (most relevant removed first; lower is "
             "better), road_lerf = mean_p p_c(keep top p%) (higher is better) and road_gap = "
             "road_lerf - road_morf (= 2 road; higher is better). On demand: 2P imputations.",
+            forwards=lambda p: 2 * len(p["road_percentiles"]),
         ),
         MetricSpec(
             "pointing_game", "post", ("pointing_hit",),

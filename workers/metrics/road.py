@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .faithfulness import ranks_for
-from .jobs import Context, JobGroup, Plan, score_index
+from .jobs import Context, JobGroup, Plan, planner, score_index
 from .registry import MetricError
 
 _D, _C = 1.0 / 6.0, 1.0 / 12.0  # weight of a direct and of a diagonal neighbour
@@ -108,6 +108,7 @@ def keep_counts(n_pixels: int, percentiles: tuple[float, ...] | list[float]) -> 
     return out
 
 
+@planner("road")
 def plan_road(ctx: Context, params: dict[str, Any]) -> Plan:
     percentiles = tuple(float(p) for p in params["road_percentiles"])
     if not percentiles:
