@@ -290,3 +290,17 @@ def small_config(shards: list[str], output: str, **extra) -> str:
     for k, v in extra.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return json.dumps(cfg)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with end-to-end (``slow``) tests first, each file's tests kept together and in
+    order: `make test` hands whole files to its xdist workers, and a long file picked up last
+    would leave one worker running it alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: 0 if item.path in slow_files else 1 if item.path.stem in HEAVY
+               else 2)
+
+
+# files without end-to-end jobs that still take a minute or more (trained models, Lite0 metrics)
+HEAVY = {"test_methods_faithfulness", "test_synthetic", "test_analyze_planted",
+         "test_commit_protocol", "test_methods_contract", "test_methods_hdm", "test_methods_dmbp"}
