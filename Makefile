@@ -14,9 +14,6 @@ STAMP_TEST := $(VENV)/.installed-test
 # the hand-kept pins of torch, torchvision and Ray, and pyproject.toml): every install uses it,
 # deploy/Dockerfile too, and tests/test_environment.py fails when the venv drifts from it.
 LOCK := constraints-lock.txt
-# `make test` runs the test files on this many pytest-xdist workers (a file stays on one worker, so
-# its module fixtures run once); each worker that meets a Ray test starts its own local cluster
-TEST_WORKERS ?= 2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +39,7 @@ demo: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check salmap pipeline workers tests bench scripts
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
+	$(PY) -m pytest -q --durations=30 tests
 
 bench: setup-test
 	$(PY) bench/run_all.py

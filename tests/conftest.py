@@ -16,10 +16,7 @@ SECRET = "s3cr3t-do-not-leak"
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# `make test` runs the files on several pytest-xdist workers (one per core): each gets its share of
-# the cores, so two workers on two cores do not each run two OpenMP threads
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 class TinyNet(nn.Module):
@@ -291,16 +288,3 @@ def small_config(shards: list[str], output: str, **extra) -> str:
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return json.dumps(cfg)
 
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Files with end-to-end (``slow``) tests first, each file's tests kept together and in
-    order: `make test` hands whole files to its xdist workers, and a long file picked up last
-    would leave one worker running it alone at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: 0 if item.path in slow_files else 1 if item.path.stem in HEAVY
-               else 2)
-
-
-# files without end-to-end jobs that still take a minute or more (trained models, Lite0 metrics)
-HEAVY = {"test_methods_faithfulness", "test_synthetic", "test_analyze_planted",
-         "test_commit_protocol", "test_methods_contract", "test_methods_hdm", "test_methods_dmbp"}
