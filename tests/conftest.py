@@ -215,6 +215,20 @@ def ray_session(ray_cluster):
     return ray
 
 
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar archive in memory with the given (member name, bytes), in order."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def write_shard(path, samples: list[dict]) -> None:
     """Write a WebDataset tar: each sample is {"__key__": k, "<suffix>": bytes}."""
     import io

@@ -8,7 +8,7 @@ import pickle
 import tarfile
 
 import pytest
-from conftest import jpeg_bytes, write_shard
+from conftest import jpeg_bytes, tar_bytes, write_shard
 from salmap.pipeline.decode import DecodeSpec, decode_batch
 from salmap.pipeline.shard_reader import describe, read_shard, split_member
 
@@ -124,19 +124,9 @@ def test_reads_from_s3(tmp_path):
         server.stop()
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_a_member_over_the_limit_is_its_samples_error_and_the_rest_is_read(tmp_path):
     path = tmp_path / "s-000000.tar"
-    path.write_bytes(_tar_bytes([("a.jpg", b"1" * 100), ("a.cls", b"0"),
+    path.write_bytes(tar_bytes([("a.jpg", b"1" * 100), ("a.cls", b"0"),
                                  ("big.jpg", b"x" * 4096), ("big.cls", b"1"),
                                  ("c.jpg", b"3" * 100), ("c.cls", b"2")]))
     rows = _rows(path, max_member_bytes=1024)
@@ -159,7 +149,7 @@ class _HugeMemberTar(io.RawIOBase):
         info.size = size
         self.parts = [(info.tobuf(format=tarfile.PAX_FORMAT), 0),
                       (b"", size + (-size % tarfile.BLOCKSIZE)),
-                      (_tar_bytes([("next.jpg", b"ok"), ("next.cls", b"1")]), 0)]
+                      (tar_bytes([("next.jpg", b"ok"), ("next.cls", b"1")]), 0)]
         self.total = sum(len(d) + n for d, n in self.parts)
         self.pos = 0
 

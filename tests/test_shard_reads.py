@@ -9,7 +9,7 @@ import pickle
 import tarfile
 
 import pytest
-from conftest import jpeg_bytes, write_shard
+from conftest import jpeg_bytes, tar_bytes, write_shard
 from s3_counting import CountingMotoServer
 from salmap.pipeline.decode import DecodeSpec, decode_batch
 from salmap.pipeline.shard_reader import read_shard
@@ -41,22 +41,12 @@ def _put(server, name: str, data: bytes) -> str:
     return f"s3://wds/{name}"
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("size_mb", [0.4, 20])
 def test_a_shard_is_read_with_one_get_whatever_its_size(counting_s3, size_mb):
     # 0.4 MB: 40 samples of 10 KB (the tar parser asks for 10 KiB at a time: one ranged GET
     # each through pyarrow's stream); 20 MB: more than two read buffers
     per = int(size_mb * 1e6) // 40
-    data = _tar([(f"k{i:03d}.{s}", os.urandom(per // 2)) for i in range(40) for s in ("jpg", "cls")])
+    data = tar_bytes([(f"k{i:03d}.{s}", os.urandom(per // 2)) for i in range(40) for s in ("jpg", "cls")])
     url = _put(counting_s3, f"one-get-{size_mb}.tar", data)
     assert len(data) > READ_BUFFER * 2 or size_mb < 1
     before = len(counting_s3.requests)
@@ -77,7 +67,7 @@ def _offset(data: bytes, name: str) -> int:
 def test_a_body_that_breaks_is_resumed_from_where_it_stopped(counting_s3):
     from salmap.pipeline.storage import s3_client
 
-    data = _tar([(f"k{i}.bin", os.urandom(300_000)) for i in range(4)])
+    data = tar_bytes([(f"k{i}.bin", os.urandom(300_000)) for i in range(4)])
     url = _put(counting_s3, "resumed.tar", data)
 
     class Breaking:
@@ -142,7 +132,7 @@ def test_hostile_member_names_are_error_rows_naming_the_member(tmp_path):
         members += [(f"{key}.jpg", jpeg_bytes(1, (40, 40))), (f"{key}.cls", b"2")]
     members += [("z.jpg", jpeg_bytes(2, (40, 40)))]
     path = tmp_path / "hostile.tar"
-    path.write_bytes(_tar(members))
+    path.write_bytes(tar_bytes(members))
     rows = _rows(path)
     assert rows[0]["__key__"] == "good/a" and not rows[0]["__error__"]
     for row, (key, why) in zip(rows[1:], HOSTILE):
@@ -184,7 +174,7 @@ def test_the_report_reads_its_photos_with_one_get_per_shard(counting_s3):
     images = {i: jpeg_bytes(i, size=(96, 96)) for i in range(40)}  # ~8 KB of noise each
     members = [(f"k{i:03d}.{ext}", data) for i in range(40)
                for ext, data in (("jpg", images[i]), ("json", b'{"boxes": []}'))]
-    url = _put(counting_s3, "photos.tar", _tar(members))
+    url = _put(counting_s3, "photos.tar", tar_bytes(members))
     path = "/wds/photos.tar"
     before = len(counting_s3.requests)
     got = load_photos({("photos", "k002"), ("photos", "k039")}, {"shards": [url]},
