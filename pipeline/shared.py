@@ -278,12 +278,14 @@ def run_shared(run: Any, job: list[tuple[Any, list]], identity: dict, index: dic
         updates.append(lambda n, line=line: line.update(n))
         lines.append(line)
     failed: str | None = None
+    broken: str | None = None
     try:
         run_group(exs, trackers, commits, updates, [run.accounting.get(u.id) for u, _ in job])
     except LockLost:
         raise  # another driver owns the run now: stop everything, commit nothing more
     except Exception as err:  # noqa: BLE001 - each unit's rest is redone on its own below
         failed = root_cause(err)
+        broken = pool_that_failed_to_start(err, [u.id for u, _ in job])
     now = time.time()
     for (unit, _), line in zip(job, lines):
         acc = run.accounting.get(unit.id)
@@ -299,8 +301,31 @@ def run_shared(run: Any, job: list[tuple[Any, list]], identity: dict, index: dic
         pending = tracker.pending()
         for w in pending:  # what the failed execution wrote for these is not committed
             run.store.delete_dir(f"{unit.data_prefix}/{w.id}")
-        if pending:
+        if pending and unit.id == broken and not tracker.done:
+            # its actors died in their constructor on every start Ray Data allows: alone it
+            # would fail the same way (as _run_unit, no retry when nothing was committed)
+            names = [shard_name_of(s) for w in pending for s in w.shards]
+            with run.commit_lock:
+                run._fail(f"{unit.id}: {len(names)} shard(s) not done "
+                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {failed}")
+        elif pending:
             _run_unit(run, unit, pending, identity, index, actors.get(unit.id))
+
+
+def pool_that_failed_to_start(err: BaseException, unit_ids: list[str]) -> str | None:
+    """The unit whose actors died in their constructor, when that is what ended the
+    execution (Ray's ActorDiedError names the actor class, one per unit); else None."""
+    from .accounting import pool_class_name
+    from .errors import chain
+
+    for e in chain(err):
+        text = str(e)
+        if "error raised in its creation task" not in text:
+            continue
+        named = [u for u in unit_ids if f"({pool_class_name(u)})" in text]
+        if len(named) == 1:
+            return named[0]
+    return None
 
 
 def shard_name_of(url: str) -> str:

@@ -173,3 +173,24 @@ def test_a_broken_unit_fails_alone(tmp_path, make_shards, ray_cluster):
         "r18__gradient" in f for f in result.failures), result.failures
     manifest = json.loads((tmp_path / "out" / "t" / "manifest.json").read_text())
     assert manifest["units"]["r18__gradient"]["rows"] == 4
+
+
+def test_the_unit_whose_pool_died_in_its_constructor_is_named():
+    from salmap.pipeline.shared import pool_that_failed_to_start
+
+    died = RuntimeError(
+        "The actor died because of an error raised in its creation task, "
+        "ray::MapWorker(MapBatches(Explainer[r18__gradcam])).__init__() (pid=1, "
+        "repr=MapWorker(MapBatches(Explainer[r18__gradcam])))\nMethodError: no such layer")
+    units = ["r18__gradient", "r18__gradcam", "r18__gradcam_pp"]
+    assert pool_that_failed_to_start(died, units) == "r18__gradcam"
+    try:  # wrapped, as Ray Data raises it
+        try:
+            raise died
+        except RuntimeError as inner:
+            raise ValueError("execution failed") from inner
+    except ValueError as outer:
+        assert pool_that_failed_to_start(outer, units) == "r18__gradcam"
+    # a batch that failed inside a running actor is not a failed start: every unit is redone
+    assert pool_that_failed_to_start(RuntimeError(
+        "Explainer[r18__gradcam] raised ValueError in __call__"), units) is None
