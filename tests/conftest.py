@@ -302,3 +302,17 @@ def small_config(shards: list[str], output: str, **extra) -> str:
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return json.dumps(cfg)
 
+
+
+def salmap_in_process(capsys, *args: str):
+    """``salmap <args>`` in this process (joined to the session's cluster), as a completed
+    process: ``returncode``, ``stdout``, ``stderr``. For tests of what a command does and says;
+    those of the console itself (Ray's own output, signals, the supervisor) run a real one."""
+    import types
+
+    from salmap.pipeline import cli
+
+    capsys.readouterr()
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)

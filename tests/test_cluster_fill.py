@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 2, 4
-SLEEPY_S = 0.15  # the model's time per image and forward, on this cluster's workers
+SLEEPY_S = 0.1  # the model's time per image and forward, on this cluster's workers
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import small_config, write_shard
+from conftest import salmap_in_process, small_config, write_shard
 from salmap.pipeline import cli
 from salmap.pipeline.run import EXIT_CONFIG, EXIT_ERROR_RATE, EXIT_INCOMPLETE, EXIT_OK
 
@@ -18,14 +16,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _salmap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes(
-        tmp_path, ray_cluster):
+        tmp_path, ray_cluster, capsys):
     """Every row an error and a missing shard: exit 3 and a closing block after the tables
     restating both; without the missing shard: exit 5 (never 0 with 100 % error rows), unless
     run.max_error_rate allows it; a changed config is refused naming the keys."""
@@ -37,7 +29,7 @@ def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes
     job = tmp_path / "job.yaml"
     job.write_text(small_config([bad, gone], str(tmp_path / "out"), run_id="ends",
                                 methods=[{"name": "gradient"}]))
-    first = _salmap("run", str(job), f"ray.address={ray_cluster}")
+    first = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
     assert first.returncode == EXIT_INCOMPLETE, first.stderr[-3000:]
     closing = first.stderr.strip().splitlines()[-5:]
     assert closing[0] == ("salmap: error rows above run.max_error_rate=0.1: r18__gradient "
@@ -49,7 +41,7 @@ def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes
 
     job.write_text(small_config([bad], str(tmp_path / "out"), run_id="ends",
                                 methods=[{"name": "gradient"}]))
-    again = _salmap("run", str(job), f"ray.address={ray_cluster}")
+    again = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
     assert again.returncode == EXIT_ERROR_RATE, again.stderr[-3000:]
     assert "nothing left to do" in again.stdout or "nothing to do" in again.stdout
     assert again.stderr.strip().splitlines()[-2:] == [
@@ -58,14 +50,14 @@ def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes
     manifest = json.loads((tmp_path / "out" / "ends" / "manifest.json").read_text())
     assert manifest["error_rate"] == {"max": 0.1, "units": {"r18__gradient": 1.0},
                                       "over": ["r18__gradient"]}
-    allowed = _salmap("run", str(job), f"ray.address={ray_cluster}", "run.max_error_rate=1")
+    allowed = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}", "run.max_error_rate=1")
     assert allowed.returncode == EXIT_OK, allowed.stderr[-3000:]
 
     other = json.loads(small_config([bad], str(tmp_path / "out"), run_id="ends",
                                     methods=[{"name": "gradient"}], targets="label"))
     other["models"][0]["input_size"] = 96
     job.write_text(json.dumps(other))
-    changed = _salmap("run", str(job), f"ray.address={ray_cluster}")
+    changed = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
     assert changed.returncode == EXIT_CONFIG
     assert "changed: models[r18].input_size 64 -> 96; targets \"predicted\" -> \"label\"" \
         in changed.stderr, changed.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SECRET, jpeg_bytes, small_config, write_shard
+from conftest import SECRET, jpeg_bytes, salmap_in_process, small_config, write_shard
 from PIL import Image
 from salmap.pipeline.config import load_config
 from salmap.pipeline.read import read_run
@@ -64,7 +64,7 @@ def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
 
 
-def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_cluster):
+def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_cluster, capsys):
     folder = tmp_path / "shards"
     folder.mkdir()
     corpus = bad_input_samples()
@@ -85,8 +85,8 @@ def test_bad_input_truncated_and_missing_shards(tmp_path, make_shards, ray_clust
          str(folder / "gone-000000.tar")],
         str(tmp_path / "out"), methods=[{"name": "gradcam"}], targets="label",
         input={"max_pixels": 1_000_000}))
-    proc = _cli("run", str(job), f"ray.address={ray_cluster}")
-    stdout, stderr = proc.communicate(timeout=600)
+    proc = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
+    stderr = proc.stderr
     assert proc.returncode == EXIT_INCOMPLETE, stderr[-3000:]
     assert "gone-000000" in stderr and "missing" in stderr
     df = read_run(str(tmp_path / "out" / "t")).to_table().to_pandas()
@@ -185,18 +185,19 @@ def test_driver_killed_then_resumed_exactly_once(tmp_path, make_shards, ray_clus
     assert len(waves_done) == 6 - before
 
 
-def test_two_runs_with_one_id_second_is_refused(tmp_path, make_shards, ray_cluster):
+def test_two_runs_with_one_id_second_is_refused(tmp_path, make_shards, ray_cluster, capsys):
     shards = make_shards(n_shards=1, per_shard=4)
     job = tmp_path / "job.yaml"
     job.write_text(small_config(shards, str(tmp_path / "out"), run_id="twice",
-                                methods=[{"name": "integrated_gradients", "params": {"steps": 64}}]))
+                                methods=[{"name": "integrated_gradients", "params": {"steps": 16}}]))
     first = _cli("run", str(job), f"ray.address={ray_cluster}")
     lock = tmp_path / "out" / "twice" / "_lock.json"
     deadline = time.time() + 120
     while not lock.exists() and time.time() < deadline:
         time.sleep(0.1)
-    second = _cli("run", str(job), f"ray.address={ray_cluster}")
-    out2, err2 = second.communicate(timeout=120)
+    # the second driver in this process: it asks for the lock at once (no interpreter start)
+    second = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
+    err2 = second.stderr
     out1, err1 = first.communicate(timeout=600)
     assert second.returncode == 4 and "locked by another driver" in err2
     assert first.returncode == EXIT_OK, err1[-2000:]

@@ -140,7 +140,7 @@ def test_raylet_killed_mid_run_interrupts_and_the_same_command_resumes(tmp_path,
     shards = make_shards(n_shards=2, per_shard=6)
     job = tmp_path / "job.yaml"
     job.write_text(small_config(shards, str(tmp_path / "out"), run_id="raylet",
-                                methods=[{"name": "integrated_gradients", "params": {"steps": 64}}],
+                                methods=[{"name": "integrated_gradients", "params": {"steps": 32}}],
                                 resources={"batch_size": 2}, ray={"num_cpus": 2}))
     command = [sys.executable, "-m", "salmap.pipeline.cli", "run", str(job)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

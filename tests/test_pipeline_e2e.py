@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import SECRET, small_config
+from conftest import SECRET, salmap_in_process, small_config
 from salmap.pipeline.config import load_config
 from salmap.pipeline.read import read_run
 from salmap.pipeline.run import EXIT_OK, run_job
@@ -175,7 +175,8 @@ def test_config_error_from_the_command_line(tmp_path):
     assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster):
+def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster, capsys,
+                                                          monkeypatch):
     """The demo config on real photos (EfficientNet-Lite0): every metric column filled, a summary
     that lists the region metrics first, Grad-CAM's region insertion AUC above its region
     deletion AUC on average, the pixel-level metrics not in the demo, and the sanity check."""
@@ -184,9 +185,9 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
     data = tmp_path / "demo-data"
     photos = ["chelsea", "coffee", "astronaut"]  # three units x three photos: the suite's budget
     write_demo_shards(str(data), names=photos)
-    env = {"SALMAP_DEMO_DATA": str(data)}
-    proc = _cli("run", "configs/demo.yaml", f"run.output={tmp_path / 'runs'}", f"ray.address={ray_cluster}",
-                env=env)
+    monkeypatch.setenv("SALMAP_DEMO_DATA", str(data))
+    proc = salmap_in_process(capsys, "run", "configs/demo.yaml", f"run.output={tmp_path / 'runs'}",
+                             f"ray.address={ray_cluster}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]  # the demo ends with the report's path
     assert last.startswith("report: ") and last.endswith("index.html"), last
@@ -209,8 +210,8 @@ def test_demo_config_runs_with_metrics_summary_and_sanity(tmp_path, ray_cluster)
     header = lines[lines.index("summary (mean [95% bootstrap CI] over ok rows):") + 1]
     assert header.split()[:4] == ["unit", "errors", "region_deletion_auc",
                                   "region_insertion_auc"], header
-    sanity = _cli("sanity", "configs/demo.yaml", f"run.output={tmp_path / 'runs'}",
-                  "methods=[{name: gradient}]", "--samples", "2", env=env)
+    sanity = salmap_in_process(capsys, "sanity", "configs/demo.yaml", f"run.output={tmp_path / 'runs'}",
+                               "methods=[{name: gradient}]", "--samples", "2")
     assert sanity.returncode == 0, sanity.stderr[-2000:]
     table = pq.read_table(tmp_path / "runs" / "demo" / "sanity" / "sanity.parquet").to_pandas()
     assert table.layer.iloc[0] == "original" and len(table) > 2

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import salmap_in_process
 from PIL import Image
 from salmap.pipeline.export import export_run
 from salmap.pipeline.read import read_run
@@ -51,14 +49,8 @@ def _horse_shard(folder: Path) -> None:
             tar.addfile(info, io.BytesIO(data_))
 
 
-def _salmap(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 @pytest.mark.slow
-def test_label_maps_exports_quality_and_crf_on_the_demo_photos(tmp_path, ray_cluster):
+def test_label_maps_exports_quality_and_crf_on_the_demo_photos(tmp_path, ray_cluster, capsys):
     from pycocotools.coco import COCO
     from salmap.pipeline.demo_data import write_demo_shards
     from salmap.workers.metrics.label_maps import IGNORE, classes_in, decode_png
@@ -71,7 +63,7 @@ def test_label_maps_exports_quality_and_crf_on_the_demo_photos(tmp_path, ray_clu
               f'input.shards=["{data}/demo-000000.tar","{data}/horse-000000.tar"]',
               "methods=[{name: gradcam}]", "targets=all_labels", "metrics=[pseudo_box]",
               "pseudo_labels.label_maps=true", "input.mask_key=seg.png"]
-    proc = _salmap("run", "configs/demo.yaml", "run.id=plain", *common)
+    proc = salmap_in_process(capsys, "run", str(REPO / "configs" / "demo.yaml"), "run.id=plain", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pseudo-label quality, efficientnet_lite0__gradcam: boxes precision" in proc.stdout
     plain = str(runs / "plain")
@@ -98,7 +90,7 @@ def test_label_maps_exports_quality_and_crf_on_the_demo_photos(tmp_path, ray_clu
     assert "<section id=labels>" in html and "label-quality-table" in html and "sorrel" in html
 
     # COCO through the command line, read by pycocotools
-    out = _salmap("export", plain, "--format", "coco")
+    out = salmap_in_process(capsys, "export", plain, "--format", "coco")
     assert out.returncode == 0, out.stderr[-2000:]
     coco = COCO(str(runs / "plain" / "export" / "coco" / f"{UNIT}.json"))
     sizes = {img["file_name"]: (img["width"], img["height"]) for img in coco.imgs.values()}
@@ -118,7 +110,7 @@ def test_label_maps_exports_quality_and_crf_on_the_demo_photos(tmp_path, ray_clu
     pytest.importorskip("pydensecrf.densecrf")
     crf = [c if not c.startswith("input.shards=") else f'input.shards=["{data}/horse-000000.tar"]'
            for c in common]
-    proc = _salmap("run", "configs/demo.yaml", "run.id=crf", "pseudo_labels.crf=true", *crf)
+    proc = salmap_in_process(capsys, "run", str(REPO / "configs" / "demo.yaml"), "run.id=crf", "pseudo_labels.crf=true", *crf)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = [r for r in read_run(str(runs / "crf")).to_table(
         columns=["label_map_png", "label_map_quality"]).to_pylist() if r["label_map_png"]]
