@@ -16,6 +16,12 @@ SECRET = "s3cr3t-do-not-leak"
 os.environ.update({"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# The tests folder on every process's path (the session's Ray workers, drivers in subprocesses
+# and their own Ray instances): the end-to-end jobs' model is tiny_models:tiny_resnet.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -285,14 +291,18 @@ def make_shards(tmp_path):
     return make
 
 
+TINY_SOURCE = "tiny_models:tiny_resnet"
+
+
 def small_config(shards: list[str], output: str, **extra) -> str:
-    """YAML of a fast job: ResNet-18 (random weights) at 64 px, gradient + gradcam."""
+    """YAML of a fast job: the tiny residual CNN of tests/tiny_models.py at 64 px (unit names
+    ``tiny__<method>``), gradient + gradcam."""
     import json
 
     cfg = {
         "run": {"id": extra.pop("run_id", "t"), "output": output, "report": False},
         "input": {"shards": shards},
-        "models": [{"name": "r18", "source": "torchvision:resnet18", "weights": "none", "input_size": 64}],
+        "models": [{"name": "tiny", "source": TINY_SOURCE, "input_size": 64}],
         "methods": [{"name": "gradient"}, {"name": "gradcam"}],
         "targets": "predicted",
         "metrics": [],

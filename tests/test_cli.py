@@ -93,7 +93,7 @@ f.stop()
 print(len(f.dropped), stderr_is_tty())
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]])})
     assert p.returncode == 0, p.stderr
     assert p.stderr == ("first\npython stderr\n[2026-11-30 E 1 1] core_worker.cc:99: a real "
                         "error\nlast without newline")
@@ -147,12 +147,12 @@ def test_salmap_run_prints_only_salmaps_lines(tmp_path, ray_cluster):
                                 run_id="quiet", methods=[{"name": "gradient"}]))
     p = subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", "run", str(job),
                         f"ray.address={ray_cluster}"], capture_output=True, text=True,
-                       timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]])})
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stderr == "", p.stderr  # no token notice, no Ray Data INFO, no core_worker line
     salmap_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("salmap:")]
     assert any("committed wave" in ln for ln in salmap_lines)
-    assert any(ln.startswith("salmap: r18__gradient: 2/2 samples (100%)") for ln in salmap_lines)
+    assert any(ln.startswith("salmap: tiny__gradient: 2/2 samples (100%)") for ln in salmap_lines)
     assert "INFO" not in p.stdout and "WARNING" not in p.stdout and "core_worker" not in p.stdout
 
 
@@ -207,7 +207,7 @@ def test_a_shard_url_with_credentials_is_never_echoed(tmp_path):
                                          "connect_timeout_s": 1, "request_timeout_s": 1}))
     p = subprocess.run([sys.executable, "-m", "salmap.pipeline.cli", "run", str(job)],
                        capture_output=True, text=True, timeout=300, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]])})
     assert p.returncode in (1, 2), p.stderr
     assert "hunter2" not in p.stdout + p.stderr and "AKIAXX" not in p.stdout + p.stderr
     assert "s3://***@bucket/data" in p.stderr, p.stderr

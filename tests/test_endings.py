@@ -32,12 +32,12 @@ def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes
     first = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
     assert first.returncode == EXIT_INCOMPLETE, first.stderr[-3000:]
     closing = first.stderr.strip().splitlines()[-5:]
-    assert closing[0] == ("salmap: error rows above run.max_error_rate=0.1: r18__gradient "
+    assert closing[0] == ("salmap: error rows above run.max_error_rate=0.1: tiny__gradient "
                           "100.0% (3 of 3 rows) > max"), first.stderr[-3000:]
     assert closing[1].startswith("salmap: run 'ends' ended incomplete: 1 failure(s)")
     assert closing[2].startswith("salmap: FAILED shard gone-000000 is missing")
     assert closing[3].startswith("salmap: exit 3 (incomplete)")
-    assert "r18__gradient  INCOMPLETE" in first.stdout, first.stdout  # the table says so too
+    assert "tiny__gradient  INCOMPLETE" in first.stdout, first.stdout  # the table says so too
 
     job.write_text(small_config([bad], str(tmp_path / "out"), run_id="ends",
                                 methods=[{"name": "gradient"}]))
@@ -45,11 +45,11 @@ def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes
     assert again.returncode == EXIT_ERROR_RATE, again.stderr[-3000:]
     assert "nothing left to do" in again.stdout or "nothing to do" in again.stdout
     assert again.stderr.strip().splitlines()[-2:] == [
-        "salmap: error rows above run.max_error_rate=0.1: r18__gradient 100.0% (3 of 3 rows) > max",
+        "salmap: error rows above run.max_error_rate=0.1: tiny__gradient 100.0% (3 of 3 rows) > max",
         f"salmap: exit 5 (error rate); details in {tmp_path / 'out' / 'ends'}/manifest.json"]
     manifest = json.loads((tmp_path / "out" / "ends" / "manifest.json").read_text())
-    assert manifest["error_rate"] == {"max": 0.1, "units": {"r18__gradient": 1.0},
-                                      "over": ["r18__gradient"]}
+    assert manifest["error_rate"] == {"max": 0.1, "units": {"tiny__gradient": 1.0},
+                                      "over": ["tiny__gradient"]}
     allowed = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}", "run.max_error_rate=1")
     assert allowed.returncode == EXIT_OK, allowed.stderr[-3000:]
 
@@ -59,7 +59,7 @@ def test_failures_and_error_rows_end_in_a_closing_block_and_their_own_exit_codes
     job.write_text(json.dumps(other))
     changed = salmap_in_process(capsys, "run", str(job), f"ray.address={ray_cluster}")
     assert changed.returncode == EXIT_CONFIG
-    assert "changed: models[r18].input_size 64 -> 96; targets \"predicted\" -> \"label\"" \
+    assert "changed: models[tiny].input_size 64 -> 96; targets \"predicted\" -> \"label\"" \
         in changed.stderr, changed.stderr
 
 
@@ -88,7 +88,7 @@ def test_an_interrupt_during_the_report_leaves_it_owed_to_the_next_run(
     manifest = json.loads((run / "manifest.json").read_text())
     assert calls and manifest["status"] == "interrupted"
     assert manifest["report"] == {"status": "pending"}
-    assert manifest["units"]["r18__gradient"]["rows"] == 2  # every wave was committed
+    assert manifest["units"]["tiny__gradient"]["rows"] == 2  # every wave was committed
     assert not (run / "_lock.json").exists()
 
     monkeypatch.setattr(report, "write_report", real)

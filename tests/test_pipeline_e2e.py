@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import SECRET, salmap_in_process, small_config
+from conftest import SECRET, TINY_SOURCE, salmap_in_process, small_config
 from salmap.pipeline.config import load_config
 from salmap.pipeline.read import read_run
 from salmap.pipeline.run import EXIT_OK, run_job
@@ -42,7 +42,7 @@ def test_local_job_rows_maps_and_same_rows_as_in_process(tmp_path, make_shards, 
     assert df.groupby(["sample_id", "method"]).size().eq(1).all()
     # readable by plain pyarrow and pandas without salmap, maps finite with the documented shape
     for method, shape in (("gradient", (64, 64)), ("gradcam", (2, 2))):
-        unit_dir = run / "data" / "r18" / method
+        unit_dir = run / "data" / "tiny" / method
         table = pads.dataset(str(unit_dir), format="parquet", partitioning=None).to_table()
         maps = table.column("saliency").combine_chunks().to_numpy_ndarray()
         assert maps.shape == (6, *shape) and np.isfinite(maps).all()
@@ -69,8 +69,8 @@ def test_local_job_rows_maps_and_same_rows_as_in_process(tmp_path, make_shards, 
                 cur.update({"__key__": key, "__url__": shard, ext: tar.extractfile(m).read()})
             rows.append(cur)
     batch = decode_batch(rows, DecodeSpec(("jpg",), "cls", "json", 64, 73, 10**8))
-    explainer = Explainer(ActorSpec(model={"name": "r18", "source": "torchvision:resnet18",
-                                           "weights": "none", "input_size": 64}, method="gradcam"))
+    explainer = Explainer(ActorSpec(model={"name": "tiny", "source": TINY_SOURCE,
+                                           "input_size": 64}, method="gradcam"))
     local = explainer(batch)
     got = df[df.method == "gradcam"].set_index("sample_id")
     for i, sid in enumerate(local["sample_id"]):
@@ -124,9 +124,12 @@ def test_job_on_s3_endpoint(tmp_path, make_shards, ray_cluster, s3_server):
     upload(s3_server, "data", shards, "wds")
     local = make_shards(n_shards=1, per_shard=2, folder=tmp_path / "local", prefix="local")
     # one wave mixes S3 and local shards: each read task opens its own filesystem
+    # the config itself from an s3:// URL, as a cluster entrypoint reads it: with a torchvision
+    # model (a config read from storage may name importable code only when allowed)
     job = _job(tmp_path, ["s3://data/wds/shard-{000000..000001}.tar", local[0]], "s3://data/runs",
-               storage={"endpoint": s3_server, "region": "us-east-1"})
-    # the config itself from an s3:// URL, as a cluster entrypoint reads it
+               storage={"endpoint": s3_server, "region": "us-east-1"},
+               models=[{"name": "r18", "source": "torchvision:resnet18", "weights": "none",
+                        "input_size": 64}])
     (config_url,) = upload(s3_server, "data", [str(job)], "configs")
     cfg = load_config(config_url, [f"storage.endpoint={s3_server}", f"ray.address={ray_cluster}"])
     result = run_job(cfg, out=lambda *a: None)

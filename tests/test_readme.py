@@ -108,7 +108,7 @@ def _snippets(section: str = "Reading results") -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, ray_cluster):
-    """One real run: 3 photos-sized random JPEGs and one corrupt image, ResNet-18 at 64 px,
+    """One real run: 3 photos-sized random JPEGs and one corrupt image, the tiny CNN at 64 px,
     gradient + gradcam, a few cheap metrics."""
     from salmap.pipeline.run import EXIT_OK, run_job
 
@@ -139,13 +139,13 @@ def test_reading_results_snippets_run(small_run, capsys):
     for i, code in enumerate(blocks):
         assert README_RUN in code, f"snippet {i} does not set {README_RUN}"
         code = code.replace(README_RUN, f"RUN = {str(small_run)!r}")
-        code = code.replace(README_UNIT, 'UNIT = "r18__gradcam"')
-        code = code.replace("/data/efficientnet_lite0/gradcam", "/data/r18/gradcam")
+        code = code.replace(README_UNIT, 'UNIT = "tiny__gradcam"')
+        code = code.replace("/data/efficientnet_lite0/gradcam", "/data/tiny/gradcam")
         ns: dict = {"__name__": f"readme_snippet_{i}"}
         exec(compile(code, f"README.md (Reading results, snippet {i})", "exec"), ns)
         out = capsys.readouterr().out
         assert out.strip(), f"snippet {i} printed nothing"
-        if "stack" in ns:  # gradcam on ResNet-18 at 64 px: a 2x2 grid; 4 samples, 1 broken
+        if "stack" in ns:  # gradcam on the tiny CNN at 64 px: a 2x2 grid; 4 samples, 1 broken
             assert ns["stack"].shape == (4, 2, 2)
             assert [m is None for m in ns["df"]["saliency"]] == list(ns["df"]["status"] != "ok")
             assert all(m.shape == (2, 2) for m in ns["df"]["saliency"] if m is not None)
@@ -161,7 +161,7 @@ def test_reading_results_snippets_run(small_run, capsys):
             assert "broken" in out and "img0.jpg" in out
             checked.add("pandas")
         elif "duckdb" in ns:
-            assert "r18" in out and "gradcam" in out and "gradient" in out
+            assert "tiny" in out and "gradcam" in out and "gradient" in out
             checked.add("duckdb")
     assert checked == {"salmap", "polars", "pandas", "duckdb"}
 

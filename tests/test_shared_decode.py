@@ -153,7 +153,7 @@ def test_the_group_reads_and_decodes_once(tmp_path, make_shards, ray_cluster):
         op = op.input_dependencies[0] if op.input_dependencies else None
     names.reverse()
     assert sum("_ReadShards" in n for n in names) == 1 and sum("_Decode" in n for n in names) == 1
-    pools = [n for n in names if "r18__" in n]
+    pools = [n for n in names if "tiny__" in n]
     assert len(pools) == 2 and "gradient" in pools[0] and "gradcam" in pools[1], names
 
 
@@ -169,10 +169,10 @@ def test_a_broken_unit_fails_alone(tmp_path, make_shards, ray_cluster):
     assert any("shared execution of 2 units failed" in s for s in said), said
     df = read_run(str(tmp_path / "out" / "t")).to_table().to_pandas()
     assert set(df.method) == {"gradient"} and len(df) == 4 and (df.status == "ok").all()
-    assert any("r18__gradcam" in f for f in result.failures) and not any(
-        "r18__gradient" in f for f in result.failures), result.failures
+    assert any("tiny__gradcam" in f for f in result.failures) and not any(
+        "tiny__gradient" in f for f in result.failures), result.failures
     manifest = json.loads((tmp_path / "out" / "t" / "manifest.json").read_text())
-    assert manifest["units"]["r18__gradient"]["rows"] == 4
+    assert manifest["units"]["tiny__gradient"]["rows"] == 4
 
 
 def test_the_unit_whose_pool_died_in_its_constructor_is_named():
