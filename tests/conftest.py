@@ -111,11 +111,30 @@ def mobilenet_v2() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def vgg16_small() -> nn.Module:
-    """torchvision VGG-16 topology at a small width is not available; use the real one, 10 classes."""
-    import torchvision
+    """VGG-16 at 1/8 of its width, 10 classes: a torchvision ``VGG`` with VGG-16's layers and
+    module names (13 convs each followed by an in-place ReLU, 5 max-pools, ``avgpool``, the
+    three-layer classifier with ReLUs and dropout), 8-64 channels and a 512-wide classifier
+    (the real one's 4096-wide classifier holds 120 M weights that no test needs), initialised
+    as torchvision initialises VGG."""
+    from torchvision.models.vgg import VGG, cfgs, make_layers
 
     torch.manual_seed(0)
-    return torchvision.models.vgg16(weights=None, num_classes=10).eval()
+    with torch.device("meta"):  # VGG() builds the full-width classifier: replaced below
+        model = VGG(nn.Identity(), num_classes=10, init_weights=False)
+    model.features = make_layers([v if v == "M" else v // 8 for v in cfgs["D"]])
+    model.classifier = nn.Sequential(
+        nn.Linear(64 * 7 * 7, 512), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(512, 512), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(512, 10),
+    )
+    for m in model.modules():  # torchvision's VGG initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ written through pipeline.ledger.Ledger.commit.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -53,6 +54,13 @@ def _label_map(classes: list[int], s: int) -> np.ndarray:
     return lm
 
 
+@functools.cache
+def _label_map_png(classes: tuple[int, ...], s: int) -> bytes:
+    """``_label_map`` as PNG bytes, encoded once per (classes, s): it depends on ``s % 8``
+    only, so pass that."""
+    return encode_png(_label_map(list(classes), s))
+
+
 def _rows(shard: str, n: int, classes_of, payload: int, rng, quality: bool = False) -> list[dict]:
     rows = []
     for k in range(n):
@@ -75,7 +83,7 @@ def _rows(shard: str, n: int, classes_of, payload: int, rng, quality: bool = Fal
                 "saliency_png": MAP_PNG + rng.bytes(payload),  # padding: incompressible bulk
                 "saliency_min": 0.0, "saliency_max": 1.0,
                 "pseudo_box": box, "pseudo_box_score": None if box is None else 0.5 + 0.01 * j,
-                "label_map_png": encode_png(_label_map(classes, k)) if j == 0 else None,
+                "label_map_png": _label_map_png(tuple(classes), k % 8) if j == 0 else None,
                 "status": "ok", "error": ""})
             if quality:  # ground truth: one box of each explained class; a mask on sample 1
                 rows[-1].update(gt_box_count=1, pseudo_box_match=box is not None and k % 3 == 0)
