@@ -39,9 +39,10 @@ demo: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check salmap pipeline workers tests bench scripts
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q --durations=30 -m "not bench" tests
 
 bench: setup-test
+	$(PY) -m pytest -q -m bench tests
 	$(PY) bench/run_all.py
 
 # Mutation testing of the metric formulas and the seed methods (TESTING.md): hours on 2 cores,

@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import jpeg_bytes, write_shard
 
-pytestmark = pytest.mark.slow
+# a measured scenario (its own 2-node cluster, timed actors; about 80 s on the 2-core machine):
+# `make bench` runs it, `make test` does not; the planning it checks end to end is unit-tested
+# in test_shares.py
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES, GPUS_PER_NODE, CPUS_PER_NODE = 2, 2, 4

@@ -356,7 +356,9 @@ def test_salmap_sanity_cascades_blocks_and_stores_its_protocol(tmp_path, make_sh
 
     job = tmp_path / "job.yaml"
     job.write_text(small_config(make_shards(n_shards=1, per_shard=2), str(tmp_path / "out"),
-                                methods=[{"name": "gradient"}]))
+                                methods=[{"name": "gradient"}],
+                                models=[{"name": "r18", "source": "torchvision:resnet18",
+                                         "weights": "none", "input_size": 64}]))
     run_sanity(load_config(str(job), []), samples=2)
     table = pq.read_table(tmp_path / "out" / "t" / "sanity" / "sanity.parquet")
     blocks = ["fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0",
