@@ -238,11 +238,13 @@ def test_the_heartbeat_notices_a_takeover(store):
 
 
 def test_a_live_lock_is_refused_and_kept_alive_by_its_heartbeat(store):
-    lock = RunLock(store, lease_s=0.3)
+    # a lease long enough that a heartbeat late by a loaded machine's stall (the S3 case's
+    # moto server shares this process) does not let it lapse; slept through twice
+    lock = RunLock(store, lease_s=1.5)
     lock.acquire()
-    time.sleep(0.8)  # more than two leases: only heartbeats keep it fresh
+    time.sleep(3.2)  # more than two leases: only heartbeats keep it fresh
     with pytest.raises(LockHeld, match="locked by another driver"):
-        RunLock(store, lease_s=0.3).acquire()
+        RunLock(store, lease_s=1.5).acquire()
     lock.check()
     lock.release()
 
