@@ -123,9 +123,12 @@ def test_worker_killed_mid_run_exactly_once(tmp_path, make_shards, ray_cluster, 
 
     shards = make_shards(n_shards=2, per_shard=6)
     job = tmp_path / "job.yaml"
+    # ResNet-18, not the tiny CNN: the actor must still be working 2 s after it came up
     job.write_text(small_config(shards, str(tmp_path / "out"), run_id="kill-worker",
                                 methods=[{"name": "integrated_gradients", "params": {"steps": 64}}],
-                                resources={"batch_size": 2}))
+                                resources={"batch_size": 2},
+                                models=[{"name": "r18", "source": "torchvision:resnet18",
+                                         "weights": "none", "input_size": 64}]))
     proc = _cli("run", str(job), f"ray.address={ray_cluster}")
     killed = 0
     deadline = time.time() + 240
