@@ -383,10 +383,7 @@ def _run_unit(run: DriverState, unit: Unit, waves: list[Wave], identity: dict, i
                         f"{len(tracker.done)} wave(s) ({reason}); retrying the other "
                         f"{len(waves)} wave(s)")
                 continue
-            names = [shard_name(s) for w in waves for s in w.shards]
-            with run.commit_lock:
-                run._fail(f"{unit.id}: {len(names)} shard(s) not done "
-                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}")
+            fail_waves(run, unit, waves, reason)
             break
     acc = run.accounting.get(unit.id)
     if acc is not None:  # the pool is gone: Ray's actor table has each actor's lifetime
@@ -394,6 +391,14 @@ def _run_unit(run: DriverState, unit: Unit, waves: list[Wave], identity: dict, i
         acc.set_lifetimes({a: (start, end or now) for a, (start, end)
                            in actor_lifetimes(unit.id, run.driver_started).items()})
     progress.finish()
+
+
+def fail_waves(run: DriverState, unit: Unit, waves: list[Wave], reason: str) -> None:
+    """Record the unit's ``waves`` as not done, naming their shards and the reason."""
+    names = [shard_name(s) for w in waves for s in w.shards]
+    with run.commit_lock:
+        run._fail(f"{unit.id}: {len(names)} shard(s) not done "
+                  f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}")
 
 
 def add_summaries(units: dict[str, dict], aggregates: dict[str, dict]) -> dict[str, dict]:

@@ -257,7 +257,7 @@ def run_shared(run: Any, job: list[tuple[Any, list]], identity: dict, index: dic
     from .errors import root_cause
     from .lock import LockLost
     from .progress import ProgressLine
-    from .run import _run_unit, unit_execution
+    from .run import _run_unit, fail_waves, unit_execution
 
     exs, trackers, commits, updates, lines = [], [], [], [], []
     for unit, waves in job:
@@ -304,10 +304,7 @@ def run_shared(run: Any, job: list[tuple[Any, list]], identity: dict, index: dic
         if pending and unit.id == broken and not tracker.done:
             # its actors died in their constructor on every start Ray Data allows: alone it
             # would fail the same way (as _run_unit, no retry when nothing was committed)
-            names = [shard_name_of(s) for w in pending for s in w.shards]
-            with run.commit_lock:
-                run._fail(f"{unit.id}: {len(names)} shard(s) not done "
-                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {failed}")
+            fail_waves(run, unit, pending, failed)
         elif pending:
             _run_unit(run, unit, pending, identity, index, actors.get(unit.id))
 
