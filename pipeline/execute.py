@@ -293,19 +293,26 @@ def run_unit(ex: UnitExecution, tracker: WaveTracker, on_commit: Callable[[dict]
     raised (committed waves stay committed)."""
     ds = build_dataset(ex)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if accounting is not None and "actors" in batch:
-            for text in batch["actors"]:
-                if text:
-                    accounting.add(json.loads(str(text)))
-        for i, kind in enumerate(batch["kind"]):
-            if kind == "file":
-                keys = [tuple(k) for k in json.loads(str(batch["keys"][i]))]
-                agg = str(batch["aggregate"][i]) if "aggregate" in batch else ""
-                tracker.add_file(str(batch["path"][i]), keys, json.loads(agg) if agg else None)
-            else:
-                tracker.add_marker(str(batch["shard"][i]), int(batch["samples"][i]),
-                                   str(batch["error"][i]), bool(batch["unreadable"][i]))
+        for i in range(len(batch["kind"])):
+            take_record(batch, i, tracker, accounting)
         for record in tracker.ready():
             on_commit(record)
         if on_progress is not None:
             on_progress(tracker.samples_written)
+
+
+def take_record(batch: dict[str, np.ndarray], i: int, tracker: WaveTracker,
+                accounting: UnitAccounting | None) -> None:
+    """Record ``i`` of a post + write batch (:data:`RECORD_COLUMNS`) into its unit's tracker
+    and accounting: a written file with its rows' keys and aggregate, or a shard end. One
+    place for a unit's own execution and a shared one, so both commit the same records."""
+    text = str(batch["actors"][i]) if "actors" in batch else ""
+    if text and accounting is not None:
+        accounting.add(json.loads(text))
+    if batch["kind"][i] == "file":
+        keys = [tuple(k) for k in json.loads(str(batch["keys"][i]))]
+        agg = str(batch["aggregate"][i]) if "aggregate" in batch else ""
+        tracker.add_file(str(batch["path"][i]), keys, json.loads(agg) if agg else None)
+    else:
+        tracker.add_marker(str(batch["shard"][i]), int(batch["samples"][i]),
+                           str(batch["error"][i]), bool(batch["unreadable"][i]))

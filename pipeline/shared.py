@@ -20,7 +20,6 @@ wave its units committed; the units' pending waves are then redone one unit at a
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +37,7 @@ from .execute import (
     explainer_class,
     post_write,
     read_and_decode,
+    take_record,
 )
 from .tracker import WaveTracker
 
@@ -133,18 +133,10 @@ def run_group(exs: list[UnitExecution], trackers: list[WaveTracker],
     ds = build_group_dataset(exs)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         touched = set()
-        for i, kind in enumerate(batch["kind"]):
+        for i in range(len(batch["kind"])):
             k = int(batch["unit"][i])
             touched.add(k)
-            text = str(batch["actors"][i])
-            if text and accounting[k] is not None:
-                accounting[k].add(json.loads(text))
-            if kind == "file":
-                keys = [tuple(x) for x in json.loads(str(batch["keys"][i]))]
-                trackers[k].add_file(str(batch["path"][i]), keys)
-            else:
-                trackers[k].add_marker(str(batch["shard"][i]), int(batch["samples"][i]),
-                                       str(batch["error"][i]), bool(batch["unreadable"][i]))
+            take_record(batch, i, trackers[k], accounting[k])
         for k in sorted(touched):
             for record in trackers[k].ready():
                 on_commit[k](record)

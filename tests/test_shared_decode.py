@@ -121,6 +121,7 @@ def test_two_units_of_one_model_read_each_shard_once(tmp_path, make_shards, ray_
         assert run_job(cfg, out=lambda *a: None).exit_code == EXIT_OK
         counts[share] = [gets[k] for k in keys]
         df = read_run(f"s3://data/runs/r{int(share)}", storage=storage).to_table().to_pandas()
+        assert _records_without_aggregate(f"s3://data/runs/r{int(share)}", storage) == [], share
         rows[share] = df.sort_values(["method", "sample_id"]).reset_index(drop=True)
     assert counts[True] == one_read, (counts, one_read)  # read once for both units
     # once per unit; the first shard also gives the progress line its total (no shards.json):
@@ -132,6 +133,20 @@ def test_two_units_of_one_model_read_each_shard_once(tmp_path, make_shards, ray_
     for col in ("sample_id", "method", "target", "pred", "saliency_png"):
         assert shared[col].tolist() == alone[col].tolist(), col
     np.testing.assert_allclose(shared.target_logit, alone.target_logit, rtol=1e-5)
+
+
+def _records_without_aggregate(run_url: str, storage: dict) -> list[str]:
+    """The run's commit records that carry no aggregate: the end of the run would then read
+    every row of their files again (issue 20)."""
+    from salmap.pipeline.commit_record import decode_record
+    from salmap.pipeline.ledger import list_records
+    from salmap.pipeline.storage import Store
+
+    store = Store.open(run_url, storage)
+    index = list_records(store)
+    keys = [k for waves in index.keys.values() for k in waves.values()]
+    assert keys
+    return [k for k in keys if decode_record(store.read_bytes(k), k).aggregate is None]
 
 
 def test_the_group_reads_and_decodes_once(tmp_path, make_shards, ray_cluster):
