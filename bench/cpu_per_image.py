@@ -71,6 +71,10 @@ class TreeCPU:
         self.interval = interval
         self.seen: dict[tuple[int, int], float] = {}
         self.kind: dict[tuple[int, int], str] = {}
+        # CPU by what the process was doing: the growth since the last sample goes to its
+        # title then (Ray names a worker after the task or actor it runs)
+        self.by_role: dict[str, float] = {}
+        self.pids_of_role: dict[str, set[int]] = {}
 
     def sample(self) -> None:
         me = os.getpid()
@@ -82,7 +86,12 @@ class TreeCPU:
         while stack:
             pid = stack.pop()
             _, start, cpu = stats[pid]
-            self.seen[(pid, start)] = max(cpu, self.seen.get((pid, start), 0.0))
+            before = self.seen.get((pid, start), 0.0)
+            if cpu > before:
+                role = _role(pid, stats[pid][0] == me)
+                self.by_role[role] = self.by_role.get(role, 0.0) + cpu - before
+                self.pids_of_role.setdefault(role, set()).add(pid)
+            self.seen[(pid, start)] = max(cpu, before)
             if (pid, start) not in self.kind or self.kind[(pid, start)] == "daemons":
                 self.kind[(pid, start)] = _kind(pid, stats[pid][0] == me)
             stack.extend(children.get(pid, []))
@@ -102,6 +111,23 @@ def _kind(pid: int, top: bool) -> str:
     except OSError:
         return "daemons"
     return "workers" if cmd.startswith(b"ray::") else "daemons"
+
+
+def _role(pid: int, top: bool) -> str:
+    """What the process is: the driver, a Ray task or actor by its title (``ray::<name>``,
+    arguments dropped), or a daemon by its executable's name."""
+    if top:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    head = argv[0].decode(errors="replace")
+    if head.startswith("ray::"):
+        return head.split(" ")[0][:60]
+    words = [os.path.basename(a.decode(errors="replace")) for a in argv if a][:3]
+    return " ".join(w for w in words if not w.startswith("-"))[:60] or "?"
 
 
 def reap_all(tree: TreeCPU, grace_s: float = 60.0) -> int:
@@ -228,7 +254,9 @@ def _run_once(work: Path, n_images: int, args, tag: str) -> dict:
         text = (work / f"{tag}.log").read_text()[-3000:]
         raise RuntimeError(f"salmap run ({tag}) exited {proc.returncode}:\n{text}")
     return {"images": n_images, "cpu_s": cpu, "wall_s": wall, "killed": killed,
-            "workers_s": tree.total("workers"), "daemons_s": tree.total("daemons")}
+            "workers_s": tree.total("workers"), "daemons_s": tree.total("daemons"),
+            "by_role": dict(tree.by_role),
+            "processes": {r: len(p) for r, p in tree.pids_of_role.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     work = (large["workers_s"] - small["workers_s"]) * 1000.0 / (delta_images * units)
     print(f"\nmarginal of the driver + Ray workers alone: {work:.2f} CPU-ms per image per unit "
           "(the daemons' CPU grows with wall time, which a loaded machine stretches)")
+    roles = sorted(set(small["by_role"]) | set(large["by_role"]),
+                   key=lambda r: -(large["by_role"].get(r, 0.0) - small["by_role"].get(r, 0.0)))
+    print("\nWhere it goes (CPU by process title at each sample; a Ray worker is named after "
+          "the task or actor it runs):\n")
+    print(f"| process | CPU s at {small['images']} | CPU s at {large['images']} "
+          "| processes | marginal CPU-ms per image per unit |")
+    print("|---|---|---|---|---|")
+    for r in roles:
+        a, b = small["by_role"].get(r, 0.0), large["by_role"].get(r, 0.0)
+        if max(a, b) >= 0.05:
+            procs = f"{small['processes'].get(r, 0)} / {large['processes'].get(r, 0)}"
+            print(f"| `{r}` | {a:.1f} | {b:.1f} | {procs} "
+                  f"| {(b - a) * 1000.0 / (delta_images * units):.2f} |")
     print(f"\n**marginal: {marginal:.2f} CPU-ms per image per unit** "
           f"({(large['cpu_s'] - small['cpu_s']):.1f} CPU-s for {delta_images} more images x "
           f"{units} units)\n")

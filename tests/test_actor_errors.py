@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import jpeg_bytes
@@ -52,3 +53,23 @@ def test_out_of_memory_splits_then_a_deterministic_error_stops(explainer_and_bat
     errors = sorted(out["error"])
     assert errors[:2] == ["gradient failed on a batch of 2 samples: RuntimeError: index out of range"] * 2
     assert errors[2:] == ["gradient failed on a batch of 3 samples: RuntimeError: index out of range"] * 3
+
+
+def test_stored_maps_round_as_numpy_does_even_at_the_edges_of_float16(explainer_and_batch,
+                                                                       monkeypatch):
+    """The actor converts the batch's maps to the stored dtype with torch (numpy's float16
+    cast is a slow scalar path); the stored bits are numpy's, subnormals, overflow and ties
+    included."""
+    explainer, batch = explainer_and_batch
+    side = explainer.map_shape[0]
+    edges = torch.tensor([1e-8, -3e-8, 6.1e-5, 5.96e-8, 2.98e-8, 65504.0, 65519.0, 65520.0,
+                          -7e4, 1.0009765625 / 2 + 1.0, 0.1, float("inf")])
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-9, 5, side * side).view(side, side)  # subnormal to overflow
+    maps = torch.randn(5, side, side, generator=g) * scale
+    maps[:, 0, :len(edges)] = edges
+    monkeypatch.setattr(explainer.method, "attribute", lambda images, targets: maps[:len(images)])
+    out = explainer(batch)
+    expected = maps.numpy().astype(np.float16)
+    assert out["saliency"].dtype == np.float16
+    assert np.array_equal(out["saliency"].view(np.uint16), expected.view(np.uint16))

@@ -220,8 +220,9 @@ class Explainer:
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
             return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        # in place on the one float copy: the same values as (x / 255 - mean) / std, half the CPU
+        x = x.permute(0, 3, 1, 2).float()
+        x.div_(255.0).sub_(self.mean).div_(self.std)
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -299,7 +300,10 @@ class Explainer:
         group.method_done()
         metric_values = self._model_metrics(xx, maps, tgt_t, group.metric_progress)
         group.close()
-        maps_cpu = maps.float().cpu().numpy()
+        # stored dtype converted by torch for the whole batch: the same bits as numpy's astype,
+        # which takes a slow scalar path (ms per 224 x 224 map with subnormal values)
+        maps_cpu = maps.detach().to(torch.float16 if self.map_np == np.float16
+                                    else torch.float32).cpu().numpy()
         if maps_cpu.shape[1:] != tuple(self.map_shape):
             raise RuntimeError(f"method returned maps of shape {maps_cpu.shape[1:]}, expected {self.map_shape}")
         lg = logits[pos_t].gather(1, tgt_t.view(-1, 1)).squeeze(1).cpu().numpy()
@@ -313,7 +317,7 @@ class Explainer:
             row.update(
                 target=t, target_source=source, pred=int(pred_np[pos]),
                 pred_prob=float(pred_prob_np[pos]), target_logit=float(lg[r]),
-                target_prob=float(tp[r]), saliency=maps_cpu[r].astype(self.map_np),
+                target_prob=float(tp[r]), saliency=maps_cpu[r],
                 status="ok", error="", elapsed_ms=elapsed,
             )
             for name in MODEL_METRIC_COLUMNS:
