@@ -25,6 +25,7 @@ from omegaconf.errors import (
 )
 
 DEFAULT_IMAGE_KEYS = ["jpg", "jpeg", "png", "webp"]
+SALIENCY_PNG = ("native", "original", "none")  # run.saliency_png
 TARGET_MODES = ("predicted", "label", "all_labels")
 LIST_KEYS = ("input.shards", "input.image_keys")
 # the column a metric fills is accepted as its config name too
@@ -45,6 +46,9 @@ class RunSection:
     samples_per_wave: int | None = None  # and at most this many samples (where shards.json counts)
     lock_lease_s: float = 120.0  # a lock older than this without a heartbeat is stale
     map_dtype: str = "float16"  # how the saliency column stores maps: float16 or float32
+    # the saliency_png preview (pipeline.post): "native" (the map on the photo's frame at the
+    # map's own resolution), "original" (at the photo's size), "none"
+    saliency_png: str = "native"
     # above this share of error rows in any unit the run exits 5 (0.0: any error row; 1.0: never)
     max_error_rate: float = 0.1
 
@@ -401,6 +405,11 @@ def validate(cfg: SalmapConfig) -> None:
         raise ConfigError("run.samples_per_wave must be >= 1 (or null: no sample cap)")
     if cfg.run.map_dtype not in ("float16", "float32"):
         raise ConfigError(f"run.map_dtype: {cfg.run.map_dtype!r} is not float16 or float32")
+    if cfg.run.saliency_png not in SALIENCY_PNG:
+        raise ConfigError(f"run.saliency_png: {cfg.run.saliency_png!r} is not one of "
+                          f"{', '.join(SALIENCY_PNG)} (native: the map on the photo's frame at its "
+                          "own resolution; original: at the photo's size, costlier for large "
+                          "photos; none: no PNG, the saliency column only)")
     if not cfg.run.lock_lease_s > 0:
         raise ConfigError(f"run.lock_lease_s must be > 0 (seconds without a heartbeat after "
                           f"which the run's lock is stale, e.g. 120), got {cfg.run.lock_lease_s}")
@@ -601,6 +610,9 @@ def unit_hash(cfg: SalmapConfig, model: ModelSection, method: MethodSection) -> 
     # only where they differ from the defaults, so runs made without them keep their hash
     if c["input"]["mask_key"]:
         what["input"]["mask_key"] = c["input"]["mask_key"]
+    # PNGs at the photo's size are what runs made before this key hold: those keep their hash
+    if cfg.run.saliency_png != "original":
+        what["saliency_png"] = cfg.run.saliency_png
     if c["pseudo_labels"] != to_container_section(PseudoLabelsSection()):
         what["pseudo_labels"] = c["pseudo_labels"]
     return stable_hash(what)

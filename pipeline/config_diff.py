@@ -44,6 +44,7 @@ def unit_settings(config: dict, model: str, method: str) -> dict[str, Any] | Non
     _flatten(config.get("metrics"), "metrics", out)
     out["resources.precision"] = (config.get("resources") or {}).get("precision")
     out["run.map_dtype"] = (config.get("run") or {}).get("map_dtype")
+    out["run.saliency_png"] = (config.get("run") or {}).get("saliency_png")
     for k in _INPUT_KEYS:
         out[f"input.{k}"] = (config.get("input") or {}).get(k)
     _flatten(config.get("pseudo_labels") or {}, "pseudo_labels", out)

@@ -114,6 +114,7 @@ class WriteSpec:
     curves: bool
     metadata: dict[str, str]
     map_dtype: str = "float16"
+    png: str = "native"  # run.saliency_png
     unit_id: str = ""
     extra: dict = field(default_factory=dict)
     labels: dict | None = None  # pseudo_labels options (pipeline.config.pseudo_label_options)
@@ -162,7 +163,7 @@ def post_write(batch: dict[str, np.ndarray], spec: WriteSpec) -> list[dict[str, 
     for wave_id, rows in by_wave.items():
         table = post_batch(batch, spec.post_metrics, spec.curves,
                            {**spec.metadata, "salmap.wave": wave_id}, spec.map_dtype, rows,
-                           spec.labels)
+                           spec.labels, spec.png)
         keys = list(zip(table.column("sample_id").to_pylist(),
                         table.column("shard").to_pylist(),
                         [-1 if t is None else t for t in table.column("target").to_pylist()],

@@ -54,13 +54,27 @@ def encode_png(map_orig: np.ndarray) -> tuple[bytes, float, float]:
     (any value below zero) is scaled symmetrically, lo = -hi = -max |value|, so zero is the
     middle grey (127.5, stored as 128) and the sign of every pixel survives the encoding.
     """
-    lo, hi = float(map_orig.min()), float(map_orig.max())
-    if lo < 0:
-        hi = max(-lo, hi)
-        lo = -hi
+    lo, hi = map_range(map_orig)
     scaled = np.zeros(map_orig.shape, np.uint8) if hi <= lo else \
         np.clip((map_orig - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return gray_png(scaled), lo, hi
+
+
+def png_size(t: dict[str, int], map_h: int, map_w: int) -> tuple[int, int]:
+    """``(height, width)`` of a ``native`` saliency PNG (``run.saliency_png``): the photo's frame
+    scaled so that the model's crop holds as many pixels as the map has, never above the
+    photo's size. A 7 x 7 CAM grid on a 4000 x 3000 photo makes a PNG of a few dozen pixels
+    a side instead of 12 million pixels, with the same information."""
+    crop_h = t["crop_h"] * t["orig_h"] / t["resized_h"]  # the crop's extent in original pixels
+    crop_w = t["crop_w"] * t["orig_w"] / t["resized_w"]
+    scale = min(1.0, max(map_h / crop_h, map_w / crop_w))
+    return max(1, round(t["orig_h"] * scale)), max(1, round(t["orig_w"] * scale))
+
+
+def map_range(m: np.ndarray) -> tuple[float, float]:
+    """The ``(saliency_min, saliency_max)`` :func:`encode_png` would store for ``m``."""
+    lo, hi = float(m.min()), float(m.max())
+    return (-max(-lo, hi), max(-lo, hi)) if lo < 0 else (lo, hi)
 
 
 def boxes_for_target(boxes_json: str, target: int
@@ -173,12 +187,16 @@ def _written(schema: pa.Schema) -> list[str]:
 
 def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_curves: bool,
                file_metadata: dict[str, str] | None = None, map_dtype: str = "float16",
-               rows: list[int] | None = None, labels: dict[str, Any] | None = None) -> pa.Table:
+               rows: list[int] | None = None, labels: dict[str, Any] | None = None,
+               png: str = "native") -> pa.Table:
     """Actor rows (numpy columns) -> the final Arrow table (columns: :mod:`salmap.workers.columns`).
 
     ``rows`` picks the batch rows to convert (default: every row that is not a shard-end
     marker). ``labels``: the run's ``pseudo_labels`` options (label maps, thresholds, CRF,
     box IoU; :func:`salmap.pipeline.config.pseudo_label_options`), None for the defaults.
+    ``png``: the ``saliency_png`` preview (``run.saliency_png``): ``native`` at
+    :func:`png_size`, ``original`` at the photo's size, ``none`` (``saliency_min`` and
+    ``saliency_max`` are then the map's range as a PNG would store it).
 
     Vectorised over the batch: the scalar columns are converted column by column, the maps
     of rows that share a geometry are resampled to original pixels in one pass
@@ -204,22 +222,30 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
         *POST_METRIC_COLUMNS, *LABEL_COLUMNS)}
     names = list(post_metrics)
     params = per_metric_params(dict(post_metrics))
+    per_row = bool(names or (labels and labels.get("label_maps")))  # needs the full-size map
     for positions, t in _geometry_groups(batch, idx, ok):
         box = crop_box(t)
+        preview = png_size(t, h, w) if png == "native" else (t["orig_h"], t["orig_w"])
+        full_size = preview == (t["orig_h"], t["orig_w"])
         for start in range(0, len(positions), MAP_CHUNK):
             chunk = positions[start:start + MAP_CHUNK]
             natives = sal[idx[chunk]].astype(np.float32)
-            originals = maps_to_original(natives, t).numpy()
+            originals = maps_to_original(natives, t).numpy() if per_row or (
+                png != "none" and full_size) else None
+            previews = originals if png == "none" or full_size else \
+                maps_to_original(natives, t, size=preview).numpy()
             for j, pos in enumerate(chunk):
                 i = int(idx[pos])
-                map_orig = originals[j]
                 post_cols["crop_box"][pos] = box
-                png, lo, hi = encode_png(map_orig)
-                post_cols["saliency_png"][pos] = png
+                if png == "none":
+                    lo, hi = map_range(natives[j])
+                else:
+                    post_cols["saliency_png"][pos], lo, hi = encode_png(previews[j])
                 post_cols["saliency_min"][pos] = lo
                 post_cols["saliency_max"][pos] = hi
-                if not (names or (labels and labels.get("label_maps"))):
+                if not per_row:
                     continue  # the defaults: no per-row work beyond the PNG
+                map_orig = originals[j]
                 post: dict[str, Any] = {}
                 if names:
                     boxes, difficult = boxes_for_target(str(batch["boxes_json"][i]),

@@ -316,7 +316,8 @@ def unit_execution(cfg: SalmapConfig, unit: Unit, waves: list[Wave], store: Stor
     write = WriteSpec(store_uri=store.uri, storage=cfg.storage, data_prefix=unit.data_prefix,
                       wave_of={shard_name(s): w.id for w in waves for s in w.shards},
                       post_metrics=post_metrics, curves=curves, metadata=metadata,
-                      map_dtype=cfg.run.map_dtype, unit_id=unit.id, labels=labels)
+                      map_dtype=cfg.run.map_dtype, png=cfg.run.saliency_png, unit_id=unit.id,
+                      labels=labels)
     gpus = gpus_per_actor(cfg)
     resources = {"num_gpus": gpus} if gpus > 0 else {"num_cpus": cfg.resources.cpus_per_actor}
     return UnitExecution(

@@ -26,6 +26,7 @@ def job(tmp_path):
     ("storage.request_timeout_s=-1", "storage.request_timeout_s must be > 0"),
     ("storage.retries=0", "storage.retries must be >= 1"),
     ("input.max_member_bytes=0", "input.max_member_bytes must be a whole number of bytes >= 1"),
+    ("run.saliency_png=full", "run.saliency_png: 'full' is not one of native, original, none"),
 ])
 def test_values_that_cannot_run(job, override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
@@ -76,3 +77,19 @@ def test_methods_take_bare_names_like_metrics(job, tmp_path):
     with pytest.raises(ConfigError, match=r"methods\[0\]\.name: unknown method 'gradcan' "
                                           r"\(did you mean 'gradcam'\?\)"):
         load_config(job, ["methods=[gradcan]"])
+
+
+def test_the_png_preview_is_part_of_what_makes_a_units_rows(job):
+    """Rows with PNGs at the photo's size (every run made before run.saliency_png) keep their
+    unit hash with ``original``; the other previews make other rows, so another hash."""
+    from salmap.pipeline.config import unit_hash
+
+    def hash_of(value: str) -> str:
+        cfg = load_config(job, [f"run.saliency_png={value}"])
+        return unit_hash(cfg, cfg.models[0], cfg.methods[0])
+
+    hashes = {v: hash_of(v) for v in ("native", "original", "none")}
+    assert len(set(hashes.values())) == 3
+    cfg = load_config(job)
+    assert cfg.run.saliency_png == "native" and unit_hash(cfg, cfg.models[0],
+                                                          cfg.methods[0]) == hashes["native"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from salmap.pipeline.png import gray_png
-from salmap.pipeline.post import encode_png, post_batch
+from salmap.pipeline.post import encode_png, map_range, png_size, post_batch
 from salmap.workers.columns import ACTOR_OUTPUT, BY_NAME, numpy_column
 from salmap.workers.metrics.geometry import map_to_original, maps_to_original
 
@@ -56,9 +56,10 @@ def _batch(n: int) -> dict[str, np.ndarray]:
     return cols
 
 
-def test_post_batch_matches_the_row_by_row_reference():
+@pytest.mark.parametrize("png", ["original", "native", "none"])
+def test_post_batch_matches_the_row_by_row_reference(png):
     b = _batch(5)
-    table = post_batch(b, {}, False).to_pydict()
+    table = post_batch(b, {}, False, png=png).to_pydict()
     assert table["sample_id"] == ["s/0", "s/1", "s/2", "s/4"]  # the marker is left out
     assert table["target"] == [3, None, 4, 5] and table["pred_prob"] == [0.5, None, 1.0, 0.25]
     assert table["error"] == ["", "bad", "", ""] and table["saliency"][1] is None
@@ -67,11 +68,38 @@ def test_post_batch_matches_the_row_by_row_reference():
             assert table["saliency_png"][pos] is None and table["crop_box"][pos] is None
             continue
         t = dict(T, orig_w=int(b["orig_width"][i]))
-        ref = map_to_original(b["saliency"][i].astype(np.float32), t)
-        png, lo, hi = encode_png(ref)
+        native = b["saliency"][i].astype(np.float32)
+        if png == "none":
+            assert table["saliency_png"][pos] is None
+            assert (table["saliency_min"][pos], table["saliency_max"][pos]) == pytest.approx(
+                map_range(native))
+            continue
+        size = png_size(t, 6, 6) if png == "native" else (30, t["orig_w"])
+        ref = maps_to_original(native[None], t, size=size).numpy()[0] if png == "native" \
+            else map_to_original(native, t)
+        ref_png, lo, hi = encode_png(ref)
         assert (table["saliency_min"][pos], table["saliency_max"][pos]) == pytest.approx((lo, hi))
         got = np.asarray(Image.open(io.BytesIO(table["saliency_png"][pos])))
-        np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(png))))
-        assert got.shape == (30, t["orig_w"])
+        np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(ref_png))))
+        assert got.shape == size
         np.testing.assert_array_equal(np.asarray(table["saliency"][pos], np.float16).reshape(6, 6),
                                       b["saliency"][i])
+
+
+@pytest.mark.parametrize(("orig", "map_side", "want"), [
+    ((3000, 4000), 7, (8, 11)),  # a CAM grid on a phone photo: dozens of pixels, not 12 M
+    ((300, 400), 224, (256, 341)),  # a gradient map: the crop at 224 px, as the map
+    ((60, 90), 224, (60, 90)),  # never above the photo's own size
+])
+def test_a_native_png_holds_the_crop_at_the_maps_resolution(orig, map_side, want):
+    from salmap.pipeline.decode import crop_geometry
+
+    h, w = orig
+    geo = crop_geometry(h, w, 256, 224)
+    t = {"orig_h": h, "orig_w": w, "crop_h": 224, "crop_w": 224,
+         **{k: geo[k] for k in ("resized_h", "resized_w", "crop_top", "crop_left")}}
+    size = png_size(t, map_side, map_side)
+    assert size == want
+    # the crop's extent in the PNG: the map's side (the photo's own, where that is smaller)
+    crop_px = 224 * h / t["resized_h"] * size[0] / h
+    assert crop_px == pytest.approx(min(map_side, 224 * h / t["resized_h"]), abs=1.0)

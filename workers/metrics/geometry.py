@@ -99,9 +99,11 @@ def box_to_original(box: Sequence[float], transform: dict[str, Any]) -> list[flo
             (x1 + t["crop_left"]) * sx, (y1 + t["crop_top"]) * sy]
 
 
-def maps_to_original(maps: np.ndarray | torch.Tensor, transform: dict[str, Any]) -> torch.Tensor:
+def maps_to_original(maps: np.ndarray | torch.Tensor, transform: dict[str, Any],
+                     size: tuple[int, int] | None = None) -> torch.Tensor:
     """:func:`map_to_original` of ``[B, h, w]`` maps that share one transform, in one pass:
-    ``float32 [B, orig_h, orig_w]`` (the same values, each map resampled on its own)."""
+    ``float32 [B, orig_h, orig_w]`` (the same values, each map resampled on its own). ``size``:
+    the original frame at another ``(height, width)`` instead (a preview)."""
     t = _check(transform)
     m = torch.as_tensor(maps).float()
     if m.dim() != 3:
@@ -113,7 +115,7 @@ def maps_to_original(maps: np.ndarray | torch.Tensor, transform: dict[str, Any])
     y1, x1 = min(top + t["crop_h"], t["resized_h"]), min(left + t["crop_w"], t["resized_w"])
     if y0 < y1 and x0 < x1:
         frame[:, y0:y1, x0:x1] = crop[:, y0 - top:y1 - top, x0 - left:x1 - left]
-    return _resize_batch(frame, (t["orig_h"], t["orig_w"]))
+    return _resize_batch(frame, size or (t["orig_h"], t["orig_w"]))
 
 
 def _resize_batch(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
