@@ -35,6 +35,7 @@ from .execute import (
     UnitExecution,
     actor_pool,
     explainer_class,
+    post_tasks,
     post_write,
     read_and_decode,
     take_record,
@@ -121,7 +122,7 @@ def build_group_dataset(exs: list[UnitExecution]):
         ds = ds.map_batches(udf, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
                             batch_format="numpy", compute=pool, **ex.actor_resources)
     return ds.map_batches(_PostWriteGroup([ex.write for ex in exs]), batch_format="numpy",
-                          batch_size=POST_BATCH, num_cpus=IO_TASK_CPUS)
+                          batch_size=POST_BATCH, num_cpus=IO_TASK_CPUS, compute=post_tasks())
 
 
 def run_group(exs: list[UnitExecution], trackers: list[WaveTracker],
