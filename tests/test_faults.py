@@ -188,6 +188,44 @@ def test_driver_killed_then_resumed_exactly_once(tmp_path, make_shards, ray_clus
     assert len(waves_done) == 6 - before
 
 
+@pytest.mark.slow
+def test_driver_killed_mid_shared_execution_then_resumed_exactly_once(tmp_path, make_shards,
+                                                                       ray_cluster):
+    """Units of one model sharing a read + decode (the default): the driver dies (SIGKILL)
+    right after the fourth of the group's eight commits; the resumed run commits the rest once
+    per unit and redoes no committed wave."""
+    shards = make_shards(n_shards=4, per_shard=3)
+    job = tmp_path / "job.yaml"
+    job.write_text(small_config(shards, str(tmp_path / "out"), run_id="kill-shared",
+                                run={"id": "kill-shared", "output": str(tmp_path / "out"),
+                                     "report": False, "shards_per_wave": 1}))
+    run = tmp_path / "out" / "kill-shared"
+    # a small run's files reach the driver together, so a kill timed from outside finds
+    # none or all of its waves committed: the driver kills itself after its fourth commit
+    die = ("import os, signal; from salmap.pipeline.ledger import Ledger; done = []; "
+           "commit = Ledger.commit\n"
+           "def dying(self, *a, **k):\n"
+           "    out = commit(self, *a, **k); done.append(1)\n"
+           "    if len(done) == 4: os.kill(os.getpid(), signal.SIGKILL)\n"
+           "    return out\n"
+           "Ledger.commit = dying; from salmap.pipeline.cli import main; "
+           f"main(['run', {str(job)!r}, 'ray.address={ray_cluster}'])")
+    proc = subprocess.run([sys.executable, "-c", die], capture_output=True, text=True,
+                          env={**os.environ, "SALMAP_NO_SUPERVISOR": "1"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    before = sorted(p.name for p in (run / "_commits").rglob("*.json"))
+    assert len(before) == 4, before
+    said: list[str] = []
+    result = run_job(load_config(str(job), [f"ray.address={ray_cluster}"]), out=said.append)
+    assert result.exit_code == EXIT_OK
+    assert _committed(run) == 8
+    df = read_run(str(run)).to_table(columns=["sample_id", "method", "status"]).to_pandas()
+    assert len(df) == 2 * 4 * 3 and (df.status == "ok").all()
+    assert not df.duplicated(["sample_id", "method"]).any()
+    waves_done = [s for s in said if "] " in s and " wave " in s]
+    assert len(waves_done) == 8 - 4, waves_done
+
+
 def test_two_runs_with_one_id_second_is_refused(tmp_path, make_shards, ray_cluster, capsys):
     shards = make_shards(n_shards=1, per_shard=4)
     job = tmp_path / "job.yaml"
