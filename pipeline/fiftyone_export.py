@@ -12,7 +12,8 @@ Load it with ``fiftyone.Dataset.from_dir(folder, dataset_type=fiftyone.types.Leg
 One FiftyOne sample per image. Per unit ``U`` (``<model>__<method>``; a ``.`` in it made ``_``,
 see :func:`field_prefixes`, ``info.fields`` maps each unit to its prefix) it has the fields
 ``U__map`` (``Heatmap``), ``U__pseudo_box`` (``Detections``), ``U__target``, one field per
-metric (``U__deletion_auc``, ...) and, after ``salmap analyze``, ``U__cluster``,
+metric (``U__deletion_auc``, ...) and, after ``salmap analyze``, ``U__cluster`` (numbered
+per class), ``U__class_cluster`` (``"<target>/<cluster>"``: one value per cluster of the run),
 ``U__cluster_flagged``, ``U__x``, ``U__y``, so the app filters and sorts by any of them. A
 sample explained for several targets shows its predicted class's row (else its first target);
 all its targets are listed in ``U__targets``. Images that cannot be read back from the shards
@@ -146,10 +147,11 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
                 c = clusters.get((sid, t))
                 if c is not None:
                     s[f"{pre}__cluster"] = c["cluster"]
+                    s[f"{pre}__class_cluster"] = f"{t}/{c['cluster']}"  # ids restart per class
                     s[f"{pre}__cluster_flagged"] = c["flagged"]
                     s[f"{pre}__x"], s[f"{pre}__y"] = _num(c["x"]), _num(c["y"])
                 else:  # a later (predicted) target's row without a cluster: drop the first's
-                    for k in ("cluster", "cluster_flagged", "x", "y"):
+                    for k in ("cluster", "class_cluster", "cluster_flagged", "x", "y"):
                         s.pop(f"{pre}__{k}", None)
     missing = 0
     by_shard: dict[str, set[str]] = {}

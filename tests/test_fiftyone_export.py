@@ -46,6 +46,7 @@ def test_export_writes_the_documented_layout(exported):
                                                  (y1 - y0) / SIZE])
     assert s[f"{UNIT}__target"] == int(y[3]) and s[f"{UNIT}__targets"] == [int(y[3])]
     assert isinstance(s[f"{UNIT}__cluster"], int) and isinstance(s[f"{UNIT}__cluster_flagged"], bool)
+    assert s[f"{UNIT}__class_cluster"] == f"{int(y[3])}/{s[f'{UNIT}__cluster']}"
     assert 0 <= s[f"{UNIT}__energy_pointing"] <= 1
 
 
@@ -120,6 +121,8 @@ def test_the_export_loads_in_fiftyone(exported):
         assert sorted(ds.distinct(f"{UNIT}__cluster")) == sorted(set(clusters))
         for c in set(clusters):
             assert len(ds.match(F(f"{UNIT}__cluster") == c)) == clusters.count(c)
+        keys = [f"{r[f'{UNIT}__target']}/{r[f'{UNIT}__cluster']}" for r in rows]
+        assert ds.count_values(f"{UNIT}__class_cluster") == {k: keys.count(k) for k in keys}
         assert len(ds.match(F(f"{UNIT}__cluster_flagged"))) == sum(
             r[f"{UNIT}__cluster_flagged"] for r in rows)
         assert ds.count(f"{UNIT}__pseudo_box.detections") == N
