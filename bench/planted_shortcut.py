@@ -150,18 +150,20 @@ def write_shard(path: str, images: np.ndarray, n: int) -> None:
 
 def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarray,
               boxes: np.ndarray | None = None, per_file: int = 2000,
-              images: np.ndarray | None = None) -> str:
-    """A committed salmap run at ``root`` holding ``maps`` as unit ``cnn__gradcam``: the
+              images: np.ndarray | None = None, model: str = MODEL) -> str:
+    """A committed salmap run at ``root`` holding ``maps`` as unit ``<model>__gradcam``: the
     real output schema, commit records and manifest (what ``salmap run`` writes), with
     ``energy_pointing`` against ``boxes`` when given. With ``images``, also their shard
     (``<root>.shards/synthetic.tar``, named in the manifest's config), each row's
-    ``saliency_png`` and its box as ``pseudo_box``, so the report and exports show them."""
+    ``saliency_png`` and its box as ``pseudo_box``, so the report and exports show them.
+    ``model``: the unit's model name (``<model>__gradcam``)."""
     from salmap.pipeline.execute import part_name
     from salmap.pipeline.ledger import Ledger
     from salmap.pipeline.storage import Store
     from salmap.workers.columns import output_schema
 
     store = Store.open(root)
+    unit = f"{model}__{METHOD}"
     n = len(maps)
     h, w = maps.shape[1:]
     schema = output_schema(h, w, map_dtype="float32")
@@ -173,7 +175,7 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
         cols = {"sample_id": ids[a:b], "shard": ["synthetic"] * (b - a),
                 "key": [s.split("/")[1] for s in ids[a:b]],
                 "image_file": [f"{s.split('/')[1]}.png" for s in ids[a:b]],
-                "model": [MODEL] * (b - a), "method": [METHOD] * (b - a),
+                "model": [model] * (b - a), "method": [METHOD] * (b - a),
                 "target": targets[a:b].astype(int).tolist(), "target_source": ["label"] * (b - a),
                 "label": targets[a:b].astype(int).tolist(), "pred": preds[a:b].astype(int).tolist(),
                 "orig_height": [SIZE] * (b - a), "orig_width": [SIZE] * (b - a),
@@ -193,18 +195,18 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
             else:
                 arrays.append(pa.array(cols.get(f.name) or [None] * (b - a), type=f.type))
         keys = [(s, int(t)) for s, t in zip(ids[a:b], targets[a:b])]
-        key = f"data/{MODEL}/{METHOD}/w{a // per_file:05d}/{part_name(UNIT, keys)}"
+        key = f"data/{model}/{METHOD}/w{a // per_file:05d}/{part_name(unit, keys)}"
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_arrays(arrays, schema=schema), sink)
         store.write_bytes(key, sink.getvalue().to_pybytes())
         files.append(key)
     ledger = Ledger(store)
     for w, key in enumerate(files):
-        ledger.commit(UNIT, {"unit": UNIT, "wave": f"w{w:05d}", "files": [key],
+        ledger.commit(unit, {"unit": unit, "wave": f"w{w:05d}", "files": [key],
                              "rows": min(per_file, n - w * per_file), "errors": 0,
                              "samples": min(per_file, n - w * per_file), "shards": ["synthetic"],
                              "shard_identity": {}, "per_shard": {}})
-    config: dict = {"models": [{"name": MODEL}]}
+    config: dict = {"models": [{"name": model}]}
     if images is not None:
         import os
 
@@ -213,7 +215,7 @@ def write_run(root: str, maps: np.ndarray, targets: np.ndarray, preds: np.ndarra
         write_shard(os.path.join(shards, "synthetic.tar"), images, n)
         config["input"] = {"shards": [os.path.join(shards, "synthetic.tar")]}
     store.write_json("manifest.json", {"run_id": root.rstrip("/").rsplit("/", 1)[-1],
-                                       "status": "complete", "units": {UNIT: {}},
+                                       "status": "complete", "units": {unit: {}},
                                        "config": config})
     return store.uri
 

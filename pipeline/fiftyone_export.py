@@ -9,9 +9,11 @@ write (``fiftyone`` itself is optional: ``pip install 'salmap[fiftyone]'``, only
     <folder>/maps/<unit>/<sample>__<target>.png   each map in original pixels (0..255)
 
 Load it with ``fiftyone.Dataset.from_dir(folder, dataset_type=fiftyone.types.LegacyFiftyOneDataset)``.
-One FiftyOne sample per image. Per unit ``U`` (``<model>__<method>``) it has the fields
+One FiftyOne sample per image. Per unit ``U`` (``<model>__<method>``; a ``.`` in it made ``_``,
+see :func:`field_prefixes`, ``info.fields`` maps each unit to its prefix) it has the fields
 ``U__map`` (``Heatmap``), ``U__pseudo_box`` (``Detections``), ``U__target``, one field per
-metric (``U__deletion_auc``, ...) and, after ``salmap analyze``, ``U__cluster``,
+metric (``U__deletion_auc``, ...) and, after ``salmap analyze``, ``U__cluster`` (numbered
+per class), ``U__class_cluster`` (``"<target>/<cluster>"``: one value per cluster of the run),
 ``U__cluster_flagged``, ``U__x``, ``U__y``, so the app filters and sorts by any of them. A
 sample explained for several targets shows its predicted class's row (else its first target);
 all its targets are listed in ``U__targets``. Images that cannot be read back from the shards
@@ -40,6 +42,23 @@ ROW_COLUMNS = ("sample_id", "shard", "key", "target", "pred", "label", "status",
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "__", name)
+
+
+def field_prefixes(unit_ids: list[str]) -> dict[str, str]:
+    """Each unit's FiftyOne field prefix: the id with every character but letters, digits,
+    ``_`` and ``-`` made ``_`` (FiftyOne reads a ``.`` in a field name as a path into an
+    embedded document, and refuses names that start with ``_``: model names may have both),
+    ``u`` before a leading ``_``, ``_2``, ``_3``, ... after a prefix already taken."""
+    out: dict[str, str] = {}
+    for u in unit_ids:
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", u)
+        base = "u" + base if base.startswith("_") else base
+        name, i = base, 1
+        while name in out.values():
+            i += 1
+            name = f"{base}_{i}"
+        out[u] = name
+    return out
 
 
 def _num(v: Any) -> Any:
@@ -78,9 +97,11 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
     manifest = store.read_json(MANIFEST_KEY) if store.exists(MANIFEST_KEY) else {}
     analysis = load_analysis(run, storage)
     wanted = [unit] if unit else units(run, storage=storage)
+    prefixes = field_prefixes(wanted)
     samples: dict[str, dict] = {}
     where: dict[str, tuple[str, str]] = {}
     for u in wanted:
+        pre = prefixes[u]
         names = namer(store, UnitId.parse(u).model, None)
         ds = read_run(run, unit=u, storage=storage)
         metrics = [m for m in METRIC_COLUMNS if m in ds.schema.names]
@@ -103,7 +124,7 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
                 where[sid] = (r["shard"], r["key"])
                 if r.get("label") is not None and r["label"] >= 0:
                     s["ground_truth"] = {"_cls": "Classification", "label": names(r["label"])}
-                targets = s.setdefault(f"{u}__targets", [])
+                targets = s.setdefault(f"{pre}__targets", [])
                 targets.append(t)
                 if len(targets) > 1 and t != r.get("pred"):
                     continue  # keep the predicted class's row (else the first target's)
@@ -112,22 +133,26 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
                     path = os.path.join(maps_dir, f"{_safe(sid)}__{t}.png")
                     with open(path, "wb") as fh:
                         fh.write(r["saliency_png"])
-                s[f"{u}__map"] = ({"_cls": "Heatmap", "map_path": path, "range": [0, 255]}
+                s[f"{pre}__map"] = ({"_cls": "Heatmap", "map_path": path, "range": [0, 255]}
                                   if path else None)
-                s[f"{u}__target"] = t
-                s[f"{u}__target_name"] = names(t) if t is not None else None
-                s[f"{u}__pseudo_box"] = _detections(r.get("pseudo_box"), r.get("orig_width"),
+                s[f"{pre}__target"] = t
+                s[f"{pre}__target_name"] = names(t) if t is not None else None
+                s[f"{pre}__pseudo_box"] = _detections(r.get("pseudo_box"), r.get("orig_width"),
                                                     r.get("orig_height"),
                                                     names(t) if t is not None else "?",
                                                     r.get("target_prob"))
                 for m in metrics:
                     v = r.get(m)
-                    s[f"{u}__{m}"] = _num(float(v)) if isinstance(v, float) else v
+                    s[f"{pre}__{m}"] = _num(float(v)) if isinstance(v, float) else v
                 c = clusters.get((sid, t))
                 if c is not None:
-                    s[f"{u}__cluster"] = c["cluster"]
-                    s[f"{u}__cluster_flagged"] = c["flagged"]
-                    s[f"{u}__x"], s[f"{u}__y"] = _num(c["x"]), _num(c["y"])
+                    s[f"{pre}__cluster"] = c["cluster"]
+                    s[f"{pre}__class_cluster"] = f"{t}/{c['cluster']}"  # ids restart per class
+                    s[f"{pre}__cluster_flagged"] = c["flagged"]
+                    s[f"{pre}__x"], s[f"{pre}__y"] = _num(c["x"]), _num(c["y"])
+                else:  # a later (predicted) target's row without a cluster: drop the first's
+                    for k in ("cluster", "class_cluster", "cluster_flagged", "x", "y"):
+                        s.pop(f"{pre}__{k}", None)
     missing = 0
     by_shard: dict[str, set[str]] = {}
     sample_of = {v: k for k, v in where.items()}
@@ -147,7 +172,7 @@ def export_fiftyone(run: str, folder: str | None = None, storage: Any = None,
             img.convert("RGB").save(os.path.join(folder, rel))
             out.append({"filepath": rel, **samples[sid]})
     info = {"salmap_run": run, "run_id": manifest.get("run_id"), "units": wanted,
-            "missing_images": missing}
+            "fields": prefixes, "missing_images": missing}
     with open(os.path.join(folder, "metadata.json"), "w") as fh:
         json.dump({"media_type": "image", "info": info}, fh)
     with open(os.path.join(folder, "samples.json"), "w") as fh:
