@@ -44,7 +44,7 @@ The flags:
     of the images (the median distance). This is what tells a mark from objects: a mark
     fixed to the image stays put (0.02-0.17 cell in the planted benchmark, small and full
     size) while maps that follow objects move with them, even when SpRAy groups objects by
-    where they lie (0.4-1.2 cell for clusters of 20 images or more, 0.58-0.68 for objects
+    where they lie (0.4-1.3 cell for clusters of 20 images or more, 0.58-0.68 for objects
     held in a corner by the image's edges);
   - off-centre (its centre of mass outside the central half of the image) or on the border
     band;
