@@ -11,9 +11,10 @@ the maps are written as a committed run (what ``salmap run`` writes; the run its
 stubbed by that writer, not timed). Then ``analyze_run`` is timed (in-process: below the Ray
 threshold unless ``--ray-threshold`` is lowered); per class, the flagged cluster holding most
 marked images is the cue cluster, and its purity and recall against the planted mark must be
->= 0.9 (exit status 1 otherwise). The same model explains images without the mark as the
-control; its flags are printed, not judged (at full size it gets `outside_box` and
-`fixed_region` flags on small objects under 8 x 8 maps: BENCHMARKS.md, section 13).
+>= 0.9 (exit status 1 otherwise); its flags and evidence are printed (expected:
+``fixed_region`` at the class's corner). The same model explains images without the mark as
+the control; its flags are printed with their evidence, not judged (none expected:
+BENCHMARKS.md, section 13).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def main() -> int:
         lines = cue_clusters(rows, cue, flagged)
         others = [f for f in flagged if (f["target"], f["cluster"]) not in
                   {(t, c) for t, c, *_ in lines}]
+        evidence = {(f["target"], f["cluster"]): f["evidence"] for f in flagged}
         clean, _, _, _ = planted_run(os.path.join(tmp, "clean"), 0, args.test, args.cue_share,
                                      seed=args.seed, test_cue_share=0.0, model=model)
         t0 = time.perf_counter()
@@ -147,12 +149,17 @@ def main() -> int:
     for t, c, size, pur, rec, fl in lines:
         print(f"| {t} | {'none flagged' if c is None else c} | {size} | {pur:.3f} | {rec:.3f} "
               f"| {fl} |")
+    for t, c, *_ in lines:
+        if c is not None:
+            print(f"- class {t} cluster {c}: {evidence[(t, c)]}")
     print(f"\nother flagged clusters: {len(others)}"
           + "".join(f"\n- class {f['target']} cluster {f['cluster']} ({f['size']} images): "
                     f"{', '.join(f['flags'])}: {f['evidence']}" for f in others))
     print(f"\ncontrol (same model, {args.test} images without the mark): "
           f"{len(control.flagged())} cluster(s) flagged, "
-          f"{control.manifest['units'][UNIT]['clusters']} clusters, analysis {t_ctl:.1f} s")
+          f"{control.manifest['units'][UNIT]['clusters']} clusters, analysis {t_ctl:.1f} s"
+          + "".join(f"\n- class {f['target']} cluster {f['cluster']} ({f['size']} images): "
+                    f"{', '.join(f['flags'])}: {f['evidence']}" for f in control.flagged()))
     ok = bool(lines) and all(c is not None and pur >= 0.9 and rec >= 0.9
                              for _, c, _, pur, rec, _ in lines)
     print(f"\npurity and recall of every cue cluster >= 0.9: {'yes' if ok else 'NO'}")

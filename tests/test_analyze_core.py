@@ -17,17 +17,19 @@ from salmap.pipeline.analyze.core import (
     sample_hash,
     spectrum,
 )
-from salmap.pipeline.analyze.flags import Thresholds, flag, region_stats
+from salmap.pipeline.analyze.flags import Thresholds, flag, hot_spots, region_stats
 
 
-def blobs(n: int, centres: list[tuple[int, int]], side: int = 16, seed: int = 0):
-    """Maps with one Gaussian blob each, at one of ``centres`` (jittered by a pixel)."""
+def blobs(n: int, centres: list[tuple[int, int]], side: int = 16, seed: int = 0,
+          jitter: float = 0.7):
+    """Maps with one Gaussian blob each, at one of ``centres`` (jittered: ``jitter`` pixels
+    standard deviation)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:side, :side]
     maps, which = [], []
     for i in range(n):
         k = i % len(centres)
-        cy, cx = np.asarray(centres[k]) + rng.normal(0, 0.7, 2)
+        cy, cx = np.asarray(centres[k]) + rng.normal(0, jitter, 2)
         maps.append(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.0) + rng.random((side, side)) * 0.02)
         which.append(k)
     return np.asarray(maps, dtype=np.float32), np.asarray(which)
@@ -84,21 +86,32 @@ def test_sample_hash_is_stable_and_box_mask_maps_original_pixels_to_cells():
 
 def test_flags_need_evidence_and_name_it():
     side = 16
-    corner, _ = blobs(30, [(1, 1)], side)
-    centre, _ = blobs(30, [(8, 8)], side)
+    corner, _ = blobs(30, [(1, 1)], side, jitter=0.05)  # a mark: fixed to the image
+    moving, _ = blobs(30, [(1, 1)], side)  # objects near the corner: they move a cell or so
+    centre, _ = blobs(30, [(8, 8)], side, jitter=0.05)
     t = Thresholds()
-    for maps, box, want in ((corner, 0.05, {"outside_box", "fixed_region"}),
-                            (corner, float("nan"), {"fixed_region"}),  # no boxes: region only
-                            (corner, 0.8, set()),  # the object sits in the corner: fine
-                            (centre, 0.8, set()), (centre, float("nan"), set())):
+    nan = float("nan")
+    for maps, box, ref, want in (
+            (corner, 0.05, nan, {"outside_box", "fixed_region"}),  # absolute lines: no ref
+            (corner, nan, nan, {"fixed_region"}),  # no boxes: region only
+            (corner, 0.8, nan, set()),  # the object sits in the corner: fine
+            (corner, 0.05, 0.4, {"outside_box", "fixed_region"}),  # 0.05 < 35% of 0.4
+            (corner, 0.2, 0.4, {"fixed_region"}),  # off the object (< 70% of 0.4), not far
+            (corner, 0.3, 0.4, set()),  # as much in the box as the class's best: on it
+            (moving, 0.2, 0.4, set()),  # hot spots move with the objects: not fixed
+            (centre, 0.8, nan, set()), (centre, nan, nan, set())):
         d = normalise(maps)
         stats = region_stats(d.mean(axis=0), d)
-        flags, evidence = flag(len(d), box, float(focus_area(d).mean()), stats, t)
-        assert set(flags) == want, (box, flags, evidence)
+        flags, evidence = flag(len(d), box, float(focus_area(d).mean()), stats, t, ref)
+        assert set(flags) == want, (box, ref, flags, evidence)
         assert bool(evidence) == bool(flags)
     d = normalise(corner[:3])
     flags, evidence = flag(3, 0.0, 0.01, region_stats(d.mean(0), d), t)
     assert flags == [] and "min_images" in evidence
+    # a map's hot spot: its peak; a uniform map's is the centre (not the first cell)
+    hx, hy = hot_spots(normalise(np.stack([corner[0], np.ones((side, side), np.float32)])))
+    assert abs(hx[0] - 1.5 / side) < 0.5 / side and abs(hy[0] - 1.5 / side) < 0.5 / side
+    assert np.allclose([hx[1], hy[1]], 0.5)
     # a diffuse map outside the box is not "sitting" anywhere
     flat = normalise(np.ones((20, side, side), np.float32))
     assert flag(20, 0.05, float(focus_area(flat).mean()), region_stats(flat.mean(0), flat), t)[0] == []

@@ -2,11 +2,12 @@
 its spurious-cue variant): a corner mark that gives away the class in half the images, a
 small CNN trained on them, its Grad-CAM maps written as a run; ``salmap analyze`` must put
 each class's marked images in one cluster of their own (purity and recall >= 0.9) and flag
-it as a fixed region at its class's corner; no other cluster, and nothing when the same model
-explains images without the mark, is flagged as a fixed region. (A model trained this
-briefly has not fully learned the shapes: some of its unmarked maps sit off the object and
-may be flagged ``outside_box``, which is what they are.) The report's scatter points link
-to their samples in the (paged) gallery."""
+it as a fixed region at its class's corner; no other cluster is flagged as a fixed region,
+and nothing at all is flagged when the same model explains images without the mark. (A model
+trained this briefly has not fully learned the shapes: some of its unmarked maps may sit off
+the object and be flagged ``outside_box``, which is what they are.) The same holds at full
+size (10,000 maps of the benchmark's harder data: BENCHMARKS.md, section 13). The report's
+scatter points link to their samples in the (paged) gallery."""
 
 from __future__ import annotations
 
@@ -18,23 +19,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from salmap.pipeline.analyze import analyze_run, load_analysis
+from salmap.pipeline.analyze import Thresholds, analyze_run, load_analysis
 from salmap.pipeline.cli import main
 
 from bench.planted_shortcut import UNIT, make_images, planted_run
 
-# small enough for a test: bigger objects on a calmer background than the defaults, so the
-# model also learns the shapes in a few epochs (the benchmark uses the defaults)
+# small enough for a test: bigger objects on a calmer background than the defaults and a
+# narrower CNN (8 channels, batches of 32), so the model also learns the shapes in a few
+# seconds (unmarked accuracy about 0.9: its maps follow the objects, as at full size; the
+# benchmark uses the defaults)
 DATASET = {"texture": 0.1, "min_radius": 7.0, "max_radius": 10.0}
-N_TRAIN, N_TEST, EPOCHS = 800, 160, 6
+N_TRAIN, N_TEST, EPOCHS, WIDTH, BATCH = 600, 160, 8, 8, 32
+N_CONTROL = 400  # maps only: enough for clusters of min_images (20) and more to be judged
 CORNERS = {0: (0.0, 0.0), 1: (1.0, 0.0)}  # class 0: top left, class 1: top right (x, y)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One torch thread: the small CNN's ops are tiny, and on a shared 2-core machine two
+    OpenMP threads made training 10x slower (72 s against 7 s, measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     run, cue, facts, model = planted_run(str(root / "cue"), N_TRAIN, N_TEST, 0.5, epochs=EPOCHS,
-                                         with_images=True, dataset=DATASET)
+                                         with_images=True, dataset=DATASET, width=WIDTH,
+                                         batch=BATCH)
     return run, cue, facts, model, root
 
 
@@ -50,10 +65,7 @@ def at_corner(f, target: int) -> bool:
 
 def cue_clusters(rows, cue: np.ndarray, clusters) -> dict[int, tuple[float, float, object]]:
     """Per class: (purity, recall, cluster row) of its one cluster flagged ``fixed_region`` at
-    its mark's corner. (Other fixed regions may be flagged too: a briefly trained model that
-    has not learned the shapes may look at one place on the unmarked images; they are real
-    fixed regions, not the planted cue, and ``test_...flagged`` checks they are not at a
-    mark's corner.)"""
+    its mark's corner (the test checks that no other cluster is flagged a fixed region)."""
     r = rows.to_pandas()
     r["cue"] = cue[r.sample_id.str.split("/").str[1].astype(int).values]
     flagged = clusters.to_pandas()
@@ -72,6 +84,7 @@ def cue_clusters(rows, cue: np.ndarray, clusters) -> dict[int, tuple[float, floa
 def test_the_cue_clusters_are_isolated_and_flagged(planted, capsys):
     run, cue, facts, _, _ = planted
     assert facts["marked"] >= 60 and facts["acc_marked"] >= 0.9  # the model uses the mark
+    assert facts["acc_unmarked"] >= 0.75  # and has learned the shapes
     assert main(["analyze", run]) == 0
     out = capsys.readouterr().out
     assert "FLAGGED cnn__gradcam class_1 (target 1)" in out and "fixed_region" in out
@@ -79,12 +92,12 @@ def test_the_cue_clusters_are_isolated_and_flagged(planted, capsys):
     found = cue_clusters(rows[UNIT], cue, clusters[UNIT])
     for target, (purity, recall, f) in found.items():
         assert purity >= 0.9 and recall >= 0.9, (target, purity, recall)
-        assert {"outside_box", "fixed_region"} <= set(f["flags"])
+        assert "fixed_region" in set(f["flags"]) and "hot spots at the same place" in f.evidence
         cx, cy = CORNERS[target]  # the class's corner
         assert abs(f.region_x - cx) < 0.25 and abs(f.region_y - cy) < 0.25, f
     listed = manifest["units"][UNIT]["flagged"]
-    assert {(f["target"], f["cluster"]) for f in listed if _fixed(f["flags"])} >= {
-        (t, int(f.cluster)) for t, (_, _, f) in found.items()}
+    assert {(f["target"], f["cluster"]) for f in listed if _fixed(f["flags"])} == {
+        (t, int(f.cluster)) for t, (_, _, f) in found.items()}  # no other fixed region
     with open(f"{run}/manifest.json") as fh:  # the run's manifest names them too
         assert len(json.load(fh)["analysis"]["flagged"]) == len(listed)
     # the report: flagged clusters listed first, their cards first in their class, one point
@@ -142,18 +155,18 @@ def test_scatter_points_link_to_their_samples(planted):
 
 
 def test_without_the_mark_nothing_is_flagged(planted):
-    """The same model and pipeline on images without the mark: no fixed region flagged at a
-    mark's corner (the cue is gone; a fixed region elsewhere is the model's own habit)."""
+    """The same model and pipeline on images without the mark: no cluster flagged at all
+    (the maps follow the objects, wherever they lie), among clusters large enough to be
+    judged."""
     _, _, _, model, root = planted
-    run, cue, facts, _ = planted_run(str(root / "clean"), 0, N_TEST, 0.5, test_cue_share=0.0,
-                                     model=model, dataset=DATASET)
+    run, cue, facts, _ = planted_run(str(root / "clean"), 0, N_CONTROL, 0.5,
+                                     test_cue_share=0.0, model=model, dataset=DATASET)
     assert facts["marked"] == 0 and not cue.any()
     res = analyze_run(run)
-    table = res.clusters[UNIT].to_pandas()
-    corner = [int(f.cluster) for _, f in table.iterrows() if f.flagged and _fixed(f["flags"])
-              and any(at_corner(f, t) for t in CORNERS)]
-    assert not corner, res.flagged()
-    assert res.clusters[UNIT].num_rows >= 2
+    assert res.flagged() == [], res.flagged()
+    sizes = res.clusters[UNIT].column("size").to_pylist()
+    judged = [n for n in sizes if n >= Thresholds().min_images]
+    assert len(judged) >= 4 and sum(judged) >= N_CONTROL // 2, sizes
 
 
 def test_cue_mask_matches_the_images():

@@ -38,7 +38,7 @@ from .core import (
     normalise,
     sample_hash,
 )
-from .flags import Thresholds, flag, region_stats
+from .flags import Thresholds, cell_size, flag, region_stats
 
 EXEMPLARS = 6  # sample ids per cluster, nearest its centroid first
 BATCH_ROWS = 512
@@ -67,6 +67,7 @@ class _Class:
     buf_id: list = field(default_factory=list)
     buf_d: list = field(default_factory=list)
     buffered: int = 0
+    native: tuple = ()  # the stored maps' (h, w)
 
     def keep(self, h: np.ndarray, ids: list, d: np.ndarray, cap: int) -> None:
         self.buf_h.append(h)
@@ -140,7 +141,8 @@ def analyze_classes(ds: pads.Dataset, classes: list[int] | None, params: Params,
              *[m for m in metrics if m not in ("pseudo_box",)]]
     state: dict[int, _Class] = defaultdict(_Class)
     for batch in _batches(ds, [*light, MAP_COLUMN], classes):
-        dist = normalise(downsample(to_maps(batch.column(MAP_COLUMN)), side))
+        raw = to_maps(batch.column(MAP_COLUMN))
+        dist = normalise(downsample(raw, side))
         targets = batch.column("target").to_numpy(zero_copy_only=False).astype(np.int64)
         ids = batch.column("sample_id").to_pylist()
         hashes = np.asarray([sample_hash(s) for s in ids], dtype=np.uint64)
@@ -150,6 +152,7 @@ def analyze_classes(ds: pads.Dataset, classes: list[int] | None, params: Params,
         for c in np.unique(targets):
             sel = np.nonzero(targets == c)[0]
             st = state[int(c)]
+            st.native = st.native or tuple(int(v) for v in raw.shape[1:])
             st.ids.extend(ids[i] for i in sel)
             st.hashes.append(hashes[sel])
             for k, v in {**shares, **mvals}.items():
@@ -220,6 +223,7 @@ def _class_tables(c: int, st: _Class, clus, assigned: dict, extra_sum: dict,
     })
     sample_d = st.buf_d[0]
     x = features(sample_d)
+    box_ref = reference_box_share(scal["box_share"], params.thresholds)
     out = defaultdict(list)
     for k in range(int(label.max()) + 1 if n else 0):
         members = label == k
@@ -229,10 +233,11 @@ def _class_tables(c: int, st: _Class, clus, assigned: dict, extra_sum: dict,
         in_sample = clus.labels == k
         total = sample_d[in_sample].sum(axis=0) + extra_sum.get(k, 0)
         mean_map = total / max(size, 1)
-        stats = region_stats(mean_map, sample_d[in_sample])  # consistency: embedded maps
+        # consistency and spread: on the embedded maps
+        stats = region_stats(mean_map, sample_d[in_sample], cell_size(st.native, side))
         box = _nanmean(scal["box_share"][members])
         focus = _nanmean(scal["focus_area"][members])
-        flags, evidence = flag(size, box, focus, stats, params.thresholds)
+        flags, evidence = flag(size, box, focus, stats, params.thresholds, box_ref)
         dist_c = ((x[in_sample] - clus.centroids[k]) ** 2).sum(axis=1)
         ids_k = [st.buf_id[j] for j in np.nonzero(in_sample)[0]]
         exemplars = [ids_k[j] for j in np.argsort(dist_c, kind="stable")[:EXEMPLARS]]
@@ -252,6 +257,8 @@ def _class_tables(c: int, st: _Class, clus, assigned: dict, extra_sum: dict,
         out["region_x"].append(stats["region_center"][0])
         out["region_y"].append(stats["region_center"][1])
         out["region_consistency"].append(stats["region_consistency"])
+        out["hotspot_spread_cells"].append(stats["hotspot_spread"] / stats["cell"])
+        out["box_ref"].append(box_ref)
         for m in metrics:
             out[f"mean_{m}"].append(_nanmean(scal[m][members]))
         out["flagged"].append(bool(flags))
@@ -261,6 +268,16 @@ def _class_tables(c: int, st: _Class, clus, assigned: dict, extra_sum: dict,
         out["k_neighbours"].append(clus.k_neighbours)
         out["eigenvalues"].append(np.asarray(clus.eigenvalues, dtype=np.float32))
     return rows, _clusters_table(out, metrics, side)
+
+
+def reference_box_share(shares: np.ndarray, t: Thresholds) -> float:
+    """What this model's maps of one class put in the object's box when they find it: the
+    ``t.ref_quantile`` quantile of the class's per-image box shares (NaN with fewer than
+    ``t.min_images`` of them). It carries the map's resolution and the objects' size, which
+    the committed rows do not state (they hold each image's box share, not its box)."""
+    v = np.asarray(shares, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.quantile(v, t.ref_quantile)) if len(v) >= t.min_images else float("nan")
 
 
 def _nanmean(v: np.ndarray) -> float:
@@ -278,7 +295,8 @@ def _clusters_schema(metrics: list[str], side: int) -> pa.Schema:
         ("border_share", pa.float32()), ("focus_area", pa.float32()),
         ("region_area", pa.float32()),
         ("region_x", pa.float32()), ("region_y", pa.float32()),
-        ("region_consistency", pa.float32()),
+        ("region_consistency", pa.float32()), ("hotspot_spread_cells", pa.float32()),
+        ("box_ref", pa.float32()),
         *[(f"mean_{m}", pa.float32()) for m in metrics],
         ("flagged", pa.bool_()), ("flags", pa.list_(pa.string())), ("evidence", pa.string()),
         ("class_size", pa.int64()), ("k_neighbours", pa.int32()),
