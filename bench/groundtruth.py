@@ -17,7 +17,8 @@ the evaluation split.
     PYTHONPATH=. python bench/groundtruth.py --methods gradient_x_input --randomised
 
 ``--variant NAME:key=value,...`` adds a row of ``NAME`` with those parameters (values parsed
-as Python literals where they can be); ``--randomised`` adds the model-randomisation sanity
+as Python literals where they can be) and, where ``NAME`` has its own row, the per-image
+difference to it (a paired comparison); ``--randomised`` adds the model-randomisation sanity
 check: the same methods on an untrained model of the same architecture (seeded), explaining
 the same images for the same labels; a method that scores as well there does not read the
 model.
@@ -119,19 +120,38 @@ def ground_truth_scores(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, li
             "pointing": pointing_hits(maps, masks).float().tolist()}
 
 
-def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch: str,
-               data, batch: int) -> list[dict[str, object]]:
-    """One table row per ``(label, method, params)`` (methods in :data:`BASELINES` are the
-    model-blind maps), scored on ``data``'s images for their labels."""
+def _ci(v: list[float]) -> str:
     from salmap.workers.metrics.summary import summarize
+
+    s = summarize(v)
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
+def paired_rows(names: list[tuple[str, str, dict]], scores: dict[str, dict[str, list[float]]]
+                ) -> list[dict[str, object]]:
+    """For each variant row (a label other than its method's name) whose method also has its
+    default row: the per-image difference variant - default, mean [95 % bootstrap interval]
+    (the same images, so a paired comparison is sharper than two rows' intervals)."""
+    rows = []
+    for label, name, _ in names:
+        if label == name or name not in scores:
+            continue
+        diff = {k: [a - b for a, b in zip(scores[label][k], scores[name][k])]
+                for k in ("mass", "rank", "pointing")}
+        rows.append({"variant - default": f"{label} - {name}", "Δ mass": _ci(diff["mass"]),
+                     "Δ rank accuracy": _ci(diff["rank"]), "Δ pointing": _ci(diff["pointing"])})
+    return rows
+
+
+def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch: str,
+               data, batch: int, scores: dict | None = None) -> list[dict[str, object]]:
+    """One table row per ``(label, method, params)`` (methods in :data:`BASELINES` are the
+    model-blind maps), scored on ``data``'s images for their labels; the per-image scores go
+    into ``scores[label]`` when given."""
     from salmap.workers.synthetic import normalise
 
     x, y, masks = normalise(data.images), data.labels, data.masks
-
-    def ci(v: list[float]) -> str:
-        s = summarize(v)
-        return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-
+    ci = _ci
     rows = []
     for label, name, params in names:
         t0 = time.perf_counter()
@@ -140,9 +160,12 @@ def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch:
         else:
             maps = method_maps(name, model, x, y, arch, batch, params)
         seconds = (time.perf_counter() - t0) / len(data)
-        scores = ground_truth_scores(maps, masks)
-        rows.append({"method": label, "mass in mask ↑": ci(scores["mass"]),
-                     "rank accuracy ↑": ci(scores["rank"]), "pointing ↑": ci(scores["pointing"]),
+        per_image = ground_truth_scores(maps, masks)
+        if scores is not None:
+            scores[label] = per_image
+        rows.append({"method": label, "mass in mask ↑": ci(per_image["mass"]),
+                     "rank accuracy ↑": ci(per_image["rank"]),
+                     "pointing ↑": ci(per_image["pointing"]),
                      "s / image": "" if name in BASELINES else seconds})
         print(f"... {arch} {label}: {rows[-1]['mass in mask ↑']} | {rows[-1]['rank accuracy ↑']}"
               f" | {rows[-1]['pointing ↑']} | {seconds:.3f} s per image", file=sys.stderr,
@@ -224,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {arch} trained: {accuracy(model, evaluation):.3f} {args.split} accuracy",
               file=sys.stderr, flush=True)
         baselines = [(b, b, {}) for b in BASELINES]
-        table(score_rows([*baselines, *rows_spec], model, arch, data, args.batch))
+        scores: dict[str, dict[str, list[float]]] = {}
+        table(score_rows([*baselines, *rows_spec], model, arch, data, args.batch, scores))
+        table(paired_rows(rows_spec, scores))
         if args.randomised:
             torch.manual_seed(0)
             untrained = build_model(arch, args.classes, args.width).eval()  # train_model's init
@@ -232,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.requires_grad_(False)
             print(f"### {arch}, untrained (model-randomisation check: the same images and "
                   "labels, weights at their seeded initialisation)\n", flush=True)
-            table(score_rows(rows_spec, untrained, arch, data, args.batch))
+            table(score_rows([r for r in rows_spec if r[0] == r[1]], untrained, arch, data,
+                             args.batch))  # the methods at their defaults, not the variants
     return 0
 
 

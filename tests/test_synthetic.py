@@ -186,11 +186,12 @@ def test_groundtruth_bench_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training split: 64 images (seed 0" in out and "evaluation split: seed 2" in out
     assert "### vgg: accuracy" in out and "### vgg, untrained" in out
-    lines = [line for line in out.splitlines()
-             if line.startswith("| ") and not line.startswith("| method")]
+    lines = [line for line in out.splitlines() if line.startswith("| ")
+             and not line.startswith(("| method", "| variant - default"))]
     rows = [line.split(" | ")[0].strip("| ") for line in lines]
     methods = ["gradient_x_input", "gradcam", "gradcam (target_layer=features.8)"]
-    assert rows == ["random", "centre", "edge", "input", *methods, *methods]
+    paired = "gradcam (target_layer=features.8) - gradcam"  # the per-image difference
+    assert rows == ["random", "centre", "edge", "input", *methods, paired, *methods[:2]]
     for line in lines:
         assert line.count("[") == 3  # mass, rank accuracy, pointing: mean [low, high]
     assert len(list(tmp_path.iterdir())) == 1  # the model's weights, cached
