@@ -167,6 +167,13 @@ def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch:
                      "rank accuracy ↑": ci(per_image["rank"]),
                      "pointing ↑": ci(per_image["pointing"]),
                      "s / image": "" if name in BASELINES else seconds})
+        if data.cue_flags.any():  # where the corner cue is, on the images that carry it
+            from salmap.workers.synthetic import cue_masks
+
+            flags = data.cue_flags
+            cue = cue_masks(data.labels[flags], masks.shape[-1], data.cue_size)
+            on_cue = ground_truth_scores(maps[flags], cue)["mass"]
+            rows[-1]["mass on the cue"] = ci(on_cue)
         print(f"... {arch} {label}: {rows[-1]['mass in mask ↑']} | {rows[-1]['rank accuracy ↑']}"
               f" | {rows[-1]['pointing ↑']} | {seconds:.3f} s per image", file=sys.stderr,
               flush=True)
@@ -203,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=16, help="channels of the first conv")
     parser.add_argument("--spurious", type=float, default=0.0,
                         help="share of training images with the class's corner cue")
+    parser.add_argument("--eval-spurious", type=float, default=0.0,
+                        help="share of evaluation images with the class's corner cue (adds a "
+                        "column: the share of positive relevance on the cue)")
     parser.add_argument("--randomised", action="store_true",
                         help="also score the methods on an untrained model (sanity check)")
     parser.add_argument("--batch", type=int, default=50, help="images per method call")
@@ -221,14 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     data_kw = {"size": args.size, "num_classes": args.classes, "style": args.style}
     seed = 2 if args.split == "evaluation" else 1
     train = make_dataset(args.train, seed=0, spurious_fraction=args.spurious, **data_kw)
-    evaluation = make_dataset(2 * args.images, seed=seed, **data_kw)
+    evaluation = make_dataset(2 * args.images, seed=seed, spurious_fraction=args.eval_spurious,
+                              **data_kw)
     print("## Ground-truth benchmark: synthetic shapes with exact masks\n")
     print(f"date {time.strftime('%Y-%m-%d')}; CPU, {torch.get_num_threads()} threads; "
           f"{versions()}; {load_avg()}\n")
     print(f"{args.classes} classes ({args.size} px, style {args.style}, object centre uniform "
           f"over the frame); training split: {args.train} images (seed 0, corner cue on "
           f"{args.spurious:.0%}), {args.epochs} epochs, width {args.width}; {args.split} split: "
-          f"seed {seed}, the first {args.images} correctly classified of {len(evaluation)} "
+          f"seed {seed} (corner cue on {args.eval_spurious:.0%}), the first {args.images} "
+          f"correctly classified of {len(evaluation)} "
           "images; tuning split (for defaults of optimised methods): seed 1, evaluation "
           "split: seed 2.\n")
     for arch in [a for a in args.archs.split(",") if a]:

@@ -181,10 +181,11 @@ def test_groundtruth_bench_small(tmp_path, capsys):
 
     assert main(["--size", "16", "--classes", "2", "--train", "64", "--epochs", "1",
                  "--images", "6", "--width", "4", "--archs", "vgg", "--cache", str(tmp_path),
-                 "--methods", "gradient_x_input,gradcam", "--randomised",
-                 "--variant", "gradcam:target_layer=features.8"]) == 0
+                 "--methods", "gradient_x_input,gradcam", "--randomised", "--eval-spurious",
+                 "0.5", "--variant", "gradcam:target_layer=features.8"]) == 0
     out = capsys.readouterr().out
     assert "training split: 64 images (seed 0" in out and "evaluation split: seed 2" in out
+    assert "| mass on the cue |" in out  # the evaluation images carry the corner cue
     assert "### vgg: accuracy" in out and "### vgg, untrained" in out
     lines = [line for line in out.splitlines() if line.startswith("| ")
              and not line.startswith(("| method", "| variant - default"))]
@@ -192,8 +193,8 @@ def test_groundtruth_bench_small(tmp_path, capsys):
     methods = ["gradient_x_input", "gradcam", "gradcam (target_layer=features.8)"]
     paired = "gradcam (target_layer=features.8) - gradcam"  # the per-image difference
     assert rows == ["random", "centre", "edge", "input", *methods, paired, *methods[:2]]
-    for line in lines:
-        assert line.count("[") == 3  # mass, rank accuracy, pointing: mean [low, high]
+    for line in lines:  # mass, rank accuracy, pointing (and mass on the cue): mean [low, high]
+        assert line.count("[") == (3 if " - " in line else 4)
     assert len(list(tmp_path.iterdir())) == 1  # the model's weights, cached
 
 
