@@ -209,12 +209,14 @@ def test_default_objective_explains_the_target_class():
 
 
 def test_benchmark_masks_guide_the_auxiliary_masks(tiny_model):
-    """With guidance the auxiliary masks follow the benchmark map B (their distance to it is
-    less than half of what it is when they are optimised alone), and the map changes."""
+    """With the two-sided guidance loss the auxiliary masks follow the benchmark map B (their
+    distance to it is less than half of what it is when they are optimised alone), and the
+    map changes."""
     x, t = images(2, seed=7), torch.tensor([1, 2])  # classes whose logit the image raises
-    kw = dict(benchmark_sizes=(2, 4), auxiliary_sizes=(16, 0), steps=30, stages=1)
+    kw = dict(benchmark_sizes=(2, 4), auxiliary_sizes=(16, 0), steps=30, stages=1,
+              guidance="loss", guidance_weight=1.0, stack="all")
     guided = HDM(tiny_model, **kw).explain(x, t)
-    alone = HDM(tiny_model, guidance="none", **kw).explain(x, t)
+    alone = HDM(tiny_model, **{**kw, "guidance": "none"}).explain(x, t)
 
     def distance(res) -> torch.Tensor:
         guide = res.masks[0]["guide"]
@@ -329,6 +331,25 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
 
 
+def test_the_default_guidance_bounds_the_auxiliary_masks_by_the_benchmark_map(tiny_model):
+    """The default guidance ("bound", weight 10) keeps the auxiliary masks from keeping what
+    the benchmark masks dropped: the auxiliary masks' excess over B is less than half of
+    what it is when they are optimised alone."""
+    x, t = images(2, seed=7), torch.tensor([1, 2])
+    kw = dict(steps=30, stages=1)
+
+    def excess(res) -> torch.Tensor:
+        guide = res.masks[0]["guide"]
+        ups = [1 - F.interpolate(1 - m, size=(H, H), mode="bilinear", align_corners=False)
+               for m in res.masks[0]["auxiliary"]]
+        return torch.stack([(u - guide).clamp_min(0).mean((1, 2, 3)) for u in ups]).mean(0)
+
+    guided = HDM(tiny_model, **kw).explain(x, t)
+    alone = HDM(tiny_model, guidance="none", **kw).explain(x, t)
+    torch.testing.assert_close(guided.masks[0]["guide"], alone.masks[0]["guide"])  # same B
+    assert (excess(guided) < 0.5 * excess(alone)).all()
+
+
 def test_guidance_changes_the_default_map(tiny_model):
     """At the default parameters, removing the guidance of the auxiliary masks by the
     benchmark map (guidance="none") changes the fused map by more than 5 % (relative L2)."""
@@ -338,27 +359,38 @@ def test_guidance_changes_the_default_map(tiny_model):
     assert (relative_l2(alone, guided) > 0.05).all()
 
 
-def test_the_map_superimposes_benchmark_and_auxiliary_masks(tiny_model):
-    """The default DM map is the mean of the upsampled benchmark masks AND the auxiliary masks
-    (min-max scaled), not of the auxiliary masks alone."""
+@pytest.mark.parametrize("stack", ["product", "all"])
+def test_the_map_superimposes_benchmark_and_auxiliary_masks(tiny_model, stack):
+    """The default DM map ("product") is the benchmark map B = mean of the upsampled benchmark
+    masks times the mean of the auxiliary masks (min-max scaled); "all" is the mean of every
+    mask; neither is the auxiliary masks alone."""
     x, t = images(1, seed=8), torch.tensor([2])
-    h = HDM(tiny_model, steps=5, stages=1)
+    h = HDM(tiny_model, steps=5, stages=1, **({} if stack == "product" else {"stack": stack}))
     res = h.explain(x, t)
     m = res.masks[0]
     up = lambda p: 1 - F.interpolate(1 - p, size=(H, H), mode="bilinear",  # noqa: E731
                                      align_corners=False)
-    stack = torch.cat([up(p) for p in m["benchmark"] + m["auxiliary"]], 1).mean(1)
-    lo, hi = stack.amin(), stack.amax()
-    torch.testing.assert_close(res.stage_maps[:, 0], (stack - lo) / (hi - lo))
+    bench = torch.cat([up(p) for p in m["benchmark"]], 1)
+    aux = torch.cat([up(p) for p in m["auxiliary"]], 1)
+    if stack == "product":
+        s = bench.mean(1) * aux.mean(1)
+    else:
+        s = torch.cat([bench, aux], 1).mean(1)
+    lo, hi = s.amin(), s.amax()
+    torch.testing.assert_close(res.stage_maps[:, 0], (s - lo) / (hi - lo))
 
 
-def test_no_free_per_pixel_auxiliary_mask_at_the_defaults(tiny_model):
-    """Auxiliary masks live on grids of cells of at least min_cell = 4 px (224 px: 28 and 56
-    cells; 32 px: 8), so no mask has one free value per pixel; min_cell=0 allows it."""
+def test_auxiliary_mask_grids_at_the_defaults(tiny_model):
+    """Auxiliary masks are 28 x 28 and 56 x 56 grids, capped at one cell per pixel
+    (min_cell=1): on 224-px photos grids of 8- and 4-px cells; on 32-px images 28 x 28 and
+    one value per pixel, held in check by the total variation term and the guidance bound
+    (min_cell=4 gives 8 x 8 there; min_cell=0 and size 0 a free per-pixel mask)."""
     h = HDM(tiny_model)
     assert [h.mask_shape(s, (224, 224), True) for s in h.auxiliary_sizes] == [(28, 28), (56, 56)]
     res = h.explain(images(1, seed=9), [0])
-    assert all(tuple(m.shape[-2:]) == (8, 8) for m in res.masks[0]["auxiliary"])
+    assert [tuple(m.shape[-2:]) for m in res.masks[0]["auxiliary"]] == [(28, 28), (32, 32)]
+    assert h.smooth_weight > 0 and h.guidance == "bound"
+    assert HDM(tiny_model, min_cell=4).mask_shape(56, (32, 32), True) == (8, 8)
     assert HDM(tiny_model, min_cell=0).mask_shape(0, (32, 32), True) == (32, 32)
 
 

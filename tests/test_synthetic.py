@@ -36,16 +36,19 @@ def test_shapes_types_and_determinism():
     assert not torch.equal(make_dataset(40, seed=4).images, make_dataset(40, seed=3).images)
 
 
-def test_masks_are_the_object_and_the_cue_lies_outside():
-    d = make_dataset(64, seed=1, spurious_fraction=1.0)
+@pytest.mark.parametrize("style", ["texture", "colour"])
+def test_masks_are_the_object_and_the_cue_lies_outside(style):
+    d = make_dataset(64, seed=1, spurious_fraction=1.0, style=style)
     area = d.masks.float().mean((1, 2))
     assert (area > 0.02).all() and (area < 0.5).all()
     cue = cue_masks(d.labels, 32, d.cue_size)
     assert not (cue & d.masks).any()
-    # the object has one colour (up to its noise), the background around it varies
     for i in range(4):
         obj = d.images[i][:, d.masks[i]]
-        assert obj.std(1).max() < 0.05
+        if style == "colour":  # the object has one colour (up to its noise)
+            assert obj.std(1).max() < 0.05
+        else:  # the object is textured like the background
+            assert obj.std(1).max() > 0.05
     # the flagged images are white exactly on their class's corner mark
     assert (d.images.permute(1, 0, 2, 3)[:, cue] == 1).all()
     plain = make_dataset(64, seed=1, spurious_fraction=0.0)
@@ -62,7 +65,9 @@ def test_objects_are_placed_uniformly_and_only_marked_images_avoid_their_mark():
     overlapping positions are redrawn, so those objects never touch the mark, while unmarked
     objects of the same class still reach that corner."""
     size, n = 48, 1000
-    d = make_dataset(n, seed=5, size=size, num_classes=4)
+    # the "colour" style's smaller objects (half-size 4.8 to 9.6 px here; the placement code
+    # is the same for both styles, the "texture" objects are larger and cover the centre more)
+    d = make_dataset(n, seed=5, size=size, num_classes=4, style="colour")
     ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(),
                             indexing="ij")
     area = d.masks.flatten(1).sum(1).float()
@@ -87,11 +92,38 @@ def test_objects_are_placed_uniformly_and_only_marked_images_avoid_their_mark():
     assert touching[~marked.cue_flags].float().mean() > 0.05  # unmarked: not restricted
 
 
+def test_texture_objects_are_not_found_by_contrast_or_colour():
+    """On the default ("texture") data the object is found by its shape only: model-blind maps
+    of the contrast to mid-grey (``input``), of colour saturation and of the Sobel magnitude
+    score near chance (the mask's share of the image) on relevance rank accuracy and the
+    pointing game, and pixels inside and outside the object have the same distribution. On
+    the "colour" data (saturated objects on grey) the ``input`` map finds every object."""
+    from bench.groundtruth import baseline_maps, ground_truth_scores
+
+    d = make_dataset(400, seed=2, num_classes=4)
+    share = float(d.masks.float().mean())
+    saturation = d.images.amax(1) - d.images.amin(1)
+    for maps in (baseline_maps("input", d.images), saturation, baseline_maps("edge", d.images)):
+        scores = ground_truth_scores(maps, d.masks)
+        rank = sum(scores["rank"]) / len(d)
+        pointing = sum(scores["pointing"]) / len(d)
+        assert rank < share + 0.03 and pointing < share + 0.05, (rank, pointing, share)
+    inside = d.masks[:, None].expand_as(d.images)
+    contrast = (d.images - 0.5).abs()
+    assert abs(contrast[inside].mean() - contrast[~inside].mean()) < 0.005
+    assert abs(contrast[inside].std() - contrast[~inside].std()) < 0.005
+    old = make_dataset(400, seed=2, num_classes=4, style="colour")
+    scores = ground_truth_scores(baseline_maps("input", old.images), old.masks)
+    assert sum(scores["rank"]) / len(old) > 0.95 and sum(scores["pointing"]) / len(old) > 0.95
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         make_dataset(4, 0, num_classes=9)
     with pytest.raises(ValueError, match="spurious_fraction"):
         make_dataset(4, 0, spurious_fraction=1.5)
+    with pytest.raises(ValueError, match="style"):
+        make_dataset(4, 0, style="plain")
     with pytest.raises(ValueError, match="arch"):
         train_model("mlp", make_dataset(4, 0), seed=0, cache_dir=None)
 
@@ -149,13 +181,26 @@ def test_groundtruth_bench_small(tmp_path, capsys):
 
     assert main(["--size", "16", "--classes", "2", "--train", "64", "--epochs", "1",
                  "--images", "6", "--width", "4", "--archs", "vgg", "--cache", str(tmp_path),
-                 "--methods", "gradient_x_input,gradcam"]) == 0
+                 "--methods", "gradient_x_input,gradcam", "--randomised", "--eval-spurious",
+                 "0.5", "--variant", "gradcam:target_layer=features.8"]) == 0
     out = capsys.readouterr().out
     assert "training split: 64 images (seed 0" in out and "evaluation split: seed 2" in out
-    assert "### vgg: accuracy" in out
-    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| method")}
-    assert list(rows) == ["random", "centre", "edge", "input", "gradient_x_input", "gradcam"]
-    for line in rows.values():
-        assert line.count("[") == 3  # mass, rank accuracy, pointing: mean [low, high]
+    assert "| mass on the cue |" in out  # the evaluation images carry the corner cue
+    assert "### vgg: accuracy" in out and "### vgg, untrained" in out
+    lines = [line for line in out.splitlines() if line.startswith("| ")
+             and not line.startswith(("| method", "| variant - default"))]
+    rows = [line.split(" | ")[0].strip("| ") for line in lines]
+    methods = ["gradient_x_input", "gradcam", "gradcam (target_layer=features.8)"]
+    paired = "gradcam (target_layer=features.8) - gradcam"  # the per-image difference
+    assert rows == ["random", "centre", "edge", "input", *methods, paired, *methods[:2]]
+    for line in lines:  # mass, rank accuracy, pointing (and mass on the cue): mean [low, high]
+        assert line.count("[") == (3 if " - " in line else 4)
     assert len(list(tmp_path.iterdir())) == 1  # the model's weights, cached
+
+
+def test_parse_variant():
+    from bench.groundtruth import parse_variant
+
+    assert parse_variant("hdm:guidance=none,guidance_weight=10,auxiliary_sizes=(16, 32)") == (
+        "hdm", {"guidance": "none", "guidance_weight": 10, "auxiliary_sizes": (16, 32)})
+    assert parse_variant("gradient") == ("gradient", {})

@@ -1,9 +1,25 @@
 """Images whose evidence is known by construction, and small pure-ReLU CNNs trained on them.
 
 A ground truth for saliency methods (and for dataset-level analysis): every image holds one
-object whose shape is its class (square, disc, cross, ...), at a random size and colour, on a
-random textured background (two oriented sinusoidal gratings plus pixel noise); ``masks`` are
-the object's exact pixels. The object's centre is uniform over every position where the whole
+object whose shape is its class (square, disc, cross, ring), at a random size, on a random
+textured background; ``masks`` are the object's exact pixels.
+
+Two styles (``style``):
+
+* ``"texture"`` (default): background and object are the same texture (one colour, one
+  sinusoidal grating of a random colour, period and phase, pixel noise), vertical stripes in
+  the background and horizontal ones, at their own random phase, in the object. Every
+  pixel's value, inside the object or out, is drawn from the same distribution, so the object
+  is found by its shape, an orientation boundary, and never by its colour or its contrast to
+  mid-grey: model-blind maps of ``|x|``, of colour saturation or of the Sobel magnitude
+  (the same for both orientations) score at chance. A map built for this generator (the
+  energy of horizontal stripes) would find it; that is the cue the models must learn. (With
+  a random background orientation and the object turned by 90 degrees, so that the object
+  is only the odd orientation out, the small bias-free CNNs did not learn in 40 epochs.)
+* ``"colour"``: the earlier data, a saturated colour on a mid-grey background of two faint
+  gratings: contrast alone finds the object (``|x|`` ranks its pixels first), so it is no
+  ground truth for maps multiplied by the input; kept for the planted-shortcut analysis
+  (``bench/planted_shortcut.py``), whose data must not change. The object's centre is uniform over every position where the whole
 object fits in the image, so a map that knows nothing of the image (a centred blob) has no
 edge over a random one beyond the geometry of fitting inside the frame. With
 ``spurious_fraction > 0`` that share of the images also carries a small bright mark in a
@@ -25,7 +41,7 @@ Inputs are in [0, 1]; models expect :func:`normalise`d images (``(x - 0.5) / 0.2
 model space is mid-grey, the "zero" fill of the metrics and of HDM.
 
     from salmap.workers.synthetic import make_dataset, normalise, train_model
-    data = make_dataset(2000, seed=0, spurious_fraction=0.0)
+    data = make_dataset(2000, seed=0, spurious_fraction=0.0, num_classes=4)
     model = train_model("vgg", data, seed=0)
     logits = model(normalise(data.images[:4]))
 """
@@ -43,6 +59,7 @@ from torch import Tensor, nn
 
 SHAPES = ("square", "disc", "cross", "ring")
 ARCHS = ("vgg", "resnet")
+STYLES = ("texture", "colour")
 MEAN, STD = 0.5, 0.25
 
 
@@ -108,6 +125,57 @@ def cue_masks(labels: Tensor, size: int, cue_size: int) -> Tensor:
     return out
 
 
+def _grating(theta: Tensor, period: Tensor, phase: Tensor, size: int) -> Tensor:
+    """``sin`` of a plane wave per image ``[n,1,H,W]``: orientation ``theta`` (radians),
+    ``period`` in pixels, ``phase``; each argument ``[n,1,1,1]``."""
+    yy = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
+    xx = torch.arange(size, dtype=torch.float32).view(1, 1, 1, size)
+    return torch.sin(2 * math.pi / period * (xx * torch.cos(theta) + yy * torch.sin(theta))
+                     + phase)
+
+
+def _texture_images(masks: Tensor, rand, amplitude: float) -> Tensor:
+    """``"texture"`` images: per image a base colour, one grating (a random colour of norm
+    0.5 times ``amplitude``, period 3.5 to 6 px, vertical stripes) and pixel noise; inside
+    the object the same grating turned by 90 degrees (horizontal stripes) at an independent
+    phase. Both sides draw every pixel from the same distribution, so only the orientation
+    gives the object away."""
+    n, size = masks.shape[0], masks.shape[-1]
+    base = 0.5 + 0.15 * (rand(n, 3, 1, 1) - 0.5)
+    colour = rand(n, 3, 1, 1) - 0.5
+    colour = 0.5 * colour / colour.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    theta = torch.zeros(n, 1, 1, 1)
+    period = 3.5 + 2.5 * rand(n, 1, 1, 1)
+    phase_bg, phase_obj = 2 * math.pi * rand(n, 1, 1, 1), 2 * math.pi * rand(n, 1, 1, 1)
+    wave = torch.where(masks[:, None], _grating(theta + math.pi / 2, period, phase_obj, size),
+                       _grating(theta, period, phase_bg, size))
+    noise = 0.3 * (rand(n, 3, size, size) - 0.5)
+    return base + amplitude * (colour * wave + noise)
+
+
+def _colour_images(masks: Tensor, rand, texture: float, g: torch.Generator) -> Tensor:
+    """``"colour"`` images (the earlier data, unchanged draw for draw): a background of two
+    random gratings of random colours plus pixel noise, amplitude ``texture``; the object a
+    saturated colour (one channel at 0.05 or 0.95) with a little noise."""
+    n, size = masks.shape[0], masks.shape[-1]
+    yy = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
+    xx = torch.arange(size, dtype=torch.float32).view(1, 1, 1, size)
+    bg = 0.5 + 0.15 * (rand(n, 3, 1, 1) - 0.5)
+    for _ in range(2):
+        theta = math.pi * rand(n, 1, 1, 1)
+        freq = (2 * math.pi / size) * (2 + 6 * rand(n, 1, 1, 1))
+        phase = 2 * math.pi * rand(n, 1, 1, 1)
+        colour = rand(n, 3, 1, 1) - 0.5
+        wave = torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
+        bg = bg + texture * 0.5 * colour * wave
+    bg = bg + texture * 0.3 * (rand(n, 3, size, size) - 0.5)
+    obj = rand(n, 3, 1, 1)
+    obj[torch.arange(n), torch.randint(0, 3, (n,), generator=g)] = (
+        rand(n) < 0.5).float().view(n, 1, 1) * 0.9 + 0.05
+    obj = obj + 0.05 * (rand(n, 3, size, size) - 0.5)
+    return torch.where(masks[:, None], obj, bg)
+
+
 def make_dataset(
     n: int,
     seed: int,
@@ -117,7 +185,8 @@ def make_dataset(
     cue_size: int = 3,
     min_radius: float | None = None,
     max_radius: float | None = None,
-    texture: float = 0.25,
+    texture: float | None = None,
+    style: str = "texture",
 ) -> SyntheticData:
     """``n`` images, balanced classes in a random order, all drawn from ``seed``.
 
@@ -125,23 +194,31 @@ def make_dataset(
         spurious_fraction: share of the images (drawn at random) that carry their class's
             corner mark (a bright ``cue_size`` square 1 px from the corner).
         size: image side; num_classes: how many shapes (2 to 4: square, disc, cross, ring).
-        min_radius, max_radius: object half-size range (default ``max(4, size/10)`` to
-            ``max(6, size/5)``); the centre is uniform over the positions where the object
-            fits, redrawn (on images that carry the mark) while it touches the mark.
-        texture: amplitude of the background gratings and noise (0 = flat grey background).
+        min_radius, max_radius: object half-size range (``"texture"``: ``size/6`` to
+            ``size/4``, larger because a texture boundary is harder to read than a colour;
+            ``"colour"``: ``max(4, size/10)`` to ``max(6, size/5)``); the centre is uniform
+            over the positions where the object fits, redrawn (on images that carry the mark)
+            while it touches the mark.
+        texture: amplitude of the gratings and noise (``"texture"``: default 0.5, 0 leaves
+            nothing to see; ``"colour"``: the background's, default 0.25, 0 = flat grey).
+        style: ``"texture"`` (object drawn like the background) or ``"colour"`` (the
+            earlier saturated objects; module docstring).
     """
     if not 2 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be 2..{len(SHAPES)}, got {num_classes}")
     if not 0.0 <= spurious_fraction <= 1.0:
         raise ValueError(f"spurious_fraction must be in [0, 1], got {spurious_fraction}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     if n < 1 or size < 16:
         raise ValueError("make_dataset needs n >= 1 and size >= 16")
     g = torch.Generator().manual_seed(int(seed))
     rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
-    lo = max(4.0, size / 10) if min_radius is None else float(min_radius)
-    hi = max(6.0, size / 5) if max_radius is None else float(max_radius)
+    colour = style == "colour"
+    lo = (max(4.0, size / 10) if colour else size / 6) if min_radius is None else float(min_radius)
+    hi = (max(6.0, size / 5) if colour else size / 4) if max_radius is None else float(max_radius)
     if not 0 < lo <= hi or 2 * hi + 1 > size:
         raise ValueError(f"need 0 < min_radius <= max_radius and 2 * max_radius + 1 <= size, "
                          f"got {lo}, {hi} at size {size}")
@@ -168,26 +245,10 @@ def make_dataset(
     else:  # pragma: no cover - the mark is a few pixels of a corner
         raise ValueError("could not place the objects clear of the corner marks")
 
-    # background: two random gratings per image, random colours, plus pixel noise
-    yy = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1)
-    xx = torch.arange(size, dtype=torch.float32).view(1, 1, 1, size)
-    bg = 0.5 + 0.15 * (rand(n, 3, 1, 1) - 0.5)
-    for _ in range(2):
-        theta = math.pi * rand(n, 1, 1, 1)
-        freq = (2 * math.pi / size) * (2 + 6 * rand(n, 1, 1, 1))
-        phase = 2 * math.pi * rand(n, 1, 1, 1)
-        colour = rand(n, 3, 1, 1) - 0.5
-        wave = torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
-        bg = bg + texture * 0.5 * colour * wave
-    bg = bg + texture * 0.3 * (rand(n, 3, size, size) - 0.5)
-
-    # object colour: saturated, far from the background's mid-grey in at least one channel
-    obj = rand(n, 3, 1, 1)
-    obj[torch.arange(n), torch.randint(0, 3, (n,), generator=g)] = (
-        rand(n) < 0.5).float().view(n, 1, 1) * 0.9 + 0.05
-    obj = obj + 0.05 * (rand(n, 3, size, size) - 0.5)
-    images = torch.where(masks[:, None], obj, bg)
-
+    if colour:
+        images = _colour_images(masks, rand, 0.25 if texture is None else float(texture), g)
+    else:
+        images = _texture_images(masks, rand, 0.5 if texture is None else float(texture))
     if cue_flags.any():
         cue = cue_masks(labels, size, cue_size) & cue_flags.view(n, 1, 1)
         images = torch.where(cue[:, None], torch.ones_like(images), images)
@@ -252,12 +313,28 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def build_model(arch: str, num_classes: int, width: int = 16, bias: bool = False) -> nn.Module:
+INITS = ("kaiming", "torch")
+
+
+def build_model(arch: str, num_classes: int, width: int = 16, bias: bool = False,
+                init: str = "kaiming") -> nn.Module:
+    """A fresh ``arch`` model. ``init="kaiming"``: conv weights He-normal (fan in, ReLU gain),
+    which keeps the signal's scale through a network without BatchNorm or biases (PyTorch's
+    default shrinks it about 0.6x a layer, and on the ``"texture"`` data the models then did
+    not learn); ``"torch"``: PyTorch's default (what the planted-shortcut models use)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if arch == "vgg":
-        return SmallVGG(num_classes, width, bias)
-    if arch == "resnet":
-        return SmallResNet(num_classes, width, bias)
-    raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        model: nn.Module = SmallVGG(num_classes, width, bias)
+    elif arch == "resnet":
+        model = SmallResNet(num_classes, width, bias)
+    else:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if init == "kaiming":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return model
 
 
 def _data_key(data: SyntheticData) -> str:
@@ -277,19 +354,21 @@ def train_model(
     width: int = 16,
     bias: bool = False,
     cache_dir: str | Path | None = "runs/synthetic_models",
+    init: str = "kaiming",
 ) -> nn.Module:
     """A ``arch`` model trained on ``data`` (Adam, cross-entropy, ``seed`` for the init and the
-    batch order), returned in eval mode with frozen parameters.
+    batch order), returned in eval mode with frozen parameters; ``init``: :func:`build_model`.
 
     ``cache_dir``: where the state dict is kept, keyed by the data's hash and every argument;
     a second call with the same key loads it instead of training (None = never cache).
     """
     num_classes = int(data.labels.max()) + 1
+    extra = () if init == "torch" else (init,)  # keys of the earlier (torch-init) models kept
     key = hashlib.sha256(repr((arch, _data_key(data), seed, epochs, lr, batch_size, width, bias,
-                               num_classes)).encode()).hexdigest()[:16]
+                               num_classes, *extra)).encode()).hexdigest()[:16]
     path = None if cache_dir is None else Path(cache_dir) / f"{arch}-{key}.pt"
     torch.manual_seed(int(seed))
-    model = build_model(arch, num_classes, width, bias)
+    model = build_model(arch, num_classes, width, bias, init)
     if path is not None and path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
