@@ -90,13 +90,14 @@ def centre_gaussian(n: int, h: int, w: int) -> torch.Tensor:
 
 
 def edge_map(images: torch.Tensor) -> torch.Tensor:
-    """Sobel gradient magnitude of the channel-mean image: where the photo has edges."""
+    """Sobel gradient magnitude of the channel-mean image: where the photo has edges. The
+    border is replicated: zero padding would make the image's frame its strongest edge."""
     import torch.nn.functional as F
 
-    g = images.mean(1, keepdim=True)
+    g = F.pad(images.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")
     kx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]]).view(1, 1, 3, 3)
-    gx = F.conv2d(g, kx, padding=1)
-    gy = F.conv2d(g, kx.transpose(2, 3), padding=1)
+    gx = F.conv2d(g, kx)
+    gy = F.conv2d(g, kx.transpose(2, 3))
     return (gx.square() + gy.square()).sqrt()[:, 0]
 
 
