@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("methods_vs_peers", "pipeline_efficiency", "metric_cost", "scaling", "memory",
            "precision", "control_plane", "small_shards", "storage_faults", "method_quality",
-           "cluster_fill", "end_of_run", "cpu_per_image", "shard_reads", "batch_independence",
+           "cluster_fill", "end_of_run", "cpu_per_image", "stage_cpu", "shard_reads", "batch_independence",
            "groundtruth", "analyze_shortcut")
 # long end-to-end runs, only with --only (e.g. --only s3_run --args s3_run="--images 100000")
 OPTIONAL = ("large_run", "s3_run")

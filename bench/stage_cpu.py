@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="images per actor call")
     p.add_argument("--repeat", type=int, default=3, help="timed passes (after one warm-up)")
     p.add_argument("--extra-config", default="{}", help="JSON merged into the config")
+    p.add_argument("--device", default="cpu", help="accepted for run_all; the stages run on CPU")
     args = p.parse_args(argv)
 
     import ray
