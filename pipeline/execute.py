@@ -273,18 +273,6 @@ def actor_pool(ex: UnitExecution):
                              max_tasks_in_flight_per_actor=ex.max_tasks_in_flight_per_actor)
 
 
-def post_tasks():
-    """The post + write stage's task pool: at most one task per CPU of the cluster. Its tasks
-    ask for :data:`IO_TASK_CPUS` (placement on small nodes), so without a cap Ray Data runs
-    four per CPU, each in its own worker process that imports torch and pyarrow (2-3 CPU-s
-    and ~300 MB each) for work that one process per CPU already keeps busy."""
-    import ray
-    from ray.data import TaskPoolStrategy
-
-    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    return TaskPoolStrategy(size=max(1, int(cpus)))
-
-
 def build_dataset(ex: UnitExecution):
     """The unit's Ray Data pipeline, ending in one small record per file and shard end."""
     ds = read_and_decode(ex)
@@ -295,7 +283,7 @@ def build_dataset(ex: UnitExecution):
     ds = ds.map_batches(udf, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
                         batch_format="numpy", compute=pool, **ex.actor_resources)
     return ds.map_batches(_PostWrite(ex.write), batch_format="numpy", batch_size=POST_BATCH,
-                          num_cpus=IO_TASK_CPUS, compute=post_tasks())
+                          num_cpus=IO_TASK_CPUS)
 
 
 def run_unit(ex: UnitExecution, tracker: WaveTracker, on_commit: Callable[[dict], None],

@@ -35,7 +35,6 @@ from .execute import (
     UnitExecution,
     actor_pool,
     explainer_class,
-    post_tasks,
     post_write,
     read_and_decode,
     take_record,
@@ -122,7 +121,7 @@ def build_group_dataset(exs: list[UnitExecution]):
         ds = ds.map_batches(udf, fn_constructor_args=(ex.actor_spec,), batch_size=ex.batch_size,
                             batch_format="numpy", compute=pool, **ex.actor_resources)
     return ds.map_batches(_PostWriteGroup([ex.write for ex in exs]), batch_format="numpy",
-                          batch_size=POST_BATCH, num_cpus=IO_TASK_CPUS, compute=post_tasks())
+                          batch_size=POST_BATCH, num_cpus=IO_TASK_CPUS)
 
 
 def run_group(exs: list[UnitExecution], trackers: list[WaveTracker],
