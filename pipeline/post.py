@@ -20,7 +20,7 @@ from salmap.workers.columns import (
     POST_METRIC_COLUMNS,
     output_schema,
 )
-from salmap.workers.metrics.geometry import map_to_input, map_to_original, maps_to_original
+from salmap.workers.metrics.geometry import map_to_input, map_to_original, maps_to_sizes
 from salmap.workers.metrics.registry import per_metric_params
 
 from .decode import SHARD_END
@@ -200,7 +200,7 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
 
     Vectorised over the batch: the scalar columns are converted column by column, the maps
     of rows that share a geometry are resampled to original pixels in one pass
-    (:func:`salmap.workers.metrics.geometry.maps_to_original`), in chunks of :data:`MAP_CHUNK` rows
+    (:func:`salmap.workers.metrics.geometry.maps_to_sizes`), in chunks of :data:`MAP_CHUNK` rows
     to bound memory; per row remain the PNG encoding and, when asked for, the post metrics
     and weak-supervision columns.
     """
@@ -225,19 +225,20 @@ def post_batch(batch: dict[str, np.ndarray], post_metrics: dict[str, dict], run_
     per_row = bool(names or (labels and labels.get("label_maps")))  # needs the full-size map
     for positions, t in _geometry_groups(batch, idx, ok):
         box = crop_box(t)
-        preview = png_size(t, h, w) if png == "native" else (t["orig_h"], t["orig_w"])
-        full_size = preview == (t["orig_h"], t["orig_w"])
+        full = (t["orig_h"], t["orig_w"])
+        preview = None if png == "none" else png_size(t, h, w) if png == "native" else full
+        # the resamplings this geometry needs (one frame, resampled to each size)
+        sizes = list(dict.fromkeys([*([full] if per_row else []), *([preview] if preview else [])]))
         for start in range(0, len(positions), MAP_CHUNK):
             chunk = positions[start:start + MAP_CHUNK]
             natives = sal[idx[chunk]].astype(np.float32)
-            originals = maps_to_original(natives, t).numpy() if per_row or (
-                png != "none" and full_size) else None
-            previews = originals if png == "none" or full_size else \
-                maps_to_original(natives, t, size=preview).numpy()
+            resampled = dict(zip(sizes, (m.numpy() for m in maps_to_sizes(natives, t, sizes)))
+                             ) if sizes else {}
+            originals, previews = resampled.get(full), resampled.get(preview)
             for j, pos in enumerate(chunk):
                 i = int(idx[pos])
                 post_cols["crop_box"][pos] = box
-                if png == "none":
+                if previews is None:
                     lo, hi = map_range(natives[j])
                 else:
                     post_cols["saliency_png"][pos], lo, hi = encode_png(previews[j])

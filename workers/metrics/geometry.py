@@ -105,6 +105,14 @@ def maps_to_original(maps: np.ndarray | torch.Tensor, transform: dict[str, Any],
     ``float32 [B, orig_h, orig_w]`` (the same values, each map resampled on its own). ``size``:
     the original frame at another ``(height, width)`` instead (a preview)."""
     t = _check(transform)
+    return maps_to_sizes(maps, t, [size or (t["orig_h"], t["orig_w"])])[0]
+
+
+def maps_to_sizes(maps: np.ndarray | torch.Tensor, transform: dict[str, Any],
+                  sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """:func:`maps_to_original` at each of ``sizes``: the maps are laid on the resized frame
+    once and that frame resampled to every size."""
+    t = _check(transform)
     m = torch.as_tensor(maps).float()
     if m.dim() != 3:
         raise ValueError(f"maps must be [B, h, w], got shape {tuple(m.shape)}")
@@ -115,7 +123,7 @@ def maps_to_original(maps: np.ndarray | torch.Tensor, transform: dict[str, Any],
     y1, x1 = min(top + t["crop_h"], t["resized_h"]), min(left + t["crop_w"], t["resized_w"])
     if y0 < y1 and x0 < x1:
         frame[:, y0:y1, x0:x1] = crop[:, y0 - top:y1 - top, x0 - left:x1 - left]
-    return _resize_batch(frame, size or (t["orig_h"], t["orig_w"]))
+    return [_resize_batch(frame, size) for size in sizes]
 
 
 def _resize_batch(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
