@@ -104,6 +104,14 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def mean_ci(values: list[float]) -> str:
+    """``mean [low, high]``: the mean and its 95 % bootstrap interval (the metrics' summary)."""
+    from salmap.workers.metrics.summary import summarize
+
+    s = summarize(values)
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
 def table(rows: list[dict[str, object]]) -> None:
     """Print rows as a Markdown table (columns in first-row order)."""
     if not rows:

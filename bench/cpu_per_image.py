@@ -87,30 +87,24 @@ class TreeCPU:
             pid = stack.pop()
             _, start, cpu = stats[pid]
             before = self.seen.get((pid, start), 0.0)
+            role = None
             if cpu > before:
                 role = _role(pid, stats[pid][0] == me)
                 self.by_role[role] = self.by_role.get(role, 0.0) + cpu - before
                 self.pids_of_role.setdefault(role, set()).add(pid)
             self.seen[(pid, start)] = max(cpu, before)
             if (pid, start) not in self.kind or self.kind[(pid, start)] == "daemons":
-                self.kind[(pid, start)] = _kind(pid, stats[pid][0] == me)
+                self.kind[(pid, start)] = _kind(role or _role(pid, stats[pid][0] == me))
             stack.extend(children.get(pid, []))
 
     def total(self, kind: str | None = None) -> float:
         return sum(v for k, v in self.seen.items() if kind is None or self.kind.get(k) == kind)
 
 
-def _kind(pid: int, top: bool) -> str:
+def _kind(role: str) -> str:
     """``workers``: the driver and Ray's worker processes (tasks and actors: the per-image
     work); ``daemons``: GCS, raylet, dashboard, monitors (their CPU grows with wall time)."""
-    if top:
-        return "workers"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")[0]
-    except OSError:
-        return "daemons"
-    return "workers" if cmd.startswith(b"ray::") else "daemons"
+    return "workers" if role == "driver" or role.startswith("ray::") else "daemons"
 
 
 def _role(pid: int, top: bool) -> str:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import load_avg, table, versions  # noqa: E402
+from bench.common import load_avg, mean_ci, table, versions  # noqa: E402
 
 # CAM target layers of the synthetic models (their last conv block)
 TARGET_LAYERS = {"vgg": "features.11", "resnet": "layer3"}
@@ -57,7 +57,7 @@ def baseline_maps(name: str, images: torch.Tensor) -> torch.Tensor:
     data it should not)."""
     from salmap.workers.synthetic import normalise
 
-    from bench.method_quality import centre_gaussian
+    from bench.method_quality import centre_gaussian, edge_map
 
     n, _, h, w = images.shape
     if name == "random":
@@ -81,17 +81,6 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
         except (ValueError, SyntaxError):
             params[key.strip()] = value.strip()
     return name.strip(), params
-
-
-def edge_map(images: torch.Tensor) -> torch.Tensor:
-    """Sobel gradient magnitude ``[n,H,W]`` of the channel-mean image, the border replicated:
-    with zero padding the frame of a 32-px image (values near 0.5 against 0) is its strongest
-    edge, and the map then points at the frame, never at an object."""
-    import torch.nn.functional as F
-
-    g = F.pad(images.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")
-    kx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]]).view(1, 1, 3, 3)
-    return (F.conv2d(g, kx).square() + F.conv2d(g, kx.transpose(2, 3)).square()).sqrt()[:, 0]
 
 
 def method_maps(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str,
@@ -120,13 +109,6 @@ def ground_truth_scores(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, li
             "pointing": pointing_hits(maps, masks).float().tolist()}
 
 
-def _ci(v: list[float]) -> str:
-    from salmap.workers.metrics.summary import summarize
-
-    s = summarize(v)
-    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-
-
 def paired_rows(names: list[tuple[str, str, dict]], scores: dict[str, dict[str, list[float]]]
                 ) -> list[dict[str, object]]:
     """For each variant row (a label other than its method's name) whose method also has its
@@ -138,8 +120,8 @@ def paired_rows(names: list[tuple[str, str, dict]], scores: dict[str, dict[str, 
             continue
         diff = {k: [a - b for a, b in zip(scores[label][k], scores[name][k])]
                 for k in ("mass", "rank", "pointing")}
-        rows.append({"variant - default": f"{label} - {name}", "Δ mass": _ci(diff["mass"]),
-                     "Δ rank accuracy": _ci(diff["rank"]), "Δ pointing": _ci(diff["pointing"])})
+        rows.append({"variant - default": f"{label} - {name}", "Δ mass": mean_ci(diff["mass"]),
+                     "Δ rank accuracy": mean_ci(diff["rank"]), "Δ pointing": mean_ci(diff["pointing"])})
     return rows
 
 
@@ -151,7 +133,6 @@ def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch:
     from salmap.workers.synthetic import normalise
 
     x, y, masks = normalise(data.images), data.labels, data.masks
-    ci = _ci
     rows = []
     for label, name, params in names:
         t0 = time.perf_counter()
@@ -163,9 +144,9 @@ def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch:
         per_image = ground_truth_scores(maps, masks)
         if scores is not None:
             scores[label] = per_image
-        rows.append({"method": label, "mass in mask ↑": ci(per_image["mass"]),
-                     "rank accuracy ↑": ci(per_image["rank"]),
-                     "pointing ↑": ci(per_image["pointing"]),
+        rows.append({"method": label, "mass in mask ↑": mean_ci(per_image["mass"]),
+                     "rank accuracy ↑": mean_ci(per_image["rank"]),
+                     "pointing ↑": mean_ci(per_image["pointing"]),
                      "s / image": "" if name in BASELINES else seconds})
         if data.cue_flags.any():  # where the corner cue is, on the images that carry it
             from salmap.workers.synthetic import cue_masks
@@ -173,7 +154,7 @@ def score_rows(names: list[tuple[str, str, dict]], model: torch.nn.Module, arch:
             flags = data.cue_flags
             cue = cue_masks(data.labels[flags], masks.shape[-1], data.cue_size)
             on_cue = ground_truth_scores(maps[flags], cue)["mass"]
-            rows[-1]["mass on the cue"] = ci(on_cue)
+            rows[-1]["mass on the cue"] = mean_ci(on_cue)
         print(f"... {arch} {label}: {rows[-1]['mass in mask ↑']} | {rows[-1]['rank accuracy ↑']}"
               f" | {rows[-1]['pointing ↑']} | {seconds:.3f} s per image", file=sys.stderr,
               flush=True)

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import device_name, load_avg, table, versions  # noqa: E402
+from bench.common import device_name, load_avg, mean_ci, table, versions  # noqa: E402
 
 BASELINES = ("random", "centre", "edge")
 MODEL_METRICS = ["region_deletion_auc", "region_insertion_auc", "road", "deletion_auc"]
@@ -239,12 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         keep()
         print(f"... {name}: {per_image:.2f} s per image", file=sys.stderr, flush=True)
 
-    from salmap.workers.metrics.summary import summarize
-
-    def ci(values: list[float]) -> str:
-        s = summarize(values)
-        return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-
     random_region = statistics.mean(results["random"]["region_deletion"])
     rows = []
     methods = [m for m in methods if m in results]
@@ -253,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         trials = [float(v) for v in r["hits"] if v is not None]
         rows.append({
             "method": name,
-            "region deletion ↓": ci(r["region_deletion"]),
+            "region deletion ↓": mean_ci(r["region_deletion"]),
             "region del / random ↓": statistics.mean(r["region_deletion"]) / random_region,
-            "region insertion ↑": ci(r["region_insertion"]),
-            "ROAD MoRF ↓": ci(r["road_morf"]),
-            "ROAD LeRF ↑": ci(r["road_lerf"]),
-            "ROAD gap ↑": ci(r["road_gap"]),
+            "region insertion ↑": mean_ci(r["region_insertion"]),
+            "ROAD MoRF ↓": mean_ci(r["road_morf"]),
+            "ROAD LeRF ↑": mean_ci(r["road_lerf"]),
+            "ROAD gap ↑": mean_ci(r["road_gap"]),
             "pointing ↑": f"{sum(trials):.1f}/{len(trials)}" if name == "random" else
                           f"{int(sum(trials))}/{len(trials)}",
             "Gini": statistics.mean(r["gini"]),
