@@ -19,9 +19,11 @@ Two styles (``style``):
 * ``"colour"``: the earlier data, a saturated colour on a mid-grey background of two faint
   gratings: contrast alone finds the object (``|x|`` ranks its pixels first), so it is no
   ground truth for maps multiplied by the input; kept for the planted-shortcut analysis
-  (``bench/planted_shortcut.py``), whose data must not change. The object's centre is uniform over every position where the whole
-object fits in the image, so a map that knows nothing of the image (a centred blob) has no
-edge over a random one beyond the geometry of fitting inside the frame. With
+  (``bench/planted_shortcut.py``), whose data must not change.
+
+The object's centre is uniform over every position where the whole object fits in the
+image, so a map that knows nothing of the image (a centred blob) has no edge over a random
+one beyond the geometry of fitting inside the frame. With
 ``spurious_fraction > 0`` that share of the images also carries a small bright mark in a
 corner that depends on the class (class c: corner c % 4), a shortcut a model can learn instead
 of the shape; ``cue_flags`` says which images carry it and :func:`cue_masks` where it is. On
