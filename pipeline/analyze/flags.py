@@ -160,7 +160,7 @@ def flag(size: int, box_share: float, focus: float, stats: dict, t: Thresholds,
     notes: list[str] = []
     if size < t.min_images:
         return flags, f"{size} images < min_images {t.min_images}: not judged"
-    cell = stats.get("cell") or 1.0 / 32
+    cell = stats["cell"]
     has_box = bool(np.isfinite(box_share))
     relative = has_box and bool(np.isfinite(box_ref)) and box_ref > 0
     if relative:
@@ -177,7 +177,7 @@ def flag(size: int, box_share: float, focus: float, stats: dict, t: Thresholds,
         notes.append(f"{box_share:.0%} of the relevance inside the object's box ({rel}), "
                      f"maps focused (half in {focus:.0%} of the image, <= {focus_line:.0%})")
     area, cons = stats["region_area"], stats["region_consistency"]
-    spread = stats.get("hotspot_spread", float("nan"))
+    spread = stats["hotspot_spread"]
     area_line = max(t.region_max_area, t.region_max_cells * cell * cell)
     where = stats["region_off_centre"] or stats["border_share"] >= t.border_min
     fixed = np.isfinite(spread) and spread <= t.spread_max_cells * cell
